@@ -1,0 +1,53 @@
+# pvio: every target works from nothing on a machine with python3, gcc and make.
+# The venv lives in .venv; the C extension is rebuilt whenever the ring's sources change.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check
+STAMP  := $(VENV)/.installed
+EXT_STAMP := .stamp-ext
+RING_SRC := ringbuf/ring.c ringbuf/ring.h ringbuf/_build.py
+
+.PHONY: all setup build demo test bench fuzz lint clean
+
+all: build
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+
+# Install the project editable with its extras (re-run when the metadata changes).
+$(STAMP): $(PY) pyproject.toml setup.py
+	$(PIP) install -q -e '.[test,lint]'
+	touch $(STAMP)
+
+# Editable installs compile the extension in place; recompile it when its C changes.
+$(EXT_STAMP): $(STAMP) $(RING_SRC)
+	$(PY) setup.py -q build_ext --inplace
+	touch $(EXT_STAMP)
+
+setup: $(STAMP)
+
+build: $(EXT_STAMP)
+
+demo: build
+	$(PY) -m pvio demo
+
+test: build
+	$(PY) -m pytest -q -p no:cacheprovider
+
+bench: build
+	$(PY) -m pytest -q tests/bench --benchmark-enable --benchmark-only -p no:cacheprovider \
+		--benchmark-columns=min,median,mean,ops,rounds --benchmark-sort=name
+
+fuzz: build
+	PVIO_FUZZ=1 $(PY) -m pytest -q -p no:cacheprovider tests -k "model or stress or hostile or fuzz"
+
+lint: build
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy pvio ringbuf backends frontends cpu
+
+clean:
+	rm -rf $(VENV) build *.egg-info $(EXT_STAMP) ringbuf/_ringbuf*.so ringbuf/_ringbuf.c

@@ -1,0 +1,1 @@
+"""backends: dom0-side and monitor-side drivers (netback, the virtual switch, device models)."""

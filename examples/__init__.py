@@ -1,0 +1,1 @@
+"""examples: runnable scenarios a user starts from."""

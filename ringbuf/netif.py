@@ -1,0 +1,38 @@
+"""io/netif.h constants: flags, status codes and limits of the vif wire format.
+
+The structures themselves are declared in ``ring.h`` and exposed as the
+:data:`ringbuf.NETIF_TX` / :data:`ringbuf.NETIF_RX` layouts.
+"""
+
+# TX request flags (NETTXF_*).  Bits 0 and 1 are swapped between TX and RX.
+NETTXF_CSUM_BLANK = 0x1
+NETTXF_DATA_VALIDATED = 0x2
+NETTXF_MORE_DATA = 0x4
+NETTXF_EXTRA_INFO = 0x8
+
+# RX response flags (NETRXF_*).
+NETRXF_DATA_VALIDATED = 0x1
+NETRXF_CSUM_BLANK = 0x2
+NETRXF_MORE_DATA = 0x4
+NETRXF_EXTRA_INFO = 0x8
+NETRXF_GSO_PREFIX = 0x10
+
+# Response status codes (NETIF_RSP_*).
+NETIF_RSP_DROPPED = -2
+NETIF_RSP_ERROR = -1
+NETIF_RSP_OKAY = 0
+NETIF_RSP_NULL = 1  # "no response": auxiliary slots such as extra info
+
+# netif_extra_info types and flags.
+XEN_NETIF_EXTRA_TYPE_NONE = 0
+XEN_NETIF_EXTRA_TYPE_GSO = 1
+XEN_NETIF_EXTRA_TYPE_MCAST_ADD = 2
+XEN_NETIF_EXTRA_TYPE_MCAST_DEL = 3
+XEN_NETIF_EXTRA_TYPE_HASH = 4
+XEN_NETIF_EXTRA_FLAG_MORE = 0x1
+
+# Limits.
+XEN_NETIF_NR_SLOTS_MIN = 18  # every backend accepts packets of up to 18 slots
+XEN_NETIF_MAX_TX_SIZE = 0xFFFF  # the 16-bit size field
+NET_TX_RING_SIZE = 256
+NET_RX_RING_SIZE = 256

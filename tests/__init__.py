@@ -1,0 +1,1 @@
+"""pvio's test suite (pytest, pytest-trio) and benchmarks (tests/bench)."""
