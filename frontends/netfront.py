@@ -1,0 +1,337 @@
+"""netfront for PyGuests: the guest half of the Xen vif split driver.
+
+Protocol (netif.h over two rings, one event channel), following Linux netfront:
+
+* connect: read ``backend``/``backend-id`` from our device directory, wait for the
+  backend to reach InitWait, require its ``feature-rx-copy``; allocate and grant the TX
+  and RX ring pages, allocate an unbound event channel for the backend, post every RX
+  buffer, then write ``tx-ring-ref``, ``rx-ring-ref``, ``event-channel``,
+  ``request-rx-copy``, ``feature-rx-notify``, ``feature-sg`` and ``state = Connected``
+  in one xenstore transaction (retried on EAGAIN), and wait for the backend's Connected.
+* TX: a frame is copied into pages of a TX buffer pool, each page granted read-only to
+  the backend once at connect (a persistent pool, like MirageOS's shared page pool);
+  a frame longer than a page takes several slots chained with NETTXF_more_data, the
+  first slot's size being the whole frame's.  The request id is the pool slot's index,
+  so a response's id is range-checked and must name an outstanding slot.
+* RX: one granted page per posted buffer, id = buffer index; responses are copied out
+  of the ring once, their id, offset and status range-checked, data copied out of the
+  buffer once, and the buffer re-posted.
+* Notifications: a push notifies only when the backend's event index asks for it; before
+  sleeping the driver runs the final checks, with the TX response event moved ahead to
+  half the outstanding requests (notify me when half are done, as Linux does), the RX
+  event at the next response (low latency).
+* Hostile backend: an impossible producer index, a response id out of range or not
+  outstanding, a bad offset or size disconnects the device with a logged reason; the
+  guest itself goes on.
+* Teardown: Closing -> Closed, grants revoked with the atomic protocol (a grant the
+  backend still maps is left alone and counted, never reused).
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from pvio.abi import PAGE_SIZE, XenbusState
+from pvio.counters import Counters
+from ringbuf import NETIF_RX, NETIF_TX, FrontRing, RingOverflowError
+from ringbuf.netif import (
+    NETIF_RSP_NULL,
+    NETIF_RSP_OKAY,
+    NETRXF_MORE_DATA,
+    NETTXF_MORE_DATA,
+    XEN_NETIF_MAX_TX_SIZE,
+    XEN_NETIF_NR_SLOTS_MIN,
+)
+
+if TYPE_CHECKING:
+    from pvio.guest import PyGuest
+
+log = logging.getLogger("pvio.netfront")
+
+NR_TX = NETIF_TX.nr_ents()
+NR_RX = NETIF_RX.nr_ents()
+_TX_REQ = struct.Struct("<IHHHH")  # the netif_tx_request codec (same bytes as NETIF_TX.Request)
+_TX_RSP = struct.Struct("<Hh")
+_RX_REQ = struct.Struct("<HHI")
+_RX_RSP = struct.Struct("<HHHh")
+assert _TX_REQ.size == NETIF_TX.req_size and _RX_RSP.size == NETIF_RX.rsp_size
+RX_QUEUE_MAX = 4096  # frames received but not yet read by the application
+
+
+class NetfrontError(Exception):
+    """The device failed (handshake refused, or the backend broke the protocol)."""
+
+
+class Netfront:
+    """One vif of a PyGuest: ``await nic.connect()``, then ``send``/``recv``."""
+
+    def __init__(self, guest: PyGuest, devid: int = 0) -> None:
+        self.guest = guest
+        self.devid = devid
+        self.dir = f"/local/domain/{guest.domain.domid}/device/vif/{devid}"
+        self.name = f"vif{guest.domain.domid}.{devid}"
+        self.counters: Counters = guest.hv.counters.new(f"netfront/{self.name}", "device")
+        self.connected = False
+        self.error: str | None = None
+        self.mac = b"\x00" * 6
+        self._rx_frames: deque[bytes] = deque()
+        self._rx_ready = trio.Event()
+        self._tx_space = trio.Event()
+        self._wake = trio.Event()
+        self._partial_rx: list[bytes] = []
+
+    # ------------------------------------------------------------------ handshake
+    async def connect(self) -> None:
+        """Run the frontend side of the vif handshake up to Connected."""
+        g = self.guest
+        xb = g.xenbus
+        self.backend = await xb.read(f"{self.dir}/backend")
+        self.backend_id = int(await xb.read(f"{self.dir}/backend-id"))
+        mac_text = await xb.read(f"{self.dir}/mac")
+        self.mac = bytes(int(x, 16) for x in mac_text.split(":"))
+        await xb.wait_for_state(f"{self.backend}/state", {XenbusState.InitWait, XenbusState.Connected})
+        if (await xb.read(f"{self.backend}/feature-rx-copy")).strip() != "1":
+            raise NetfrontError(f"{self.name}: backend lacks feature-rx-copy")
+        self._setup_rings()
+
+        async def write_keys(t: Any) -> None:
+            await t.write(f"{self.dir}/tx-ring-ref", str(self.tx_ref))
+            await t.write(f"{self.dir}/rx-ring-ref", str(self.rx_ref))
+            await t.write(f"{self.dir}/event-channel", str(self.port))
+            await t.write(f"{self.dir}/request-rx-copy", "1")
+            await t.write(f"{self.dir}/feature-rx-notify", "1")
+            await t.write(f"{self.dir}/feature-sg", "1")
+            await t.write(f"{self.dir}/state", str(int(XenbusState.Connected)))
+
+        await xb.retry_transaction(write_keys)
+        await xb.wait_for_state(f"{self.backend}/state", {XenbusState.Connected})
+        self.connected = True
+        g.spawn(self._service, name=f"{self.name}-service")
+
+    def _setup_rings(self) -> None:
+        g = self.guest
+        be = self.backend_id
+        self.tx_gfn = g.alloc_page()
+        self.rx_gfn = g.alloc_page()
+        self.tx = FrontRing(NETIF_TX, g.page(self.tx_gfn))
+        self.rx = FrontRing(NETIF_RX, g.page(self.rx_gfn))
+        self.tx_ref = g.grant_access(be, self.tx_gfn)
+        self.rx_ref = g.grant_access(be, self.rx_gfn)
+        self.port = g.evtchn_alloc_unbound(be)
+        g.bind_handler(self.port, self._on_event)
+        # TX pool: slot i = page tx_pages[i], granted read-only once.
+        self.tx_pages = [g.alloc_page() for _ in range(NR_TX)]
+        self.tx_views = [g.page(p) for p in self.tx_pages]
+        self.tx_refs = [g.grant_access(be, p, readonly=True) for p in self.tx_pages]
+        self.tx_free: list[int] = list(range(NR_TX - 1, -1, -1))
+        self.tx_outstanding = [False] * NR_TX
+        # RX buffers: id i = page rx_pages[i], granted writable, all posted now.
+        self.rx_pages = [g.alloc_page() for _ in range(NR_RX)]
+        self.rx_views = [g.page(p) for p in self.rx_pages]
+        self.rx_refs = [g.grant_access(be, p) for p in self.rx_pages]
+        self.rx.send(b"".join(_RX_REQ.pack(i, 0, self.rx_refs[i]) for i in range(NR_RX)))
+
+    # ------------------------------------------------------------------ events
+    def _on_event(self, _port: int) -> None:
+        """Upcall handler: never blocks; the service task does the work."""
+        self._wake.set()
+
+    def _notify(self, notify: bool) -> None:
+        if notify:
+            self.counters["notifications.sent"] += 1
+            self.guest.evtchn_send(self.port)
+        else:
+            self.counters["notifications.suppressed"] += 1
+
+    def _fail(self, reason: str) -> None:
+        """The backend broke the protocol: disconnect this device, keep the guest running."""
+        if self.error is None:
+            self.error = reason
+            self.connected = False
+            self.counters["disconnects"] += 1
+            log.error("%s: disconnected: %s", self.name, reason)
+            self._rx_ready.set()
+            self._tx_space.set()
+
+    async def _service(self) -> None:
+        """Reap TX responses and receive frames whenever the backend signals."""
+        while self.error is None:
+            self._wake = trio.Event()
+            progress = self._poll()
+            if self.error is not None:
+                break
+            if progress:
+                await trio.lowlevel.checkpoint()
+                continue
+            # Nothing to do: arm the event indices, re-check (closes the race), then sleep.
+            try:
+                outstanding = NR_TX - len(self.tx_free)
+                tx_more = self.tx.final_check_for_responses(max(1, outstanding // 2 + 1) if outstanding else 1)
+                rx_more = self.rx.final_check_for_responses(1)
+            except RingOverflowError as e:
+                self._fail(f"impossible response producer index ({e})")
+                break
+            if tx_more or rx_more:
+                continue
+            await self._wake.wait()
+
+    def _poll(self) -> bool:
+        try:
+            reaped = self._reap_tx()
+            received = self._receive()
+        except RingOverflowError as e:
+            self._fail(f"impossible response producer index ({e})")
+            return False
+        return bool(reaped or received)
+
+    def _reap_tx(self) -> int:
+        data = self.tx.take_responses()
+        if not data:
+            return 0
+        free = self.tx_free
+        outstanding = self.tx_outstanding
+        n = 0
+        for rid, status in _TX_RSP.iter_unpack(data):
+            if rid >= NR_TX or not outstanding[rid]:
+                self._fail(f"TX response id {rid} is not an outstanding request")
+                return n
+            outstanding[rid] = False
+            free.append(rid)
+            n += 1
+            if status not in (NETIF_RSP_OKAY, NETIF_RSP_NULL):
+                self.counters[f"tx_errors.{status}"] += 1
+        self._tx_space.set()
+        return n
+
+    def _receive(self) -> int:
+        data = self.rx.take_responses()
+        if not data:
+            return 0
+        views = self.rx_views
+        repost = []
+        frames = self._rx_frames
+        parts = self._partial_rx
+        n = 0
+        for rid, offset, flags, status in _RX_RSP.iter_unpack(data):
+            if rid >= NR_RX:
+                self._fail(f"RX response id {rid} out of range")
+                return n
+            repost.append(rid)
+            if status < 0:
+                self.counters[f"drops.rx_status_{status}"] += 1
+                parts.clear()
+                continue
+            if offset + status > PAGE_SIZE:
+                self._fail(f"RX response offset {offset} + size {status} crosses the page")
+                return n
+            parts.append(views[rid][offset : offset + status].tobytes())  # copy once, then re-post
+            if flags & NETRXF_MORE_DATA:
+                if len(parts) > XEN_NETIF_NR_SLOTS_MIN:
+                    self._fail(f"RX packet of more than {XEN_NETIF_NR_SLOTS_MIN} slots")
+                    return n
+                continue
+            frame = parts[0] if len(parts) == 1 else b"".join(parts)
+            parts.clear()
+            if len(frames) >= RX_QUEUE_MAX:
+                self.counters["drops.rx_app_queue_full"] += 1
+            else:
+                frames.append(frame)
+                n += 1
+            self.counters["packets.rx"] += 1
+            self.counters["bytes.rx"] += len(frame)
+        refs = self.rx_refs
+        _, notify = self.rx.send(b"".join(_RX_REQ.pack(i, 0, refs[i]) for i in repost))
+        self._notify(notify)
+        if n:
+            self._rx_ready.set()
+        return n or len(repost)
+
+    # ------------------------------------------------------------------ application API
+    async def send(self, frame: Any) -> None:
+        """Transmit one frame (bytes, bytearray or a scapy packet)."""
+        await self.send_batch([frame])
+
+    async def send_batch(self, frames: list[Any]) -> None:
+        """Transmit frames, pushing as many per ring push (and notification) as fit."""
+        pending = [f if isinstance(f, bytes | bytearray | memoryview) else bytes(f) for f in frames]
+        i = 0
+        while i < len(pending):
+            if self.error is not None or not self.connected:
+                raise NetfrontError(f"{self.name}: not connected ({self.error or 'handshake not done'})")
+            reqs = []
+            while i < len(pending):
+                frame = pending[i]
+                size = len(frame)
+                if size == 0 or size > XEN_NETIF_MAX_TX_SIZE:
+                    raise ValueError(f"{self.name}: cannot send a frame of {size} bytes")
+                nslots = -(-size // PAGE_SIZE)
+                if nslots > len(self.tx_free) or nslots > XEN_NETIF_NR_SLOTS_MIN:
+                    if nslots > XEN_NETIF_NR_SLOTS_MIN:
+                        raise ValueError(f"{self.name}: a {size}-byte frame needs {nslots} slots (max 18)")
+                    break
+                reqs.append(self._stage(frame, size, nslots))
+                i += 1
+            if reqs:
+                sent, notify = self.tx.send(b"".join(reqs))
+                self._notify(notify)
+                continue
+            # The pool is exhausted: wait for TX responses.
+            self._tx_space = trio.Event()
+            self._wake.set()
+            await self._tx_space.wait()
+
+    def _stage(self, frame: Any, size: int, nslots: int) -> bytes:
+        """Copy a frame into pool pages; return its packed TX requests (first size = total)."""
+        free = self.tx_free
+        out = []
+        for k in range(nslots):
+            sid = free.pop()
+            self.tx_outstanding[sid] = True
+            chunk = frame[k * PAGE_SIZE : (k + 1) * PAGE_SIZE]
+            self.tx_views[sid][: len(chunk)] = chunk
+            more = NETTXF_MORE_DATA if k + 1 < nslots else 0
+            out.append(_TX_REQ.pack(self.tx_refs[sid], 0, more, sid, size if k == 0 else len(chunk)))
+        self.counters["packets.tx"] += 1
+        self.counters["bytes.tx"] += size
+        return b"".join(out)
+
+    async def recv(self) -> bytes:
+        """The next received frame (waits for one)."""
+        while not self._rx_frames:
+            if self.error is not None:
+                raise NetfrontError(f"{self.name}: disconnected ({self.error})")
+            self._rx_ready = trio.Event()
+            await self._rx_ready.wait()
+        return self._rx_frames.popleft()
+
+    async def recv_batch(self, max_frames: int = 256) -> list[bytes]:
+        """At least one, at most ``max_frames`` received frames."""
+        first = await self.recv()
+        out = [first]
+        q = self._rx_frames
+        while q and len(out) < max_frames:
+            out.append(q.popleft())
+        return out
+
+    def pending(self) -> int:
+        """Frames received and not yet read."""
+        return len(self._rx_frames)
+
+    # ------------------------------------------------------------------ teardown
+    async def close(self) -> None:
+        """Closing -> wait for the backend -> Closed; revoke every grant that is free."""
+        xb = self.guest.xenbus
+        await xb.write(f"{self.dir}/state", str(int(XenbusState.Closing)))
+        await xb.wait_for_state(f"{self.backend}/state", {XenbusState.Closing, XenbusState.Closed})
+        self.connected = False
+        refs = [self.tx_ref, self.rx_ref, *self.tx_refs, *self.rx_refs]
+        kept = sum(not self.guest.end_access(r) for r in refs)
+        if kept:
+            self.counters["grants_still_mapped"] += kept
+            log.warning("%s: %d grants still in use by the backend; pages not reused", self.name, kept)
+        await xb.write(f"{self.dir}/state", str(int(XenbusState.Closed)))

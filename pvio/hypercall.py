@@ -1,0 +1,441 @@
+"""The hypercall table: the one entry point from every guest into the hypervisor.
+
+``HypercallTable.dispatch(domain, nr, a1..a5)`` is what an x86 guest's ``syscall`` trap
+and a PyGuest's method call both reach: arguments are Xen's (numbers from ``xen.h``,
+pointers are guest-physical addresses of Xen's argument structs in the caller's memory),
+results are Xen's (0 or a positive value, or a negated errno).  Every argument is
+untrusted: structs are copied out of guest memory once, every port, reference, domid,
+frame, offset and length is range-checked, and a bad one returns the errno (or the
+per-element GNTST status) and is counted; nothing a guest passes raises out of
+``dispatch``.
+
+Counters bumped on the caller: ``exits`` and ``exits.hypercall``, ``hypercalls``,
+``hypercalls.<name>``, ``hypercalls.<name>.<subop>``, ``hypercall_errors`` and
+``hypercall_errors.<ERRNO|GNTST>``, plus each service's own (``evtchn.sends``,
+``grant.maps``, ``grant.copies``, ``grant.copy_bytes``, ...).
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from pvio import evtchn
+from pvio.abi import (
+    CALLBACK_REGISTER,
+    CALLBACKOP_register,
+    CALLBACKTYPE_event,
+    CONSOLEIO_read,
+    CONSOLEIO_write,
+    DOMID_FIRST_RESERVED,
+    DOMID_SELF,
+    EVTCHN_2L_NR_CHANNELS,
+    EVTCHN_ALLOC_UNBOUND,
+    EVTCHN_BIND_INTERDOMAIN,
+    EVTCHN_BIND_VIRQ,
+    EVTCHN_PORT,
+    EVTCHN_STATUS,
+    GNTCOPY_dest_gref,
+    GNTCOPY_source_gref,
+    GNTMAP_host_map,
+    GNTMAP_readonly,
+    GNTTAB_COPY,
+    GNTTAB_MAP_GRANT_REF,
+    GNTTAB_QUERY_SIZE,
+    GNTTAB_SETUP_TABLE,
+    GNTTAB_UNMAP_GRANT_REF,
+    NR_VIRQS,
+    SCHED_SHUTDOWN,
+    Errno,
+    EvtchnOp,
+    EvtchnStat,
+    GnttabOp,
+    GntSt,
+    Hypercall,
+    SchedOp,
+)
+from pvio.evtchn import SERVICE, Channel
+from pvio.grant_table import GrantError, copy_one, map_grant, unmap_grant
+from pvio.memory import GuestFault
+
+if TYPE_CHECKING:
+    from pvio.domain import Domain
+    from pvio.hypervisor import Hypervisor
+
+log = logging.getLogger("pvio.hypercall")
+
+MAX_BATCH = 4096  # elements of one grant_table_op call
+CONSOLE_MAX = 4096  # bytes of one console_io write
+XEN_VERSION = (4 << 16) | 17
+
+_EVTCHN_NAMES = {int(op): f"event_channel_op.{op.name}" for op in EvtchnOp}
+_GNTTAB_NAMES = {int(op): f"grant_table_op.{op.name}" for op in GnttabOp}
+_SCHED_NAMES = {int(op): f"sched_op.{op.name.rstrip('_')}" for op in SchedOp}
+_U64 = struct.Struct("<Q")
+
+
+class HypercallError(Exception):
+    """Raised inside a handler to return ``-errno`` to the guest."""
+
+    def __init__(self, errno: Errno, message: str) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
+def _fail(errno: Errno, message: str) -> HypercallError:
+    return HypercallError(errno, message)
+
+
+class HypercallTable:
+    """Dispatch by hypercall number, with validation, Xen errno results and counters."""
+
+    def __init__(self, hv: Hypervisor) -> None:
+        self.hv = hv
+        self._table: dict[int, Callable[[Domain, int, int, int, int, int], int]] = {
+            Hypercall.set_callbacks: self.set_callbacks,
+            Hypercall.callback_op: self.callback_op,
+            Hypercall.console_io: self.console_io,
+            Hypercall.sched_op: self.sched_op,
+            Hypercall.set_timer_op: self.set_timer_op,
+            Hypercall.xen_version: self.xen_version,
+            Hypercall.event_channel_op: self.event_channel_op,
+            Hypercall.grant_table_op: self.grant_table_op,
+            Hypercall.iret: self.iret,
+        }
+        self._names = {int(h): h.name for h in Hypercall}
+
+    def dispatch(self, dom: Domain, nr: int, a1: int = 0, a2: int = 0, a3: int = 0, a4: int = 0, a5: int = 0) -> int:
+        """Run hypercall ``nr`` for ``dom``; returns its result (negative errno on failure)."""
+        c = dom.counters
+        c["exits"] += 1
+        c["exits.hypercall"] += 1
+        c["hypercalls"] += 1
+        name = self._names.get(nr, f"unknown_{nr}")
+        c[f"hypercalls.{name}"] += 1
+        handler = self._table.get(nr)
+        try:
+            if handler is None or not dom.alive:
+                raise _fail(Errno.ENOSYS, f"hypercall {nr} not implemented")
+            return handler(dom, a1, a2, a3, a4, a5)
+        except HypercallError as e:
+            return self._error(dom, e.errno, f"{name}: {e}")
+        except GuestFault as e:
+            return self._error(dom, Errno.EFAULT, f"{name}: {e}")
+        except Exception:  # a hypervisor bug must not take the hypervisor down with the guest
+            log.exception("dom%d: internal error in hypercall %s", dom.domid, name)
+            c["hypercall_internal_errors"] += 1
+            return self._error(dom, Errno.EINVAL, f"{name}: internal error")
+
+    def _error(self, dom: Domain, errno: Errno, message: str) -> int:
+        dom.counters["hypercall_errors"] += 1
+        dom.counters[f"hypercall_errors.{errno.name}"] += 1
+        log.debug("dom%d: %s -> -%s", dom.domid, message, errno.name)
+        return -int(errno)
+
+    # ------------------------------------------------------------------ small hypercalls
+    def set_callbacks(self, dom: Domain, event: int, failsafe: int, syscall: int, _a4: int, _a5: int) -> int:
+        """set_callbacks(event_address, failsafe_address, syscall_address) (x86_64 form)."""
+        dom.callbacks.update(event=event, failsafe=failsafe, syscall=syscall)
+        return 0
+
+    def callback_op(self, dom: Domain, cmd: int, arg: int, _a3: int, _a4: int, _a5: int) -> int:
+        """callback_op(CALLBACKOP_register, struct callback_register *)."""
+        dom.counters[f"hypercalls.callback_op.{cmd}"] += 1
+        if cmd != CALLBACKOP_register:
+            raise _fail(Errno.ENOSYS, f"callback_op {cmd}")
+        cb_type, _flags, address = CALLBACK_REGISTER.unpack(dom.mem.read(arg, CALLBACK_REGISTER.size))
+        names = {CALLBACKTYPE_event: "event", 1: "failsafe", 2: "syscall"}
+        if cb_type not in names:
+            raise _fail(Errno.EINVAL, f"callback type {cb_type}")
+        dom.callbacks[names[cb_type]] = address
+        return 0
+
+    def console_io(self, dom: Domain, cmd: int, count: int, buf: int, _a4: int, _a5: int) -> int:
+        """console_io(CONSOLEIO_write, count, buffer): append to the domain's console."""
+        if cmd == CONSOLEIO_read:
+            return 0
+        if cmd != CONSOLEIO_write:
+            raise _fail(Errno.ENOSYS, f"console_io {cmd}")
+        if not 0 <= count <= CONSOLE_MAX:
+            raise _fail(Errno.EINVAL, f"console write of {count} bytes")
+        dom.console_write(dom.mem.read(buf, count))
+        return 0
+
+    def xen_version(self, dom: Domain, cmd: int, _a2: int, _a3: int, _a4: int, _a5: int) -> int:
+        """xen_version(XENVER_version): the Xen version pvio's ABI follows."""
+        return XEN_VERSION if cmd == 0 else -int(Errno.ENOSYS)
+
+    def sched_op(self, dom: Domain, cmd: int, arg: int, _a3: int, _a4: int, _a5: int) -> int:
+        """sched_op: yield, block (re-enables delivery, returns at once if events wait), shutdown."""
+        dom.counters["hypercalls." + _SCHED_NAMES.get(cmd, f"sched_op.{cmd}")] += 1
+        if cmd == SchedOp.yield_:
+            return 0
+        if cmd == SchedOp.block:
+            dom.vcpu_block()
+            return 0
+        if cmd == SchedOp.shutdown:
+            (reason,) = SCHED_SHUTDOWN.unpack(dom.mem.read(arg, SCHED_SHUTDOWN.size))
+            self.hv.shutdown_domain(dom, reason)
+            return 0
+        raise _fail(Errno.ENOSYS, f"sched_op {cmd}")
+
+    def set_timer_op(self, dom: Domain, timeout_ns: int, _a2: int, _a3: int, _a4: int, _a5: int) -> int:
+        """set_timer_op(absolute system time in ns; 0 cancels): VIRQ_TIMER fires then."""
+        self.hv.set_timer(dom, timeout_ns)
+        return 0
+
+    def iret(self, dom: Domain, _a1: int, _a2: int, _a3: int, _a4: int, _a5: int) -> int:
+        """iret: return from an event upcall (x86 guests; the vCPU restores the frame)."""
+        if dom.vcpu is None or not hasattr(dom.vcpu, "iret"):
+            raise _fail(Errno.ENOSYS, "iret without an x86 vCPU")
+        return int(dom.vcpu.iret())
+
+    # ------------------------------------------------------------------ event channels
+    def event_channel_op(self, dom: Domain, cmd: int, arg: int, _a3: int, _a4: int, _a5: int) -> int:
+        """event_channel_op(cmd, arg): the 2-level ABI's channel operations."""
+        dom.counters["hypercalls." + _EVTCHN_NAMES.get(cmd, f"event_channel_op.{cmd}")] += 1
+        mem = dom.mem
+        if cmd == EvtchnOp.send:
+            (port,) = EVTCHN_PORT.unpack(mem.read(arg, 4))
+            self.evtchn_send(dom, port)
+            return 0
+        if cmd == EvtchnOp.alloc_unbound:
+            d, remote, _ = EVTCHN_ALLOC_UNBOUND.unpack(mem.read(arg, EVTCHN_ALLOC_UNBOUND.size))
+            port = self.evtchn_alloc_unbound(dom, d, remote)
+            mem.write(arg + 4, EVTCHN_PORT.pack(port))
+            return 0
+        if cmd == EvtchnOp.bind_interdomain:
+            rdom, rport, _ = EVTCHN_BIND_INTERDOMAIN.unpack(mem.read(arg, EVTCHN_BIND_INTERDOMAIN.size))
+            port = self.evtchn_bind_interdomain(dom, rdom, rport)
+            mem.write(arg + 8, EVTCHN_PORT.pack(port))
+            return 0
+        if cmd == EvtchnOp.bind_virq:
+            virq, vcpu, _ = EVTCHN_BIND_VIRQ.unpack(mem.read(arg, EVTCHN_BIND_VIRQ.size))
+            port = self.evtchn_bind_virq(dom, virq, vcpu)
+            mem.write(arg + 8, EVTCHN_PORT.pack(port))
+            return 0
+        if cmd == EvtchnOp.close:
+            (port,) = EVTCHN_PORT.unpack(mem.read(arg, 4))
+            self.evtchn_close(dom, port)
+            return 0
+        if cmd == EvtchnOp.unmask:
+            (port,) = EVTCHN_PORT.unpack(mem.read(arg, 4))
+            self._port(dom, port)
+            evtchn.unmask(dom, port)
+            return 0
+        if cmd == EvtchnOp.status:
+            d, port, *_ = EVTCHN_STATUS.unpack(mem.read(arg, EVTCHN_STATUS.size))
+            target = self._target(dom, d)
+            ch = self._port(target, port)
+            state = EvtchnStat.interdomain if ch.state == SERVICE else ch.state
+            extra = ch.remote_dom if state in (EvtchnStat.unbound, EvtchnStat.interdomain) else max(ch.virq, 0)
+            mem.write(arg + 8, struct.pack("<IIHH", state, 0, extra & 0xFFFF, ch.remote_port & 0xFFFF))
+            return 0
+        raise _fail(Errno.ENOSYS, f"event_channel_op {cmd}")
+
+    def _target(self, dom: Domain, domid: int) -> Domain:
+        if domid in (DOMID_SELF, dom.domid):
+            return dom
+        if not dom.privileged:
+            raise _fail(Errno.EPERM, f"dom{dom.domid} may not act for dom{domid}")
+        target = self.hv.domains.get(domid)
+        if target is None:
+            raise _fail(Errno.ESRCH, f"no domain {domid}")
+        return target
+
+    def _port(self, dom: Domain, port: int) -> Channel:
+        ch = dom.ports.get(port) if 0 < port < dom.max_ports else None
+        if ch is None:
+            raise _fail(Errno.EINVAL, f"dom{dom.domid} has no port {port}")
+        return ch
+
+    def _free_port(self, dom: Domain) -> int:
+        for port in range(1, dom.max_ports):
+            if port not in dom.ports:
+                return port
+        raise _fail(Errno.ENOSPC, f"dom{dom.domid} has no free port")
+
+    def evtchn_alloc_unbound(self, dom: Domain, domid: int, remote: int) -> int:
+        """EVTCHNOP_alloc_unbound: a port of ``domid`` (DOMID_SELF) that ``remote`` may bind."""
+        target = self._target(dom, domid)
+        if remote == DOMID_SELF:
+            remote = dom.domid
+        if not 0 <= remote < DOMID_FIRST_RESERVED:
+            raise _fail(Errno.EINVAL, f"remote domid {remote}")
+        port = self._free_port(target)
+        target.ports[port] = Channel(EvtchnStat.unbound, remote_dom=remote)
+        return port
+
+    def evtchn_bind_interdomain(self, dom: Domain, remote_dom: int, remote_port: int) -> int:
+        """EVTCHNOP_bind_interdomain: connect to an unbound port the remote offered us."""
+        if remote_dom == DOMID_SELF:
+            remote_dom = dom.domid
+        remote = self.hv.domains.get(remote_dom)
+        if remote is None or not remote.alive:
+            raise _fail(Errno.ESRCH, f"no domain {remote_dom}")
+        rch = self._port(remote, remote_port)
+        if rch.state != EvtchnStat.unbound or rch.remote_dom != dom.domid:
+            raise _fail(Errno.EINVAL, f"dom{remote_dom} port {remote_port} is not offered to dom{dom.domid}")
+        port = self._free_port(dom)
+        dom.ports[port] = Channel(EvtchnStat.interdomain, remote_dom=remote_dom, remote_port=remote_port)
+        rch.state = EvtchnStat.interdomain
+        rch.remote_port = port
+        evtchn.set_pending(dom, port)  # in case the peer signalled before we bound
+        return port
+
+    def evtchn_bind_virq(self, dom: Domain, virq: int, vcpu: int) -> int:
+        """EVTCHNOP_bind_virq: a port raised by the hypervisor for ``virq``."""
+        if not 0 <= virq < NR_VIRQS:
+            raise _fail(Errno.EINVAL, f"virq {virq}")
+        if vcpu != 0:
+            raise _fail(Errno.ENOENT, f"vcpu {vcpu}")
+        if virq in dom.virqs:
+            raise _fail(Errno.EEXIST, f"virq {virq} already bound to port {dom.virqs[virq]}")
+        port = self._free_port(dom)
+        dom.ports[port] = Channel(EvtchnStat.virq, virq=virq)
+        dom.virqs[virq] = port
+        return port
+
+    def evtchn_close(self, dom: Domain, port: int) -> None:
+        """EVTCHNOP_close: free the port; an interdomain peer goes back to unbound."""
+        ch = self._port(dom, port)
+        del dom.ports[port]
+        evtchn.clear_port_bits(dom, port)
+        if ch.state == EvtchnStat.interdomain:
+            peer = self.hv.domains.get(ch.remote_dom)
+            pch = peer.ports.get(ch.remote_port) if peer is not None else None
+            if pch is not None and pch.state == EvtchnStat.interdomain:
+                pch.state = EvtchnStat.unbound
+                pch.remote_dom = dom.domid
+                pch.remote_port = 0
+        elif ch.state == EvtchnStat.virq:
+            dom.virqs.pop(ch.virq, None)
+
+    def evtchn_send(self, dom: Domain, port: int) -> None:
+        """EVTCHNOP_send: raise the peer's port (unbound ports drop the event silently)."""
+        ch = self._port(dom, port)
+        dom.counters["evtchn.sends"] += 1
+        if ch.state == EvtchnStat.interdomain:
+            peer = self.hv.domains.get(ch.remote_dom)
+            if peer is not None and peer.alive:
+                evtchn.set_pending(peer, ch.remote_port)
+        elif ch.state == SERVICE:
+            assert ch.service is not None
+            ch.service()
+        elif ch.state in (EvtchnStat.virq, EvtchnStat.ipi):
+            evtchn.set_pending(dom, port)
+
+    # ------------------------------------------------------------------ grant tables
+    def grant_table_op(self, dom: Domain, cmd: int, arg: int, count: int, _a4: int, _a5: int) -> int:
+        """grant_table_op(cmd, args, count): map, unmap, copy (batched, per-element status)."""
+        dom.counters["hypercalls." + _GNTTAB_NAMES.get(cmd, f"grant_table_op.{cmd}")] += 1
+        if not 0 <= count <= MAX_BATCH:
+            raise _fail(Errno.EINVAL, f"grant_table_op count {count}")
+        if cmd == GnttabOp.copy:
+            return self._gnttab_copy(dom, arg, count)
+        if cmd == GnttabOp.map_grant_ref:
+            return self._gnttab_map(dom, arg, count)
+        if cmd == GnttabOp.unmap_grant_ref:
+            return self._gnttab_unmap(dom, arg, count)
+        if cmd == GnttabOp.setup_table:
+            return self._gnttab_setup_table(dom, arg, count)
+        if cmd == GnttabOp.query_size:
+            return self._gnttab_query_size(dom, arg, count)
+        raise _fail(Errno.ENOSYS, f"grant_table_op {cmd}")
+
+    def _grant_status(self, dom: Domain, e: GrantError) -> int:
+        dom.counters["hypercall_errors"] += 1
+        dom.counters[f"hypercall_errors.{GntSt(e.status).name}"] += 1
+        log.debug("dom%d: grant op failed: %s", dom.domid, e)
+        return e.status
+
+    def _gnttab_copy(self, dom: Domain, arg: int, count: int) -> int:
+        st = GNTTAB_COPY
+        blob = dom.mem.read(arg, count * st.size)  # copy the batch once
+        mem = dom.mem
+        domains = self.hv.domains
+        c = dom.counters
+        for i, (sref, sdom, soff, dref, ddom, doff, length, flags, _status) in enumerate(st.iter_unpack(blob)):
+            try:
+                copy_one(
+                    domains,
+                    dom,
+                    (bool(flags & GNTCOPY_source_gref), sref, sdom, soff),
+                    (bool(flags & GNTCOPY_dest_gref), dref, ddom, doff),
+                    length,
+                )
+                status = 0
+                c["grant.copies"] += 1
+                c["grant.copy_bytes"] += length
+            except GrantError as e:
+                status = self._grant_status(dom, e)
+            mem.write(arg + i * st.size + 36, struct.pack("<h", status))
+        return 0
+
+    def _gnttab_map(self, dom: Domain, arg: int, count: int) -> int:
+        st = GNTTAB_MAP_GRANT_REF
+        for i in range(count):
+            at = arg + i * st.size
+            host_addr, flags, ref, d, _s, _h, _b = st.unpack(dom.mem.read(at, st.size))
+            handle = 0
+            try:
+                if not flags & GNTMAP_host_map:
+                    raise GrantError(GntSt.general_error, "only host mappings are supported")
+                m = map_grant(self.hv.domains, dom, d, ref, bool(flags & GNTMAP_readonly))
+                handle = m.handle
+                dom.counters["grant.maps"] += 1
+                if dom.vcpu is not None and hasattr(dom.vcpu, "map_foreign_page"):
+                    dom.vcpu.map_foreign_page(host_addr, m)
+                status = 0
+            except GrantError as e:
+                status = self._grant_status(dom, e)
+            dom.mem.write(at + 18, struct.pack("<hIQ", status, handle, 0))
+        return 0
+
+    def _gnttab_unmap(self, dom: Domain, arg: int, count: int) -> int:
+        st = GNTTAB_UNMAP_GRANT_REF
+        for i in range(count):
+            at = arg + i * st.size
+            _host, _bus, handle, _s = st.unpack(dom.mem.read(at, st.size))
+            try:
+                m = unmap_grant(dom, handle)
+                dom.counters["grant.unmaps"] += 1
+                if dom.vcpu is not None and hasattr(dom.vcpu, "unmap_foreign_page"):
+                    dom.vcpu.unmap_foreign_page(m)
+                status = 0
+            except GrantError as e:
+                status = self._grant_status(dom, e)
+            dom.mem.write(at + 20, struct.pack("<h", status))
+        return 0
+
+    def _gnttab_setup_table(self, dom: Domain, arg: int, count: int) -> int:
+        st = GNTTAB_SETUP_TABLE
+        if count != 1:
+            raise _fail(Errno.EINVAL, "setup_table takes one argument")
+        d, nr_frames, _s, frame_list = st.unpack(dom.mem.read(arg, st.size))
+        target = self._target(dom, d)
+        gt = target.grant_table
+        if nr_frames > gt.nr_frames:
+            status = GntSt.general_error
+        else:
+            frames = b"".join(_U64.pack(gt.first_gfn + i) for i in range(nr_frames))
+            dom.mem.write(frame_list, frames)
+            status = GntSt.okay
+        dom.mem.write(arg + 8, struct.pack("<h", status))
+        return 0
+
+    def _gnttab_query_size(self, dom: Domain, arg: int, count: int) -> int:
+        st = GNTTAB_QUERY_SIZE
+        if count != 1:
+            raise _fail(Errno.EINVAL, "query_size takes one argument")
+        d, *_ = st.unpack(dom.mem.read(arg, st.size))
+        gt = self._target(dom, d).grant_table
+        dom.mem.write(arg + 4, struct.pack("<IIh", gt.nr_frames, gt.nr_frames, GntSt.okay))
+        return 0
+
+
+def max_ports_ok(n: int) -> bool:
+    """Whether ``n`` is a valid per-domain port limit for the 2-level ABI."""
+    return 2 <= n <= EVTCHN_2L_NR_CHANNELS

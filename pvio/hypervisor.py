@@ -1,0 +1,258 @@
+"""The hypervisor: hosts domains and provides event channels, grant tables and xenstore.
+
+``async with pvio.Hypervisor() as hv:`` opens a trio nursery, creates the store and
+dom0, and on exit destroys every domain.  Guests are created from a kernel object
+(a :class:`pvio.PyGuest` subclass, or an x86 guest from ``cpu``) and started::
+
+    async with pvio.Hypervisor() as hv:
+        a = hv.create_domain(MyGuest(), name="a")
+        await hv.start(a)
+
+Determinism: trio randomises the order in which runnable tasks run within one
+scheduling batch.  Guests' interleavings (and so the number of interrupts a scenario
+takes) depend on that order, so by default the hypervisor seeds trio's scheduler RNG
+when it starts (``seed=0``); with trio's MockClock a scenario then gives the same
+counters on every run.  ``seed=None`` leaves trio's randomness alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from types import TracebackType
+from typing import Any
+
+import trio
+
+from pvio import evtchn
+from pvio.abi import VIRQ_TIMER, EvtchnStat, ShutdownReason
+from pvio.counters import CounterRegistry, Snapshot
+from pvio.domain import Domain, GuestKernel
+from pvio.evtchn import SERVICE, Channel
+from pvio.grant_table import unmap_grant
+from pvio.hypercall import HypercallTable
+from pvio.xenstore import XenStore
+from pvio.xs_wire import RingConnection
+
+log = logging.getLogger("pvio.hypervisor")
+
+DEFAULT_GUEST_PAGES = 2048  # 8 MiB
+DEFAULT_DOM0_PAGES = 4096
+
+
+def seed_trio_scheduler(seed: int) -> bool:
+    """Make trio's batch ordering reproducible (see the module docstring)."""
+    try:
+        from trio._core import _run
+
+        _run._r.seed(seed)
+        return True
+    except (ImportError, AttributeError):  # pragma: no cover - a trio without the RNG
+        log.warning("cannot seed trio's scheduler: counters may vary between runs")
+        return False
+
+
+class Hypervisor:
+    """Hosts domains; the single owner of every domain, channel, grant and store node."""
+
+    def __init__(self, *, seed: int | None = 0, dom0: GuestKernel | None = None, dom0_pages: int = DEFAULT_DOM0_PAGES) -> None:
+        self.seed = seed
+        self.domains: dict[int, Domain] = {}
+        self.counters = CounterRegistry()
+        self.hypercalls = HypercallTable(self)
+        self.store = XenStore()
+        self._dom0_kernel = dom0
+        self._dom0_pages = dom0_pages
+        self._next_domid = 1
+        self._nursery_cm: Any = None
+        self.nursery: trio.Nursery | None = None
+        self.dom0: Domain | None = None
+        self._store_conns: dict[int, RingConnection] = {}
+
+    # ------------------------------------------------------------------ lifecycle
+    async def __aenter__(self) -> Hypervisor:
+        if self.seed is not None:
+            seed_trio_scheduler(self.seed)
+        self._nursery_cm = trio.open_nursery()
+        self.nursery = await self._nursery_cm.__aenter__()
+        try:
+            from pvio.guest import Dom0Kernel
+
+            kernel = self._dom0_kernel if self._dom0_kernel is not None else Dom0Kernel()
+            self.dom0 = self.create_domain(kernel, name="dom0", memory_pages=self._dom0_pages, domid=0, privileged=True)
+            await self.start(self.dom0)
+        except BaseException as exc:
+            await self._nursery_cm.__aexit__(type(exc), exc, exc.__traceback__)
+            raise
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool | None:
+        for dom in sorted(self.domains.values(), key=lambda d: -d.domid):
+            self.destroy(dom, reason="hypervisor shutting down")
+        assert self._nursery_cm is not None
+        return bool(await self._nursery_cm.__aexit__(exc_type, exc, tb))
+
+    def _require_nursery(self) -> trio.Nursery:
+        if self.nursery is None:
+            raise RuntimeError("the hypervisor is not running: use `async with Hypervisor() as hv:`")
+        return self.nursery
+
+    def create_domain(
+        self,
+        kernel: GuestKernel,
+        *,
+        name: str | None = None,
+        memory_pages: int | None = None,
+        domid: int | None = None,
+        privileged: bool = False,
+        **domain_options: Any,
+    ) -> Domain:
+        """Create a domain for ``kernel``: memory, shared pages, store connection; not started."""
+        self._require_nursery()
+        if domid is None:
+            domid = self._next_domid
+            self._next_domid += 1
+        if domid in self.domains:
+            raise ValueError(f"domain {domid} exists already")
+        pages = memory_pages or getattr(kernel, "memory_pages", None) or DEFAULT_GUEST_PAGES
+        dom = Domain(self, domid, name or f"dom{domid}", kernel, pages, privileged=privileged, **domain_options)
+        self.domains[domid] = dom
+        # The store connection: the guest's ring page and a port bound to the in-hypervisor daemon.
+        self.store.introduce_domain(domid)
+        conn = RingConnection(self.store, domid, dom.mem.page(dom.store_gfn), lambda: self._store_notify(dom))
+        self._store_conns[domid] = conn
+        port = self.hypercalls._free_port(dom)
+        dom.ports[port] = Channel(SERVICE, remote_dom=0, service=conn.process)
+        dom.store_port = port
+        if dom.name:
+            self.store.write_privileged(f"/local/domain/{domid}/name", dom.name)
+        dom.write_start_info(port)
+        kernel.attach(self, dom)
+        log.info("created dom%d %r (%d pages)", domid, dom.name, pages)
+        return dom
+
+    def _store_notify(self, dom: Domain) -> None:
+        if dom.alive and dom.store_port in dom.ports:
+            evtchn.set_pending(dom, dom.store_port)
+
+    async def start(self, dom: Domain) -> None:
+        """Boot the domain's kernel in the hypervisor's nursery."""
+        nursery = self._require_nursery()
+        if dom.state != "created":
+            raise RuntimeError(f"dom{dom.domid} is {dom.state}, not created")
+        dom.state = "running"
+
+        async def run_kernel() -> None:
+            with dom.cancel_scope:
+                try:
+                    await dom.kernel.run()
+                except Exception as exc:  # a guest's bug stops that guest, nothing else
+                    log.error("dom%d crashed: %r", dom.domid, exc, exc_info=True)
+                    self.crash_domain(dom, f"kernel raised {exc!r}")
+
+        nursery.start_soon(run_kernel, name=f"dom{dom.domid}")
+        await trio.lowlevel.checkpoint()
+
+    def pause(self, dom: Domain) -> None:
+        """Stop delivering upcalls to the domain until unpaused."""
+        if dom.state == "running":
+            dom.state = "paused"
+
+    def unpause(self, dom: Domain) -> None:
+        """Resume a paused domain (and deliver what became pending meanwhile)."""
+        if dom.state == "paused":
+            dom.state = "running"
+            dom.kick()
+
+    def shutdown_domain(self, dom: Domain, reason: int) -> None:
+        """SCHEDOP_shutdown: the guest asked to stop."""
+        dom.shutdown_reason = reason
+        name = ShutdownReason(reason).name if reason in ShutdownReason._value2member_map_ else str(reason)
+        log.info("dom%d shut down: %s", dom.domid, name)
+        if reason == ShutdownReason.crash:
+            self.crash_domain(dom, "guest reported a crash")
+        else:
+            self.destroy(dom, reason=f"shutdown ({name})")
+
+    def crash_domain(self, dom: Domain, reason: str) -> None:
+        """Stop one misbehaving domain with a logged reason; every other domain goes on."""
+        if not dom.alive:
+            return
+        dom.crash_reason = reason
+        dom.counters["crashes"] += 1
+        log.error("dom%d stopped: %s", dom.domid, reason)
+        self.destroy(dom, reason=reason)
+
+    def destroy(self, dom: Domain, reason: str = "destroyed") -> None:
+        """Tear the domain down: its tasks, channels, grants and mappings, store presence."""
+        if not dom.alive:
+            return
+        dom.state = "dying"
+        dom.cancel_scope.cancel()
+        if dom.timer_scope is not None:
+            dom.timer_scope.cancel()
+        for port in list(dom.ports):  # peers' channels go back to unbound
+            self.hypercalls.evtchn_close(dom, port)
+        for handle in list(dom.maptrack):  # mappings it holds
+            unmap_grant(dom, handle)
+        for grantee_id, handle in list(dom.mapped_by_others):  # mappings of its pages others hold
+            grantee = self.domains.get(grantee_id)
+            if grantee is not None and handle in grantee.maptrack:
+                unmap_grant(grantee, handle)
+                grantee.counters["grant.revoked_by_destroy"] += 1
+        conn = self._store_conns.pop(dom.domid, None)
+        if conn is not None:
+            conn.close()
+        self.store.release_domain(dom.domid)
+        for callback in dom.on_destroy:
+            try:
+                callback(dom)
+            except Exception:
+                log.exception("dom%d: destroy callback failed", dom.domid)
+        dom.state = "dead"
+        del self.domains[dom.domid]
+        log.info("destroyed dom%d (%s)", dom.domid, reason)
+
+    # ------------------------------------------------------------------ services
+    def send_virq(self, dom: Domain, virq: int) -> None:
+        """Raise ``virq`` on the port the domain bound it to (if any)."""
+        port = dom.virqs.get(virq)
+        if port is not None and dom.alive:
+            evtchn.set_pending(dom, port)
+
+    def set_timer(self, dom: Domain, deadline_ns: int) -> None:
+        """One-shot VIRQ_TIMER at system time ``deadline_ns`` (0 cancels)."""
+        if dom.timer_scope is not None:
+            dom.timer_scope.cancel()
+            dom.timer_scope = None
+        if deadline_ns <= 0:
+            return
+        scope = trio.CancelScope()
+        dom.timer_scope = scope
+
+        async def fire() -> None:
+            with scope:
+                await trio.sleep_until(deadline_ns / 1e9)
+                if dom.timer_scope is scope:
+                    dom.timer_scope = None
+                self.send_virq(dom, VIRQ_TIMER)
+
+        self._require_nursery().start_soon(fire)
+
+    @staticmethod
+    def now_ns() -> int:
+        """Hypervisor system time in ns (trio's clock: MockClock in tests)."""
+        return math.floor(trio.current_time() * 1e9)
+
+    def channel_state(self, dom: Domain, port: int) -> EvtchnStat | None:
+        """The state of ``port`` of ``dom`` (None when closed), for tests and tools."""
+        ch = dom.ports.get(port)
+        if ch is None:
+            return None
+        return EvtchnStat.interdomain if ch.state == SERVICE else EvtchnStat(ch.state)
+
+    def snapshot(self) -> Snapshot:
+        """Every domain's and device's counters, frozen (see :mod:`pvio.counters`)."""
+        return self.counters.snapshot()
