@@ -36,8 +36,10 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from pvio.abi import PAGE_SIZE, XenbusState
+from pvio.abi import PAGE_SIZE
 from pvio.counters import Counters
+from pvio.toolstack import parse_mac
+from pvio.xs_wire import XenbusState
 from ringbuf import NETIF_RX, NETIF_TX, FrontRing, RingOverflowError
 from ringbuf.netif import (
     NETIF_RSP_NULL,
@@ -93,8 +95,8 @@ class Netfront:
         self.backend = await xb.read(f"{self.dir}/backend")
         self.backend_id = int(await xb.read(f"{self.dir}/backend-id"))
         mac_text = await xb.read(f"{self.dir}/mac")
-        self.mac = bytes(int(x, 16) for x in mac_text.split(":"))
-        await xb.wait_for_state(f"{self.backend}/state", {XenbusState.InitWait, XenbusState.Connected})
+        self.mac = parse_mac(mac_text)
+        await xb.wait_for_state(f"{self.backend}/state", {XenbusState.INIT_WAIT, XenbusState.CONNECTED})
         if (await xb.read(f"{self.backend}/feature-rx-copy")).strip() != "1":
             raise NetfrontError(f"{self.name}: backend lacks feature-rx-copy")
         self._setup_rings()
@@ -106,10 +108,10 @@ class Netfront:
             await t.write(f"{self.dir}/request-rx-copy", "1")
             await t.write(f"{self.dir}/feature-rx-notify", "1")
             await t.write(f"{self.dir}/feature-sg", "1")
-            await t.write(f"{self.dir}/state", str(int(XenbusState.Connected)))
+            await t.write(f"{self.dir}/state", str(int(XenbusState.CONNECTED)))
 
         await xb.retry_transaction(write_keys)
-        await xb.wait_for_state(f"{self.backend}/state", {XenbusState.Connected})
+        await xb.wait_for_state(f"{self.backend}/state", {XenbusState.CONNECTED})
         self.connected = True
         g.spawn(self._service, name=f"{self.name}-service")
 
@@ -326,12 +328,12 @@ class Netfront:
     async def close(self) -> None:
         """Closing -> wait for the backend -> Closed; revoke every grant that is free."""
         xb = self.guest.xenbus
-        await xb.write(f"{self.dir}/state", str(int(XenbusState.Closing)))
-        await xb.wait_for_state(f"{self.backend}/state", {XenbusState.Closing, XenbusState.Closed})
+        await xb.write(f"{self.dir}/state", str(int(XenbusState.CLOSING)))
+        await xb.wait_for_state(f"{self.backend}/state", {XenbusState.CLOSING, XenbusState.CLOSED})
         self.connected = False
         refs = [self.tx_ref, self.rx_ref, *self.tx_refs, *self.rx_refs]
         kept = sum(not self.guest.end_access(r) for r in refs)
         if kept:
             self.counters["grants_still_mapped"] += kept
             log.warning("%s: %d grants still in use by the backend; pages not reused", self.name, kept)
-        await xb.write(f"{self.dir}/state", str(int(XenbusState.Closed)))
+        await xb.write(f"{self.dir}/state", str(int(XenbusState.CLOSED)))

@@ -1,3 +1,38 @@
-"""pvio: a Xen-style split-driver paravirtual I/O framework with a virtual NIC."""
+"""pvio: a Xen-style split-driver paravirtual I/O framework with a virtual NIC.
+
+The front door: ``import pvio`` gives the hypervisor, guest kernels and their services.
+
+- :class:`Hypervisor` — ``async with pvio.Hypervisor() as hv:`` hosts dom0 and guests;
+- :class:`PyGuest` — a guest kernel in Python (subclass it, override ``main``);
+- :class:`Domain` — one guest's memory, ports, grants and counters;
+- :mod:`pvio.abi` — Xen's numbers and layouts; :mod:`pvio.counters` — the counter schema;
+- :class:`XenbusClient`, :class:`XenbusState` — the guest's xenstore client and device states.
+
+Internals (``pvio.evtchn``, ``pvio.grant_table``, ``pvio.hypercall``, ``pvio.xenstore``,
+``pvio.xs_wire``) are importable for tests and tools but are not the stable API.
+"""
+
+from pvio.counters import Counters, Snapshot
+from pvio.domain import Domain
+from pvio.guest import GrantStatusError, PyGuest, XenError
+from pvio.hypervisor import Hypervisor
+from pvio.memory import GuestFault, GuestMemory
+from pvio.xenstore import XenstoreError
+from pvio.xs_wire import XenbusClient, XenbusState
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "Counters",
+    "Domain",
+    "GrantStatusError",
+    "GuestFault",
+    "GuestMemory",
+    "Hypervisor",
+    "PyGuest",
+    "Snapshot",
+    "XenError",
+    "XenbusClient",
+    "XenbusState",
+    "XenstoreError",
+]

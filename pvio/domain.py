@@ -128,6 +128,8 @@ class Domain:
         self.cancel_scope = trio.CancelScope()
         self.timer_scope: trio.CancelScope | None = None
         self.on_destroy: list[Callable[[Domain], None]] = []
+        # Set by the kernel once it has booted (or by the hypervisor if it stops first).
+        self.booted = trio.Event()
 
     def __repr__(self) -> str:
         return f"<Domain {self.domid} {self.name!r} {self.state}>"

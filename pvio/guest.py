@@ -147,7 +147,6 @@ class PyGuest:
         self.hv: Hypervisor
         self.domain: Domain
         self._handlers: dict[int, Callable[[int], None]] = {}
-        self.booted = trio.Event()
         self._nursery: trio.Nursery | None = None
 
     # ------------------------------------------------------------------ boot and run
@@ -174,7 +173,7 @@ class PyGuest:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self.vcpu.run, name=f"dom{self.domain.domid}-vcpu")
-            self.booted.set()
+            self.domain.booted.set()
             await self.main()
             await trio.sleep_forever()
 

@@ -31,7 +31,7 @@ from pvio.domain import Domain, GuestKernel
 from pvio.evtchn import SERVICE, Channel
 from pvio.grant_table import unmap_grant
 from pvio.hypercall import HypercallTable
-from pvio.xenstore import XenStore
+from pvio.xenstore import Store
 from pvio.xs_wire import RingConnection
 
 log = logging.getLogger("pvio.hypervisor")
@@ -60,7 +60,8 @@ class Hypervisor:
         self.domains: dict[int, Domain] = {}
         self.counters = CounterRegistry()
         self.hypercalls = HypercallTable(self)
-        self.store = XenStore()
+        self.store = Store()
+        self.toolstack = self.store.connect(0)  # the toolstack's own (privileged) session
         self._dom0_kernel = dom0
         self._dom0_pages = dom0_pages
         self._next_domid = 1
@@ -127,7 +128,7 @@ class Hypervisor:
         dom.ports[port] = Channel(SERVICE, remote_dom=0, service=conn.process)
         dom.store_port = port
         if dom.name:
-            self.store.write_privileged(f"/local/domain/{domid}/name", dom.name)
+            self.toolstack.write(f"/local/domain/{domid}/name", dom.name)
         dom.write_start_info(port)
         kernel.attach(self, dom)
         log.info("created dom%d %r (%d pages)", domid, dom.name, pages)
@@ -138,22 +139,41 @@ class Hypervisor:
             evtchn.set_pending(dom, dom.store_port)
 
     async def start(self, dom: Domain) -> None:
-        """Boot the domain's kernel in the hypervisor's nursery."""
+        """Boot the domain's kernel in the hypervisor's nursery; returns once it has booted."""
         nursery = self._require_nursery()
         if dom.state != "created":
             raise RuntimeError(f"dom{dom.domid} is {dom.state}, not created")
         dom.state = "running"
 
         async def run_kernel() -> None:
-            with dom.cancel_scope:
-                try:
+            try:
+                with dom.cancel_scope:
                     await dom.kernel.run()
-                except Exception as exc:  # a guest's bug stops that guest, nothing else
-                    log.error("dom%d crashed: %r", dom.domid, exc, exc_info=True)
-                    self.crash_domain(dom, f"kernel raised {exc!r}")
+            except BaseException as exc:
+                cancelled, errors = (
+                    exc.split(trio.Cancelled)
+                    if isinstance(exc, BaseExceptionGroup)
+                    else ((exc, None) if isinstance(exc, trio.Cancelled) else (None, exc))
+                )
+                if errors is not None:
+                    self._kernel_failed(dom, errors)
+                if cancelled is not None:
+                    raise cancelled from None
+            finally:
+                dom.booted.set()
 
         nursery.start_soon(run_kernel, name=f"dom{dom.domid}")
-        await trio.lowlevel.checkpoint()
+        await dom.booted.wait()
+
+    def _kernel_failed(self, dom: Domain, exc: BaseException) -> None:
+        """A guest kernel raised: stop that guest only (errors while it is torn down are expected)."""
+        if not isinstance(exc, Exception):
+            raise exc
+        if not dom.alive:
+            log.debug("dom%d: error while being torn down: %r", dom.domid, exc)
+            return
+        log.error("dom%d crashed: %r", dom.domid, exc, exc_info=exc)
+        self.crash_domain(dom, f"kernel raised {exc!r}")
 
     def pause(self, dom: Domain) -> None:
         """Stop delivering upcalls to the domain until unpaused."""

@@ -1,0 +1,525 @@
+"""netback: the dom0 half of the Xen vif split driver, attached to the virtual switch.
+
+One :class:`NetBack` runs in the backend domain (dom0).  It watches
+``/local/domain/<self>/backend/vif`` for devices the toolstack creates and runs a
+:class:`BackendVif` for each, following Linux netback's sequence (fact sheet §3.5):
+write the features (``feature-sg``, ``feature-rx-copy``, ...) and go InitWait; when the
+frontend is Connected (or Initialised), read its keys, refuse it without
+``request-rx-copy = 1``, map both ring pages, bind the event channel, go Connected and
+join the switch.
+
+TX (guest -> switch), per batch: take every published request (each copied out of the
+shared page once), group them into packets (first slot's size is the total, more_data
+chains, extra-info slots answered NULL), validate each packet (id < ring size, offset +
+size <= 4096 per slot, at most 18 slots, sizes adding up), grant-copy every valid slot
+into dom0 staging pages in *one* batched hypercall, answer every slot (OKAY / ERROR),
+push the responses (one notification at most), and hand the frames to the custom
+backend hook and the switch as one batch.
+
+RX (switch -> guest): frames wait in a bounded queue (overflow is counted as
+``drops.rx_queue_full``, XSA-392); whenever the guest has posted enough buffers the
+frames are staged in dom0 pages and grant-copied into the guest's buffers in one
+hypercall, each response written in the slot of the request it answers.
+
+Errors: a bad grant, a slot crossing its page or inconsistent sizes fail that packet
+(ERROR responses, ``drops.<reason>``, a logged reason).  A frontend that is clearly
+broken or hostile — an impossible req_prod, an id outside the ring, more than
+``fatal_slots`` slots in a packet — disables the vif: it leaves the switch, its rings
+are unmapped and its state goes Closed, with the reason logged and counted.  Other vifs
+are untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from backends.switch import Switch, SwitchPort
+from pvio.abi import DOMID_SELF, PAGE_SIZE, GntSt
+from pvio.xs_wire import XenbusState
+from pvio.backend_api import Backend, BackendContext, BackendHost, load_backend
+from ringbuf import NETIF_RX, NETIF_TX, BackRing, RingOverflowError
+from ringbuf.netif import (
+    NETIF_RSP_ERROR,
+    NETIF_RSP_NULL,
+    NETIF_RSP_OKAY,
+    NETRXF_MORE_DATA,
+    NETTXF_EXTRA_INFO,
+    NETTXF_MORE_DATA,
+    XEN_NETIF_EXTRA_FLAG_MORE,
+    XEN_NETIF_NR_SLOTS_MIN,
+)
+
+if TYPE_CHECKING:
+    from pvio.guest import PyGuest
+
+log = logging.getLogger("pvio.netback")
+
+NR_TX = NETIF_TX.nr_ents()
+NR_RX = NETIF_RX.nr_ents()
+_TX_REQ = struct.Struct("<IHHHH")
+_TX_RSP = struct.Struct("<Hh")
+_RX_REQ = struct.Struct("<HHI")
+_RX_RSP = struct.Struct("<HHHh")
+FATAL_SLOTS = 20  # Linux netback's fatal_skb_slots default
+RX_QUEUE_MAX = 1024  # frames waiting for guest buffers, per vif
+
+BACKEND_FEATURES = {
+    "feature-sg": "1",
+    "feature-rx-copy": "1",
+    "feature-rx-flip": "0",
+    "feature-gso-tcpv4": "0",
+    "feature-gso-tcpv6": "0",
+    "feature-ipv6-csum-offload": "0",
+    "feature-split-event-channels": "0",
+    "feature-multicast-control": "0",
+}
+
+
+class VifFatal(Exception):
+    """The frontend broke the protocol badly enough to disable the vif."""
+
+
+class BackendVif(SwitchPort):
+    """One vif served by netback: the two rings, the event channel, and a switch port."""
+
+    def __init__(self, netback: NetBack, fe_domid: int, devid: int) -> None:
+        self.netback = netback
+        self.dom0 = netback.guest
+        self.fe_domid = fe_domid
+        self.devid = devid
+        self.vif_name = f"vif{fe_domid}.{devid}"
+        super().__init__(self.vif_name, netback.guest.hv.counters)
+        self.dev = netback.guest.hv.counters.new(f"netback/{self.vif_name}", "device")
+        self.path = f"{netback.base}/{fe_domid}/{devid}"
+        self.connected = False
+        self.error: str | None = None
+        self._rx_queue: deque[bytes] = deque()
+        self.rx_queue_max = netback.rx_queue_max
+        self._wake = trio.Event()
+        self._tx_carry: list[tuple[int, int, int, int, int]] = []
+        self._mappings: list[Any] = []
+        self.host: BackendHost | None = None
+        self.port = 0
+
+    # ------------------------------------------------------------------ handshake
+    async def run(self) -> None:
+        """Probe, wait for the frontend, connect, then serve until closed or disabled."""
+        xb = self.dom0.xenbus
+        for key, value in BACKEND_FEATURES.items():
+            await xb.write(f"{self.path}/{key}", value)
+        await xb.write(f"{self.path}/state", str(int(XenbusState.INIT_WAIT)))
+        self.frontend = await xb.read(f"{self.path}/frontend")
+        await xb.wait_for_state(f"{self.frontend}/state", {XenbusState.INITIALISED, XenbusState.CONNECTED})
+        try:
+            await self._connect()
+        except VifFatal as e:
+            await self._disable(str(e))
+            return
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch_frontend, nursery.cancel_scope)
+            await self._service()
+            nursery.cancel_scope.cancel()
+        if self.error is not None:
+            await self._disable(self.error)
+
+    async def _connect(self) -> None:
+        xb = self.dom0.xenbus
+        fe = self.frontend
+
+        async def read_int(key: str) -> int:
+            text = await xb.read(f"{fe}/{key}")
+            try:
+                return int(text)
+            except ValueError:
+                raise VifFatal(f"frontend key {key}={text!r} is not a number") from None
+
+        if (await xb.read(f"{fe}/request-rx-copy")).strip() != "1":
+            raise VifFatal("frontend did not set request-rx-copy=1 (page flipping is not supported)")
+        tx_ref = await read_int("tx-ring-ref")
+        rx_ref = await read_int("rx-ring-ref")
+        evtchn = await read_int("event-channel")
+        g = self.dom0
+        try:
+            tx_map = g.grant_map(self.fe_domid, tx_ref)
+            self._mappings.append(tx_map)
+            rx_map = g.grant_map(self.fe_domid, rx_ref)
+            self._mappings.append(rx_map)
+            self.port = g.evtchn_bind_interdomain(self.fe_domid, evtchn)
+        except Exception as e:  # GrantStatusError / XenError from the frontend's bad keys
+            raise VifFatal(f"cannot map the rings or bind the event channel: {e}") from None
+        self.tx = BackRing(NETIF_TX, tx_map.view)
+        self.rx = BackRing(NETIF_RX, rx_map.view)
+        g.bind_handler(self.port, self._on_event)
+        # Staging pages in dom0: grant-copy targets for TX, sources for RX.
+        self.tx_stage = [g.alloc_page() for _ in range(NR_TX)]
+        self.tx_stage_views = [g.page(p) for p in self.tx_stage]
+        self.rx_stage = [g.alloc_page() for _ in range(NR_RX)]
+        self.rx_stage_views = [g.page(p) for p in self.rx_stage]
+        backend = self.netback.make_backend(self)
+        if backend is not None:
+            ctx = BackendContext(
+                name=self.vif_name,
+                domid=self.fe_domid,
+                counters=g.hv.counters.new(f"backend/{self.vif_name}", "device"),
+                options=dict(self.netback.backend_options),
+                scheduler=self._schedule_later,
+            )
+            self.host = BackendHost(backend, ctx)
+        await self.dom0.xenbus.write(f"{self.path}/state", str(int(XenbusState.CONNECTED)))
+        self.connected = True
+        self.netback.switch.attach(self)
+        log.info("%s connected (tx-ring-ref %d, rx-ring-ref %d, port %d)", self.vif_name, tx_ref, rx_ref, evtchn)
+
+    async def _watch_frontend(self, scope: trio.CancelScope) -> None:
+        xb = self.dom0.xenbus
+        await xb.wait_for_state(
+            f"{self.frontend}/state", {XenbusState.CLOSING, XenbusState.CLOSED, XenbusState.UNKNOWN}
+        )
+        await self._teardown("frontend closing")
+        await xb.write(f"{self.path}/state", str(int(XenbusState.CLOSING)))
+        await xb.write(f"{self.path}/state", str(int(XenbusState.CLOSED)))
+        scope.cancel()
+
+    def _schedule_later(self, delay_s: float, frames: list[bytes], direction: str) -> None:
+        async def later() -> None:
+            await trio.sleep(delay_s)
+            if not self.connected:
+                self.dev["drops.backend_delayed_after_close"] += len(frames)
+                return
+            if direction == "tx":
+                self.netback.switch.input(self, frames)
+            else:
+                self._enqueue(frames)
+
+        self.dom0.spawn(later)
+
+    # ------------------------------------------------------------------ service loop
+    def _on_event(self, _port: int) -> None:
+        self._wake.set()
+
+    async def _service(self) -> None:
+        while self.connected and self.error is None:
+            self._wake = trio.Event()
+            try:
+                did = self._tx_work() + self._rx_work()
+            except (VifFatal, RingOverflowError) as e:
+                self.error = str(e) if isinstance(e, VifFatal) else f"impossible req_prod from the frontend ({e})"
+                return
+            if did:
+                await trio.lowlevel.checkpoint()
+                continue
+            try:
+                more = self.tx.final_check_for_requests(1)
+                if self._rx_queue:  # we want buffers: ask to be told when they come
+                    more += self.rx.final_check_for_requests(1)
+            except RingOverflowError as e:
+                self.error = f"impossible req_prod from the frontend ({e})"
+                return
+            if more:
+                continue
+            await self._wake.wait()
+
+    def _notify(self, notify: bool) -> None:
+        if notify:
+            self.dev["notifications.sent"] += 1
+            self.dom0.evtchn_send(self.port)
+        else:
+            self.dev["notifications.suppressed"] += 1
+
+    def _tx_work(self) -> int:
+        data = self.tx.take_requests()
+        if not data and not self._tx_carry:
+            return 0
+        reqs = self._tx_carry + list(_TX_REQ.iter_unpack(data))
+        self._tx_carry = []
+        packets: list[tuple[list[tuple[int, int, int, int, int]], int]] = []  # (data slots, extras)
+        responses: list[tuple[int, int]] = []
+        i = 0
+        n = len(reqs)
+        while i < n:
+            start = i
+            first = reqs[i]
+            if first[3] >= NR_TX:
+                raise VifFatal(f"TX request id {first[3]} outside the ring of {NR_TX}")
+            j = i + 1
+            # Extra-info slots follow the first slot while EXTRA_FLAG_MORE chains them.
+            extras = 0
+            if first[2] & NETTXF_EXTRA_INFO:
+                while True:
+                    if j >= n:
+                        break
+                    extras += 1
+                    ex_flags = (reqs[j][0] >> 8) & 0xFF
+                    j += 1
+                    if not ex_flags & XEN_NETIF_EXTRA_FLAG_MORE:
+                        break
+            slots = [first]
+            flags = first[2]
+            while flags & NETTXF_MORE_DATA and j < n:
+                slots.append(reqs[j])
+                flags = reqs[j][2]
+                j += 1
+                if len(slots) + extras > FATAL_SLOTS:
+                    raise VifFatal(f"TX packet of more than {FATAL_SLOTS} slots (fatal_skb_slots)")
+            if flags & NETTXF_MORE_DATA or (first[2] & NETTXF_EXTRA_INFO and j > n):
+                # The rest of the packet is not published yet: keep its slots for the next batch.
+                if j - start > FATAL_SLOTS:
+                    raise VifFatal(f"TX packet of more than {FATAL_SLOTS} slots (fatal_skb_slots)")
+                self._tx_carry = reqs[start:]
+                break
+            for r in reqs[start + 1 : j]:
+                if r[3] >= NR_TX:
+                    raise VifFatal(f"TX request id {r[3]} outside the ring of {NR_TX}")
+            packets.append((slots, extras))
+            i = j
+        if not packets:
+            return 0
+        # Validate and build one grant-copy batch for every good packet.
+        ops = []
+        plan = []  # per packet: (slots, extras, first op index or -1 with a drop reason)
+        stage = 0
+        fe = self.fe_domid
+        for slots, extras in packets:
+            reason = self._check_packet(slots)
+            if reason is not None:
+                plan.append((slots, extras, -1, reason))
+                continue
+            total = slots[0][4]
+            first_len = total - sum(s[4] for s in slots[1:])
+            first_op = len(ops)
+            for k, (gref, offset, _flags, _id, size) in enumerate(slots):
+                length = first_len if k == 0 else size
+                ops.append(((True, gref, fe, offset), (False, self.tx_stage[stage], DOMID_SELF, 0), length))
+                stage += 1
+            plan.append((slots, extras, first_op, None))
+        statuses = self.dom0.grant_copy(ops) if ops else []
+        frames: list[bytes] = []
+        views = self.tx_stage_views
+        for slots, extras, first_op, reason in plan:
+            status = NETIF_RSP_OKAY
+            if reason is None:
+                st = statuses[first_op : first_op + len(slots)]
+                if any(s != GntSt.okay for s in st):
+                    bad = next(s for s in st if s != GntSt.okay)
+                    reason = "bad_grant"
+                    log.warning("%s: TX grant copy failed: %s", self.vif_name, GntSt(bad).name)
+                else:
+                    lens = [op[2] for op in ops[first_op : first_op + len(slots)]]
+                    parts = [views[first_op + k][: lens[k]].tobytes() for k in range(len(slots))]
+                    frames.append(parts[0] if len(parts) == 1 else b"".join(parts))
+            if reason is not None:
+                status = NETIF_RSP_ERROR
+                self.dev[f"drops.{reason}"] += 1
+            responses.append((slots[0][3], status))
+            responses.extend((0, NETIF_RSP_NULL) for _ in range(extras))
+            responses.extend((s[3], status) for s in slots[1:])
+        # Extras' responses carry no meaningful id: echo the request slot's content is not needed.
+        _, notify = self.tx.send(b"".join(_TX_RSP.pack(rid, st) for rid, st in responses))
+        self._notify(notify)
+        if frames:
+            self.dev["packets.tx"] += len(frames)  # from the guest's point of view: it transmitted
+            self.dev["bytes.tx"] += sum(map(len, frames))
+            if self.host is not None:
+                frames = self.host.tx(frames)
+            if frames:
+                self.netback.switch.input(self, frames)
+        return len(responses)
+
+    def _check_packet(self, slots: list[tuple[int, int, int, int, int]]) -> str | None:
+        """Why a packet must be dropped (a drop reason), or None if it is well formed."""
+        if len(slots) > XEN_NETIF_NR_SLOTS_MIN:
+            log.warning("%s: TX packet of %d slots (max %d)", self.vif_name, len(slots), XEN_NETIF_NR_SLOTS_MIN)
+            return "too_many_slots"
+        for gref, offset, _flags, _id, size in slots[1:]:
+            if size == 0 or offset + size > PAGE_SIZE:
+                log.warning("%s: TX slot offset %d + size %d crosses the page", self.vif_name, offset, size)
+                return "bad_offset"
+        total = slots[0][4]
+        first_len = total - sum(s[4] for s in slots[1:])
+        if first_len <= 0:
+            log.warning("%s: TX packet size %d smaller than its fragments", self.vif_name, total)
+            return "bad_size"
+        if slots[0][1] + first_len > PAGE_SIZE:
+            log.warning("%s: TX slot offset %d + size %d crosses the page", self.vif_name, slots[0][1], first_len)
+            return "bad_offset"
+        return None
+
+    # ------------------------------------------------------------------ RX: switch -> guest
+    def transmit(self, frames: list[bytes]) -> None:
+        """Frames from the switch for this guest (never blocks; overflow is counted)."""
+        if self.host is not None:
+            frames = self.host.rx(frames)
+        self._enqueue(frames)
+
+    def _enqueue(self, frames: list[bytes]) -> None:
+        q = self._rx_queue
+        room = self.rx_queue_max - len(q)
+        if len(frames) > room:
+            dropped = len(frames) - max(room, 0)
+            self.dev["drops.rx_queue_full"] += dropped
+            frames = frames[: max(room, 0)]
+        q.extend(frames)
+        if frames:
+            self._wake.set()
+
+    def _rx_work(self) -> int:
+        q = self._rx_queue
+        if not q or not self.connected:
+            return 0
+        avail = self.rx.unconsumed_requests()
+        batch: list[bytes] = []
+        need = 0
+        for frame in q:
+            slots = max(1, -(-len(frame) // PAGE_SIZE))
+            if need + slots > avail or len(batch) >= NR_RX:
+                break
+            batch.append(frame)
+            need += slots
+        if not batch:
+            return 0
+        for _ in batch:
+            q.popleft()
+        reqs = list(_RX_REQ.iter_unpack(self.rx.take_requests(need)))
+        ops = []
+        layout = []  # per slot: (request id, length, more)
+        stage_views = self.rx_stage_views
+        k = 0
+        fe = self.fe_domid
+        for frame in batch:
+            size = len(frame)
+            nslots = max(1, -(-size // PAGE_SIZE))
+            for s in range(nslots):
+                chunk = frame[s * PAGE_SIZE : (s + 1) * PAGE_SIZE]
+                stage_views[k][: len(chunk)] = chunk
+                rid, _pad, gref = reqs[k]
+                ops.append(((False, self.rx_stage[k], DOMID_SELF, 0), (True, gref, fe, 0), len(chunk)))
+                layout.append((rid, len(chunk), s + 1 < nslots))
+                k += 1
+        statuses = self.dom0.grant_copy(ops)
+        rsps = []
+        delivered = 0
+        pos = 0
+        for frame in batch:
+            nslots = max(1, -(-len(frame) // PAGE_SIZE))
+            ok = all(st == GntSt.okay for st in statuses[pos : pos + nslots])
+            if ok:
+                delivered += 1
+                self.dev["packets.rx"] += 1
+                self.dev["bytes.rx"] += len(frame)
+            else:
+                self.dev["drops.rx_bad_grant"] += 1
+                log.warning("%s: RX grant copy into the guest's buffer failed", self.vif_name)
+            for rid, length, more in layout[pos : pos + nslots]:
+                status = length if ok else NETIF_RSP_ERROR
+                rsps.append(_RX_RSP.pack(rid, 0, NETRXF_MORE_DATA if more and ok else 0, status))
+            pos += nslots
+        _, notify = self.rx.send(b"".join(rsps))
+        self._notify(notify)
+        return len(batch)
+
+    # ------------------------------------------------------------------ teardown
+    async def _teardown(self, reason: str) -> None:
+        if not self.connected and not self._mappings:
+            return
+        self.connected = False
+        self.netback.switch.detach(self)
+        if self.host is not None:
+            self.host.detach()
+        g = self.dom0
+        if self.port:
+            g.unbind_handler(self.port)
+            try:
+                g.evtchn_close(self.port)
+            except OSError:
+                pass
+            self.port = 0
+        for m in self._mappings:
+            try:
+                g.grant_unmap(m)
+            except Exception:
+                pass
+        self._mappings.clear()
+        if self._rx_queue:
+            self.dev["drops.vif_closed"] += len(self._rx_queue)
+            self._rx_queue.clear()
+        log.info("%s disconnected: %s", self.vif_name, reason)
+
+    async def _disable(self, reason: str) -> None:
+        """A fatal frontend error: disconnect this vif only, with the reason logged and counted."""
+        self.error = reason
+        self.dev["disconnects"] += 1
+        log.error("%s disabled: %s", self.vif_name, reason)
+        await self._teardown(reason)
+        xb = self.dom0.xenbus
+        await xb.write(f"{self.path}/state", str(int(XenbusState.CLOSING)))
+        await xb.write(f"{self.path}/state", str(int(XenbusState.CLOSED)))
+
+
+class NetBack:
+    """The netback driver of one backend domain, serving every vif the toolstack creates."""
+
+    def __init__(
+        self,
+        guest: PyGuest,
+        switch: Switch,
+        *,
+        backend: str | type[Backend] | None = None,
+        backend_options: dict[str, Any] | None = None,
+        rx_queue_max: int = RX_QUEUE_MAX,
+    ) -> None:
+        self.guest = guest
+        self.switch = switch
+        self.base = f"/local/domain/{guest.domain.domid}/backend/vif"
+        self.vifs: dict[tuple[int, int], BackendVif] = {}
+        self.backend_cls = load_backend(backend) if isinstance(backend, str) else backend
+        self.backend_options = backend_options or {}
+        self.rx_queue_max = rx_queue_max
+        self.backend_overrides: dict[tuple[int, int], tuple[type[Backend], dict[str, Any]]] = {}
+
+    def make_backend(self, vif: BackendVif) -> Backend | None:
+        """The custom backend instance for ``vif`` (None: frames go straight to the switch)."""
+        override = self.backend_overrides.get((vif.fe_domid, vif.devid))
+        if override is not None:
+            cls, options = override
+            vif.netback.backend_options = {**self.backend_options, **options}
+            return cls()
+        return self.backend_cls() if self.backend_cls is not None else None
+
+    async def run(self) -> None:
+        """Watch the backend directory and serve each new vif."""
+        xb = self.guest.xenbus
+        watch = await xb.watch(self.base, "netback")
+        async for _event in watch:
+            await self._scan()
+
+    async def _scan(self) -> None:
+        xb = self.guest.xenbus
+        try:
+            fe_domids = await xb.directory(self.base)
+        except Exception:
+            return  # the directory does not exist yet
+        for fe in fe_domids:
+            try:
+                devids = await xb.directory(f"{self.base}/{fe}")
+            except Exception:
+                continue
+            for dev in devids:
+                if not (fe.isdigit() and dev.isdigit()):
+                    continue
+                key = (int(fe), int(dev))
+                if key in self.vifs:
+                    continue
+                try:
+                    state = int(await xb.read(f"{self.base}/{fe}/{dev}/state"))
+                except Exception:
+                    continue
+                if state != XenbusState.INITIALISING:
+                    continue
+                vif = BackendVif(self, *key)
+                self.vifs[key] = vif
+                self.guest.spawn(vif.run, name=f"netback-{vif.vif_name}")
