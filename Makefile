@@ -35,7 +35,7 @@ demo: build
 	$(PY) -m pvio demo
 
 test: build
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider tests --ignore=tests/bench
 
 bench: build
 	$(PY) -m pytest -q tests/bench --benchmark-enable --benchmark-only -p no:cacheprovider \
