@@ -42,11 +42,17 @@ def _check(rc: int, what: str) -> int:
 
 
 def _entries(data: Any, entry_size: int, what: str) -> tuple[Any, int]:
-    """Packed entries as something a ``const char *`` accepts, and how many there are."""
+    """Packed entries as something a ``const char *`` accepts, and how many there are.
+
+    The count comes from the byte length: ``len()`` of a typed buffer (an ``array('Q')``, a
+    cast memoryview) counts items, not bytes.
+    """
+    if type(data) is not bytes:
+        data = ffi.from_buffer(data)
     n, rem = divmod(len(data), entry_size)
     if rem:
         raise ValueError(f"{len(data)} bytes are not whole {entry_size}-byte {what}")
-    return (data if type(data) is bytes else ffi.from_buffer(data)), n
+    return data, n
 
 
 class _RingEnd:
@@ -64,6 +70,9 @@ class _RingEnd:
             raise ValueError(
                 f"ring of {size} bytes at offset {offset} does not fit in a buffer of {len(self._cbuf)}"
             )
+        address = int(ffi.cast("uintptr_t", self._cbuf))
+        if address % 4:
+            raise ValueError(f"ring memory must be 4-byte aligned: the buffer starts at {address:#x}")
         if layout.nr_ents(size) == 0:
             raise ValueError(f"{size} bytes hold no {layout.ent_size}-byte slot after the 64-byte header")
         self.layout = layout

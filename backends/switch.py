@@ -1,0 +1,368 @@
+"""The dom0 virtual switch: an L2 learning bridge between vifs and other port types.
+
+Design rationale
+----------------
+Every device model (PV vif, emulated NIC, smart NIC) and every host-side port (TAP,
+pcap capture, a test's capture port) attaches to one :class:`Switch`, so any guest can
+reach any other whatever its NIC (ARCHITECTURE.md §5).  The switch is on the data path
+of every frame, so it is written for Python's per-packet budget (§8):
+
+- **batch in, batch out.**  :meth:`Switch.input` takes the list of frames one ring
+  drain produced; the output is grouped per egress port and each port's
+  :meth:`SwitchPort.transmit` is called at most once per input batch, so a port (a vif's
+  netback) can push all its frames onto its RX ring and notify the guest once.
+- **bytes and dicts only.**  The destination and source MAC are two slices, learning and
+  forwarding are dict look-ups; no scapy, no parsing beyond the Ethernet header.
+- **a port never stops the switch.**  A port whose ``transmit`` raises is counted and
+  logged and the other ports still get their frames (§7: never crash dom0 for one
+  device's mistake).
+
+Learning follows a classic bridge (802.1D, Linux ``br_fdb``): the source MAC of each
+frame is learned on its ingress port, a MAC seen on another port moves there, group
+(multicast/broadcast) source addresses are never learned.  The table is bounded
+(``mac_table_size``); when full, the *oldest learned* entry is evicted.  Entries are not
+refreshed per frame: that would cost a reordering on every packet, and an evicted but
+active station is simply re-learned from its next frame (its traffic is flooded
+meanwhile).  There is no ageing timer: ports detach explicitly and take their MACs with
+them.
+
+Counters (ARCHITECTURE.md §6; a key absent is zero)
+----------------------------------------------------
+Switch, owner ``switch/<switch name>`` — every input frame lands in exactly one of
+``forwarded``, ``flooded`` or a ``drops.<reason>``:
+
+=====================  ================================================================
+``forwarded``          unicast frames sent to the one port their destination was learned on
+``flooded``            frames sent to every other port (broadcast, multicast, unknown
+                       unicast); counted once per frame, not per copy
+``learned``            MAC table insertions, including a MAC re-learned on a new port
+``mac_moves``          of those, MACs that moved from one port to another
+``mac_evictions``      entries evicted because the table was full
+``port_errors``        ``transmit`` calls that raised (the port's frames are counted as
+                       ``drops.port_error`` on the port)
+``drops.runt``         frames shorter than an Ethernet header (14 bytes)
+``drops.oversize``     frames longer than 65535 + 14 bytes
+``drops.same_port``    unicast frames whose destination was learned on the ingress port
+                       (no hairpin)
+``drops.no_egress``    frames to flood with no other port attached
+``drops.port_detached``  frames handed in by a port that is not attached (a racing detach)
+=====================  ================================================================
+
+Port, owner ``switch/<port name>``:
+
+=====================  ================================================================
+``packets.rx``         frames the port handed *into* the switch (all of them, dropped or not)
+``bytes.rx``           their bytes
+``packets.tx``         frames the switch handed *to* the port (successful ``transmit`` calls)
+``bytes.tx``           their bytes
+``flooded``            of ``packets.tx``, the frames that reached this port by flooding
+``transmit_errors``    ``transmit`` calls that raised
+``drops.port_error``   frames of those calls (counted lost: the port did not say how far it got)
+=====================  ================================================================
+
+A port's owner name shares the ``switch/`` namespace with the switch itself, so a port
+may not be named like the switch it attaches to, and two attached ports may not share a name.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict, deque
+from collections.abc import Mapping
+from pathlib import Path
+from types import MappingProxyType
+from typing import TYPE_CHECKING
+
+import trio
+
+from pvio.counters import CounterRegistry, Counters
+
+if TYPE_CHECKING:
+    from os import PathLike
+
+log = logging.getLogger("pvio.switch")
+
+ETH_HEADER_LEN = 14
+MAX_FRAME_LEN = 65535 + ETH_HEADER_LEN  # the largest frame a netif packet (u16 size) can carry
+
+
+class SwitchPort:
+    """One attachment point of a :class:`Switch` (a vif, a TAP, a capture, a device model).
+
+    Subclasses implement :meth:`transmit`.  The switch owns the port's traffic counters
+    (``packets.rx``/``tx``, ``bytes.*``, ``flooded``, errors); a subclass may add its own
+    keys (e.g. ``drops.<reason>`` for frames it could not queue).
+    """
+
+    def __init__(self, name: str, counters: CounterRegistry | None = None) -> None:
+        if not name:
+            raise ValueError("a switch port needs a non-empty name")
+        self.name = name
+        owner = f"switch/{name}"
+        self.counters: Counters = (
+            counters.new(owner, "device") if counters is not None else Counters(owner, "device")
+        )
+
+    def transmit(self, frames: list[bytes]) -> None:
+        """Take ``frames`` from the switch (one batch, in order) and queue or deliver them.
+
+        Called from the switch's data path: it must not block and should not raise (a raise
+        is counted as ``drops.port_error`` for the whole batch and logged; other ports are
+        unaffected).  The list belongs to the port once handed over.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement transmit()")
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r}>"
+
+
+class Switch:
+    """An L2 learning bridge: learn source MACs, forward known unicast, flood the rest."""
+
+    def __init__(
+        self, counters: CounterRegistry | None = None, name: str = "switch0", mac_table_size: int = 4096
+    ) -> None:
+        if mac_table_size < 1:
+            raise ValueError(f"switch {name}: mac_table_size must be >= 1, got {mac_table_size}")
+        self.name = name
+        self.mac_table_size = mac_table_size
+        self._registry = counters
+        owner = f"switch/{name}"
+        self.counters: Counters = (
+            counters.new(owner, "device") if counters is not None else Counters(owner, "device")
+        )
+        # MAC -> port, in learning order (the first entry is the oldest: evicted first).
+        self._table: OrderedDict[bytes, SwitchPort] = OrderedDict()
+        # Attach order is flood order; a dict keeps it and gives O(1) membership.
+        self._ports: dict[SwitchPort, None] = {}
+        self._names: set[str] = set()
+        self._failed_once: set[str] = set()  # ports whose first transmit error was logged in full
+
+    # -- topology ---------------------------------------------------------------------
+
+    @property
+    def ports(self) -> tuple[SwitchPort, ...]:
+        """The attached ports, in attach (and flood) order."""
+        return tuple(self._ports)
+
+    @property
+    def mac_table(self) -> Mapping[bytes, str]:
+        """A read-only snapshot of the learned table: MAC (6 bytes) -> port name, oldest first."""
+        return MappingProxyType({mac: port.name for mac, port in self._table.items()})
+
+    def attach(self, port: SwitchPort) -> None:
+        """Connect ``port``: it receives floods from now on and its MACs can be learned.
+
+        If the switch was given a :class:`CounterRegistry`, the port's counters are
+        registered there (counts the port already had are kept).
+        """
+        if port in self._ports:
+            raise ValueError(f"switch {self.name}: port {port.name!r} is already attached")
+        if port.name == self.name or port.name in self._names:
+            raise ValueError(
+                f"switch {self.name}: cannot attach port {port.name!r}: the name is already used "
+                f"by {'the switch' if port.name == self.name else 'another attached port'}"
+            )
+        if self._registry is not None:
+            registered = self._registry.new(port.counters.owner, "device")
+            if registered is not port.counters:
+                for key, value in port.counters.items():
+                    registered[key] += value
+                port.counters = registered
+        self._ports[port] = None
+        self._names.add(port.name)
+
+    def detach(self, port: SwitchPort) -> None:
+        """Disconnect ``port`` and forget every MAC learned on it."""
+        if port not in self._ports:
+            raise ValueError(f"switch {self.name}: port {port.name!r} is not attached")
+        del self._ports[port]
+        self._names.discard(port.name)
+        self._failed_once.discard(port.name)
+        for mac in [mac for mac, owner in self._table.items() if owner is port]:
+            del self._table[mac]
+
+    # -- data path --------------------------------------------------------------------
+
+    def input(self, port: SwitchPort, frames: list[bytes]) -> None:
+        """Switch a batch of ``frames`` that arrived from ``port``.
+
+        Each frame is validated, its source learned, and it is forwarded or flooded; then
+        every egress port's :meth:`SwitchPort.transmit` is called once with its frames in
+        input order.  Never raises for bad frames or failing ports (they are counted).
+        """
+        pc = port.counters
+        n_in = len(frames)
+        pc["packets.rx"] += n_in
+        pc["bytes.rx"] += sum(map(len, frames))
+        sc = self.counters
+        if port not in self._ports:
+            sc["drops.port_detached"] += n_in
+            return
+
+        table = self._table
+        lookup = table.get
+        ports = self._ports
+        out: dict[SwitchPort, list[bytes]] = {}
+        flooded_to: dict[SwitchPort, int] = {}
+        forwarded = flooded = runt = oversize = same_port = no_egress = 0
+        others: list[SwitchPort] | None = None  # flood targets, computed on first flood
+
+        for frame in frames:
+            size = len(frame)
+            if size < ETH_HEADER_LEN:
+                runt += 1
+                continue
+            if size > MAX_FRAME_LEN:
+                oversize += 1
+                continue
+            # Learn the source (bit 0 of the first octet set = group address: never learned).
+            src = frame[6:12]
+            if not src[0] & 1 and lookup(src) is not port:
+                self._learn(src, port)
+            dst = frame[0:6]
+            if not dst[0] & 1:
+                egress = lookup(dst)
+                if egress is port:
+                    same_port += 1
+                    continue
+                if egress is not None:
+                    forwarded += 1
+                    batch = out.get(egress)
+                    if batch is None:
+                        out[egress] = [frame]
+                    else:
+                        batch.append(frame)
+                    continue
+            # Broadcast, multicast or unknown unicast: flood to every other port.
+            if others is None:
+                others = [p for p in ports if p is not port]
+            if not others:
+                no_egress += 1
+                continue
+            flooded += 1
+            for egress in others:
+                batch = out.get(egress)
+                if batch is None:
+                    out[egress] = [frame]
+                else:
+                    batch.append(frame)
+                flooded_to[egress] = flooded_to.get(egress, 0) + 1
+
+        if forwarded:
+            sc["forwarded"] += forwarded
+        if flooded:
+            sc["flooded"] += flooded
+        if runt:
+            sc["drops.runt"] += runt
+        if oversize:
+            sc["drops.oversize"] += oversize
+        if same_port:
+            sc["drops.same_port"] += same_port
+        if no_egress:
+            sc["drops.no_egress"] += no_egress
+
+        for egress, batch in out.items():
+            self._transmit(egress, batch, flooded_to.get(egress, 0))
+
+    def _learn(self, mac: bytes, port: SwitchPort) -> None:
+        """Record that ``mac`` lives behind ``port`` (new, or moved from another port)."""
+        table = self._table
+        sc = self.counters
+        if mac in table:
+            # Moved: re-learn as the newest entry on its new port.
+            del table[mac]
+            sc["mac_moves"] += 1
+        elif len(table) >= self.mac_table_size:
+            table.popitem(last=False)
+            sc["mac_evictions"] += 1
+        table[mac] = port
+        sc["learned"] += 1
+
+    def _transmit(self, port: SwitchPort, frames: list[bytes], n_flooded: int) -> None:
+        """Hand ``frames`` to ``port``, containing and counting whatever it raises."""
+        pc = port.counters
+        n = len(frames)
+        nbytes = sum(map(len, frames))
+        try:
+            port.transmit(frames)
+        except Exception:
+            pc["transmit_errors"] += 1
+            pc["drops.port_error"] += n
+            self.counters["port_errors"] += 1
+            if port.name not in self._failed_once:
+                self._failed_once.add(port.name)
+                log.error(
+                    "switch %s: port %r raised in transmit(); %d frames dropped "
+                    "(further errors of this port are logged at DEBUG)",
+                    self.name,
+                    port.name,
+                    n,
+                    exc_info=True,
+                )
+            else:
+                log.debug("switch %s: port %r raised again; %d frames dropped", self.name, port.name, n)
+            return
+        pc["packets.tx"] += n
+        pc["bytes.tx"] += nbytes
+        if n_flooded:
+            pc["flooded"] += n_flooded
+
+
+class CapturePort(SwitchPort):
+    """A port that keeps what it receives: the last ``maxlen`` frames, and optionally a channel.
+
+    For tests and for pcap capture.  ``frames`` is a bounded deque (oldest frames fall out,
+    counted ``capture.evicted``).  With ``channel``, every frame is also sent with
+    ``send_nowait`` (never blocking the switch): a full channel counts
+    ``drops.channel_full``, a closed one ``drops.channel_closed``.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        maxlen: int = 1024,
+        channel: trio.MemorySendChannel[bytes] | None = None,
+        counters: CounterRegistry | None = None,
+    ) -> None:
+        super().__init__(name, counters)
+        if maxlen < 1:
+            raise ValueError(f"capture port {name}: maxlen must be >= 1, got {maxlen}")
+        self.frames: deque[bytes] = deque(maxlen=maxlen)
+        self.channel = channel
+
+    def transmit(self, frames: list[bytes]) -> None:
+        """Keep ``frames`` (and send them on the channel, if any)."""
+        kept = self.frames
+        overflow = len(kept) + len(frames) - (kept.maxlen or 0)
+        if overflow > 0:
+            self.counters["capture.evicted"] += overflow
+        kept.extend(frames)
+        channel = self.channel
+        if channel is None:
+            return
+        for i, frame in enumerate(frames):
+            try:
+                channel.send_nowait(frame)
+            except trio.WouldBlock:
+                self.counters["drops.channel_full"] += 1
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self.counters["drops.channel_closed"] += len(frames) - i
+                self.channel = None
+                return
+
+    def clear(self) -> None:
+        """Forget the captured frames."""
+        self.frames.clear()
+
+    def write_pcap(self, path: str | PathLike[str]) -> int:
+        """Write the captured frames to a pcap file (Ethernet link type); return how many.
+
+        scapy is imported here, not at module level: capture stays off the data path.
+        """
+        from scapy.layers.l2 import Ether
+        from scapy.utils import wrpcap
+
+        packets = [Ether(frame) for frame in self.frames]
+        wrpcap(str(Path(path)), packets, linktype=1)
+        return len(packets)

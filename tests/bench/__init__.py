@@ -1,0 +1,1 @@
+"""Benchmarks (pytest-benchmark): run with ``make bench``; ``make test`` runs each once, unmeasured."""
