@@ -1,1 +1,1 @@
-from setuptools import setup; setup(cffi_modules=["ringbuf/_build.py:ffibuilder"])  # noqa: E702
+from setuptools import setup; setup(cffi_modules=["ringbuf/_build.py:ffibuilder"])

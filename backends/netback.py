@@ -31,6 +31,7 @@ are untouched.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import struct
 from collections import deque
@@ -40,8 +41,8 @@ import trio
 
 from backends.switch import Switch, SwitchPort
 from pvio.abi import DOMID_SELF, PAGE_SIZE, GntSt
-from pvio.xs_wire import XenbusState
 from pvio.backend_api import Backend, BackendContext, BackendHost, load_backend
+from pvio.xs_wire import XenbusState
 from ringbuf import NETIF_RX, NETIF_TX, BackRing, RingOverflowError
 from ringbuf.netif import (
     NETIF_RSP_ERROR,
@@ -55,7 +56,7 @@ from ringbuf.netif import (
 )
 
 if TYPE_CHECKING:
-    from pvio.guest import PyGuest
+    from pvio.guest import CopyOp, PyGuest
 
 log = logging.getLogger("pvio.netback")
 
@@ -173,7 +174,9 @@ class BackendVif(SwitchPort):
         await self.dom0.xenbus.write(f"{self.path}/state", str(int(XenbusState.CONNECTED)))
         self.connected = True
         self.netback.switch.attach(self)
-        log.info("%s connected (tx-ring-ref %d, rx-ring-ref %d, port %d)", self.vif_name, tx_ref, rx_ref, evtchn)
+        log.info(
+            "%s connected (tx-ring-ref %d, rx-ring-ref %d, port %d)", self.vif_name, tx_ref, rx_ref, evtchn
+        )
 
     async def _watch_frontend(self, scope: trio.CancelScope) -> None:
         xb = self.dom0.xenbus
@@ -208,7 +211,9 @@ class BackendVif(SwitchPort):
             try:
                 did = self._tx_work() + self._rx_work()
             except (VifFatal, RingOverflowError) as e:
-                self.error = str(e) if isinstance(e, VifFatal) else f"impossible req_prod from the frontend ({e})"
+                self.error = (
+                    str(e) if isinstance(e, VifFatal) else f"impossible req_prod from the frontend ({e})"
+                )
                 return
             if did:
                 await trio.lowlevel.checkpoint()
@@ -280,8 +285,9 @@ class BackendVif(SwitchPort):
         if not packets:
             return 0
         # Validate and build one grant-copy batch for every good packet.
-        ops = []
-        plan = []  # per packet: (slots, extras, first op index or -1 with a drop reason)
+        ops: list[CopyOp] = []
+        # per packet: (slots, extras, index of its first copy op or -1, drop reason or None)
+        plan: list[tuple[list[tuple[int, int, int, int, int]], int, int, str | None]] = []
         stage = 0
         fe = self.fe_domid
         for slots, extras in packets:
@@ -333,9 +339,11 @@ class BackendVif(SwitchPort):
     def _check_packet(self, slots: list[tuple[int, int, int, int, int]]) -> str | None:
         """Why a packet must be dropped (a drop reason), or None if it is well formed."""
         if len(slots) > XEN_NETIF_NR_SLOTS_MIN:
-            log.warning("%s: TX packet of %d slots (max %d)", self.vif_name, len(slots), XEN_NETIF_NR_SLOTS_MIN)
+            log.warning(
+                "%s: TX packet of %d slots (max %d)", self.vif_name, len(slots), XEN_NETIF_NR_SLOTS_MIN
+            )
             return "too_many_slots"
-        for gref, offset, _flags, _id, size in slots[1:]:
+        for _gref, offset, _flags, _id, size in slots[1:]:
             if size == 0 or offset + size > PAGE_SIZE:
                 log.warning("%s: TX slot offset %d + size %d crosses the page", self.vif_name, offset, size)
                 return "bad_offset"
@@ -345,7 +353,9 @@ class BackendVif(SwitchPort):
             log.warning("%s: TX packet size %d smaller than its fragments", self.vif_name, total)
             return "bad_size"
         if slots[0][1] + first_len > PAGE_SIZE:
-            log.warning("%s: TX slot offset %d + size %d crosses the page", self.vif_name, slots[0][1], first_len)
+            log.warning(
+                "%s: TX slot offset %d + size %d crosses the page", self.vif_name, slots[0][1], first_len
+            )
             return "bad_offset"
         return None
 
@@ -385,7 +395,7 @@ class BackendVif(SwitchPort):
         for _ in batch:
             q.popleft()
         reqs = list(_RX_REQ.iter_unpack(self.rx.take_requests(need)))
-        ops = []
+        ops: list[CopyOp] = []
         layout = []  # per slot: (request id, length, more)
         stage_views = self.rx_stage_views
         k = 0
@@ -433,16 +443,12 @@ class BackendVif(SwitchPort):
         g = self.dom0
         if self.port:
             g.unbind_handler(self.port)
-            try:
+            with contextlib.suppress(OSError):
                 g.evtchn_close(self.port)
-            except OSError:
-                pass
             self.port = 0
         for m in self._mappings:
-            try:
+            with contextlib.suppress(Exception):
                 g.grant_unmap(m)
-            except Exception:
-                pass
         self._mappings.clear()
         if self._rx_queue:
             self.dev["drops.vif_closed"] += len(self._rx_queue)

@@ -73,6 +73,13 @@ class Probe:
     check: Callable[[Any], bool]
 
 
+def _udp_echo_of(payload: bytes) -> Callable[[Any], bool]:
+    """A check that an answer is the UDP echo (from port 7) of ``payload``."""
+    from scapy.layers.inet import UDP
+
+    return lambda r: UDP in r and r[UDP].sport == 7 and bytes(r[UDP].payload) == payload
+
+
 def build_traffic(mac_a: bytes, mac_b: bytes) -> list[Probe]:
     """The scapy-built requests and their answer checks (built once, before the timed part)."""
     from scapy.layers.inet import ICMP, IP, UDP
@@ -89,7 +96,9 @@ def build_traffic(mac_a: bytes, mac_b: bytes) -> list[Probe]:
         Probe(
             "icmp echo",
             Ether(src=a, dst=b) / IP(src=IP_A, dst=IP_B) / ICMP(id=7, seq=1) / (b"ping" * 8),
-            lambda r: ICMP in r and r[ICMP].type == 0 and r[ICMP].id == 7 and bytes(r[ICMP].payload) == b"ping" * 8,
+            lambda r: (
+                ICMP in r and r[ICMP].type == 0 and r[ICMP].id == 7 and bytes(r[ICMP].payload) == b"ping" * 8
+            ),
         ),
     ]
     for size in (18, 64, 256, 512, 1024, 1472, 6000):
@@ -97,8 +106,11 @@ def build_traffic(mac_a: bytes, mac_b: bytes) -> list[Probe]:
         probes.append(
             Probe(
                 f"udp echo {size} B" + (" (multi-slot)" if size > 4096 else ""),
-                Ether(src=a, dst=b) / IP(src=IP_A, dst=IP_B) / UDP(sport=40000 + size % 1000, dport=7) / payload,
-                lambda r, p=payload: UDP in r and r[UDP].sport == 7 and bytes(r[UDP].payload) == p,
+                Ether(src=a, dst=b)
+                / IP(src=IP_A, dst=IP_B)
+                / UDP(sport=40000 + size % 1000, dport=7)
+                / payload,
+                _udp_echo_of(payload),
             )
         )
     return probes
@@ -210,7 +222,14 @@ def format_table(r: DemoResult) -> str:
     ]
     for dom, v in pp["interrupts_by_domain"].items():
         lines.append(f"  interrupts {dom:<22}{v:>10.3f}")
-    for key in ("interrupts", "hypercalls", "notifications", "notifications_suppressed", "grant_copies", "bytes_copied"):
+    for key in (
+        "interrupts",
+        "hypercalls",
+        "notifications",
+        "notifications_suppressed",
+        "grant_copies",
+        "bytes_copied",
+    ):
         label = "interrupts (all domains)" if key == "interrupts" else key.replace("_", " ")
         lines.append(f"  {label:<33}{pp[key]:>10.3f}")
     return "\n".join(lines)

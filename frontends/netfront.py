@@ -173,7 +173,9 @@ class Netfront:
             # Nothing to do: arm the event indices, re-check (closes the race), then sleep.
             try:
                 outstanding = NR_TX - len(self.tx_free)
-                tx_more = self.tx.final_check_for_responses(max(1, outstanding // 2 + 1) if outstanding else 1)
+                tx_more = self.tx.final_check_for_responses(
+                    max(1, outstanding // 2 + 1) if outstanding else 1
+                )
                 rx_more = self.rx.final_check_for_responses(1)
             except RingOverflowError as e:
                 self._fail(f"impossible response producer index ({e})")
@@ -279,7 +281,7 @@ class Netfront:
                 reqs.append(self._stage(frame, size, nslots))
                 i += 1
             if reqs:
-                sent, notify = self.tx.send(b"".join(reqs))
+                _sent, notify = self.tx.send(b"".join(reqs))
                 self._notify(notify)
                 continue
             # The pool is exhausted: wait for TX responses.

@@ -140,4 +140,6 @@ class CounterRegistry:
 
     def snapshot(self) -> Snapshot:
         """Freeze every owner's counters."""
-        return Snapshot({o: c.freeze() for o, c in self._all.items()}, {o: c.kind for o, c in self._all.items()})
+        return Snapshot(
+            {o: c.freeze() for o, c in self._all.items()}, {o: c.kind for o, c in self._all.items()}
+        )

@@ -209,7 +209,9 @@ class StartInfo:
         self.store_gfn = struct.unpack_from("<Q", page, SI_STORE_MFN)[0]
         self.store_evtchn = struct.unpack_from("<I", page, SI_STORE_EVTCHN)[0]
         self.console_gfn = struct.unpack_from("<Q", page, SI_CONSOLE_MFN)[0]
-        magic, domid, gt_frames, gt_gfn, hc_gfn, first, end = PVIO_SI_EXT_STRUCT.unpack_from(page, PVIO_SI_EXT)
+        magic, domid, gt_frames, gt_gfn, hc_gfn, first, end = PVIO_SI_EXT_STRUCT.unpack_from(
+            page, PVIO_SI_EXT
+        )
         if magic != PVIO_SI_MAGIC:
             raise ValueError("start_info page has no pvio extension")
         self.domid = domid

@@ -21,6 +21,7 @@ another domain or for writing through a read-only grant, pvio answers the more p
 
 from __future__ import annotations
 
+import contextlib
 import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -30,14 +31,14 @@ from pvio.abi import (
     GNTTAB_NR_RESERVED_ENTRIES,
     GRANT_ENTRIES_PER_FRAME,
     GRANT_ENTRY_V1,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    GntSt,
     GTF_permit_access,
     GTF_reading,
     GTF_readonly,
     GTF_type_mask,
     GTF_writing,
-    PAGE_SHIFT,
-    PAGE_SIZE,
-    GntSt,
 )
 
 if TYPE_CHECKING:
@@ -105,7 +106,8 @@ class GrantTable:
             raise GrantError(GntSt.general_error, f"dom{self.dom.domid} ref {ref} does not permit access")
         if domid != grantee:
             raise GrantError(
-                GntSt.permission_denied, f"dom{self.dom.domid} ref {ref} is granted to dom{domid}, not {grantee}"
+                GntSt.permission_denied,
+                f"dom{self.dom.domid} ref {ref} is granted to dom{domid}, not {grantee}",
             )
         if write and flags & GTF_readonly:
             raise GrantError(GntSt.permission_denied, f"dom{self.dom.domid} ref {ref} is read-only")
@@ -141,7 +143,9 @@ def _domain(hv_domains: dict[int, Domain], caller: Domain, domid: int) -> Domain
     return dom
 
 
-def map_grant(domains: dict[int, Domain], caller: Domain, domid: int, ref: int, readonly: bool) -> GrantMapping:
+def map_grant(
+    domains: dict[int, Domain], caller: Domain, domid: int, ref: int, readonly: bool
+) -> GrantMapping:
     """GNTTABOP_map_grant_ref for a host mapping: pin the entry, return the mapping."""
     granter = _domain(domains, caller, domid)
     if len(caller.maptrack) >= MAX_MAPTRACK:
@@ -164,10 +168,8 @@ def unmap_grant(caller: Domain, handle: int) -> GrantMapping:
     m.granter.mapped_by_others.pop((caller.domid, handle), None)
     if m.granter.alive:
         m.granter.grant_table.unpin(m.ref, write=not m.readonly)
-    try:
+    with contextlib.suppress(BufferError):  # sub-views still exported: they die with the memory
         m.view.release()
-    except BufferError:  # sub-views still exported: they die with the domain's memory
-        pass
     return m
 
 
@@ -180,7 +182,9 @@ def copy_side(
         frame = granter.grant_table.acquire(caller.domid, ref_or_gfn, write=write)
         return granter.mem.page(frame)
     if domid not in (DOMID_SELF, caller.domid):
-        raise GrantError(GntSt.permission_denied, f"dom{caller.domid} names a frame of dom{domid} without a grant")
+        raise GrantError(
+            GntSt.permission_denied, f"dom{caller.domid} names a frame of dom{domid} without a grant"
+        )
     if not 0 <= ref_or_gfn < caller.mem.nr_pages:
         raise GrantError(GntSt.bad_page, f"dom{caller.domid} has no frame {ref_or_gfn:#x}")
     return caller.mem.page(ref_or_gfn)

@@ -28,16 +28,11 @@ import trio
 from pvio import evtchn as _ev
 from pvio.abi import (
     BITS_PER_WORD,
-    CONSOLEIO_write,
     DOMID_SELF,
     EVTCHN_ALLOC_UNBOUND,
     EVTCHN_BIND_INTERDOMAIN,
     EVTCHN_BIND_VIRQ,
     EVTCHN_PORT,
-    GNTCOPY_dest_gref,
-    GNTCOPY_source_gref,
-    GNTMAP_host_map,
-    GNTMAP_readonly,
     GNTTAB_COPY,
     GNTTAB_MAP_GRANT_REF,
     GNTTAB_UNMAP_GRANT_REF,
@@ -49,10 +44,15 @@ from pvio.abi import (
     VCPU_PENDING_SEL,
     VCPU_UPCALL_MASK,
     VCPU_UPCALL_PENDING,
+    CONSOLEIO_write,
     Errno,
     EvtchnOp,
-    GnttabOp,
+    GNTCOPY_dest_gref,
+    GNTCOPY_source_gref,
+    GNTMAP_host_map,
+    GNTMAP_readonly,
     GntSt,
+    GnttabOp,
     Hypercall,
     SchedOp,
 )
@@ -315,7 +315,10 @@ class PyGuest:
         data = text.encode()
         for i in range(0, len(data), 4096):
             chunk = data[i : i + 4096]
-            self._check(self.hypercall(Hypercall.console_io, CONSOLEIO_write, len(chunk), self._args(chunk)), "console")
+            self._check(
+                self.hypercall(Hypercall.console_io, CONSOLEIO_write, len(chunk), self._args(chunk)),
+                "console",
+            )
 
     def shutdown(self, reason: int = 0) -> None:
         """SCHEDOP_shutdown (poweroff by default)."""
@@ -351,7 +354,9 @@ class PyGuest:
         flags = GNTMAP_host_map | (GNTMAP_readonly if readonly else 0)
         gpa = self._args(GNTTAB_MAP_GRANT_REF.pack(0, flags, ref, domid, 0, 0, 0))
         self._check(self.hypercall(Hypercall.grant_table_op, GnttabOp.map_grant_ref, gpa, 1), "map_grant_ref")
-        *_, status, handle, _bus = GNTTAB_MAP_GRANT_REF.unpack(bytes(self.mem[gpa : gpa + GNTTAB_MAP_GRANT_REF.size]))
+        *_, status, handle, _bus = GNTTAB_MAP_GRANT_REF.unpack(
+            bytes(self.mem[gpa : gpa + GNTTAB_MAP_GRANT_REF.size])
+        )
         if status != GntSt.okay:
             raise GrantStatusError(status, f"dom{self.domain.domid} map dom{domid} ref {ref}")
         return self.domain.maptrack[handle]
@@ -360,7 +365,9 @@ class PyGuest:
         """Unmap a mapping made by :meth:`grant_map`."""
         handle = mapping if isinstance(mapping, int) else mapping.handle
         gpa = self._args(GNTTAB_UNMAP_GRANT_REF.pack(0, 0, handle, 0))
-        self._check(self.hypercall(Hypercall.grant_table_op, GnttabOp.unmap_grant_ref, gpa, 1), "unmap_grant_ref")
+        self._check(
+            self.hypercall(Hypercall.grant_table_op, GnttabOp.unmap_grant_ref, gpa, 1), "unmap_grant_ref"
+        )
         (status,) = struct.unpack_from("<h", self.mem, gpa + 20)
         if status != GntSt.okay:
             raise GrantStatusError(status, f"dom{self.domain.domid} unmap handle {handle}")
@@ -388,4 +395,3 @@ class Dom0Kernel(PyGuest):
     """The default kernel of dom0: boots and idles; backends run as its tasks."""
 
     memory_pages = 4096
-

@@ -25,10 +25,6 @@ from typing import TYPE_CHECKING
 from pvio import evtchn
 from pvio.abi import (
     CALLBACK_REGISTER,
-    CALLBACKOP_register,
-    CALLBACKTYPE_event,
-    CONSOLEIO_read,
-    CONSOLEIO_write,
     DOMID_FIRST_RESERVED,
     DOMID_SELF,
     EVTCHN_2L_NR_CHANNELS,
@@ -37,10 +33,6 @@ from pvio.abi import (
     EVTCHN_BIND_VIRQ,
     EVTCHN_PORT,
     EVTCHN_STATUS,
-    GNTCOPY_dest_gref,
-    GNTCOPY_source_gref,
-    GNTMAP_host_map,
-    GNTMAP_readonly,
     GNTTAB_COPY,
     GNTTAB_MAP_GRANT_REF,
     GNTTAB_QUERY_SIZE,
@@ -48,11 +40,19 @@ from pvio.abi import (
     GNTTAB_UNMAP_GRANT_REF,
     NR_VIRQS,
     SCHED_SHUTDOWN,
+    CALLBACKOP_register,
+    CALLBACKTYPE_event,
+    CONSOLEIO_read,
+    CONSOLEIO_write,
     Errno,
     EvtchnOp,
     EvtchnStat,
-    GnttabOp,
+    GNTCOPY_dest_gref,
+    GNTCOPY_source_gref,
+    GNTMAP_host_map,
+    GNTMAP_readonly,
     GntSt,
+    GnttabOp,
     Hypercall,
     SchedOp,
 )
@@ -106,7 +106,9 @@ class HypercallTable:
         }
         self._names = {int(h): h.name for h in Hypercall}
 
-    def dispatch(self, dom: Domain, nr: int, a1: int = 0, a2: int = 0, a3: int = 0, a4: int = 0, a5: int = 0) -> int:
+    def dispatch(
+        self, dom: Domain, nr: int, a1: int = 0, a2: int = 0, a3: int = 0, a4: int = 0, a5: int = 0
+    ) -> int:
         """Run hypercall ``nr`` for ``dom``; returns its result (negative errno on failure)."""
         c = dom.counters
         c["exits"] += 1
@@ -230,7 +232,9 @@ class HypercallTable:
             target = self._target(dom, d)
             ch = self._port(target, port)
             state = EvtchnStat.interdomain if ch.state == SERVICE else ch.state
-            extra = ch.remote_dom if state in (EvtchnStat.unbound, EvtchnStat.interdomain) else max(ch.virq, 0)
+            extra = (
+                ch.remote_dom if state in (EvtchnStat.unbound, EvtchnStat.interdomain) else max(ch.virq, 0)
+            )
             mem.write(arg + 8, struct.pack("<IIHH", state, 0, extra & 0xFFFF, ch.remote_port & 0xFFFF))
             return 0
         raise _fail(Errno.ENOSYS, f"event_channel_op {cmd}")
@@ -357,7 +361,9 @@ class HypercallTable:
         mem = dom.mem
         domains = self.hv.domains
         c = dom.counters
-        for i, (sref, sdom, soff, dref, ddom, doff, length, flags, _status) in enumerate(st.iter_unpack(blob)):
+        for i, (sref, sdom, soff, dref, ddom, doff, length, flags, _status) in enumerate(
+            st.iter_unpack(blob)
+        ):
             try:
                 copy_one(
                     domains,

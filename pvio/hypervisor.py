@@ -55,7 +55,9 @@ def seed_trio_scheduler(seed: int) -> bool:
 class Hypervisor:
     """Hosts domains; the single owner of every domain, channel, grant and store node."""
 
-    def __init__(self, *, seed: int | None = 0, dom0: GuestKernel | None = None, dom0_pages: int = DEFAULT_DOM0_PAGES) -> None:
+    def __init__(
+        self, *, seed: int | None = 0, dom0: GuestKernel | None = None, dom0_pages: int = DEFAULT_DOM0_PAGES
+    ) -> None:
         self.seed = seed
         self.domains: dict[int, Domain] = {}
         self.counters = CounterRegistry()
@@ -80,7 +82,9 @@ class Hypervisor:
             from pvio.guest import Dom0Kernel
 
             kernel = self._dom0_kernel if self._dom0_kernel is not None else Dom0Kernel()
-            self.dom0 = self.create_domain(kernel, name="dom0", memory_pages=self._dom0_pages, domid=0, privileged=True)
+            self.dom0 = self.create_domain(
+                kernel, name="dom0", memory_pages=self._dom0_pages, domid=0, privileged=True
+            )
             await self.start(self.dom0)
         except BaseException as exc:
             await self._nursery_cm.__aexit__(type(exc), exc, exc.__traceback__)
@@ -118,7 +122,9 @@ class Hypervisor:
         if domid in self.domains:
             raise ValueError(f"domain {domid} exists already")
         pages = memory_pages or getattr(kernel, "memory_pages", None) or DEFAULT_GUEST_PAGES
-        dom = Domain(self, domid, name or f"dom{domid}", kernel, pages, privileged=privileged, **domain_options)
+        dom = Domain(
+            self, domid, name or f"dom{domid}", kernel, pages, privileged=privileged, **domain_options
+        )
         self.domains[domid] = dom
         # The store connection: the guest's ring page and a port bound to the in-hypervisor daemon.
         self.store.introduce_domain(domid)

@@ -11,6 +11,7 @@ touching memory outside the domain.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 
 from pvio.abi import PAGE_SHIFT, PAGE_SIZE
@@ -64,7 +65,5 @@ class GuestMemory:
     def close(self) -> None:
         """Release the RAM (after the domain is destroyed and nothing maps it)."""
         self.view.release()
-        try:
+        with contextlib.suppress(BufferError):  # a view someone still holds: freed with it
             self.mmap.close()
-        except BufferError:  # a view someone still holds: the mmap is freed with it
-            pass

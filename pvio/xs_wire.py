@@ -1027,8 +1027,7 @@ class XenbusClient(_Operations):
             free = XENSTORE_RING_SIZE - used
             if not free:
                 self._space = trio.Event()
-                with trio.CancelScope(shield=sent > 0):
-                    await self._space.wait()
+                await trio.sleep(0)
                 continue
             chunk = message[sent : sent + free]
             self._req.copy_in(self._req_prod, chunk)

@@ -30,7 +30,7 @@ _CODES = {
 }
 
 
-def struct_codec(c_type: str, record_name: str) -> tuple[struct.Struct, type]:
+def struct_codec(c_type: str, record_name: str) -> tuple[struct.Struct, Any]:
     """Build a little-endian :class:`struct.Struct` and a namedtuple for a C struct in ring.h.
 
     Field order, offsets, padding and total size come from the compiled struct, so the
@@ -55,7 +55,7 @@ def struct_codec(c_type: str, record_name: str) -> tuple[struct.Struct, type]:
         fmt += f"{size - pos}x"
     st = struct.Struct(fmt)
     assert st.size == size, (c_type, st.size, size)
-    return st, namedtuple(record_name, names)  # type: ignore[misc]
+    return st, namedtuple(record_name, names)
 
 
 class RingLayout:
@@ -73,8 +73,8 @@ class RingLayout:
         req_size: int,
         rsp_size: int,
         ent_size: int,
-        req_codec: tuple[struct.Struct, type] | None = None,
-        rsp_codec: tuple[struct.Struct, type] | None = None,
+        req_codec: tuple[struct.Struct, Any] | None = None,
+        rsp_codec: tuple[struct.Struct, Any] | None = None,
     ) -> None:
         if req_size <= 0 or rsp_size <= 0:
             raise ValueError(f"ring layout {name}: entry sizes must be positive")
@@ -114,14 +114,14 @@ class RingLayout:
 
     # -- field codec -------------------------------------------------------------------------
 
-    def _codec(self, which: tuple[struct.Struct, type] | None) -> tuple[struct.Struct, type]:
+    def _codec(self, which: tuple[struct.Struct, Any] | None) -> tuple[struct.Struct, Any]:
         if which is None:
             raise TypeError(f"ring layout {self.name} has no named fields (a generic layout)")
         return which
 
-    def _pack_fields(self, which: tuple[struct.Struct, type] | None, fields: dict[str, int]) -> bytes:
+    def _pack_fields(self, which: tuple[struct.Struct, Any] | None, fields: dict[str, int]) -> bytes:
         st, rec = self._codec(which)
-        names: tuple[str, ...] = rec._fields  # type: ignore[attr-defined]
+        names: tuple[str, ...] = rec._fields
         unknown = set(fields) - set(names)
         if unknown:
             raise TypeError(f"{rec.__name__} has no field(s) {sorted(unknown)}; its fields are {names}")
