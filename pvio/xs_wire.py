@@ -1027,7 +1027,8 @@ class XenbusClient(_Operations):
             free = XENSTORE_RING_SIZE - used
             if not free:
                 self._space = trio.Event()
-                await trio.sleep(0)
+                with trio.CancelScope(shield=sent > 0):
+                    await self._space.wait()
                 continue
             chunk = message[sent : sent + free]
             self._req.copy_in(self._req_prod, chunk)

@@ -252,7 +252,12 @@ def build_vif(toolstack: StoreConnection, backend: int, frontend: int) -> tuple[
     fe = f"/local/domain/{frontend}/device/vif/0"
     for key, value in {"frontend": fe, "frontend-id": str(frontend), "online": "1", "state": "1"}.items():
         toolstack.write(f"{be}/{key}", value)
-    for key, value in {"backend": be, "backend-id": str(backend), "state": "1", "mac": "00:16:3e:00:00:01"}.items():
+    for key, value in {
+        "backend": be,
+        "backend-id": str(backend),
+        "state": "1",
+        "mac": "00:16:3e:00:00:01",
+    }.items():
         toolstack.write(f"{fe}/{key}", value)
     for path in (be, *(f"{be}/{k}" for k in toolstack.directory(be))):
         toolstack.set_perms(path, [f"n{backend}", f"r{frontend}"])

@@ -25,7 +25,16 @@ from pvio.xs_wire import (
 )
 
 # The interface layout, spelled out independently of the module's constants.
-REQ, RSP, REQ_CONS, REQ_PROD, RSP_CONS, RSP_PROD, FEATURES, ERROR = 0, 1024, 2048, 2052, 2056, 2060, 2064, 2072
+REQ, RSP, REQ_CONS, REQ_PROD, RSP_CONS, RSP_PROD, FEATURES, ERROR = (
+    0,
+    1024,
+    2048,
+    2052,
+    2056,
+    2060,
+    2064,
+    2072,
+)
 
 
 class RawGuest:
@@ -122,7 +131,11 @@ def test_interface_offsets_are_xens() -> None:
     assert offsets == (0, 1024, 2048, 2052, 2056, 2060, 2064, 2068, 2072, 2076)
     assert xs_wire.XENSTORE_DOMAIN_INTERFACE_SIZE == 2080
     assert xs_wire.XENSTORE_RING_SIZE == 1024
-    assert (xs_wire.XENSTORE_ERROR_COMMS, xs_wire.XENSTORE_ERROR_RINGIDX, xs_wire.XENSTORE_ERROR_PROTO) == (1, 2, 3)
+    assert (xs_wire.XENSTORE_ERROR_COMMS, xs_wire.XENSTORE_ERROR_RINGIDX, xs_wire.XENSTORE_ERROR_PROTO) == (
+        1,
+        2,
+        3,
+    )
 
 
 def test_xenbus_states_are_io_xenbus_h() -> None:
@@ -338,6 +351,29 @@ def test_guest_scribbling_on_req_cons_does_not_fool_the_server(store: Store) -> 
     assert store.counters(1)["requests"] == {"WRITE": 1}
 
 
+def test_guest_flooding_requests_without_reading_replies_is_throttled(store: Store) -> None:
+    store.connect(0).write("/local/domain/1/big", b"v" * 4000)
+    guest, conn, _ = raw_connection(store, 1)
+    for req_id in range(10):
+        guest.request(XsType.READ, b"big\0", req_id=req_id)
+    conn.process()
+    # Two queued replies are under the high-water mark, the third crosses it: reading stops there
+    # (the bytes already on the ring were copied into its bounded input buffer) and new requests
+    # stay on the guest's ring.
+    assert store.counters(1)["requests"] == {"READ": 3}
+    for req_id in range(10, 15):
+        guest.request(XsType.READ, b"big\0", req_id=req_id)
+    conn.process()
+    assert guest.u32(REQ_PROD) - guest.u32(REQ_CONS) == 5 * 20
+    assert store.counters(1)["requests"] == {"READ": 3}
+    received = b""
+    for _ in range(80):
+        received += guest.receive()
+        conn.process()
+    assert received.count(b"v" * 4000) == 15
+    assert store.counters(1)["requests"] == {"READ": 15}
+
+
 def test_guest_that_never_reads_replies_is_bounded(store: Store) -> None:
     guest, conn, _ = raw_connection(store, 1)
     guest.request(XsType.WATCH, b"/local/domain/1\0t\0")
@@ -399,6 +435,37 @@ async def test_concurrent_requests_get_their_own_replies(store: Store) -> None:
     assert results == {i: f"value-{i}" for i in range(20)}
 
 
+async def test_replies_out_of_order_reach_the_right_callers() -> None:
+    page = memoryview(bytearray(4096))
+    raw = RawGuest(page)
+    client = XenbusClient(page, kick=lambda: None)
+    results: dict[str, str] = {}
+
+    async def read(path: str) -> None:
+        results[path] = await client.read(path)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read, "first")
+        nursery.start_soon(read, "second")
+        await trio.testing.wait_all_tasks_blocked()
+        requests = bytes(page[REQ : REQ + raw.u32(REQ_PROD)])
+        raw.set_u32(REQ_CONS, raw.u32(REQ_PROD))
+        ids = {}
+        while requests:
+            _, req_id, _, length = struct.unpack_from("<IIII", requests)
+            ids[requests[16 : 16 + length - 1].decode()] = req_id
+            requests = requests[16 + length :]
+        newest_first = sorted(ids, key=ids.__getitem__, reverse=True)
+        replies = b"".join(
+            struct.pack("<IIII", XsType.READ, ids[path], 0, len(path)) + path.encode()
+            for path in newest_first
+        )
+        page[RSP : RSP + len(replies)] = replies
+        raw.set_u32(RSP_PROD, len(replies))
+        client.on_event()
+    assert results == {"first": "first", "second": "second"}
+
+
 @pytest.mark.parametrize("start", [1000, 2**32 - 700])
 async def test_messages_span_the_ring_wrap_and_the_u32_wrap(store: Store, start: int) -> None:
     page = memoryview(bytearray(4096))
@@ -453,17 +520,18 @@ async def test_client_waits_for_room_when_the_request_ring_is_full(store: Store)
         done.set()
 
     message_len = 16 + len("big\0") + 3000
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(writer)
-        passes = 0
-        while True:
-            await trio.testing.wait_all_tasks_blocked()
-            if done.is_set():
-                break
-            unconsumed = guest.u32(REQ_PROD) - guest.u32(REQ_CONS)
-            assert unconsumed == (1024 if passes < 2 else message_len - 2048)
-            conn.process()
-            passes += 1
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer)
+            passes = 0
+            while True:
+                await trio.testing.wait_all_tasks_blocked()
+                if done.is_set():
+                    break
+                unconsumed = guest.u32(REQ_PROD) - guest.u32(REQ_CONS)
+                assert unconsumed == (1024 if passes < 2 else message_len - 2048)
+                conn.process()
+                passes += 1
     assert passes == 3
     assert kicks.count == 3 + 1  # one per piece written, one after taking the reply
     assert store.connect(1).read("big") == b"z" * 3000
@@ -544,7 +612,7 @@ async def test_transaction_block_that_raises_aborts(store: Store) -> None:
 
 
 async def test_counts_over_the_wire_are_exact(store: Store) -> None:
-    client, conn = loopback(store, 1)
+    client, _ = loopback(store, 1)
     await client.write("a", "1")
     await client.read("a")
     with pytest.raises(XenstoreError):
