@@ -91,7 +91,7 @@ class LossyLinkBackend(Backend):
             # Draw for every frame even when the first rule already dropped it, so the
             # PRNG sequence (and thus which frames are lost) depends only on the count.
             lost_by_chance = probability > 0.0 and rng.random() < probability
-            if (every and seen % every == 1) or lost_by_chance:
+            if (every and seen % every == 0) or lost_by_chance:
                 continue
             kept.append(frame)
         self._seen[direction] = seen

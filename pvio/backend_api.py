@@ -170,6 +170,8 @@ class Backend:
     name: ClassVar[str]
     fail_open: ClassVar[bool] = True
     """When disabled after repeated errors: pass frames through (True) or drop them (False)."""
+    ctx: BackendContext
+    """Set by the default :meth:`on_attach` (an override should keep it too)."""
 
     def on_attach(self, ctx: BackendContext) -> None:
         """The vif is connected: keep ``ctx``, read ``ctx.options``, set up state."""
