@@ -98,8 +98,9 @@ EVTCHN_ALLOC_UNBOUND = struct.Struct("<HHI")  # dom @0, remote_dom @2, port(out)
 EVTCHN_BIND_INTERDOMAIN = struct.Struct("<H2xII")  # remote_dom @0, remote_port @4, local_port(out) @8: 12 B
 EVTCHN_BIND_VIRQ = struct.Struct("<III")  # virq @0, vcpu @4, port(out) @8: 12 B
 EVTCHN_PORT = struct.Struct("<I")  # close / send / unmask: {port}: 4 B
-# status: dom @0, port @4, status(out) @8, vcpu(out) @12, union(out) @16: 24 B
-EVTCHN_STATUS = struct.Struct("<H2xIIIHH4x")
+# status: dom @0, port @4, status(out) @8, vcpu(out) @12, union(out) @16: 24 B; the union is
+# unbound {dom u16 @16}, interdomain {dom u16 @16, port u32 @20}, virq u32 @16.
+EVTCHN_STATUS = struct.Struct("<H2xIIIH2xI")
 
 # shared_info page (x86_64): vcpu_info[32] at 0 (64 B each), then the 2-level bitmaps.
 SHARED_INFO_VCPU_INFO = 0

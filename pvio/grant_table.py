@@ -34,6 +34,7 @@ from pvio.abi import (
     PAGE_SHIFT,
     PAGE_SIZE,
     GntSt,
+    GTF_invalid,
     GTF_permit_access,
     GTF_reading,
     GTF_readonly,
@@ -198,10 +199,10 @@ def copy_one(
     length: int,
 ) -> None:
     """One GNTTABOP_copy element; ``src``/``dst`` are (is_gref, ref or gfn, domid, offset)."""
+    if length == 0:  # Xen ignores zero-length copies entirely (hardening after XSA-448)
+        return
     if src[3] + length > PAGE_SIZE or dst[3] + length > PAGE_SIZE:
         raise GrantError(GntSt.bad_copy_arg, f"copy of {length} bytes crosses a page")
-    if length == 0:  # Xen ignores zero-length copies (hardening after XSA-448)
-        return
     s = copy_side(domains, caller, src[0], src[1], src[2], write=False)
     d = copy_side(domains, caller, dst[0], dst[1], dst[2], write=True)
     d[dst[3] : dst[3] + length] = s[src[3] : src[3] + length]
@@ -235,11 +236,16 @@ class GuestGrantTable:
         return ref
 
     def end_access(self, ref: int) -> bool:
-        """Revoke ``ref`` atomically; False (and nothing changed) if it is mapped or in use."""
+        """Revoke ``ref`` atomically; False (and nothing changed) if it is mapped or in use.
+
+        Revoking a ref that is already revoked does nothing and returns True.
+        """
         gpa = _entry_gpa(self.first_gfn, ref)
         (flags,) = _U16.unpack_from(self._view, gpa)
         if flags & (GTF_reading | GTF_writing):
             return False
+        if flags & GTF_type_mask == GTF_invalid:  # revoked already: the ref is free, don't free it twice
+            return True
         _U16.pack_into(self._view, gpa, 0)
         if ref >= GNTTAB_NR_RESERVED_ENTRIES:
             self._free.append(ref)

@@ -232,10 +232,11 @@ class HypercallTable:
             target = self._target(dom, d)
             ch = self._port(target, port)
             state = EvtchnStat.interdomain if ch.state == SERVICE else ch.state
-            extra = (
-                ch.remote_dom if state in (EvtchnStat.unbound, EvtchnStat.interdomain) else max(ch.virq, 0)
-            )
-            mem.write(arg + 8, struct.pack("<IIHH", state, 0, extra & 0xFFFF, ch.remote_port & 0xFFFF))
+            if state in (EvtchnStat.unbound, EvtchnStat.interdomain):
+                union = (ch.remote_dom, ch.remote_port)
+            else:  # u.virq is a u32 at 16: its low half, then zeroes
+                union = (max(ch.virq, 0), 0)
+            mem.write(arg, EVTCHN_STATUS.pack(d, port, state, 0, *union))
             return 0
         raise _fail(Errno.ENOSYS, f"event_channel_op {cmd}")
 
