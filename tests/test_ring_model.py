@@ -248,8 +248,8 @@ class RingVersusModel(RuleBasedStateMachine):
 
 
 RingVersusModel.TestCase.settings = settings(
-    max_examples=4000 if FUZZ else 200,
-    stateful_step_count=120 if FUZZ else 50,
+    max_examples=1500 if FUZZ else 200,
+    stateful_step_count=100 if FUZZ else 50,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )

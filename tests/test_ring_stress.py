@@ -260,8 +260,8 @@ def run_in_two_processes(total: int, corrupt: int | None = None) -> dict[str, tu
     back = BackRing(SEQ, shared, attach_at=START)
     try:
         sides: dict[str, Callable[[], int]] = {
-            "frontend": lambda: run_frontend(front, total, deadline, lambda: None),
-            "backend": lambda: run_backend(back, total, deadline, lambda: None, corrupt),
+            "frontend": lambda: run_frontend(front, total, deadline, os.sched_yield),
+            "backend": lambda: run_backend(back, total, deadline, os.sched_yield, corrupt),
         }
         for name, body in sides.items():
             receive, report = ctx.Pipe(duplex=False)

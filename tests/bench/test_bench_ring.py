@@ -52,6 +52,15 @@ def record(benchmark: Any, entries: int, calls: int) -> None:
         benchmark.extra_info[f"api_calls_per_s{name}"] = round(calls / seconds)
 
 
+def measure(benchmark: Any, run: Callable[[], None]) -> int:
+    """Run ``run`` for 5 rounds after 1 warm-up (once when disabled); return how many runs ran."""
+    if not benchmark.enabled:
+        benchmark.pedantic(run)
+        return 1
+    benchmark.pedantic(run, rounds=5, warmup_rounds=1)
+    return 6
+
+
 def scale(benchmark: Any, n: int) -> int:
     """Full size when measuring; a small smoke run when benchmarks are disabled."""
     return n if benchmark.enabled else max(256, n // 50)
@@ -74,9 +83,8 @@ def test_single_entry_round_trips(benchmark: Any) -> None:
             bsend(RSP)
             ftake(1)
 
-    before = front.rsp_cons
-    benchmark.pedantic(run, rounds=5 if benchmark.enabled else 1, warmup_rounds=1 if benchmark.enabled else 0)
-    assert (front.rsp_cons - before) % trips == 0 and front.free_requests == 256
+    runs = measure(benchmark, run)
+    assert front.rsp_cons == back.req_cons == runs * trips
     assert front.take_responses() == b"" and back.take_requests() == b""
     record(benchmark, 2 * trips, 4 * trips)
     if "entries_per_s" in benchmark.extra_info:  # an op = one send + one take of one entry
@@ -99,13 +107,9 @@ def test_batched_round_trips(benchmark: Any, batch: int) -> None:
             bsend(rsps)
             ftake(batch)
 
-    benchmark.pedantic(run, rounds=5 if benchmark.enabled else 1, warmup_rounds=1 if benchmark.enabled else 0)
-    assert front.free_requests == 256
-    assert back.take_requests() == b""
-    assert front.take_responses() == b""
-    got = back.req_cons
-    front.send(REQ)
-    assert back.take_requests() == REQ and back.req_cons == (got + 1) % (1 << 32)
+    runs = measure(benchmark, run)
+    assert front.rsp_cons == back.req_cons == runs * loops * batch
+    assert front.take_responses() == b"" and back.take_requests() == b""
     record(benchmark, 2 * batch * loops, 4 * loops)
 
 
@@ -171,6 +175,6 @@ def test_two_process_round_trips(benchmark: Any, two_process_ring: tuple[FrontRi
                 raise AssertionError(f"backend stopped answering: {answered} of {trips} responses")
         assert answered == trips
 
-    benchmark.pedantic(run, rounds=5 if benchmark.enabled else 1, warmup_rounds=1 if benchmark.enabled else 0)
-    assert front.free_requests == 256
+    runs = measure(benchmark, run)
+    assert front.rsp_cons == front.req_prod_pvt == runs * trips
     record(benchmark, 2 * trips, 2 * trips // batch)
