@@ -42,6 +42,7 @@ import trio
 from backends.switch import Switch, SwitchPort
 from pvio.abi import DOMID_SELF, PAGE_SIZE, GntSt
 from pvio.backend_api import Backend, BackendContext, BackendHost, load_backend
+from pvio.xenstore import XenstoreError
 from pvio.xs_wire import XenbusState
 from ringbuf import NETIF_RX, NETIF_TX, BackRing, RingOverflowError
 from ringbuf.netif import (
@@ -103,6 +104,7 @@ class BackendVif(SwitchPort):
         self.rx_queue_max = netback.rx_queue_max
         self._wake = trio.Event()
         self._tx_carry: list[tuple[int, int, int, int, int]] = []
+        self._rx_held: list[tuple[int, int, int]] = []  # RX requests taken, waiting for a frame that fits
         self._mappings: list[Any] = []
         self.host: BackendHost | None = None
         self.port = 0
@@ -132,14 +134,26 @@ class BackendVif(SwitchPort):
         xb = self.dom0.xenbus
         fe = self.frontend
 
+        async def read_key(key: str) -> str | None:
+            """A frontend key, None if it is absent (the frontend's keys are hostile input)."""
+            try:
+                return await xb.read(f"{fe}/{key}")
+            except XenstoreError as e:
+                if e.errno == "ENOENT":
+                    return None
+                raise VifFatal(f"cannot read frontend key {key}: {e}") from None
+
         async def read_int(key: str) -> int:
-            text = await xb.read(f"{fe}/{key}")
+            text = await read_key(key)
+            if text is None:
+                raise VifFatal(f"frontend key {key} is missing")
             try:
                 return int(text)
             except ValueError:
                 raise VifFatal(f"frontend key {key}={text!r} is not a number") from None
 
-        if (await xb.read(f"{fe}/request-rx-copy")).strip() != "1":
+        # Linux netback reads an absent request-rx-copy as 0, and refuses it (EOPNOTSUPP).
+        if (await read_key("request-rx-copy") or "0").strip() != "1":
             raise VifFatal("frontend did not set request-rx-copy=1 (page flipping is not supported)")
         tx_ref = await read_int("tx-ring-ref")
         rx_ref = await read_int("rx-ring-ref")
@@ -381,7 +395,8 @@ class BackendVif(SwitchPort):
         q = self._rx_queue
         if not q or not self.connected:
             return 0
-        avail = self.rx.unconsumed_requests()
+        held = self._rx_held
+        avail = len(held) + self.rx.unconsumed_requests()
         batch: list[bytes] = []
         need = 0
         for frame in q:
@@ -391,10 +406,16 @@ class BackendVif(SwitchPort):
             batch.append(frame)
             need += slots
         if not batch:
+            # The first frame needs more buffers than the guest has posted.  Take the posted
+            # requests now (answered when the frame goes out), so that the final check sees an
+            # empty ring and arms req_event for the next buffer; left on the ring, they would
+            # count as work to do and the service loop would spin without ever yielding.
+            held.extend(_RX_REQ.iter_unpack(self.rx.take_requests()))
             return 0
         for _ in batch:
             q.popleft()
-        reqs = list(_RX_REQ.iter_unpack(self.rx.take_requests(need)))
+        reqs = held + list(_RX_REQ.iter_unpack(self.rx.take_requests(need - len(held))))
+        self._rx_held = []
         ops: list[CopyOp] = []
         layout = []  # per slot: (request id, length, more)
         stage_views = self.rx_stage_views

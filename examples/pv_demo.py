@@ -190,6 +190,9 @@ async def run_demo(timeout_s: float = 5.0) -> DemoResult:
             await b.ready.wait()
         probes = build_traffic(a.nic.mac, b.nic.mac)
         frames = [bytes(p.packet) for p in probes]  # scapy -> bytes once, outside the measured part
+        # Let the control plane finish first: netback is still answering the handshake's
+        # xenstore watch events, whose hypercalls and interrupts are not the exchange's.
+        await trio.testing.wait_all_tasks_blocked()
         before = hv.snapshot()
         for probe, frame in zip(probes, frames, strict=True):
             await a.nic.send(frame)

@@ -4,12 +4,14 @@ Units.  An *entry* is one request or one response moved from its producer to its
 written and published by one ``send`` and copied out by one ``take``.  A round trip (a
 request and the response that reuses its slot) therefore moves two entries, and
 ``entries_per_s`` counts both directions.  ``api_calls_per_s`` counts the Python calls
-(send, take) made per second.
+(send, take) made per second; ``ops_per_s`` of the single-entry benchmark counts one send
+plus one take of one entry as an op (so it equals its ``entries_per_s``).
 
 * one thread, single entry: one request and one response per round trip, four calls;
 * one thread, batched (1, 16, 64, 256 per call): the same loop moving B entries per call;
 * two processes: the frontend in this process, the backend in a forked child, over one
-  shared anonymous mmap page, both moving up to B entries per call.
+  shared anonymous mmap page, both moving up to B entries per call (``api_calls_per_s``
+  there counts the frontend's calls that moved a full batch, not its empty polls).
 
 Issue targets: batched >= 20 M entries/s in one thread, >= 5 M entries/s across two
 processes, single entry >= 1 M ops/s.  These are reported in ``extra_info`` (see
