@@ -106,6 +106,8 @@ class BackendVif(SwitchPort):
         self._tx_carry: list[tuple[int, int, int, int, int]] = []
         self._rx_held: list[tuple[int, int, int]] = []  # RX requests taken, waiting for a frame that fits
         self._mappings: list[Any] = []
+        self._rings: list[BackRing] = []
+        self._stage_pages: list[int] = []
         self.host: BackendHost | None = None
         self.port = 0
 
@@ -169,11 +171,24 @@ class BackendVif(SwitchPort):
             raise VifFatal(f"cannot map the rings or bind the event channel: {e}") from None
         self.tx = BackRing(NETIF_TX, tx_map.view)
         self.rx = BackRing(NETIF_RX, rx_map.view)
+        self._rings = [self.tx, self.rx]
+        # Released at teardown, or when dom0 dies with the vif connected: a memoryview left
+        # with an export in a garbage cycle crashes CPython < 3.12's collector (gh-77894).
+        g.domain.on_destroy.append(lambda _dom: self._release_rings())
         g.bind_handler(self.port, self._on_event)
-        # Staging pages in dom0: grant-copy targets for TX, sources for RX.
-        self.tx_stage = [g.alloc_page() for _ in range(NR_TX)]
+        # Staging pages in dom0: grant-copy targets for TX, sources for RX.  Kept in
+        # _stage_pages as they come, so that teardown gives every one back; a dom0 out of
+        # memory refuses this vif instead of crashing.
+        try:
+            for _ in range(NR_TX + NR_RX):
+                self._stage_pages.append(g.alloc_page())
+        except MemoryError:
+            raise VifFatal(
+                f"dom0 has {len(self._stage_pages)} of the {NR_TX + NR_RX} staging pages a vif needs"
+            ) from None
+        self.tx_stage = self._stage_pages[:NR_TX]
         self.tx_stage_views = [g.page(p) for p in self.tx_stage]
-        self.rx_stage = [g.alloc_page() for _ in range(NR_RX)]
+        self.rx_stage = self._stage_pages[NR_TX:]
         self.rx_stage_views = [g.page(p) for p in self.rx_stage]
         backend = self.netback.make_backend(self)
         if backend is not None:
@@ -458,7 +473,8 @@ class BackendVif(SwitchPort):
         if not self.connected and not self._mappings:
             return
         self.connected = False
-        self.netback.switch.detach(self)
+        if self in self.netback.switch.ports:  # not yet attached if the connect failed half way
+            self.netback.switch.detach(self)
         if self.host is not None:
             self.host.detach()
         g = self.dom0
@@ -467,14 +483,23 @@ class BackendVif(SwitchPort):
             with contextlib.suppress(OSError):
                 g.evtchn_close(self.port)
             self.port = 0
+        self._release_rings()  # before the unmap, which then revokes the page views for good
         for m in self._mappings:
             with contextlib.suppress(Exception):
                 g.grant_unmap(m)
         self._mappings.clear()
+        for gfn in self._stage_pages:
+            g.free_page(gfn)
+        self._stage_pages.clear()
         if self._rx_queue:
             self.dev["drops.vif_closed"] += len(self._rx_queue)
             self._rx_queue.clear()
         log.info("%s disconnected: %s", self.vif_name, reason)
+
+    def _release_rings(self) -> None:
+        for ring in self._rings:
+            ring.release()
+        self._rings.clear()
 
     async def _disable(self, reason: str) -> None:
         """A fatal frontend error: disconnect this vif only, with the reason logged and counted."""

@@ -122,6 +122,10 @@ class Netfront:
         self.rx_gfn = g.alloc_page()
         self.tx = FrontRing(NETIF_TX, g.page(self.tx_gfn))
         self.rx = FrontRing(NETIF_RX, g.page(self.rx_gfn))
+        # The rings export their page views to C.  Let go of them when the domain dies: a
+        # memoryview left with an export in a garbage cycle crashes CPython < 3.12's
+        # collector (gh-77894: tp_clear drops its buffer, the later release dereferences NULL).
+        g.domain.on_destroy.append(lambda _dom: self._release_rings())
         self.tx_ref = g.grant_access(be, self.tx_gfn)
         self.rx_ref = g.grant_access(be, self.rx_gfn)
         self.port = g.evtchn_alloc_unbound(be)
@@ -137,6 +141,10 @@ class Netfront:
         self.rx_views = [g.page(p) for p in self.rx_pages]
         self.rx_refs = [g.grant_access(be, p) for p in self.rx_pages]
         self.rx.send(b"".join(_RX_REQ.pack(i, 0, self.rx_refs[i]) for i in range(NR_RX)))
+
+    def _release_rings(self) -> None:
+        self.tx.release()
+        self.rx.release()
 
     # ------------------------------------------------------------------ events
     def _on_event(self, _port: int) -> None:

@@ -35,7 +35,8 @@ from backends.switch import Switch
 from examples.pv_demo import IP_A, IP_B, EchoGuest, NicGuest
 from frontends.netfront import Netfront
 from frontends.netstack import udp_packet
-from pvio import Hypervisor, Snapshot
+from pvio import Hypervisor, PyGuest, Snapshot, XenbusState
+from pvio.hypervisor import DEFAULT_DOM0_PAGES
 from pvio.toolstack import add_vif
 
 __all__ = [
@@ -43,8 +44,10 @@ __all__ = [
     "IP_A",
     "IP_B",
     "EchoGuest",
+    "HandmadeFrontend",
     "NetEnv",
     "NicGuest",
+    "ip_of",
     "net_env",
     "recv_n",
     "seq_of",
@@ -113,6 +116,51 @@ async def recv_n(nic: Netfront, n: int, timeout_s: float = 10.0) -> list[bytes]:
     return out
 
 
+class HandmadeFrontend(PyGuest):
+    """A frontend that runs the vif handshake by hand, writing the keys a test chooses.
+
+    It sets up its rings like :class:`Netfront` (``self.nic``, not connected), waits for
+    the backend's InitWait, then writes ``keys`` and ``state = Connected`` in one
+    transaction; a key whose value is None is left out.  ``keys`` may use the
+    placeholders ``{tx_ref}``, ``{rx_ref}`` and ``{port}``.  ``backend_state`` is the
+    backend's answer: Connected or Closed.
+    """
+
+    DEFAULT_KEYS: dict[str, str | None] = {
+        "tx-ring-ref": "{tx_ref}",
+        "rx-ring-ref": "{rx_ref}",
+        "event-channel": "{port}",
+        "request-rx-copy": "1",
+        "feature-rx-notify": "1",
+        "feature-sg": "1",
+    }
+
+    def __init__(self, name: str, **keys: str | None) -> None:
+        super().__init__(name)
+        self.keys = {**self.DEFAULT_KEYS, **{k.replace("_", "-"): v for k, v in keys.items()}}
+        self.backend_state: XenbusState | None = None
+
+    async def main(self) -> None:
+        nic = self.nic = Netfront(self)
+        xb = self.xenbus
+        nic.backend = await xb.read(f"{nic.dir}/backend")
+        nic.backend_id = int(await xb.read(f"{nic.dir}/backend-id"))
+        await xb.wait_for_state(f"{nic.backend}/state", XenbusState.INIT_WAIT)
+        nic._setup_rings()
+        values = {"tx_ref": nic.tx_ref, "rx_ref": nic.rx_ref, "port": nic.port}
+
+        async def write_keys(t: Any) -> None:
+            for key, value in self.keys.items():
+                if value is not None:
+                    await t.write(f"{nic.dir}/{key}", value.format(**values))
+            await t.write(f"{nic.dir}/state", str(int(XenbusState.CONNECTED)))
+
+        await xb.retry_transaction(write_keys)
+        self.backend_state = await xb.wait_for_state(
+            f"{nic.backend}/state", {XenbusState.CONNECTED, XenbusState.CLOSED}
+        )
+
+
 @dataclass
 class NetEnv:
     """What :func:`net_env` booted: the hypervisor, dom0's switch and netback, the guests."""
@@ -152,6 +200,7 @@ async def net_env(
     backend: str | None = None,
     backend_options: dict[str, Any] | None = None,
     rx_queue_max: int = RX_QUEUE_MAX,
+    dom0_pages: int = DEFAULT_DOM0_PAGES,
     announce: bool = True,
     before_guests: Callable[[Hypervisor], None] | None = None,
     wait_ready: Sequence[Any] | None = None,
@@ -159,12 +208,13 @@ async def net_env(
 ) -> AsyncIterator[NetEnv]:
     """Boot dom0 (netback + switch) and ``guests`` (each with vif 0), connected.
 
-    ``backend``/``backend_options``/``rx_queue_max`` go to :class:`NetBack`.
+    ``backend``/``backend_options``/``rx_queue_max`` go to :class:`NetBack`, ``dom0_pages``
+    sizes dom0 (each connected vif takes 512 of its pages for staging).
     ``before_guests(hv)`` runs once dom0 and netback are up and before any guest or vif
     exists (to arm xenstore watches, say).  ``wait_ready`` lists the guests whose
     ``ready`` event to wait for (default: every :class:`NicGuest`).
     """
-    async with Hypervisor() as hv:
+    async with Hypervisor(dom0_pages=dom0_pages) as hv:
         assert hv.dom0 is not None
         dom0 = hv.dom0.kernel
         switch = Switch(hv.counters)

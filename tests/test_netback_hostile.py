@@ -7,6 +7,9 @@ names one of H's TX pool pages, its id is that pool slot, claimed from H's netfr
 the netfront reaps the response like one of its own (a status other than OKAY is counted
 ``tx_errors.<status>`` there).
 
+The last test attacks the handshake instead: a :class:`HandmadeFrontend` writes keys that
+are missing, not numbers, or name grants and ports that are not its own.
+
 Every attack must be contained: a malformed packet is answered ERROR, counted and logged;
 a frontend clearly broken or hostile gets its vif disabled with a logged reason naming
 it.  Either way A and B lose nothing, and dom0 and the hypervisor keep running.
@@ -28,7 +31,17 @@ from frontends.netstack import udp_packet
 from pvio import XenbusState
 from ringbuf import NETIF_TX
 from ringbuf.netif import NETIF_RSP_ERROR, NETTXF_MORE_DATA
-from tests.netenv import NetEnv, NicGuest, ip_of, net_env, recv_n, seq_of, udp_stream
+from tests.netenv import (
+    HandmadeFrontend,
+    NetEnv,
+    NicGuest,
+    ip_of,
+    net_env,
+    recv_n,
+    seq_of,
+    udp_stream,
+    wait_until,
+)
 
 K = 40  # frames each way per exchange of the A/B pair
 HOSTILE = "vif3.0"
@@ -242,3 +255,50 @@ async def test_an_impossible_req_prod_disables_the_vif(
     await _attack_disables_the_vif(
         caplog, attack, "impossible req_prod from the frontend (impossible req_prod from the frontend)"
     )
+
+
+# ---------------------------------------------------------------------------- hostile handshake
+
+
+@pytest.mark.parametrize(
+    ("keys", "reason"),
+    [
+        ({"tx_ring_ref": None}, "frontend key tx-ring-ref is missing"),
+        ({"event_channel": "eth0"}, "frontend key event-channel='eth0' is not a number"),
+        (
+            {"tx_ring_ref": "4096"},
+            "cannot map the rings or bind the event channel: dom0 map dom3 ref 4096: bad_gntref",
+        ),
+        (
+            {"rx_ring_ref": "4096"},
+            "cannot map the rings or bind the event channel: dom0 map dom3 ref 4096: bad_gntref",
+        ),
+        (
+            {"event_channel": "1"},
+            "cannot map the rings or bind the event channel: [Errno 22] dom0 bind_interdomain: EINVAL",
+        ),
+    ],
+    ids=[
+        "tx-ring-ref-missing",
+        "event-channel-not-a-number",
+        "bad-tx-ring-ref",
+        "bad-rx-ring-ref",
+        "foreign-port",
+    ],
+)
+async def test_bad_frontend_keys_are_refused_and_the_pair_is_unharmed(
+    autojump_clock: Any, caplog: pytest.LogCaptureFixture, keys: dict[str, str | None], reason: str
+) -> None:
+    a, b = NicGuest("a", ip_of(0)), NicGuest("b", ip_of(1))
+    h = HandmadeFrontend("hostile", **keys)
+    async with net_env(a, b, h) as env:
+        await wait_until(lambda: h.backend_state is not None, what="netback's answer to H")
+        assert h.backend_state == XenbusState.CLOSED
+        vif = env.vif(h)
+        assert vif.error == reason and not vif.connected and vif not in env.switch.ports
+        assert env.count(f"netback/{HOSTILE}", "disconnects") == 1
+        assert env.hv.dom0 is not None and len(env.hv.dom0.maptrack) == 4  # the pair's rings only
+        assert netback_log(caplog, logging.ERROR) == [f"{HOSTILE} disabled: {reason}"]
+        await exchange(a, b, 0)
+        await exchange(a, b, K)
+        assert_pair_unharmed(env, a, b, 2)

@@ -18,10 +18,19 @@ from scapy.layers.l2 import Ether
 
 from backends.netback import BackendVif, VifFatal
 from examples.pv_demo import DemoResult, build_traffic, run_demo
-from frontends.netfront import Netfront
 from frontends.netstack import udp_packet
-from pvio import Hypervisor, PyGuest, XenbusState, XenstoreError
-from tests.netenv import EchoGuest, NicGuest, ip_of, net_env, recv_n, seq_of, udp_stream, wait_until
+from pvio import Hypervisor, XenbusState, XenstoreError
+from tests.netenv import (
+    EchoGuest,
+    HandmadeFrontend,
+    NicGuest,
+    ip_of,
+    net_env,
+    recv_n,
+    seq_of,
+    udp_stream,
+    wait_until,
+)
 
 FE_KEYS = (
     "tx-ring-ref",
@@ -128,41 +137,11 @@ async def test_frontend_writes_its_keys_and_connected_in_one_transaction_after_i
         }
 
 
-class NoRxCopyGuest(PyGuest):
-    """An old frontend: grants its rings and goes Connected, but never sets request-rx-copy=1."""
-
-    def __init__(self, name: str, rx_copy: str | None) -> None:
-        super().__init__(name)
-        self.rx_copy = rx_copy
-        self.backend_state: XenbusState | None = None
-
-    async def main(self) -> None:
-        nic = self.nic = Netfront(self)
-        xb = self.xenbus
-        nic.backend = await xb.read(f"{nic.dir}/backend")
-        nic.backend_id = int(await xb.read(f"{nic.dir}/backend-id"))
-        await xb.wait_for_state(f"{nic.backend}/state", XenbusState.INIT_WAIT)
-        nic._setup_rings()
-
-        async def write_keys(t: Any) -> None:
-            await t.write(f"{nic.dir}/tx-ring-ref", str(nic.tx_ref))
-            await t.write(f"{nic.dir}/rx-ring-ref", str(nic.rx_ref))
-            await t.write(f"{nic.dir}/event-channel", str(nic.port))
-            if self.rx_copy is not None:
-                await t.write(f"{nic.dir}/request-rx-copy", self.rx_copy)
-            await t.write(f"{nic.dir}/state", str(CONNECTED))
-
-        await xb.retry_transaction(write_keys)
-        self.backend_state = await xb.wait_for_state(
-            f"{nic.backend}/state", {XenbusState.CONNECTED, XenbusState.CLOSED}
-        )
-
-
 @pytest.mark.parametrize("rx_copy", [None, "0"], ids=["key-absent", "key-0"])
 async def test_backend_refuses_a_frontend_without_request_rx_copy(
     autojump_clock: Any, caplog: pytest.LogCaptureFixture, rx_copy: str | None
 ) -> None:
-    old = NoRxCopyGuest("old", rx_copy)
+    old = HandmadeFrontend("old", request_rx_copy=rx_copy)
     with caplog.at_level(logging.INFO, logger="pvio"):
         async with net_env(old, announce=False) as env:
             await wait_until(lambda: old.backend_state is not None, what="the backend's answer")
@@ -445,3 +424,56 @@ async def test_lossy_backend_from_the_entry_point_drops_every_third_frame_each_w
         assert env.count("backend/vif1.0", "drops.injected_loss") == 10
         assert env.count("backend/vif2.0", "drops.injected_loss") == 6
         assert n == len(got) + 10 + 6  # every frame sent is delivered or counted dropped
+
+
+# ---------------------------------------------------------------------------- lifetime
+
+
+async def test_rings_let_go_of_guest_memory_when_the_domains_are_destroyed(autojump_clock: Any) -> None:
+    # A ring exports its page's memoryview to C.  A view still exported when it becomes
+    # garbage crashes CPython 3.11's collector (gh-77894), so the drivers release their
+    # rings when their domain is destroyed (and netback also at a vif's teardown).  A
+    # view with no export left can be released: that is what is checked here.
+    a, b = NicGuest("a", ip_of(0)), NicGuest("b", ip_of(1))
+    async with net_env(a, b) as env:
+        await b.nic.close()  # B's vif is torn down while the hypervisor runs
+        vif_a, vif_b = env.vif(a), env.vif(b)
+        with pytest.raises(BufferError):
+            vif_a.tx._buffer.release()  # connected: still exported
+        vif_b.rx._buffer.release()  # torn down: released already
+    rings = [a.nic.tx, a.nic.rx, b.nic.tx, b.nic.rx, vif_a.tx, vif_a.rx, vif_b.tx]
+    for ring in rings:
+        ring._buffer.release()
+
+
+DOM0_RESERVED_PAGES = 41  # dom0's pages that are not its allocator's: start of day, tables, scratch
+
+
+async def test_a_closed_vif_gives_its_staging_pages_back_to_dom0(autojump_clock: Any) -> None:
+    a, b = NicGuest("a", ip_of(0)), NicGuest("b", ip_of(1))
+    async with net_env(a, b) as env:
+        assert env.hv.dom0 is not None
+        dom0 = env.hv.dom0.kernel
+        free = len(dom0._page_free)  # type: ignore[attr-defined]
+        assert free == 4096 - DOM0_RESERVED_PAGES - 2 * 512  # 256 TX + 256 RX staging pages per vif
+        await b.nic.close()
+        assert len(dom0._page_free) == free + 512  # type: ignore[attr-defined]
+
+
+async def test_a_vif_dom0_has_no_memory_for_is_refused_and_the_others_keep_running(
+    autojump_clock: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # dom0 has room for the staging pages of two vifs and 100 pages more.
+    a, b, c = NicGuest("a", ip_of(0)), NicGuest("b", ip_of(1)), NicGuest("c", ip_of(2))
+    pages = DOM0_RESERVED_PAGES + 2 * 512 + 100
+    async with net_env(a, b, c, dom0_pages=pages, wait_ready=[a, b]) as env:
+        vif = env.vif(c)
+        await wait_until(lambda: vif.error is not None, what="netback to refuse vif3.0")
+        reason = "dom0 has 100 of the 512 staging pages a vif needs"
+        assert vif.error == reason and not vif.connected
+        errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+        assert errors == [f"vif3.0 disabled: {reason}"]
+        assert env.hv.dom0 is not None and env.hv.dom0.state == "running"
+        assert len(env.hv.dom0.kernel._page_free) == 100  # type: ignore[attr-defined]  # given back
+        await a.nic.send_batch(udp_stream(a, b, 50))
+        assert [seq_of(f) for f in await recv_n(b.nic, 50)] == list(range(50))
