@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check
 STAMP  := $(VENV)/.installed
 EXT_STAMP := .stamp-ext
-RING_SRC := ringbuf/ring.c ringbuf/ring.h ringbuf/_build.py
+RING_SRC := ringbuf/ring.c ringbuf/ring.h ringbuf/_build.py pvio/native/gnttab.c pvio/native/gnttab.h pvio/_native_build.py
 
 .PHONY: all setup build demo test bench fuzz lint clean
 
@@ -50,4 +50,4 @@ lint: build
 	$(VENV)/bin/mypy pvio ringbuf backends frontends cpu
 
 clean:
-	rm -rf $(VENV) build *.egg-info $(EXT_STAMP) ringbuf/_ringbuf*.so ringbuf/_ringbuf.c
+	rm -rf $(VENV) build *.egg-info $(EXT_STAMP) ringbuf/_ringbuf*.so ringbuf/_ringbuf.c pvio/_native*.so pvio/_native.c

@@ -27,6 +27,7 @@ import trio
 from pvio import evtchn
 from pvio.abi import VIRQ_TIMER, EvtchnStat, ShutdownReason
 from pvio.counters import CounterRegistry, Snapshot
+from pvio.fastpath import NativeDomains
 from pvio.domain import Domain, GuestKernel
 from pvio.evtchn import SERVICE, Channel
 from pvio.grant_table import unmap_grant
@@ -71,6 +72,7 @@ class Hypervisor:
         self.nursery: trio.Nursery | None = None
         self.dom0: Domain | None = None
         self._store_conns: dict[int, RingConnection] = {}
+        self.native = NativeDomains()  # the C grant-copy fast path's view of the domains
 
     # ------------------------------------------------------------------ lifecycle
     async def __aenter__(self) -> Hypervisor:
@@ -126,6 +128,7 @@ class Hypervisor:
             self, domid, name or f"dom{domid}", kernel, pages, privileged=privileged, **domain_options
         )
         self.domains[domid] = dom
+        self.native.rebuild(list(self.domains.values()))
         # The store connection: the guest's ring page and a port bound to the in-hypervisor daemon.
         self.store.introduce_domain(domid)
         conn = RingConnection(self.store, domid, dom.mem.page(dom.store_gfn), lambda: self._store_notify(dom))
@@ -239,6 +242,7 @@ class Hypervisor:
                 log.exception("dom%d: destroy callback failed", dom.domid)
         dom.state = "dead"
         del self.domains[dom.domid]
+        self.native.rebuild(list(self.domains.values()))
         log.info("destroyed dom%d (%s)", dom.domid, reason)
 
     # ------------------------------------------------------------------ services
