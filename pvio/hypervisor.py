@@ -27,9 +27,9 @@ import trio
 from pvio import evtchn
 from pvio.abi import VIRQ_TIMER, EvtchnStat, ShutdownReason
 from pvio.counters import CounterRegistry, Snapshot
-from pvio.fastpath import NativeDomains
 from pvio.domain import Domain, GuestKernel
 from pvio.evtchn import SERVICE, Channel
+from pvio.fastpath import NativeDomains
 from pvio.grant_table import unmap_grant
 from pvio.hypercall import HypercallTable
 from pvio.xenstore import Store
