@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from backends.switch import Switch, SwitchPort
-from pvio.abi import DOMID_SELF, GNTTAB_COPY, PAGE_SIZE, GNTCOPY_source_gref, GntSt
+from pvio.abi import DOMID_SELF, GNTTAB_COPY, PAGE_SIZE, GNTCOPY_dest_gref, GNTCOPY_source_gref, GntSt
 from pvio.backend_api import Backend, BackendContext, BackendHost, load_backend
 from pvio.xenstore import XenstoreError
 from pvio.xs_wire import XenbusState
@@ -57,7 +57,7 @@ from ringbuf.netif import (
 )
 
 if TYPE_CHECKING:
-    from pvio.guest import CopyOp, PyGuest
+    from pvio.guest import PyGuest
 
 log = logging.getLogger("pvio.netback")
 
@@ -440,39 +440,55 @@ class BackendVif(SwitchPort):
             q.popleft()
         reqs = held + list(_RX_REQ.iter_unpack(self.rx.take_requests(need - len(held))))
         self._rx_held = []
-        ops: list[CopyOp] = []
-        layout = []  # per slot: (request id, length, more)
+        # Stage each frame's pages in dom0 and grant-copy them into the guest's buffers in one batch.
+        pack = GNTTAB_COPY.pack
+        rsp_pack = _RX_RSP.pack
+        blob: list[bytes] = []
+        slot_info: list[tuple[int, int, int]] = []  # per slot: (request id, length, more_data flag)
         stage_views = self.rx_stage_views
-        k = 0
+        stage = self.rx_stage
         fe = self.fe_domid
+        k = 0
         for frame in batch:
             size = len(frame)
-            nslots = max(1, -(-size // PAGE_SIZE))
-            for s in range(nslots):
-                chunk = frame[s * PAGE_SIZE : (s + 1) * PAGE_SIZE]
+            if size <= PAGE_SIZE:  # the common case: one slot
+                stage_views[k][:size] = frame
+                rid, _pad, gref = reqs[k]
+                blob.append(pack(stage[k], DOMID_SELF, 0, gref, fe, 0, size, GNTCOPY_dest_gref, 0))
+                slot_info.append((rid, size, 0))
+                k += 1
+                continue
+            nslots = -(-size // PAGE_SIZE)
+            for part in range(nslots):
+                chunk = frame[part * PAGE_SIZE : (part + 1) * PAGE_SIZE]
                 stage_views[k][: len(chunk)] = chunk
                 rid, _pad, gref = reqs[k]
-                ops.append(((False, self.rx_stage[k], DOMID_SELF, 0), (True, gref, fe, 0), len(chunk)))
-                layout.append((rid, len(chunk), s + 1 < nslots))
+                blob.append(pack(stage[k], DOMID_SELF, 0, gref, fe, 0, len(chunk), GNTCOPY_dest_gref, 0))
+                slot_info.append((rid, len(chunk), NETRXF_MORE_DATA if part + 1 < nslots else 0))
                 k += 1
-        statuses = self.dom0.grant_copy(ops)
-        rsps = []
-        delivered = 0
+        statuses = self.dom0.grant_copy_packed(b"".join(blob))
+        rsps: list[bytes] = []
+        delivered = delivered_bytes = 0
         pos = 0
         for frame in batch:
             nslots = max(1, -(-len(frame) // PAGE_SIZE))
-            ok = all(st == GntSt.okay for st in statuses[pos : pos + nslots])
+            ok = not any(statuses[pos : pos + nslots])
             if ok:
                 delivered += 1
-                self.dev["packets.rx"] += 1
-                self.dev["bytes.rx"] += len(frame)
+                delivered_bytes += len(frame)
+                rsps.extend(
+                    rsp_pack(rid, 0, more, length) for rid, length, more in slot_info[pos : pos + nslots]
+                )
             else:
                 self.dev["drops.rx_bad_grant"] += 1
                 log.warning("%s: RX grant copy into the guest's buffer failed", self.vif_name)
-            for rid, length, more in layout[pos : pos + nslots]:
-                status = length if ok else NETIF_RSP_ERROR
-                rsps.append(_RX_RSP.pack(rid, 0, NETRXF_MORE_DATA if more and ok else 0, status))
+                rsps.extend(
+                    rsp_pack(rid, 0, 0, NETIF_RSP_ERROR) for rid, _, _ in slot_info[pos : pos + nslots]
+                )
             pos += nslots
+        if delivered:
+            self.dev["packets.rx"] += delivered
+            self.dev["bytes.rx"] += delivered_bytes
         _, notify = self.rx.send(b"".join(rsps))
         self._notify(notify)
         return len(batch)
