@@ -140,7 +140,8 @@ class Netfront:
         self.rx_pages = [g.alloc_page() for _ in range(NR_RX)]
         self.rx_views = [g.page(p) for p in self.rx_pages]
         self.rx_refs = [g.grant_access(be, p) for p in self.rx_pages]
-        self.rx.send(b"".join(_RX_REQ.pack(i, 0, self.rx_refs[i]) for i in range(NR_RX)))
+        self._rx_req_bytes = [_RX_REQ.pack(i, 0, self.rx_refs[i]) for i in range(NR_RX)]  # re-posted as is
+        self.rx.send(b"".join(self._rx_req_bytes))
 
     def _release_rings(self) -> None:
         self.tx.release()
@@ -228,7 +229,7 @@ class Netfront:
         repost = []
         frames = self._rx_frames
         parts = self._partial_rx
-        n = 0
+        n = received = received_bytes = 0
         for rid, offset, flags, status in _RX_RSP.iter_unpack(data):
             if rid >= NR_RX:
                 self._fail(f"RX response id {rid} out of range")
@@ -254,10 +255,13 @@ class Netfront:
             else:
                 frames.append(frame)
                 n += 1
-            self.counters["packets.rx"] += 1
-            self.counters["bytes.rx"] += len(frame)
-        refs = self.rx_refs
-        _, notify = self.rx.send(b"".join(_RX_REQ.pack(i, 0, refs[i]) for i in repost))
+            received += 1
+            received_bytes += len(frame)
+        if received:
+            self.counters["packets.rx"] += received
+            self.counters["bytes.rx"] += received_bytes
+        reqs = self._rx_req_bytes
+        _, notify = self.rx.send(b"".join([reqs[i] for i in repost]))
         self._notify(notify)
         if n:
             self._rx_ready.set()
@@ -300,6 +304,13 @@ class Netfront:
     def _stage(self, frame: Any, size: int, nslots: int) -> bytes:
         """Copy a frame into pool pages; return its packed TX requests (first size = total)."""
         free = self.tx_free
+        self.counters["packets.tx"] += 1
+        self.counters["bytes.tx"] += size
+        if nslots == 1:  # the common case
+            sid = free.pop()
+            self.tx_outstanding[sid] = True
+            self.tx_views[sid][:size] = frame
+            return _TX_REQ.pack(self.tx_refs[sid], 0, 0, sid, size)
         out = []
         for k in range(nslots):
             sid = free.pop()
@@ -308,8 +319,6 @@ class Netfront:
             self.tx_views[sid][: len(chunk)] = chunk
             more = NETTXF_MORE_DATA if k + 1 < nslots else 0
             out.append(_TX_REQ.pack(self.tx_refs[sid], 0, more, sid, size if k == 0 else len(chunk)))
-        self.counters["packets.tx"] += 1
-        self.counters["bytes.tx"] += size
         return b"".join(out)
 
     async def recv(self) -> bytes:
