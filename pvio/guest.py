@@ -251,6 +251,41 @@ class PyGuest:
         word, bit = divmod(port, BITS_PER_WORD)
         return bool(_U64.unpack_from(self.shared_info, SHARED_INFO_EVTCHN_PENDING + 8 * word)[0] >> bit & 1)
 
+    # ------------------------------------------------------------------ port I/O and MMIO
+    # Each is one exit to the monitor (counted exits.pio / exits.mmio by hv.iobus), as the
+    # matching instruction of an x86 guest: a register access of an emulated device.
+    def inb(self, port: int) -> int:
+        """``in al, dx``: read one byte from ``port``."""
+        return self.hv.iobus.pio_read(self.domain, port, 1)
+
+    def inw(self, port: int) -> int:
+        """``in ax, dx``: read two bytes from ``port``."""
+        return self.hv.iobus.pio_read(self.domain, port, 2)
+
+    def inl(self, port: int) -> int:
+        """``in eax, dx``: read four bytes from ``port``."""
+        return self.hv.iobus.pio_read(self.domain, port, 4)
+
+    def outb(self, port: int, value: int) -> None:
+        """``out dx, al``: write one byte to ``port``."""
+        self.hv.iobus.pio_write(self.domain, port, 1, value)
+
+    def outw(self, port: int, value: int) -> None:
+        """``out dx, ax``: write two bytes to ``port``."""
+        self.hv.iobus.pio_write(self.domain, port, 2, value)
+
+    def outl(self, port: int, value: int) -> None:
+        """``out dx, eax``: write four bytes to ``port``."""
+        self.hv.iobus.pio_write(self.domain, port, 4, value)
+
+    def mmio_read(self, addr: int, size: int = 4) -> int:
+        """A load of ``size`` bytes from the device register at guest-physical ``addr``."""
+        return self.hv.iobus.mmio_read(self.domain, addr, size)
+
+    def mmio_write(self, addr: int, size: int, value: int) -> None:
+        """A store of ``size`` bytes to the device register at guest-physical ``addr``."""
+        self.hv.iobus.mmio_write(self.domain, addr, size, value)
+
     # ------------------------------------------------------------------ hypercalls
     def hypercall(self, nr: int, a1: int = 0, a2: int = 0, a3: int = 0, a4: int = 0, a5: int = 0) -> int:
         """Trap into the hypervisor's hypercall table (the same one x86 guests reach)."""

@@ -32,6 +32,7 @@ from pvio.evtchn import SERVICE, Channel
 from pvio.fastpath import NativeDomains
 from pvio.grant_table import unmap_grant
 from pvio.hypercall import HypercallTable
+from pvio.iobus import IoBus
 from pvio.xenstore import Store
 from pvio.xs_wire import RingConnection
 
@@ -63,6 +64,7 @@ class Hypervisor:
         self.domains: dict[int, Domain] = {}
         self.counters = CounterRegistry()
         self.hypercalls = HypercallTable(self)
+        self.iobus = IoBus(self)  # port I/O and MMIO exits to device models (pvio.iobus)
         self.store = Store()
         self.toolstack = self.store.connect(0)  # the toolstack's own (privileged) session
         self._dom0_kernel = dom0
