@@ -124,6 +124,8 @@ unsigned int pvio_front_free_requests(const struct pvio_front_ring *r)
 
 int pvio_front_put_requests(struct pvio_front_ring *r, const char *src, unsigned int n)
 {
+    if (r->sring == NULL)
+        return PVIO_RING_ERELEASED;
     if (n > pvio_front_free_requests(r))
         return PVIO_RING_EINVAL;
     for (unsigned int i = 0; i < n; i++) {
@@ -142,6 +144,8 @@ static inline int event_in_window(RING_IDX old, RING_IDX new, RING_IDX event)
 
 int pvio_front_push_requests(struct pvio_front_ring *r)
 {
+    if (r->sring == NULL)
+        return PVIO_RING_ERELEASED;
     struct pvio_sring *s = r->sring;
     RING_IDX old = __atomic_load_n(&s->req_prod, __ATOMIC_RELAXED);
     RING_IDX new = r->req_prod_pvt;
@@ -153,6 +157,10 @@ int pvio_front_push_requests(struct pvio_front_ring *r)
 
 int pvio_front_send(struct pvio_front_ring *r, const char *src, unsigned int n, int *notify)
 {
+    if (r->sring == NULL) {
+        *notify = 0;
+        return PVIO_RING_ERELEASED;
+    }
     unsigned int free = pvio_front_free_requests(r);
     if (n > free)
         n = free;
@@ -179,11 +187,15 @@ static int front_unconsumed(const struct pvio_front_ring *r, RING_IDX rsp_prod)
 
 int pvio_front_unconsumed_responses(const struct pvio_front_ring *r)
 {
+    if (r->sring == NULL)
+        return PVIO_RING_ERELEASED;
     return front_unconsumed(r, load_peer(&r->sring->rsp_prod));
 }
 
 int pvio_front_take_responses(struct pvio_front_ring *r, char *dst, unsigned int max)
 {
+    if (r->sring == NULL)
+        return PVIO_RING_ERELEASED;
     int avail = front_unconsumed(r, load_peer(&r->sring->rsp_prod)); /* read once, then rmb */
     if (avail < 0)
         return avail;
@@ -198,6 +210,8 @@ int pvio_front_take_responses(struct pvio_front_ring *r, char *dst, unsigned int
 
 int pvio_front_final_check_for_responses(struct pvio_front_ring *r, unsigned int ahead)
 {
+    if (r->sring == NULL)
+        return PVIO_RING_ERELEASED;
     int n = pvio_front_unconsumed_responses(r);
     if (n != 0)
         return n;
@@ -225,11 +239,15 @@ static int back_unconsumed(const struct pvio_back_ring *r, RING_IDX req_prod)
 
 int pvio_back_unconsumed_requests(const struct pvio_back_ring *r)
 {
+    if (r->sring == NULL)
+        return PVIO_RING_ERELEASED;
     return back_unconsumed(r, load_peer(&r->sring->req_prod));
 }
 
 int pvio_back_take_requests(struct pvio_back_ring *r, char *dst, unsigned int max)
 {
+    if (r->sring == NULL)
+        return PVIO_RING_ERELEASED;
     int avail = back_unconsumed(r, load_peer(&r->sring->req_prod)); /* read once, then rmb */
     if (avail < 0)
         return avail;
@@ -244,6 +262,8 @@ int pvio_back_take_requests(struct pvio_back_ring *r, char *dst, unsigned int ma
 
 int pvio_back_put_responses(struct pvio_back_ring *r, const char *src, unsigned int n)
 {
+    if (r->sring == NULL)
+        return PVIO_RING_ERELEASED;
     if (n > (RING_IDX)(r->req_cons - r->rsp_prod_pvt))
         return PVIO_RING_EINVAL; /* more responses than requests taken */
     for (unsigned int i = 0; i < n; i++) {
@@ -256,6 +276,8 @@ int pvio_back_put_responses(struct pvio_back_ring *r, const char *src, unsigned 
 
 int pvio_back_push_responses(struct pvio_back_ring *r)
 {
+    if (r->sring == NULL)
+        return PVIO_RING_ERELEASED;
     struct pvio_sring *s = r->sring;
     RING_IDX old = __atomic_load_n(&s->rsp_prod, __ATOMIC_RELAXED);
     RING_IDX new = r->rsp_prod_pvt;
@@ -278,6 +300,8 @@ int pvio_back_send(struct pvio_back_ring *r, const char *src, unsigned int n, in
 
 int pvio_back_final_check_for_requests(struct pvio_back_ring *r, unsigned int ahead)
 {
+    if (r->sring == NULL)
+        return PVIO_RING_ERELEASED;
     int n = pvio_back_unconsumed_requests(r);
     if (n != 0)
         return n;

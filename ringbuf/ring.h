@@ -36,7 +36,8 @@ typedef uint32_t RING_IDX;
 /* Error results (negative) of the ring operations. */
 enum pvio_ring_error {
     PVIO_RING_EOVERFLOW = -1, /* the peer's producer index is impossible */
-    PVIO_RING_EINVAL = -2     /* API misuse: bad sizes, too many entries */
+    PVIO_RING_EINVAL = -2,    /* API misuse: bad sizes, too many entries */
+    PVIO_RING_ERELEASED = -3  /* the ring end let go of its memory (sring is NULL) */
 };
 
 /* The 64-byte shared header, exactly as DEFINE_RING_TYPES lays it out. */

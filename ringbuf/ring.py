@@ -38,6 +38,8 @@ def _check(rc: int, what: str) -> int:
         return rc
     if rc == lib.PVIO_RING_EOVERFLOW:
         raise RingOverflowError(what)
+    if rc == lib.PVIO_RING_ERELEASED:
+        raise RingError("the ring end has been released")
     raise ValueError(what)
 
 
@@ -109,8 +111,14 @@ class _RingEnd:
         return int(self._r.sring.rsp_event)
 
     def release(self) -> None:
-        """Let go of the buffer (an mmap can only be closed once no ring points into it)."""
-        ffi.release(self._cbuf)
+        """Let go of the buffer (an mmap can only be closed once no ring points into it).
+
+        The ring end is unusable afterwards: every operation raises :class:`RingError`
+        instead of touching memory that may be gone.  Releasing twice is harmless.
+        """
+        if self._r.sring != ffi.NULL:
+            self._r.sring = ffi.NULL
+            ffi.release(self._cbuf)
 
 
 class FrontRing(_RingEnd):
@@ -172,7 +180,7 @@ class FrontRing(_RingEnd):
 
     def push_requests(self) -> bool:
         """RING_PUSH_REQUESTS_AND_CHECK_NOTIFY: publish; True if the backend must be notified."""
-        return bool(lib.pvio_front_push_requests(self._r))
+        return bool(_check(lib.pvio_front_push_requests(self._r), "cannot push requests"))
 
     def send(self, data: Any) -> tuple[int, bool]:
         """Write as many of the packed requests as fit and publish them, in one call.
@@ -184,6 +192,8 @@ class FrontRing(_RingEnd):
         if type(data) is not bytes or n * size != len(data):
             data, n = _entries(data, size, "requests")
         sent = self._c_send(self._r, data, n, self._notify)
+        if sent < 0:
+            _check(sent, "cannot send")
         return sent, self._notify[0] != 0
 
     def unconsumed_responses(self) -> int:
@@ -279,7 +289,7 @@ class BackRing(_RingEnd):
 
     def push_responses(self) -> bool:
         """RING_PUSH_RESPONSES_AND_CHECK_NOTIFY: publish; True if the frontend must be notified."""
-        return bool(lib.pvio_back_push_responses(self._r))
+        return bool(_check(lib.pvio_back_push_responses(self._r), "cannot push responses"))
 
     def send(self, data: Any) -> tuple[int, bool]:
         """Write the packed responses and publish them in one call: (count, notify)."""

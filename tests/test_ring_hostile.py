@@ -15,7 +15,7 @@ from array import array
 
 import pytest
 
-from ringbuf import NETIF_RX, NETIF_TX, BackRing, FrontRing, RingLayout, RingOverflowError
+from ringbuf import NETIF_RX, NETIF_TX, BackRing, FrontRing, RingError, RingLayout, RingOverflowError
 
 U32 = 1 << 32
 NR = 256
@@ -320,3 +320,36 @@ def test_read_only_buffer_is_refused() -> None:
 def test_layout_must_be_a_ring_layout() -> None:
     with pytest.raises(TypeError, match="layout must be a RingLayout, not str"):
         FrontRing("netif_tx", bytearray(4096))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("end", ["front", "back"])
+def test_released_ring_end_refuses_every_operation(end: str) -> None:
+    """After release() no operation touches the (possibly freed) memory: each raises RingError."""
+    page = bytearray(4096)
+    front = FrontRing(NETIF_TX, page)
+    back = BackRing(NETIF_TX, page)
+    front.send(NETIF_TX.pack_request(id=1, size=60))
+    ring = front if end == "front" else back
+    ring.release()
+    ring.release()  # idempotent
+    if end == "front":
+        ops = [
+            lambda: front.send(NETIF_TX.pack_request(id=2)),
+            lambda: front.write_requests(NETIF_TX.pack_request(id=2)),
+            front.push_requests,
+            front.take_responses,
+            front.unconsumed_responses,
+            front.final_check_for_responses,
+        ]
+    else:
+        ops = [
+            back.take_requests,
+            back.unconsumed_requests,
+            lambda: back.send(NETIF_TX.pack_response(id=1)),
+            lambda: back.write_responses(NETIF_TX.pack_response(id=1)),
+            back.push_responses,
+            back.final_check_for_requests,
+        ]
+    for op in ops:
+        with pytest.raises(RingError, match="released"):
+            op()
