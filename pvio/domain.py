@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import struct
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -53,6 +54,8 @@ log = logging.getLogger("pvio.domain")
 DEFAULT_GNTTAB_FRAMES = 4  # 2048 grant references
 DEFAULT_MAX_PORTS = 1024
 FIRST_FREE_GFN = 16  # frames below are left for a guest image's low memory
+CONSOLE_LINES = 1000  # console lines kept per domain
+CONSOLE_LINE_MAX = 4096  # bytes of one console line
 
 
 class GuestKernel(Protocol):
@@ -121,7 +124,7 @@ class Domain:
         self.vcpu: Any = None
         self.state = "created"
         self.store_port = 0
-        self.console_lines: list[str] = []
+        self.console_lines: deque[str] = deque(maxlen=CONSOLE_LINES)
         self._console_partial = b""
         self.shutdown_reason: int | None = None
         self.crash_reason: str | None = None
@@ -157,11 +160,18 @@ class Domain:
             self.vcpu.block()
 
     def console_write(self, data: bytes) -> None:
-        """Bytes the guest wrote with console_io; complete lines are logged and kept."""
+        """Bytes the guest wrote with console_io; complete lines are logged and kept.
+
+        Bounded: the last CONSOLE_LINES lines are kept, and a line longer than
+        CONSOLE_LINE_MAX bytes is cut there (the guest controls both).
+        """
         text = self._console_partial + data
         *lines, self._console_partial = text.split(b"\n")
+        if len(self._console_partial) > CONSOLE_LINE_MAX:
+            lines.append(self._console_partial[:CONSOLE_LINE_MAX])
+            self._console_partial = b""
         for raw in lines:
-            line = raw.decode("utf-8", "replace")
+            line = raw[:CONSOLE_LINE_MAX].decode("utf-8", "replace")
             self.console_lines.append(line)
             log.info("dom%d console: %s", self.domid, line)
 

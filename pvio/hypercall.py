@@ -114,7 +114,7 @@ class HypercallTable:
         c["exits"] += 1
         c["exits.hypercall"] += 1
         c["hypercalls"] += 1
-        name = self._names.get(nr, f"unknown_{nr}")
+        name = self._names.get(nr, "unknown")  # never a key per guest-chosen number
         c[f"hypercalls.{name}"] += 1
         handler = self._table.get(nr)
         try:
@@ -144,7 +144,9 @@ class HypercallTable:
 
     def callback_op(self, dom: Domain, cmd: int, arg: int, _a3: int, _a4: int, _a5: int) -> int:
         """callback_op(CALLBACKOP_register, struct callback_register *)."""
-        dom.counters[f"hypercalls.callback_op.{cmd}"] += 1
+        dom.counters[
+            "hypercalls.callback_op." + ("register" if cmd == CALLBACKOP_register else "unknown")
+        ] += 1
         if cmd != CALLBACKOP_register:
             raise _fail(Errno.ENOSYS, f"callback_op {cmd}")
         cb_type, _flags, address = CALLBACK_REGISTER.unpack(dom.mem.read(arg, CALLBACK_REGISTER.size))
@@ -171,7 +173,7 @@ class HypercallTable:
 
     def sched_op(self, dom: Domain, cmd: int, arg: int, _a3: int, _a4: int, _a5: int) -> int:
         """sched_op: yield, block (re-enables delivery, returns at once if events wait), shutdown."""
-        dom.counters["hypercalls." + _SCHED_NAMES.get(cmd, f"sched_op.{cmd}")] += 1
+        dom.counters["hypercalls." + _SCHED_NAMES.get(cmd, "sched_op.unknown")] += 1
         if cmd == SchedOp.yield_:
             return 0
         if cmd == SchedOp.block:
@@ -197,7 +199,7 @@ class HypercallTable:
     # ------------------------------------------------------------------ event channels
     def event_channel_op(self, dom: Domain, cmd: int, arg: int, _a3: int, _a4: int, _a5: int) -> int:
         """event_channel_op(cmd, arg): the 2-level ABI's channel operations."""
-        dom.counters["hypercalls." + _EVTCHN_NAMES.get(cmd, f"event_channel_op.{cmd}")] += 1
+        dom.counters["hypercalls." + _EVTCHN_NAMES.get(cmd, "event_channel_op.unknown")] += 1
         mem = dom.mem
         if cmd == EvtchnOp.send:
             (port,) = EVTCHN_PORT.unpack(mem.read(arg, 4))
@@ -230,7 +232,9 @@ class HypercallTable:
         if cmd == EvtchnOp.status:
             d, port, *_ = EVTCHN_STATUS.unpack(mem.read(arg, EVTCHN_STATUS.size))
             target = self._target(dom, d)
-            ch = self._port(target, port)
+            if not 0 < port < target.max_ports:
+                raise _fail(Errno.EINVAL, f"dom{target.domid} has no port {port}")
+            ch = target.ports.get(port) or Channel()  # a free port reports EVTCHNSTAT_closed
             state = EvtchnStat.interdomain if ch.state == SERVICE else ch.state
             if state in (EvtchnStat.unbound, EvtchnStat.interdomain):
                 union = (ch.remote_dom, ch.remote_port)
@@ -329,13 +333,15 @@ class HypercallTable:
         elif ch.state == SERVICE:
             assert ch.service is not None
             ch.service()
-        elif ch.state in (EvtchnStat.virq, EvtchnStat.ipi):
+        elif ch.state == EvtchnStat.ipi:
             evtchn.set_pending(dom, port)
+        elif ch.state != EvtchnStat.unbound:  # as Xen: only interdomain, IPI and unbound ports send
+            raise _fail(Errno.EINVAL, f"dom{dom.domid} cannot send on port {port} (state {ch.state})")
 
     # ------------------------------------------------------------------ grant tables
     def grant_table_op(self, dom: Domain, cmd: int, arg: int, count: int, _a4: int, _a5: int) -> int:
         """grant_table_op(cmd, args, count): map, unmap, copy (batched, per-element status)."""
-        dom.counters["hypercalls." + _GNTTAB_NAMES.get(cmd, f"grant_table_op.{cmd}")] += 1
+        dom.counters["hypercalls." + _GNTTAB_NAMES.get(cmd, "grant_table_op.unknown")] += 1
         if not 0 <= count <= MAX_BATCH:
             raise _fail(Errno.EINVAL, f"grant_table_op count {count}")
         if cmd == GnttabOp.copy:

@@ -295,6 +295,30 @@ async def test_status_reports_a_virq_as_a_u32_at_16(hv: pvio.Hypervisor, a: Prob
     assert struct.unpack_from("<III", out, 8) == (EvtchnStat.virq, 0, 5)
 
 
+async def test_status_of_a_free_port_is_closed_and_beyond_the_table_einval(
+    hv: pvio.Hypervisor, a: Probe
+) -> None:
+    rc, out = a.raw_hypercall(
+        Hypercall.event_channel_op, EvtchnOp.status, EVTCHN_STATUS.pack(DOMID_SELF, 900, 0, 0, 0, 0)
+    )
+    assert rc == 0
+    assert struct.unpack_from("<I", out, 8)[0] == EvtchnStat.closed
+    rc, _ = a.raw_hypercall(
+        Hypercall.event_channel_op,
+        EvtchnOp.status,
+        EVTCHN_STATUS.pack(DOMID_SELF, a.domain.max_ports, 0, 0, 0, 0),
+    )
+    assert rc == -Errno.EINVAL
+
+
+async def test_send_on_a_virq_port_is_einval_and_raises_nothing(hv: pvio.Hypervisor, a: Probe) -> None:
+    """As Xen's evtchn_send: only interdomain, IPI and unbound ports may be sent on."""
+    port = a.evtchn_bind_virq(VIRQ_TIMER)
+    with pytest.raises(pvio.XenError, match="EINVAL"):
+        a.evtchn_send(port)
+    assert not a.port_pending(port)
+
+
 # ---- bind_virq ------------------------------------------------------------------------------
 
 
