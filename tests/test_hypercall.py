@@ -184,7 +184,7 @@ async def test_console_write_outside_memory_is_efault(hv: pvio.Hypervisor, a: Pr
     before = hv.snapshot()
     assert a.hypercall(Hypercall.console_io, CONSOLEIO_write, 8, end - 4) == -Errno.EFAULT
     assert changes(hv, before, a) == counted("console_io", errno=Errno.EFAULT)
-    assert a.domain.console_lines == deque([])
+    assert a.domain.console_lines == deque()
 
 
 # ---- fuzzing --------------------------------------------------------------------------------
@@ -307,7 +307,7 @@ async def test_console_io_limits(hv: pvio.Hypervisor, a: Probe) -> None:
     assert a.hypercall(Hypercall.console_io, CONSOLEIO_write, 4097, arg) == -Errno.EINVAL
     assert a.hypercall(Hypercall.console_io, CONSOLEIO_read, 16, arg) == 0
     assert a.hypercall(Hypercall.console_io, 7, 1, arg) == -Errno.ENOSYS
-    assert a.domain.console_lines == deque([])
+    assert a.domain.console_lines == deque()
 
 
 # ---- sched_op -------------------------------------------------------------------------------
