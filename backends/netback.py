@@ -113,6 +113,20 @@ class BackendVif(SwitchPort):
 
     # ------------------------------------------------------------------ handshake
     async def run(self) -> None:
+        """Serve the vif; a bug or unexpected error here disables this vif only, never dom0."""
+        try:
+            await self._run()
+        except Exception as exc:
+            leaf: BaseException = exc
+            while isinstance(leaf, BaseExceptionGroup) and len(leaf.exceptions) == 1:
+                leaf = leaf.exceptions[0]
+            self.dev["internal_errors"] += 1
+            try:
+                await self._disable(f"internal error: {leaf!r}", exc)
+            except Exception:
+                log.exception("%s: could not disable cleanly", self.vif_name)
+
+    async def _run(self) -> None:
         """Probe, wait for the frontend, connect, then serve until closed or disabled."""
         xb = self.dom0.xenbus
         for key, value in BACKEND_FEATURES.items():
@@ -240,9 +254,7 @@ class BackendVif(SwitchPort):
             try:
                 did = self._tx_work() + self._rx_work()
             except (VifFatal, RingOverflowError) as e:
-                self.error = (
-                    str(e) if isinstance(e, VifFatal) else f"impossible req_prod from the frontend ({e})"
-                )
+                self.error = str(e) if isinstance(e, VifFatal) else self._impossible_req_prod()
                 return
             if did:
                 await trio.lowlevel.checkpoint()
@@ -252,11 +264,19 @@ class BackendVif(SwitchPort):
                 if self._rx_queue:  # we want buffers: ask to be told when they come
                     more += self.rx.final_check_for_requests(1)
             except RingOverflowError as e:
-                self.error = f"impossible req_prod from the frontend ({e})"
+                self.error = self._impossible_req_prod()
                 return
             if more:
                 continue
             await self._wake.wait()
+
+    def _impossible_req_prod(self) -> str:
+        """The reason logged when the frontend's req_prod cannot be right, with the indices."""
+        tx = self.tx
+        return (
+            f"impossible req_prod from the frontend (req_prod {tx.req_prod}, req_cons {tx.req_cons}, "
+            f"rsp_prod_pvt {tx.rsp_prod_pvt}, ring of {tx.nr_ents})"
+        )
 
     def _notify(self, notify: bool) -> None:
         if notify:
@@ -526,11 +546,11 @@ class BackendVif(SwitchPort):
             ring.release()
         self._rings.clear()
 
-    async def _disable(self, reason: str) -> None:
-        """A fatal frontend error: disconnect this vif only, with the reason logged and counted."""
+    async def _disable(self, reason: str, exc: BaseException | None = None) -> None:
+        """A fatal error: disconnect this vif only, with the reason (and traceback) logged and counted."""
         self.error = reason
         self.dev["disconnects"] += 1
-        log.error("%s disabled: %s", self.vif_name, reason)
+        log.error("%s disabled: %s", self.vif_name, reason, exc_info=exc)
         await self._teardown(reason)
         xb = self.dom0.xenbus
         await xb.write(f"{self.path}/state", str(int(XenbusState.CLOSING)))

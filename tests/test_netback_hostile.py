@@ -253,7 +253,10 @@ async def test_an_impossible_req_prod_disables_the_vif(
         h.evtchn_send(h.nic.port)
 
     await _attack_disables_the_vif(
-        caplog, attack, "impossible req_prod from the frontend (impossible req_prod from the frontend)"
+        caplog,
+        attack,
+        # one announce frame went through before the attack: req_cons = rsp_prod_pvt = 1
+        "impossible req_prod from the frontend (req_prod 1001, req_cons 1, rsp_prod_pvt 1, ring of 256)",
     )
 
 
@@ -302,3 +305,26 @@ async def test_bad_frontend_keys_are_refused_and_the_pair_is_unharmed(
         await exchange(a, b, 0)
         await exchange(a, b, K)
         assert_pair_unharmed(env, a, b, 2)
+
+
+async def test_an_internal_error_in_netback_disables_that_vif_only(
+    autojump_clock: Any, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug in netback's handling of one vif (here: an exception from its TX work) must not take
+    dom0 down: that vif is disabled with the reason logged, the other pair keeps exchanging."""
+    from backends import netback
+
+    real = netback.BackendVif._tx_work
+    armed: list[int] = []  # the hostile guest's domid, once the attack starts
+
+    def buggy(self: netback.BackendVif) -> int:
+        if self.fe_domid in armed:
+            raise RuntimeError("simulated netback bug")
+        return real(self)
+
+    def attack(h: NicGuest) -> None:
+        armed.append(h.domain.domid)
+        push_raw(h, chain(h, 1))
+
+    monkeypatch.setattr(netback.BackendVif, "_tx_work", buggy)
+    await _attack_disables_the_vif(caplog, attack, "internal error: RuntimeError('simulated netback bug')")
