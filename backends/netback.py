@@ -263,7 +263,7 @@ class BackendVif(SwitchPort):
                 more = self.tx.final_check_for_requests(1)
                 if self._rx_queue:  # we want buffers: ask to be told when they come
                     more += self.rx.final_check_for_requests(1)
-            except RingOverflowError as e:
+            except RingOverflowError:
                 self.error = self._impossible_req_prod()
                 return
             if more:
@@ -271,11 +271,16 @@ class BackendVif(SwitchPort):
             await self._wake.wait()
 
     def _impossible_req_prod(self) -> str:
-        """The reason logged when the frontend's req_prod cannot be right, with the indices."""
-        tx = self.tx
+        """The reason logged when a req_prod of the frontend cannot be right, with the indices."""
+        bad, name = self.tx, "TX"
+        try:
+            self.tx.unconsumed_requests()
+            bad, name = self.rx, "RX"
+        except RingOverflowError:
+            pass
         return (
-            f"impossible req_prod from the frontend (req_prod {tx.req_prod}, req_cons {tx.req_cons}, "
-            f"rsp_prod_pvt {tx.rsp_prod_pvt}, ring of {tx.nr_ents})"
+            f"impossible req_prod from the frontend ({name} ring: req_prod {bad.req_prod}, "
+            f"req_cons {bad.req_cons}, rsp_prod_pvt {bad.rsp_prod_pvt}, {bad.nr_ents} slots)"
         )
 
     def _notify(self, notify: bool) -> None:

@@ -256,7 +256,8 @@ async def test_an_impossible_req_prod_disables_the_vif(
         caplog,
         attack,
         # one announce frame went through before the attack: req_cons = rsp_prod_pvt = 1
-        "impossible req_prod from the frontend (req_prod 1001, req_cons 1, rsp_prod_pvt 1, ring of 256)",
+        "impossible req_prod from the frontend "
+        "(TX ring: req_prod 1001, req_cons 1, rsp_prod_pvt 1, 256 slots)",
     )
 
 
