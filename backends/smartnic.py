@@ -1,0 +1,626 @@
+"""The smart NIC: a DMA-capable NIC that the monitor itself implements (DMA offload).
+
+Design rationale
+----------------
+ARCHITECTURE.md §5: the guest sees a NIC with DMA although the wire below has none.  The
+guest posts *descriptors* on two rings in its own memory; the monitor sends by reading
+the guest's buffers directly (a DMA from guest memory to the switch: no copy into dom0,
+no dom0 at all), receives by writing frames into buffers the guest posted, and writes
+*completions* into the same shared rings.  The wire's interrupts (the switch handing
+frames over) are absorbed by the monitor; the guest is interrupted only when it asked
+(the ring's response event index) and moderation allows it.  Prior art: virtio-net's
+event-index suppression, NAPI's "poll while busy, re-arm when idle", Intel's interrupt
+throttling and Linux net_dim's adaptive moderation profiles.
+
+Two paths keep both ends of the load curve cheap:
+
+- **low load**: the guest's driver sleeps with the interrupt armed; a frame is written
+  into its buffer on arrival and, at moderation level 0, interrupts it at once (one
+  interrupt per frame, no added latency).  A send is a descriptor push plus one doorbell
+  (an MMIO write: one exit), and the monitor sends inline on that exit.
+- **high load**: the monitor's own task polls the TX ring while frames keep coming, so it
+  leaves the TX doorbell disarmed (the ring's ``req_event`` lags) and pushes cost the guest
+  nothing; the guest's driver polls completions while busy, so it leaves the interrupt
+  disarmed; when it does arm it, adaptive moderation holds the interrupt back until
+  enough frames (or enough time) have gathered.
+
+Everything the guest writes is hostile input: registers are range-checked when the device
+is enabled, descriptors are checked one by one (a bad one is completed with an error
+status and counted, never raised), an impossible ring index stops the device (STATUS
+ERROR, counted, logged); other devices and the guest go on.
+
+Register map (MMIO, ``SNIC_MMIO_BASE + 0x1000 * devid``, 32-bit little-endian registers)
+----------------------------------------------------------------------------------------
+
+======  =============  ===  =========================================================
+offset  name           acc  meaning
+======  =============  ===  =========================================================
+0x00    ID             R    0x43494e53 ("SNIC")
+0x04    VERSION        R    1
+0x08    CTRL           RW   ENABLE (0x1): check the configuration and start; RESET (0x2):
+                            stop and forget the rings (config registers keep their values)
+0x0C    STATUS         R    ENABLED (0x1), ERROR (0x2: configuration refused, or stopped
+                            on a broken ring; cleared by RESET)
+0x10    TX_RING_LO/HI  RW   guest-physical address of the TX ring page (0x14: high half)
+0x18    RX_RING_LO/HI  RW   RX ring page (0x1C: high half)
+0x20    POOL_LO/HI     RW   guest-physical base of the buffer pool (0x24: high; 0: none)
+0x28    POOL_BUF_SIZE  RW   bytes per pool buffer, 64..65536
+0x2C    POOL_COUNT     RW   buffers in the pool, 1..65536
+0x30    IRQ            R    the VIRQ the device raises (VIRQ_ARCH_0 + 4 + devid)
+0x34    GRANT_DOMID    R    the domid to grant buffers to: DOMID_IO (0x7ff1)
+0x38    MAC_LO/HI      R    MAC bytes 0..3, 4..5 (0x3C)
+0x40    DOORBELL       W    bit 0: new TX descriptors; bit 1: new RX buffers
+0x44    MOD_MODE       RW   0 adaptive (default), 1 fixed (MOD_FRAMES, MOD_USECS), 2 off
+0x48    MOD_FRAMES     RW   fixed mode: interrupt once this many completions wait (>= 1)
+0x4C    MOD_USECS      RW   fixed mode: ... or this many µs after the first one
+0x50    ERRORS         R    descriptors refused so far
+0x54    MOD_LEVEL      R    the adaptive moderation level now (0..4)
+======  =============  ===  =========================================================
+
+Configuration registers may only be written while the device is disabled (else ignored,
+counted ``errors.config_while_enabled``).
+
+Rings and descriptors
+---------------------
+Each ring is one page with Xen's shared-ring header (``io/ring.h``: req_prod, req_event,
+rsp_prod, rsp_event, then 48 bytes of padding) and 128 slots of 16 bytes
+(:data:`SNIC_RING`).  The guest is the front end: it initialises the page, posts
+descriptors as requests; the monitor answers each with a completion in the same slot.
+
+``struct snic_desc`` (16 bytes, written by the guest)::
+
+    u32 buf      @0   pool index, or a grant reference if flags & SNIC_F_GREF
+    u16 offset   @4   byte offset in the pool buffer, or in the granted page
+    u16 len      @6   TX: frame length; RX: bytes the buffer can take from offset
+    u16 id       @8   the driver's cookie, echoed in the completion
+    u16 flags    @10  SNIC_F_GREF (0x1); other bits must be 0
+    u32 reserved @12  0
+
+``struct snic_cmpl`` (8 bytes, written by the monitor)::
+
+    u16 id       @0   the descriptor's id
+    u16 len      @2   bytes transferred (RX: the frame's length)
+    i16 status   @4   0 OK, or a negative SNIC_E_* code
+    u16 flags    @6   0
+
+A granted buffer must be granted to DOMID_IO (readable for TX, writable for RX); the
+monitor checks the grant entry on each use, like a grant copy.  A pool buffer is
+``POOL + index * POOL_BUF_SIZE``.  TX frames are 14..65535 bytes in one buffer (no
+scatter-gather).  An RX buffer too small for the head frame drops that frame
+(``drops.rx_too_big``) and is kept for the next.
+
+Moderation
+----------
+When a completion push crosses the guest's ``rsp_event`` the guest "wants" an interrupt;
+the monitor raises it once ``frames`` completions have been written since then, or
+``usecs`` after the first of them, whichever comes first.  Adaptive mode picks
+``(frames, usecs)`` from a profile table by level, and after each interrupt samples the
+completion rate since the previous one (net_dim's sample at interrupt), moving one level
+toward the level of that rate (:data:`RATE_LEVELS`): at low rates level 0 (1 frame, 0 µs:
+interrupt at once), at high rates up to 96 frames / 200 µs.  Under trio's MockClock time
+stands still while tasks are busy, so a busy phase samples as a very high rate: the counts
+are exactly reproducible.
+
+Counters, owner ``smartnic/<name>`` (``snic<domid>.<devid>``): ``packets.tx``/``.rx``,
+``bytes.*``, ``copies`` (DMA transfers: one per frame each way), ``doorbells``,
+``irqs.raised`` (``irqs.by_frames`` / ``irqs.by_timer``), ``irqs.unbound``, ``polls``,
+``drops.<reason>``, ``errors.<reason>`` (``bad_config``, ``bad_buf``, ``bad_grant``,
+``bad_len``, ``bad_flags``, ``ring_overflow``, ``config_while_enabled``,
+``doorbell_disabled``, ``bad_register``, ``bad_size``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import struct
+from collections import deque
+from typing import TYPE_CHECKING
+
+import trio
+
+from backends.emulated_nic import VIRQ_ARCH_0
+from backends.switch import ETH_HEADER_LEN, MAX_FRAME_LEN, Switch, SwitchPort
+from pvio.abi import PAGE_SHIFT, PAGE_SIZE
+from pvio.grant_table import GrantError
+from ringbuf import BackRing, RingLayout, RingOverflowError
+
+if TYPE_CHECKING:
+    from pvio.domain import Domain
+    from pvio.hypervisor import Hypervisor
+
+log = logging.getLogger("pvio.smartnic")
+
+SNIC_MMIO_BASE = 0xFEC0_0000
+SNIC_MMIO_STRIDE = 0x1000
+SNIC_WINDOW = 0x100
+SNIC_MAX_DEVICES = 4
+SNIC_IRQ_BASE = VIRQ_ARCH_0 + 4  # smart NIC devid n raises VIRQ 20 + n
+SNIC_ID = 0x43494E53  # "SNIC" read as a little-endian u32
+SNIC_VERSION = 1
+DOMID_IO = 0x7FF1  # Xen's DOMID_IO: "the I/O device"; buffers are granted to it
+SNIC_OUI = b"\x02\x53\x4e"  # locally administered: 02:53:4e ("SN")
+
+REG_ID = 0x00
+REG_VERSION = 0x04
+REG_CTRL = 0x08
+REG_STATUS = 0x0C
+REG_TX_RING_LO = 0x10
+REG_TX_RING_HI = 0x14
+REG_RX_RING_LO = 0x18
+REG_RX_RING_HI = 0x1C
+REG_POOL_LO = 0x20
+REG_POOL_HI = 0x24
+REG_POOL_BUF_SIZE = 0x28
+REG_POOL_COUNT = 0x2C
+REG_IRQ = 0x30
+REG_GRANT_DOMID = 0x34
+REG_MAC_LO = 0x38
+REG_MAC_HI = 0x3C
+REG_DOORBELL = 0x40
+REG_MOD_MODE = 0x44
+REG_MOD_FRAMES = 0x48
+REG_MOD_USECS = 0x4C
+REG_ERRORS = 0x50
+REG_MOD_LEVEL = 0x54
+
+CTRL_ENABLE = 0x1
+CTRL_RESET = 0x2
+ST_ENABLED = 0x1
+ST_ERROR = 0x2
+DB_TX = 0x1
+DB_RX = 0x2
+MOD_ADAPTIVE = 0
+MOD_FIXED = 1
+MOD_OFF = 2
+
+SNIC_F_GREF = 0x1
+SNIC_OK = 0
+SNIC_E_BAD_BUF = -1
+SNIC_E_BAD_GRANT = -2
+SNIC_E_BAD_LEN = -3
+SNIC_E_BAD_FLAGS = -4
+_REASON_STATUS = {
+    "bad_buf": SNIC_E_BAD_BUF,
+    "bad_grant": SNIC_E_BAD_GRANT,
+    "bad_len": SNIC_E_BAD_LEN,
+    "bad_flags": SNIC_E_BAD_FLAGS,
+}
+
+DESC = struct.Struct("<IHHHHI")  # buf, offset, len, id, flags, reserved: 16 bytes
+CMPL = struct.Struct("<HHhH")  # id, len, status, flags: 8 bytes
+#: The descriptor rings: 16-byte descriptors, 8-byte completions, 16-byte slots, 128 per page.
+SNIC_RING = RingLayout.generic("snic", DESC.size, CMPL.size, align=4)
+SNIC_RING_ENTRIES = SNIC_RING.nr_ents()
+
+POOL_BUF_MIN, POOL_BUF_MAX, POOL_COUNT_MAX = 64, 65536, 65536
+RX_QUEUE_MAX = 1024  # frames from the switch waiting for RX buffers
+POLL_SPINS = 8  # empty polls (scheduler turns) before the device re-arms its doorbells and sleeps
+
+#: Adaptive moderation profiles, by level: (frames, usecs).
+MOD_PROFILES: tuple[tuple[int, int], ...] = ((1, 0), (8, 20), (32, 50), (64, 100), (96, 200))
+#: Completion rates (per second) at which each level above 0 starts.
+RATE_LEVELS: tuple[float, ...] = (20_000.0, 50_000.0, 100_000.0, 200_000.0)
+
+
+def snic_mac(domid: int, devid: int) -> bytes:
+    """The default MAC of smart NIC ``devid`` of ``domid``: 02:53:4e:<domid hi>:<lo>:<devid>."""
+    return SNIC_OUI + bytes([(domid >> 8) & 0xFF, domid & 0xFF, devid & 0xFF])
+
+
+def level_for_rate(rate: float) -> int:
+    """The moderation level whose rate band holds ``rate`` completions per second."""
+    return sum(rate >= r for r in RATE_LEVELS)
+
+
+class SmartNic(SwitchPort):
+    """One smart NIC of one domain: its register window, its DMA engine and a switch port."""
+
+    def __init__(
+        self, hv: Hypervisor, dom: Domain, switch: Switch, *, devid: int = 0, mac: bytes | None = None
+    ) -> None:
+        if not 0 <= devid < SNIC_MAX_DEVICES:
+            raise ValueError(f"dom{dom.domid}: smart NIC devid {devid} not in 0..{SNIC_MAX_DEVICES - 1}")
+        super().__init__(f"snic{dom.domid}.{devid}", hv.counters)
+        self.hv = hv
+        self.dom = dom
+        self.switch = switch
+        self.devid = devid
+        self.mac = mac if mac is not None else snic_mac(dom.domid, devid)
+        if len(self.mac) != 6:
+            raise ValueError(f"dom{dom.domid}: smart NIC MAC must be 6 bytes, not {len(self.mac)}")
+        self.virq = SNIC_IRQ_BASE + devid
+        self.dev = hv.counters.new(f"smartnic/{self.name}", "device")
+        self.regs: dict[int, int] = dict.fromkeys(
+            (REG_TX_RING_LO, REG_TX_RING_HI, REG_RX_RING_LO, REG_RX_RING_HI, REG_POOL_LO, REG_POOL_HI), 0
+        )
+        self.regs.update({REG_POOL_BUF_SIZE: 0, REG_POOL_COUNT: 0, REG_MOD_FRAMES: 1, REG_MOD_USECS: 0})
+        self.mod_mode = MOD_ADAPTIVE
+        self.level = 0
+        self.enabled = False
+        self.error = False
+        self.errors = 0
+        self._tx: BackRing | None = None
+        self._rx: BackRing | None = None
+        self._pool = (0, 0, 0)  # base gpa, buffer size, count
+        self._rx_queue: deque[bytes] = deque()
+        self._rx_held: deque[tuple[int, int, int, int, int, int]] = deque()  # RX descriptors taken, unused
+        self._wake = trio.Event()
+        self._irq_wanted = False
+        self._wanted_since = 0.0
+        self._since_wanted = 0  # completions written since the guest asked
+        self._since_irq = 0  # completions written since the last interrupt (the rate sample)
+        self._last_irq = 0.0
+        self.scope = trio.CancelScope()
+
+    def __repr__(self) -> str:
+        return f"<SmartNic {self.name} mac {self.mac.hex(':')}>"
+
+    # ------------------------------------------------------------------ registers (IoDevice)
+    def read(self, offset: int, size: int) -> int:
+        """A guest load from the register window (one exit, counted by the bus)."""
+        if size != 4 or offset & 3:
+            self.dev["errors.bad_size"] += 1
+            return (1 << (8 * size)) - 1
+        if offset in self.regs:
+            return self.regs[offset]
+        value = {
+            REG_ID: SNIC_ID,
+            REG_VERSION: SNIC_VERSION,
+            REG_CTRL: CTRL_ENABLE if self.enabled else 0,
+            REG_STATUS: (ST_ENABLED if self.enabled else 0) | (ST_ERROR if self.error else 0),
+            REG_IRQ: self.virq,
+            REG_GRANT_DOMID: DOMID_IO,
+            REG_MAC_LO: int.from_bytes(self.mac[0:4], "little"),
+            REG_MAC_HI: int.from_bytes(self.mac[4:6], "little"),
+            REG_DOORBELL: 0,
+            REG_MOD_MODE: self.mod_mode,
+            REG_ERRORS: self.errors & 0xFFFF_FFFF,
+            REG_MOD_LEVEL: self.level,
+        }.get(offset)
+        if value is None:
+            self.dev["errors.bad_register"] += 1
+            return 0xFFFF_FFFF
+        return value
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        """A guest store to the register window (one exit, counted by the bus)."""
+        if size != 4 or offset & 3:
+            self.dev["errors.bad_size"] += 1
+            return
+        if offset == REG_DOORBELL:
+            self._doorbell(value)
+        elif offset == REG_CTRL:
+            if value & CTRL_RESET:
+                self.reset()
+            if value & CTRL_ENABLE and not self.enabled:
+                self._enable()
+        elif offset in self.regs or offset == REG_MOD_MODE:
+            if self.enabled:
+                self.dev["errors.config_while_enabled"] += 1
+            elif offset == REG_MOD_MODE:
+                self.mod_mode = value if value in (MOD_ADAPTIVE, MOD_FIXED, MOD_OFF) else MOD_ADAPTIVE
+            else:
+                self.regs[offset] = value
+        else:
+            self.dev["errors.bad_register"] += 1
+
+    def _gpa(self, lo: int) -> int:
+        return self.regs[lo] | self.regs[lo + 4] << 32
+
+    def _enable(self) -> None:
+        """CTRL ENABLE: check every configuration register, attach the rings, join the switch."""
+        mem = self.dom.mem
+        tx, rx, pool = self._gpa(REG_TX_RING_LO), self._gpa(REG_RX_RING_LO), self._gpa(REG_POOL_LO)
+        size, count = self.regs[REG_POOL_BUF_SIZE], self.regs[REG_POOL_COUNT]
+        problem = None
+        for what, gpa in (("TX ring", tx), ("RX ring", rx)):
+            if gpa % PAGE_SIZE or gpa + PAGE_SIZE > mem.size:
+                problem = f"{what} at {gpa:#x} is not a page of its RAM"
+        if problem is None and tx == rx:
+            problem = f"TX and RX rings share the page at {tx:#x}"
+        if problem is None and pool:
+            if not (POOL_BUF_MIN <= size <= POOL_BUF_MAX and 1 <= count <= POOL_COUNT_MAX):
+                problem = f"buffer pool of {count} x {size} bytes"
+            elif pool + size * count > mem.size:
+                problem = f"buffer pool {pool:#x}+{size * count:#x} outside its RAM"
+        if problem is not None:
+            self.error = True
+            self.dev["errors.bad_config"] += 1
+            log.warning("%s: ENABLE refused: %s", self.name, problem)
+            return
+        self._tx = BackRing(SNIC_RING, mem.page(tx >> PAGE_SHIFT))
+        self._rx = BackRing(SNIC_RING, mem.page(rx >> PAGE_SHIFT))
+        self._pool = (pool, size, count) if pool else (0, 0, 0)
+        self.enabled = True
+        self.error = False
+        self.level = 0
+        self._irq_wanted = False
+        self._since_wanted = self._since_irq = 0
+        self._last_irq = trio.current_time()
+        if self not in self.switch.ports:
+            self.switch.attach(self)
+        self._wake.set()  # the task starts serving (descriptors may be posted already)
+        log.info(
+            "%s enabled (TX ring %#x, RX ring %#x, pool %#x %dx%d)", self.name, tx, rx, pool, count, size
+        )
+
+    def reset(self) -> None:
+        """CTRL RESET (and teardown): stop, let go of the rings, leave the switch."""
+        if self._rx_queue:
+            self.dev["drops.reset"] += len(self._rx_queue)
+        self._rx_queue.clear()
+        self._rx_held.clear()
+        self.enabled = False
+        self.error = False
+        self._release_rings()
+        if self in self.switch.ports:
+            self.switch.detach(self)
+        self._wake.set()
+
+    def _release_rings(self) -> None:
+        for ring in (self._tx, self._rx):
+            if ring is not None:
+                ring.release()
+        self._tx = self._rx = None
+
+    def _fault(self, reason: str) -> None:
+        """The guest broke a ring: stop this device (ERROR), count and log why."""
+        self.dev[f"errors.{reason}"] += 1
+        log.error("%s stopped: %s", self.name, reason)
+        self.reset()
+        self.error = True
+
+    def _doorbell(self, value: int) -> None:
+        """DOORBELL: the guest posted descriptors; send at once (on this exit), then poll."""
+        if not self.enabled:
+            self.dev["errors.doorbell_disabled"] += 1
+            return
+        self.dev["doorbells"] += 1
+        if value & DB_TX:
+            self._tx_work()
+        if value & DB_RX:
+            self._rx_work()
+        self._moderate()
+        self._wake.set()
+
+    # ------------------------------------------------------------------ DMA
+    def _buffer(self, buf: int, offset: int, length: int, flags: int, write: bool) -> memoryview | str:
+        """The guest memory a descriptor names (a DMA window), or why it names none."""
+        if flags & ~SNIC_F_GREF:
+            return "bad_flags"
+        if length == 0:
+            return "bad_len"
+        if flags & SNIC_F_GREF:
+            try:
+                frame = self.dom.grant_table.acquire(DOMID_IO, buf, write=write)
+            except GrantError:
+                return "bad_grant"
+            if offset + length > PAGE_SIZE:
+                return "bad_len"
+            gpa = (frame << PAGE_SHIFT) + offset
+        else:
+            base, size, count = self._pool
+            if buf >= count:
+                return "bad_buf"
+            if offset + length > size:
+                return "bad_len"
+            gpa = base + buf * size + offset
+        return self.dom.mem.view[gpa : gpa + length]
+
+    def _refuse(self, reason: str, desc_id: int) -> bytes:
+        self.errors += 1
+        self.dev[f"errors.{reason}"] += 1
+        return CMPL.pack(desc_id, 0, _REASON_STATUS[reason], 0)
+
+    def _tx_work(self) -> int:
+        """Send every posted TX descriptor: DMA from guest memory, one batch to the switch."""
+        ring = self._tx
+        if ring is None:
+            return 0
+        try:
+            data = ring.take_requests()
+        except RingOverflowError:
+            self._fault("ring_overflow")
+            return 0
+        if not data:
+            return 0
+        frames: list[bytes] = []
+        cmpls: list[bytes] = []
+        for buf, offset, length, desc_id, flags, _rsvd in DESC.iter_unpack(data):
+            if not ETH_HEADER_LEN <= length <= MAX_FRAME_LEN:
+                cmpls.append(self._refuse("bad_len", desc_id))
+                continue
+            window = self._buffer(buf, offset, length, flags, write=False)
+            if isinstance(window, str):
+                cmpls.append(self._refuse(window, desc_id))
+                continue
+            frames.append(window.tobytes())  # the DMA read: guest memory -> wire
+            cmpls.append(CMPL.pack(desc_id, length, SNIC_OK, 0))
+        self._complete(ring, cmpls)
+        if frames:
+            dev = self.dev
+            dev["copies"] += len(frames)
+            dev["packets.tx"] += len(frames)
+            dev["bytes.tx"] += sum(map(len, frames))
+            self.switch.input(self, frames)
+        return len(cmpls)
+
+    def _rx_work(self) -> int:
+        """Write queued frames into posted RX buffers (DMA into guest memory)."""
+        ring = self._rx
+        q = self._rx_queue
+        if ring is None or not q:
+            return 0
+        held = self._rx_held
+        try:
+            if len(held) < len(q):
+                held.extend(DESC.iter_unpack(ring.take_requests(len(q) - len(held))))
+        except RingOverflowError:
+            self._fault("ring_overflow")
+            return 0
+        cmpls: list[bytes] = []
+        delivered = nbytes = 0
+        while q and held:
+            buf, offset, length, desc_id, flags, _rsvd = held[0]
+            window = self._buffer(buf, offset, length, flags, write=True)
+            if isinstance(window, str):
+                held.popleft()
+                cmpls.append(self._refuse(window, desc_id))
+                continue
+            frame = q[0]
+            n = len(frame)
+            if n > length:
+                q.popleft()  # the frame cannot fit the buffer it is due in: drop it, keep the buffer
+                self.dev["drops.rx_too_big"] += 1
+                continue
+            held.popleft()
+            q.popleft()
+            window[:n] = frame  # the DMA write: wire -> guest memory
+            cmpls.append(CMPL.pack(desc_id, n, SNIC_OK, 0))
+            delivered += 1
+            nbytes += n
+        self._complete(ring, cmpls)
+        if delivered:
+            dev = self.dev
+            dev["copies"] += delivered
+            dev["packets.rx"] += delivered
+            dev["bytes.rx"] += nbytes
+        return len(cmpls)
+
+    def _complete(self, ring: BackRing, cmpls: list[bytes]) -> None:
+        """Publish completions; note whether the guest asked to be interrupted by them."""
+        if not cmpls:
+            return
+        _, notify = ring.send(b"".join(cmpls))
+        n = len(cmpls)
+        self._since_irq += n
+        if notify and not self._irq_wanted:
+            self._irq_wanted = True
+            self._wanted_since = trio.current_time()
+            self._since_wanted = 0
+        if self._irq_wanted:
+            self._since_wanted += n
+
+    # ------------------------------------------------------------------ moderation
+    def profile(self) -> tuple[int, int]:
+        """(frames, usecs) in force now."""
+        if self.mod_mode == MOD_OFF:
+            return 1, 0
+        if self.mod_mode == MOD_FIXED:
+            return max(1, self.regs[REG_MOD_FRAMES]), self.regs[REG_MOD_USECS]
+        return MOD_PROFILES[self.level]
+
+    def _irq_deadline(self) -> float:
+        if not self._irq_wanted:
+            return math.inf
+        return self._wanted_since + self.profile()[1] * 1e-6
+
+    def _moderate(self) -> None:
+        """Raise the interrupt the guest asked for, if the moderation thresholds allow it now."""
+        if not self._irq_wanted:
+            return
+        frames, _usecs = self.profile()
+        if self._since_wanted >= frames:
+            self._raise_irq("by_frames")
+        elif trio.current_time() >= self._irq_deadline():
+            self._raise_irq("by_timer")
+
+    def _raise_irq(self, why: str) -> None:
+        now = trio.current_time()
+        dev = self.dev
+        dev["irqs.raised"] += 1
+        dev[f"irqs.{why}"] += 1
+        if self.virq in self.dom.virqs:
+            self.hv.send_virq(self.dom, self.virq)
+        else:
+            dev["irqs.unbound"] += 1
+        if self.mod_mode == MOD_ADAPTIVE:  # net_dim: sample the rate at each interrupt, step one level
+            dt = now - self._last_irq
+            rate = self._since_irq / dt if dt > 0 else math.inf
+            target = level_for_rate(rate)
+            self.level += (target > self.level) - (target < self.level)
+        self._last_irq = now
+        self._since_irq = 0
+        self._irq_wanted = False
+        self._since_wanted = 0
+
+    # ------------------------------------------------------------------ the monitor's task
+    async def run(self) -> None:
+        """Serve the device for as long as the domain lives: poll while busy, sleep when idle."""
+        with self.scope:
+            idle = 0
+            while True:
+                self._wake = trio.Event()
+                if not self.enabled:
+                    idle = 0
+                    await self._wake.wait()
+                    continue
+                self.dev["polls"] += 1
+                work = self._tx_work() + self._rx_work()
+                self._moderate()
+                if work:
+                    idle = 0
+                    await trio.lowlevel.checkpoint()
+                    continue
+                idle += 1
+                if idle <= POLL_SPINS:
+                    await trio.lowlevel.checkpoint()
+                    continue
+                if self._arm():
+                    continue
+                with trio.move_on_at(self._irq_deadline()):
+                    await self._wake.wait()
+                idle = 0
+
+    def _arm(self) -> bool:
+        """Going idle: ask for doorbells (TX always, RX when frames wait for buffers); True if
+        the final checks found work after all."""
+        tx, rx = self._tx, self._rx
+        if tx is None or rx is None:
+            return False
+        try:
+            more = tx.final_check_for_requests(1)
+            if self._rx_queue:
+                more += rx.final_check_for_requests(1)
+        except RingOverflowError:
+            self._fault("ring_overflow")
+            return False
+        return more > 0
+
+    # ------------------------------------------------------------------ RX: switch -> device
+    def transmit(self, frames: list[bytes]) -> None:
+        """Frames from the wire: the monitor absorbs the "interrupt" and DMAs them in now."""
+        if not self.enabled:
+            self.dev["drops.rx_disabled"] += len(frames)
+            return
+        q = self._rx_queue
+        room = RX_QUEUE_MAX - len(q)
+        if len(frames) > room:
+            self.dev["drops.rx_queue_full"] += len(frames) - room
+            frames = frames[:room]
+        q.extend(frames)
+        self._rx_work()
+        self._moderate()
+        if q or self._irq_wanted:
+            self._wake.set()  # the task waits for buffers, or for the moderation deadline
+
+    # ------------------------------------------------------------------ lifecycle
+    def detach(self) -> None:
+        """The domain is going away: stop the task, let go of its memory, leave bus and switch."""
+        self.scope.cancel()
+        self.reset()
+        self.hv.iobus.unregister(self.dom, self)
+
+
+def add_smartnic(
+    hv: Hypervisor, dom: Domain, switch: Switch, *, devid: int = 0, mac: bytes | None = None
+) -> SmartNic:
+    """Plug a smart NIC into ``dom``: its register window on the bus and its task in the monitor."""
+    nic = SmartNic(hv, dom, switch, devid=devid, mac=mac)
+    hv.iobus.register_mmio(dom, SNIC_MMIO_BASE + SNIC_MMIO_STRIDE * devid, SNIC_WINDOW, nic)
+    dom.on_destroy.append(lambda _dom: nic.detach())
+    if hv.nursery is None:
+        raise RuntimeError("the hypervisor is not running: use `async with Hypervisor() as hv:`")
+    hv.nursery.start_soon(nic.run, name=f"smartnic-{nic.name}")
+    return nic
