@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import struct
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
@@ -63,10 +62,9 @@ log = logging.getLogger("pvio.netback")
 
 NR_TX = NETIF_TX.nr_ents()
 NR_RX = NETIF_RX.nr_ents()
-_TX_REQ = struct.Struct("<IHHHH")
-_TX_RSP = struct.Struct("<Hh")
-_RX_REQ = struct.Struct("<HHI")
-_RX_RSP = struct.Struct("<HHHh")
+# The netif codecs of ring.h's structs (one definition, in ringbuf), for iter_unpack / pack.
+_TX_REQ, _TX_RSP = NETIF_TX.req_struct, NETIF_TX.rsp_struct
+_RX_REQ, _RX_RSP = NETIF_RX.req_struct, NETIF_RX.rsp_struct
 FATAL_SLOTS = 20  # Linux netback's fatal_skb_slots default
 RX_QUEUE_MAX = 1024  # frames waiting for guest buffers, per vif
 

@@ -30,7 +30,6 @@ Protocol (netif.h over two rings, one event channel), following Linux netfront:
 from __future__ import annotations
 
 import logging
-import struct
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
@@ -57,11 +56,9 @@ log = logging.getLogger("pvio.netfront")
 
 NR_TX = NETIF_TX.nr_ents()
 NR_RX = NETIF_RX.nr_ents()
-_TX_REQ = struct.Struct("<IHHHH")  # the netif_tx_request codec (same bytes as NETIF_TX.Request)
-_TX_RSP = struct.Struct("<Hh")
-_RX_REQ = struct.Struct("<HHI")
-_RX_RSP = struct.Struct("<HHHh")
-assert _TX_REQ.size == NETIF_TX.req_size and _RX_RSP.size == NETIF_RX.rsp_size
+# The netif codecs of ring.h's structs (one definition, in ringbuf), for iter_unpack / pack.
+_TX_REQ, _TX_RSP = NETIF_TX.req_struct, NETIF_TX.rsp_struct
+_RX_REQ, _RX_RSP = NETIF_RX.req_struct, NETIF_RX.rsp_struct
 RX_QUEUE_MAX = 4096  # frames received but not yet read by the application
 
 

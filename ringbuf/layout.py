@@ -86,6 +86,7 @@ class RingLayout:
         self.ent_size = ent_size
         self._req = req_codec
         self._rsp = rsp_codec
+
         self.Request: Any = req_codec[1] if req_codec else None
         self.Response: Any = rsp_codec[1] if rsp_codec else None
 
@@ -113,6 +114,16 @@ class RingLayout:
         return int(lib.pvio_ring_nr_ents(ring_bytes, self.ent_size))
 
     # -- field codec -------------------------------------------------------------------------
+
+    @property
+    def req_struct(self) -> struct.Struct:
+        """The request codec itself, for hot paths (``iter_unpack``, ``pack`` of plain tuples)."""
+        return self._codec(self._req)[0]
+
+    @property
+    def rsp_struct(self) -> struct.Struct:
+        """The response codec itself, for hot paths."""
+        return self._codec(self._rsp)[0]
 
     def _codec(self, which: tuple[struct.Struct, Any] | None) -> tuple[struct.Struct, Any]:
         if which is None:
