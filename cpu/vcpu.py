@@ -461,10 +461,12 @@ class X86Vcpu:
         ]
         rsp = values["rsp"]
         try:
+            if rsp < PAGE_SIZE:  # page 0 is RAM in the buffer but not mapped for the guest
+                raise GuestFault(f"rsp {rsp:#x} in the unmapped page 0")
             words = struct.unpack("<4Q", self.dom.mem.read(rsp, 32))
             lines.append("  stack: " + " ".join(f"{w:016x}" for w in words))
         except GuestFault:
-            lines.append("  stack: (rsp outside RAM)")
+            lines.append("  stack: (rsp outside mapped RAM)")
         return "\n".join(lines)
 
     def _crash_domain(self, reason: str) -> None:
