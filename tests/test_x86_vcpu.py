@@ -203,3 +203,72 @@ async def test_an_unusable_stack_at_upcall_time_stops_the_domain(autojump_clock:
     await settle()
     assert not dom.alive
     assert dom.crash_reason is not None and "unusable stack" in dom.crash_reason
+
+
+# ---------------------------------------------------------------------- port I/O and MMIO
+IO_TEST_ASM = """
+    .text
+    .globl _start
+_start:
+    lea     stack_top(%rip), %rsp
+    mov     2064(%rsi), %rbx        # the hypercall page's frame (pvio start_info extension)
+    shl     $12, %rbx
+    mov     $0x5a, %al
+    out     %al, $0x60              # exit: port write
+    in      $0x61, %al              # exit: port read (the device answers 0x42)
+    mov     %eax, %r12d
+    mov     $0xfeb00000, %rcx
+    movl    $0xabcd, (%rcx)         # exit: MMIO write
+    mov     8(%rcx), %r13d          # exit: MMIO read (the device answers 0x1234)
+    mov     $1, %edi                # SCHEDOP_block: park for good
+    lea     29*32(%rbx), %rax
+    call    *%rax
+1:  jmp     1b
+    .bss
+    .skip   4096
+stack_top:
+    .section .note.GNU-stack, "", @progbits
+"""
+IO_TEST_LD = "ENTRY(_start)\nSECTIONS { . = 0x10000; .text : { *(.text) } .bss : { *(.bss) } }\n"
+
+
+class RecordingDevice:
+    """A device model that answers fixed values and records every access."""
+
+    def __init__(self, answer: int) -> None:
+        self.answer = answer
+        self.accesses: list[tuple[str, int, int, int]] = []
+
+    def read(self, offset: int, size: int) -> int:
+        self.accesses.append(("read", offset, size, 0))
+        return self.answer
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self.accesses.append(("write", offset, size, value))
+
+
+async def test_port_io_and_mmio_are_exits_routed_to_the_iobus(
+    autojump_clock: Any, hv: Hypervisor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "io.S").write_text(IO_TEST_ASM)
+    (src / "main.c").write_text("void unused(void);\nvoid unused(void) {}\n")
+    (src / "linker.ld").write_text(IO_TEST_LD)
+    monkeypatch.setenv("PVIO_X86_CACHE", str(tmp_path / "cache"))
+    guest = X86Guest(build_image(src), name="io")
+    dom = hv.create_domain(guest, name="io")
+    port, mmio = RecordingDevice(0x42), RecordingDevice(0x1234)
+    hv.iobus.register_pio(dom, 0x60, 2, port)
+    hv.iobus.register_mmio(dom, 0xFEB0_0000, 0x1000, mmio)
+    await hv.start(dom)
+    await settle()
+    from unicorn.x86_const import UC_X86_REG_R12, UC_X86_REG_R13
+
+    assert port.accesses == [("write", 0, 1, 0x5A), ("read", 1, 1, 0)]
+    assert mmio.accesses == [("write", 0, 4, 0xABCD), ("read", 8, 4, 0)]
+    assert guest.vcpu.uc.reg_read(UC_X86_REG_R12) & 0xFF == 0x42
+    assert guest.vcpu.uc.reg_read(UC_X86_REG_R13) == 0x1234
+    c = dom.counters
+    assert (c["exits"], c["exits.pio"], c["exits.mmio"], c["exits.hypercall"]) == (5, 2, 2, 1)
+    assert dom.alive and guest.vcpu.blocked
