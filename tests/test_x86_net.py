@@ -169,3 +169,44 @@ async def test_a_tx_request_with_a_bad_grant_fails_that_packet_only(autojump_clo
         assert sum(v for k, v in env.hv.counters[f"netback/vif{x86.domain.domid}.0"].items()
                    if k.startswith("drops.")) == 1  # fmt: skip
         assert (await ping(a, mac, 3))[ICMP].seq == 3
+
+
+# ---------------------------------------------------------------------- a hostile backend
+async def _scribble_rx_response(env: Any, x86: X86Guest, rsp: bytes, advance: int) -> None:
+    """Play a hostile backend: write ``rsp`` into the x86 guest's next RX response slot,
+    move rsp_prod ``advance`` ahead and raise the vif's event channel."""
+    import struct
+
+    from pvio import evtchn
+
+    dom = x86.domain
+    fe = f"/local/domain/{dom.domid}/device/vif/0"
+    rx_ref = int(env.hv.toolstack.read(f"{fe}/rx-ring-ref"))
+    port = int(env.hv.toolstack.read(f"{fe}/event-channel"))
+    _flags, _domid, gfn = dom.grant_table.read_entry(rx_ref)
+    ring = dom.mem.page(gfn)
+    (rsp_prod,) = struct.unpack_from("<I", ring, 8)
+    ring[64 + (rsp_prod % 256) * 8 : 64 + (rsp_prod % 256) * 8 + 8] = rsp
+    struct.pack_into("<I", ring, 8, (rsp_prod + advance) & 0xFFFF_FFFF)
+    evtchn.set_pending(dom, port)
+    await trio.sleep(0.01)
+
+
+@pytest.mark.parametrize(
+    ("rsp", "advance", "reason"),
+    [
+        (bytes.fromhex("e703 0000 0000 3c00"), 1, "RX response id is not a posted buffer"),
+        (bytes.fromhex("0000 f00f 0000 3c00"), 1, "RX response crosses its page"),
+        (bytes(8), 1000, "impossible RX response producer index"),
+    ],
+)
+async def test_the_c_netfront_disconnects_from_a_backend_that_breaks_the_protocol(
+    autojump_clock: Any, rsp: bytes, advance: int, reason: str
+) -> None:
+    a, x86 = NicGuest("py", IP_PY), x86_echo()
+    async with net_env(a, x86) as env:
+        await wait_x86_ready(x86, env.switch)
+        await trio.sleep(0.01)
+        await _scribble_rx_response(env, x86, rsp, advance)
+        assert f"netfront: vif{x86.domain.domid}.0 disconnected: {reason}" in x86.domain.console
+        assert x86.domain.alive and x86.domain.counters["exits.fault"] == 0
