@@ -131,6 +131,32 @@ async def test_pktgen_streams_numbered_frames_to_a_pyguest(autojump_clock: Any) 
         assert c["interrupts"] < 600 // 10  # notifications are suppressed and batched
 
 
+async def test_closing_the_vif_revokes_every_grant_after_the_backend_unmaps(autojump_clock: Any) -> None:
+    b = NicGuest("py-sink", IP_PY)
+    logs: list[VifStateLog] = []
+    async with net_env(b, before_guests=lambda hv: logs.append(VifStateLog(hv, 2))) as env:
+        x86 = X86Guest(
+            name="x86-close",
+            cmdline=f"mode=pktgen ip={IP_X86} dst_mac={b.nic.mac.hex(':')} dst_ip={IP_PY} count=5 close=1",
+        )
+        dom = env.hv.create_domain(x86, name=x86.name)
+        from pvio.toolstack import add_vif
+
+        add_vif(env.hv, dom)
+        await env.hv.start(dom)
+        assert [seq_of(f) for f in await recv_n(b.nic, 5)] == list(range(5))
+        await wait_until(lambda: "closed:" in dom.console, what="the x86 netfront to close")
+        # 2 ring pages + 256 TX pool pages + 256 RX buffers, none still mapped by netback
+        assert "netfront: vif2.0 closed: 514 grants revoked, 0 still mapped" in dom.console
+        assert logs[0].states[-4:] == [
+            ("FE", XenbusState.CLOSING),
+            ("BE", XenbusState.CLOSING),
+            ("BE", XenbusState.CLOSED),
+            ("FE", XenbusState.CLOSED),
+        ]
+        assert dom.alive
+
+
 # ---------------------------------------------------------------------- hostile x86 guests
 async def test_an_x86_guest_that_publishes_a_bad_ring_grant_is_refused(
     autojump_clock: Any, caplog: pytest.LogCaptureFixture

@@ -19,6 +19,8 @@
  *   mode=fault-read | fault-ud | fault-stack | spin
  *                        a guest fault (NULL read, invalid opcode, unusable stack) or a
  *                        runaway loop, after the banner
+ *   close=1              close the vif once the mode's work is done (pktgen: after
+ *                        the last frame is answered): Closing, revoke every grant, Closed
  *   announce=0           do not send the self-addressed frame that teaches the switch
  *                        our MAC (default: send it once connected)
  */
@@ -185,5 +187,7 @@ void kmain(struct start_info *si)
         netfront_hostile_bad_tx_gref();
     else if (!strcmp(mode, "pktgen"))
         pktgen();
+    if (cmdline_get("close", ipbuf, sizeof ipbuf) && !strcmp(ipbuf, "1"))
+        netfront_close();
     echo_loop();
 }

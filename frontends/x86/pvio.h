@@ -233,6 +233,7 @@ int netfront_final_check(void);              /* arm event indices; nonzero if wo
 u32 netfront_tx_outstanding(void);
 void netfront_hostile_push(u32 extra);       /* test mode: publish an impossible req_prod */
 void netfront_hostile_bad_tx_gref(void);     /* test mode: a TX request naming a bad grant */
+void netfront_close(void);                   /* Closing, revoke every grant, Closed */
 
 /* ------------------------------------------------------------------ netstack.c */
 void netstack_init(const u8 mac[6], const u8 ip[4]);
