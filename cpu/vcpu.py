@@ -419,7 +419,11 @@ class X86Vcpu:
                 self._device_error(f"MMIO lookup {address:#x}", e)
                 return False
             if claimed:
-                uc.mmio_map(page, PAGE_SIZE, self._mmio_read, page, self._mmio_write, page)
+                try:
+                    uc.mmio_map(page, PAGE_SIZE, self._mmio_read, page, self._mmio_write, page)
+                except UcError as e:  # e.g. a grant mapping sits there: a fault, reported as such
+                    log.warning("dom%d: cannot map MMIO page %#x: %s", self.dom.domid, page, e)
+                    return False
                 self._mmio_pages.add(page)
                 return True
         return False  # the engine raises UC_ERR_*_UNMAPPED: _fault reports it

@@ -272,3 +272,65 @@ async def test_port_io_and_mmio_are_exits_routed_to_the_iobus(
     c = dom.counters
     assert (c["exits"], c["exits.pio"], c["exits.mmio"], c["exits.hypercall"]) == (5, 2, 2, 1)
     assert dom.alive and guest.vcpu.blocked
+
+
+# ---------------------------------------------------------------------- the C kernel's ABI numbers
+def test_the_c_kernels_abi_numbers_match_pvio_abi() -> None:
+    """Every ABI number the C guest kernel defines equals the hypervisor's (pvio.abi)."""
+    import re
+
+    from cpu.build import SOURCE_DIR
+    from pvio import abi
+    from pvio.xs_wire import XenbusState, XsType
+
+    defines = {
+        name: int(value, 0) if value else 1 << int(shift)
+        for name, value, shift in re.findall(
+            r"^#define (\w+) (?:(0x[0-9A-Fa-f]+|\d+)(?:UL)?|\(1 << (\d+)\))\s*(?:/\*.*)?$",
+            (SOURCE_DIR / "pvio.h").read_text(),
+            re.M,
+        )
+    }
+    expected = {
+        **{f"HC_{h.name}": int(h) for h in abi.Hypercall if f"HC_{h.name}" in defines},
+        "CONSOLEIO_write": abi.CONSOLEIO_write,
+        "SCHEDOP_yield": abi.SchedOp.yield_,
+        "SCHEDOP_block": abi.SchedOp.block,
+        "SCHEDOP_shutdown": abi.SchedOp.shutdown,
+        "SHUTDOWN_poweroff": abi.ShutdownReason.poweroff,
+        "SHUTDOWN_crash": abi.ShutdownReason.crash,
+        "EVTCHNOP_close": abi.EvtchnOp.close,
+        "EVTCHNOP_send": abi.EvtchnOp.send,
+        "EVTCHNOP_alloc_unbound": abi.EvtchnOp.alloc_unbound,
+        "EVTCHNOP_unmask": abi.EvtchnOp.unmask,
+        "DOMID_SELF": abi.DOMID_SELF,
+        "EAGAIN": abi.Errno.EAGAIN,
+        "ENOENT": abi.Errno.ENOENT,
+        "EINVAL": abi.Errno.EINVAL,
+        "ENOSPC": abi.Errno.ENOSPC,
+        "PAGE_SHIFT": abi.PAGE_SHIFT,
+        "PAGE_SIZE": abi.PAGE_SIZE,
+        "PVIO_EXT_OFFSET": abi.PVIO_SI_EXT,
+        "GTF_permit_access": abi.GTF_permit_access,
+        "GTF_readonly": abi.GTF_readonly,
+        "GTF_reading": abi.GTF_reading,
+        "GTF_writing": abi.GTF_writing,
+        "GNTTAB_NR_RESERVED": abi.GNTTAB_NR_RESERVED_ENTRIES,
+        "NET_TX_RING_SIZE": 256,
+        "NET_RX_RING_SIZE": 256,
+        "XS_READ": XsType.READ,
+        "XS_WATCH": XsType.WATCH,
+        "XS_UNWATCH": XsType.UNWATCH,
+        "XS_TRANSACTION_START": XsType.TRANSACTION_START,
+        "XS_TRANSACTION_END": XsType.TRANSACTION_END,
+        "XS_WRITE": XsType.WRITE,
+        "XS_WATCH_EVENT": XsType.WATCH_EVENT,
+        "XS_ERROR": XsType.ERROR,
+        "XenbusStateInitialising": XenbusState.INITIALISING,
+        "XenbusStateInitWait": XenbusState.INIT_WAIT,
+        "XenbusStateConnected": XenbusState.CONNECTED,
+        "XenbusStateClosing": XenbusState.CLOSING,
+        "XenbusStateClosed": XenbusState.CLOSED,
+    }
+    assert {k: defines.get(k) for k in expected} == {k: int(v) for k, v in expected.items()}
+    assert {"HC_console_io", "HC_iret", "HC_sched_op", "HC_event_channel_op"} <= defines.keys()

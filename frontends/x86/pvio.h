@@ -1,7 +1,8 @@
 /* pvio x86 guest kernel: the ABI it speaks (Xen's layouts, pvio's start_info extension)
  * and the kernel's internal interfaces.  Every layout here is Xen's public one (or pvio's,
- * docs/abi.md), written from the fact sheet; tests/test_x86_abi.py checks them against
- * pvio.abi by compiling nothing: the offsets are asserted here with _Static_assert. */
+ * docs/abi.md), written from the fact sheet: struct sizes and offsets are checked at
+ * compile time (_Static_assert), and tests/test_x86_vcpu.py checks every number defined
+ * here against pvio.abi, the hypervisor's single definition. */
 #ifndef PVIO_H
 #define PVIO_H
 
