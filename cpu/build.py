@@ -15,6 +15,7 @@ how to get it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
@@ -67,6 +68,14 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pvio"
 
 
+@functools.cache
+def _compiler_version(cc: str) -> str:
+    try:
+        return subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise BuildError(f"the compiler {cc!r} does not run: {e}") from None
+
+
 def source_hash(source_dir: Path = SOURCE_DIR, cc: str | None = None) -> str:
     """The cache key: sources, flags and compiler version."""
     cc = cc or _compiler()
@@ -74,11 +83,7 @@ def source_hash(source_dir: Path = SOURCE_DIR, cc: str | None = None) -> str:
     for path in _sources(source_dir):
         h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     h.update(" ".join(CFLAGS + LDFLAGS).encode())
-    try:
-        version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError) as e:
-        raise BuildError(f"the compiler {cc!r} does not run: {e}") from None
-    h.update(version.encode())
+    h.update(_compiler_version(cc).encode())
     return h.hexdigest()[:16]
 
 
