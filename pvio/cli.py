@@ -4,7 +4,9 @@
 exchange scapy-built traffic through the PV split-driver NIC and the counters per packet
 are printed; ``pvio demo --guest x86`` runs it with guest B an x86 guest kernel on the
 emulated vCPU (``examples/x86_demo.py``), same table and ``--json`` schema.
-``pvio ring-demo`` runs the bare ring example.
+``pvio ring-demo`` runs the bare ring example.  ``pvio bench [--json] [--chart PATH]``
+compares the device models (emulated NIC, PV vif, smart NIC) on stream and ping-pong
+traffic (:mod:`pvio.bench`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ def main(argv: list[str] | None = None) -> None:
     commands = {
         "demo": "the PV NIC demo (--json for JSON; --guest x86 for an x86 guest B)",
         "ring-demo": "the shared-ring example",
+        "bench": "compare the device models (--json, --chart PATH, --help)",
     }
     if not args or args[0] in ("-h", "--help") or args[0] not in commands:
         print("usage: pvio COMMAND [options]\n\ncommands:")
@@ -25,6 +28,10 @@ def main(argv: list[str] | None = None) -> None:
             print(f"  {name:<10} {what}")
         sys.exit(0 if args and args[0] in ("-h", "--help") else 2)
     command, rest = args[0], args[1:]
+    if command == "bench":
+        from pvio import bench
+
+        sys.exit(bench.main(rest))
     if command == "demo":
         guest, rest = _take_option(rest, "--guest", "py")
         if guest == "x86":

@@ -1,0 +1,637 @@
+"""The device-model comparison: environments, traffic scenarios, per-packet costs, ``pvio bench``.
+
+One machinery serves the pytest plugin (:mod:`pvio.pytest_plugin`), the tests and the
+``pvio bench`` command, so a figure in the README, a pinned count in a test and a user's
+benchmark are computed the same way.
+
+- :func:`model_env` boots a hypervisor, the switch and ``n_guests`` guests, each with one
+  NIC of the chosen model: ``"emulated"`` (trap-and-emulate register NIC,
+  ``backends/emulated_nic.py``), ``"pv"`` (netfront/netback through dom0) or
+  ``"smartnic"`` (DMA descriptors, the monitor does the I/O, ``backends/smartnic.py``).
+  Guests come from a guest kind: ``"py"`` (PyGuests) is built in; ``"x86"`` is registered
+  by the x86 guest kernel when it exists (:func:`register_guest_kind`).
+- :func:`run_scenario` runs a fixed traffic pattern from the first guest (A) to the second
+  (B) and returns a :class:`ScenarioResult`: counters of the traffic phase per packet
+  delivered end to end, packets per second and, for ping-pong, latency.
+
+Scenarios
+---------
+``stream``: A sends ``packets`` UDP frames of ``frame_size`` bytes to B; B receives them
+all.  ``offered_load=None`` is saturation (A sends batches of ``batch`` as fast as its
+driver takes them); a number is a paced load in packets per second (at each wake-up A
+sends every frame whose time has come, then sleeps until the next one's).
+``pingpong``: A sends one frame to B and waits for B's echo (MACs swapped) before the next;
+``packets`` round trips, ``2 * packets`` frames delivered.  ``offered_load`` paces the round
+trips (trips per second); ``None`` is back to back.
+
+What is counted
+---------------
+The counters of every domain (dom0 included: the PV model's backend work is paid there)
+and every device, from just before the first frame to the moment the system is quiet after
+the last one (moderation timers included), divided by frames delivered end to end:
+``interrupts`` (upcalls taken), ``exits`` (hypercalls + port I/O + MMIO), ``hypercalls``,
+``copies`` (frame copies made outside the guests: grant-copy elements for PV, DMA
+transfers for the smart NIC, device-buffer transfers for the emulated NIC).  ``pps`` and
+``latency_us`` are wall-clock (``time.perf_counter``) whatever trio's clock: under
+MockClock they measure the simulator, and pacing sleeps cost no wall time.  Under
+MockClock the counts are exactly reproducible; with the real clock they vary a little.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import struct
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import trio
+import trio.testing
+
+from pvio.counters import Snapshot
+from pvio.hypervisor import Hypervisor
+
+MODELS: tuple[str, ...] = ("emulated", "pv", "smartnic")
+SCENARIOS: tuple[str, ...] = ("stream", "pingpong")
+FRAME_SIZE = 64
+BATCH = 64
+ANNOUNCE_ETHERTYPE = 0x88B5  # IEEE "local experimental": a frame to self, so the switch learns a MAC
+SEQ = struct.Struct("!I")
+SEQ_OFFSET = 14 + 20 + 8  # Ethernet + IPv4 + UDP headers: the sequence number opens the payload
+STREAM_PORTS = (5000, 9)
+PINGPONG_PORTS = (40000, 7)
+
+
+class GuestNic(Protocol):
+    """What a scenario needs of a guest's NIC driver (netfront's API, which every driver offers)."""
+
+    mac: bytes
+
+    async def send_batch(self, frames: list[Any]) -> None: ...
+
+    async def send(self, frame: Any) -> None: ...
+
+    async def recv(self) -> bytes: ...
+
+    async def recv_batch(self, max_frames: int = 256) -> list[bytes]: ...
+
+    def pending(self) -> int: ...
+
+
+class BenchGuest(Protocol):
+    """A guest kernel of a scenario: ``nic`` once ``ready`` is set; ``spawn`` runs a task inside it."""
+
+    name: str | None
+    ip: str
+    nic: GuestNic
+    ready: trio.Event
+
+    def spawn(self, fn: Callable[..., Any], *args: Any, name: str | None = None) -> None: ...
+
+
+#: A guest kind: (name, model, ip, options) -> a guest kernel with one NIC of that model.
+GuestFactory = Callable[[str, str, str, dict[str, Any]], Any]
+GUEST_KINDS: dict[str, GuestFactory] = {}
+
+
+def register_guest_kind(kind: str, factory: GuestFactory) -> None:
+    """Make ``kind`` available to :func:`model_env` (the x86 guest kernel registers ``"x86"``)."""
+    GUEST_KINDS[kind] = factory
+
+
+def _py_guest(name: str, model: str, ip: str, options: dict[str, Any]) -> Any:
+    from pvio.guest import PyGuest
+
+    class ModelGuest(PyGuest):
+        """A PyGuest with one NIC of ``model``; ``ready`` once its driver is connected."""
+
+        def __init__(self) -> None:
+            super().__init__(name)
+            self.ip = ip
+            self.ready = trio.Event()
+            self.nic: Any = None
+
+        async def main(self) -> None:
+            if model == "pv":
+                from frontends.netfront import Netfront
+
+                self.nic = Netfront(self)
+            elif model == "emulated":
+                from frontends.emulated_nic_driver import EmulatedNicDriver
+
+                self.nic = EmulatedNicDriver(self, use_mmio=bool(options.get("use_mmio", False)))
+            else:
+                from frontends.smartnic_driver import SmartNicDriver
+
+                self.nic = SmartNicDriver(self, moderation=options.get("moderation"))
+            await self.nic.connect()
+            self.ready.set()
+
+    ModelGuest.__qualname__ = ModelGuest.__name__ = f"{model.capitalize()}PyGuest"
+    return ModelGuest()
+
+
+register_guest_kind("py", _py_guest)
+
+
+@dataclass
+class ModelEnv:
+    """What :func:`model_env` booted: the hypervisor, the switch, the guests, the model's devices."""
+
+    hv: Hypervisor
+    switch: Any
+    model: str
+    guest_kind: str
+    guests: list[Any]
+    devices: list[Any] = field(default_factory=list)
+    netback: Any = None
+
+    def snapshot(self) -> Snapshot:
+        """Every domain's and device's counters, frozen."""
+        return self.hv.snapshot()
+
+    def domain_names(self) -> dict[str, str]:
+        """Counter owner -> guest name (``dom1`` -> ``a``)."""
+        return {f"dom{d.domid}": d.name for d in self.hv.domains.values()}
+
+
+def _ip(index: int) -> str:
+    return f"10.0.0.{index + 1}"
+
+
+@asynccontextmanager
+async def model_env(
+    model: str = "pv",
+    guest: str = "py",
+    *,
+    n_guests: int = 2,
+    timeout_s: float = 10.0,
+    **options: Any,
+) -> AsyncIterator[ModelEnv]:
+    """Boot a hypervisor whose ``n_guests`` guests (``a``, ``b``, ...) each have one NIC of ``model``.
+
+    The guests are connected and their MACs learned by the switch (each sends one frame to
+    itself, which the switch learns from and drops), and the system is quiet when this
+    yields.  ``options`` go to the guest kind (``moderation=(mode, frames, usecs)`` for
+    the smart NIC driver, ``use_mmio=True`` for the emulated NIC driver).
+    """
+    if model not in MODELS:
+        raise ValueError(f"unknown device model {model!r}: choose one of {', '.join(MODELS)}")
+    factory = GUEST_KINDS.get(guest)
+    if factory is None:
+        raise NotImplementedError(
+            f"guest kind {guest!r} is not available (known: {', '.join(sorted(GUEST_KINDS))}); "
+            "x86 guests register themselves once the x86 guest kernel and its NIC drivers exist "
+            "(docs/devices.md)"
+        )
+    from backends.emulated_nic import add_emulated_nic
+    from backends.netback import NetBack
+    from backends.smartnic import add_smartnic
+    from backends.switch import Switch
+    from pvio.toolstack import add_vif
+
+    async with Hypervisor() as hv:
+        assert hv.dom0 is not None
+        switch = Switch(hv.counters)
+        env = ModelEnv(hv, switch, model, guest, [])
+        if model == "pv":
+            dom0 = hv.dom0.kernel
+            env.netback = NetBack(dom0, switch)  # type: ignore[arg-type]
+            dom0.spawn(env.netback.run, name="netback")  # type: ignore[attr-defined]
+        for i in range(n_guests):
+            name = chr(ord("a") + i)
+            kernel = factory(name, model, _ip(i), options)
+            dom = hv.create_domain(kernel, name=name)
+            if model == "pv":
+                add_vif(hv, dom)
+            elif model == "emulated":
+                env.devices.append(add_emulated_nic(hv, dom, switch))
+            else:
+                env.devices.append(add_smartnic(hv, dom, switch))
+            await hv.start(dom)
+            env.guests.append(kernel)
+        with trio.fail_after(timeout_s):
+            for g in env.guests:
+                await g.ready.wait()
+            for g in env.guests:
+                mac = g.nic.mac
+                await g.nic.send(mac + mac + struct.pack("!H", ANNOUNCE_ETHERTYPE) + bytes(46))
+            macs = {g.nic.mac for g in env.guests}
+            while not macs <= set(switch.mac_table):
+                await trio.sleep(0.0005)
+        await _settle()
+        yield env
+
+
+async def _settle() -> None:
+    """Run until the system is quiet, moderation timers included (instant under MockClock)."""
+    await trio.testing.wait_all_tasks_blocked()
+    await trio.sleep(0.001)
+    await trio.testing.wait_all_tasks_blocked()
+
+
+# ---------------------------------------------------------------------- scenarios
+def make_frames(
+    src: Any, dst: Any, count: int, size: int, ports: tuple[int, int], start: int = 0
+) -> list[bytes]:
+    """``count`` UDP frames of ``size`` bytes from ``src`` to ``dst``, numbered from ``start``."""
+    from frontends.netstack import udp_packet
+
+    pad = size - SEQ_OFFSET - SEQ.size
+    if pad < 0:
+        raise ValueError(f"a scenario frame needs at least {SEQ_OFFSET + SEQ.size} bytes, not {size}")
+    return [
+        udp_packet(
+            src.nic.mac, dst.nic.mac, src.ip, dst.ip, *ports, SEQ.pack(start + i) + bytes(pad), checksum=False
+        )
+        for i in range(count)
+    ]
+
+
+def seq_of(frame: bytes) -> int:
+    """The sequence number of a frame made by :func:`make_frames`."""
+    return int(SEQ.unpack_from(frame, SEQ_OFFSET)[0])
+
+
+COST_KEYS: tuple[str, ...] = ("interrupts", "exits", "hypercalls", "copies")
+
+
+def costs(diff: Snapshot) -> dict[str, int]:
+    """The four comparison totals of a counter diff (see the module docstring)."""
+    return {
+        "interrupts": diff.total("interrupts", "domain"),
+        "exits": diff.total("exits", "domain"),
+        "hypercalls": diff.total("hypercalls", "domain"),
+        "copies": diff.total("grant.copies", "domain") + diff.total("copies", "device"),
+    }
+
+
+@dataclass
+class ScenarioResult:
+    """One scenario run: what was offered, what was delivered, and what it cost."""
+
+    model: str
+    guest: str
+    scenario: str
+    offered_load: float | None
+    frame_size: int
+    packets: int  # frames delivered end to end
+    seconds: float  # wall-clock duration of the traffic phase
+    totals: dict[str, int]
+    by_domain: dict[str, dict[str, int]]
+    latency_us: float | None = None
+    diff: Snapshot | None = None
+
+    @property
+    def per_packet(self) -> dict[str, float]:
+        """Each total divided by the frames delivered end to end."""
+        return {k: self.totals[k] / self.packets for k in COST_KEYS}
+
+    @property
+    def pps(self) -> float:
+        """Frames delivered per wall-clock second."""
+        return self.packets / self.seconds if self.seconds > 0 else math.inf
+
+    @property
+    def load(self) -> str:
+        """The offered load as a label: ``saturation`` / ``back-to-back`` or ``<n> pps``."""
+        if self.offered_load is None:
+            return "saturation" if self.scenario == "stream" else "back-to-back"
+        return f"{self.offered_load:g} pps"
+
+    def row(self) -> dict[str, Any]:
+        """The JSON row of ``pvio bench --json`` and of the pytest summary."""
+        pp = self.per_packet
+        return {
+            "model": self.model,
+            "guest": self.guest,
+            "scenario": self.scenario,
+            "offered_load": self.offered_load,
+            "load": self.load,
+            "frame_size": self.frame_size,
+            "packets": self.packets,
+            "pps": round(self.pps, 1) if math.isfinite(self.pps) else None,
+            "latency_us": None if self.latency_us is None else round(self.latency_us, 1),
+            "per_packet": {k: round(pp[k], 5) for k in COST_KEYS},
+            "totals": dict(self.totals),
+            "by_domain": self.by_domain,
+        }
+
+
+async def run_scenario(
+    env: ModelEnv,
+    scenario: str,
+    *,
+    packets: int = 1000,
+    frame_size: int = FRAME_SIZE,
+    offered_load: float | None = None,
+    batch: int = BATCH,
+    timeout_s: float = 60.0,
+) -> ScenarioResult:
+    """Run ``scenario`` ("stream" or "pingpong") from guest A to guest B of ``env`` (see the module doc)."""
+    if scenario not in SCENARIOS:
+        raise ValueError(f"unknown scenario {scenario!r}: choose one of {', '.join(SCENARIOS)}")
+    if packets < 1 or (offered_load is not None and offered_load <= 0):
+        raise ValueError(f"packets must be >= 1 and offered_load > 0 (got {packets}, {offered_load})")
+    a, b = env.guests[0], env.guests[1]
+    await _settle()
+    before = env.snapshot()
+    latency: float | None = None
+    with trio.fail_after(timeout_s):
+        if scenario == "stream":
+            delivered, seconds = await _stream(a, b, packets, frame_size, offered_load, batch)
+        else:
+            delivered, seconds, latency = await _pingpong(a, b, packets, frame_size, offered_load)
+        await _settle()
+    diff = env.snapshot().diff(before)
+    names = env.domain_names()
+    by_domain = {
+        names.get(owner, owner): {k: c.get(k, 0) for k in ("interrupts", "exits", "hypercalls")}
+        for owner, c in diff.domains().items()
+    }
+    return ScenarioResult(
+        env.model,
+        env.guest_kind,
+        scenario,
+        offered_load,
+        frame_size,
+        delivered,
+        seconds,
+        costs(diff),
+        by_domain,
+        latency,
+        diff,
+    )
+
+
+async def _stream(
+    a: Any, b: Any, packets: int, size: int, offered_load: float | None, batch: int
+) -> tuple[int, float]:
+    frames = make_frames(a, b, packets, size, STREAM_PORTS)
+    received: list[bytes] = []
+
+    async def receive() -> None:
+        while len(received) < packets:
+            received.extend(await b.nic.recv_batch(packets - len(received)))
+
+    start = time.perf_counter()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(receive)
+        if offered_load is None:
+            for i in range(0, packets, batch):
+                await a.nic.send_batch(frames[i : i + batch])
+        else:
+            t0 = trio.current_time()
+            sent = 0
+            while sent < packets:
+                next_at = t0 + sent / offered_load  # when frame `sent` is due
+                if trio.current_time() < next_at:
+                    await trio.sleep_until(next_at)
+                due = math.floor((trio.current_time() - t0) * offered_load + 1e-9) + 1
+                upto = min(packets, sent + batch, max(sent + 1, due))
+                await a.nic.send_batch(frames[sent:upto])
+                sent = upto
+    seconds = time.perf_counter() - start
+    if [seq_of(f) for f in received] != list(range(packets)):
+        raise AssertionError(f"stream: B received {len(received)} frames, not 0..{packets - 1} in order")
+    return packets, seconds
+
+
+async def _pingpong(
+    a: Any, b: Any, trips: int, size: int, offered_load: float | None
+) -> tuple[int, float, float]:
+    requests = make_frames(a, b, trips, size, PINGPONG_PORTS)
+    scope = trio.CancelScope()
+
+    async def echo() -> None:
+        with scope:
+            while True:
+                frames = await b.nic.recv_batch()
+                await b.nic.send_batch([f[6:12] + f[0:6] + f[12:] for f in frames])
+
+    b.spawn(echo, name="pingpong-echo")
+    latencies: list[float] = []
+    t0 = trio.current_time()
+    start = time.perf_counter()
+    try:
+        for k, request in enumerate(requests):
+            if offered_load is not None:
+                await trio.sleep_until(t0 + k / offered_load)
+            sent_at = time.perf_counter()
+            await a.nic.send(request)
+            answer = await a.nic.recv()
+            latencies.append(time.perf_counter() - sent_at)
+            if answer[12:] != request[12:] or answer[0:6] != request[6:12]:
+                raise AssertionError(f"ping-pong trip {k}: the answer is not the echo of the request")
+    finally:
+        scope.cancel()
+    seconds = time.perf_counter() - start
+    return 2 * trips, seconds, statistics.median(latencies) * 1e6
+
+
+# ---------------------------------------------------------------------- the comparison table
+@dataclass(frozen=True)
+class Case:
+    """One line of the comparison: a scenario at an offered load, with its packet count."""
+
+    scenario: str
+    offered_load: float | None
+    packets: int
+
+
+#: ``pvio bench``'s plan: each case runs once per model on a freshly booted environment.
+BENCH_PLAN: tuple[Case, ...] = (
+    Case("stream", 1_000, 200),
+    Case("stream", 10_000, 1_000),
+    Case("stream", None, 3_000),
+    Case("pingpong", 1_000, 200),
+    Case("pingpong", None, 500),
+)
+
+
+async def run_case(model: str, case: Case, guest: str = "py", **options: Any) -> ScenarioResult:
+    """Boot a fresh environment for ``model`` and run ``case`` in it."""
+    async with model_env(model, guest, **options) as env:
+        return await run_scenario(env, case.scenario, packets=case.packets, offered_load=case.offered_load)
+
+
+def run_plan(
+    plan: Sequence[Case] = BENCH_PLAN,
+    models: Sequence[str] = MODELS,
+    *,
+    guest: str = "py",
+    mock_clock: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> list[ScenarioResult]:
+    """Every case of ``plan`` for every model, each in its own ``trio.run``."""
+    results = []
+    for case in plan:
+        for model in models:
+            if progress is not None:
+                progress(f"{model} {case.scenario} {case.offered_load or 'max'}")
+            clock = trio.testing.MockClock(autojump_threshold=0) if mock_clock else None
+            results.append(trio.run(run_case, model, case, guest, clock=clock))
+    return results
+
+
+def _fmt(x: float) -> str:
+    if x == 0:
+        return "0"
+    if x >= 100:
+        return f"{x:.0f}"
+    if x >= 1:
+        return f"{x:.2f}"
+    return f"{x:.4f}"
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    """A fixed-width table of result rows (as :meth:`ScenarioResult.row` makes them)."""
+    head: tuple[str, ...] = ("model", "guest", "scenario", "load", "packets", "int/pkt", "exits/pkt")
+    head += ("hcalls/pkt", "copies/pkt", "pps", "latency µs")
+    lines: list[tuple[str, ...]] = [head]
+    for r in rows:
+        pp = r["per_packet"]
+        lines.append(
+            (
+                r["model"],
+                r["guest"],
+                r["scenario"],
+                r["load"],
+                str(r["packets"]),
+                _fmt(pp["interrupts"]),
+                _fmt(pp["exits"]),
+                _fmt(pp["hypercalls"]),
+                _fmt(pp["copies"]),
+                "-" if r["pps"] is None else f"{r['pps']:.0f}",
+                "-" if r["latency_us"] is None else f"{r['latency_us']:.0f}",
+            )
+        )
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    out = []
+    for n, line in enumerate(lines):
+        out.append(
+            "  ".join(
+                cell.ljust(w) if i < 4 else cell.rjust(w)
+                for i, (cell, w) in enumerate(zip(line, widths, strict=True))
+            )
+        )
+        if n == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def format_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    """The same table in Markdown (for the README)."""
+    out = [
+        "| model | scenario | offered load | packets | interrupts/pkt | exits/pkt | hypercalls/pkt "
+        "| copies/pkt | pps | latency µs |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        pp = r["per_packet"]
+        pps = "-" if r["pps"] is None else f"{r['pps']:.0f}"
+        lat = "-" if r["latency_us"] is None else f"{r['latency_us']:.0f}"
+        out.append(
+            f"| {r['model']} | {r['scenario']} | {r['load']} | {r['packets']} | {_fmt(pp['interrupts'])} | "
+            f"{_fmt(pp['exits'])} | {_fmt(pp['hypercalls'])} | {_fmt(pp['copies'])} | {pps} | {lat} |"
+        )
+    return "\n".join(out)
+
+
+def write_chart(rows: Sequence[dict[str, Any]], path: str) -> None:
+    """A PNG: interrupts and exits per packet by model and offered load (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit(
+            "pvio bench --chart needs matplotlib: pip install 'pvio[chart]' (or run `make chart`)"
+        ) from None
+    cases: list[str] = []
+    for r in rows:
+        label = f"{r['scenario']}\n{r['load']}"
+        if label not in cases:
+            cases.append(label)
+    models = [m for m in MODELS if any(r["model"] == m for r in rows)]
+    colours = {"emulated": "#c0392b", "pv": "#2e86c1", "smartnic": "#27ae60"}
+    floor = 1e-4  # log axes cannot show 0: a zero is drawn at the floor and labelled "0"
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    width = 0.8 / max(1, len(models))
+    for ax, key, title in zip(
+        axes, ("interrupts", "exits"), ("interrupts per packet", "exits per packet"), strict=True
+    ):
+        for j, model in enumerate(models):
+            values = []
+            for label in cases:
+                match = [r for r in rows if r["model"] == model and f"{r['scenario']}\n{r['load']}" == label]
+                values.append(match[0]["per_packet"][key] if match else float("nan"))
+            xs = [i + (j - (len(models) - 1) / 2) * width for i in range(len(cases))]
+            bars = ax.bar(xs, [max(v, floor) for v in values], width, label=model, color=colours.get(model))
+            for bar, v in zip(bars, values, strict=True):
+                if not math.isnan(v):
+                    ax.annotate(_fmt(v), (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                                ha="center", va="bottom", fontsize=7)  # fmt: skip
+        ax.set_yscale("log")
+        ax.set_ylim(floor / 2, None)
+        ax.set_title(title)
+        ax.set_xticks(range(len(cases)), cases, fontsize=8)
+        ax.grid(axis="y", which="major", alpha=0.3)
+        ax.legend()
+    guest = rows[0]["guest"] if rows else "py"
+    size = rows[0]["frame_size"] if rows else FRAME_SIZE
+    fig.suptitle(f"pvio device models, {size}-byte frames, {guest} guests (lower is better)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``pvio bench``: the comparison table of the device models (``--json``, ``--chart PATH``)."""
+    parser = argparse.ArgumentParser(prog="pvio bench", description=main.__doc__)
+    parser.add_argument("--json", action="store_true", help="print the rows as a JSON list")
+    parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    parser.add_argument("--chart", metavar="PATH", help="write a PNG chart (needs matplotlib)")
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated models (default: all)")
+    parser.add_argument("--guest", default="py", help="guest kind (default: py)")
+    parser.add_argument(
+        "--mock-clock", action="store_true", help="run under trio's MockClock: exactly reproducible counts"
+    )
+    parser.add_argument("--quick", action="store_true", help="a tenth of the packets (a smoke run)")
+    args = parser.parse_args(argv)
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    for m in models:
+        if m not in MODELS:
+            parser.error(f"unknown model {m!r} (choose from {', '.join(MODELS)})")
+    plan = BENCH_PLAN
+    if args.quick:
+        plan = tuple(Case(c.scenario, c.offered_load, max(10, c.packets // 10)) for c in plan)
+
+    def progress(what: str) -> None:
+        if not args.json:
+            print(f"  running {what} ...", file=sys.stderr)
+
+    try:
+        results = run_plan(plan, models, guest=args.guest, mock_clock=args.mock_clock, progress=progress)
+    except NotImplementedError as e:
+        print(f"pvio bench: {e}", file=sys.stderr)
+        return 2
+    rows = [r.row() for r in results]
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    elif args.markdown:
+        print(format_markdown(rows))
+    else:
+        print(format_table(rows))
+    if args.chart:
+        write_chart(rows, args.chart)
+        if not args.json:
+            print(f"chart written to {args.chart}", file=sys.stderr)
+    return 0
