@@ -453,15 +453,17 @@ class SmartNic(SwitchPort):
         if ring is None or not q:
             return 0
         held = self._rx_held
-        try:
-            if len(held) < len(q):
-                held.extend(DESC.iter_unpack(ring.take_requests(len(q) - len(held))))
-        except RingOverflowError:
-            self._fault("ring_overflow")
-            return 0
         cmpls: list[bytes] = []
         delivered = nbytes = 0
-        while q and held:
+        while q:
+            if not held:
+                try:
+                    held.extend(DESC.iter_unpack(ring.take_requests(len(q))))
+                except RingOverflowError:
+                    self._fault("ring_overflow")
+                    return 0
+                if not held:
+                    break  # starved: the frames wait for buffers
             buf, offset, length, desc_id, flags, _rsvd = held[0]
             window = self._buffer(buf, offset, length, flags, write=True)
             if isinstance(window, str):

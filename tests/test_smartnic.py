@@ -1,0 +1,373 @@
+"""The smart NIC: its descriptor and completion layouts, DMA from and into guest memory (pool
+buffers and grants), interrupt moderation, and a hostile guest whose every bad descriptor is
+completed with an error and counted, never raised."""
+
+from __future__ import annotations
+
+import logging
+import struct
+from typing import Any
+
+import pytest
+import trio
+
+import pvio
+from backends.smartnic import (
+    CMPL,
+    CTRL_ENABLE,
+    CTRL_RESET,
+    DB_RX,
+    DB_TX,
+    DESC,
+    DOMID_IO,
+    MOD_FIXED,
+    MOD_OFF,
+    MOD_PROFILES,
+    REG_CTRL,
+    REG_DOORBELL,
+    REG_ID,
+    REG_MOD_FRAMES,
+    REG_MOD_LEVEL,
+    REG_MOD_MODE,
+    REG_MOD_USECS,
+    REG_POOL_BUF_SIZE,
+    REG_POOL_COUNT,
+    REG_POOL_LO,
+    REG_RX_RING_LO,
+    REG_STATUS,
+    REG_TX_RING_LO,
+    SNIC_E_BAD_BUF,
+    SNIC_E_BAD_FLAGS,
+    SNIC_E_BAD_GRANT,
+    SNIC_E_BAD_LEN,
+    SNIC_F_GREF,
+    SNIC_ID,
+    SNIC_IRQ_BASE,
+    SNIC_MMIO_BASE,
+    SNIC_OK,
+    SNIC_RING,
+    SNIC_RING_ENTRIES,
+    ST_ENABLED,
+    ST_ERROR,
+    SmartNic,
+    add_smartnic,
+    level_for_rate,
+)
+from backends.switch import CapturePort, Switch
+from pvio.abi import PAGE_SHIFT, PAGE_SIZE
+from ringbuf import FrontRing
+from tests.guests import Probe, boot, settle
+
+BASE = SNIC_MMIO_BASE
+PEER_MAC = bytes.fromhex("020000000099")
+POOL_BUFS, BUF_SIZE = 8, 2048
+
+
+def frame_to(dst: bytes, src: bytes, n: int = 64, fill: int = 0x5A) -> bytes:
+    return dst + src + struct.pack("!H", 0x88B5) + bytes([fill]) * (n - 14)
+
+
+class RawDriver:
+    """A guest driving the smart NIC by hand: rings, a pool of 8 x 2048 bytes, raw descriptors."""
+
+    def __init__(self, g: Probe) -> None:
+        self.g = g
+        self.tx_gfn, self.rx_gfn = g.alloc_page(), g.alloc_page()
+        self.tx = FrontRing(SNIC_RING, g.page(self.tx_gfn))
+        self.rx = FrontRing(SNIC_RING, g.page(self.rx_gfn))
+        g.domain.on_destroy.append(lambda _d: (self.tx.release(), self.rx.release()))
+        pages = [g.alloc_page() for _ in range(POOL_BUFS * BUF_SIZE // PAGE_SIZE)]
+        assert pages == list(range(pages[0], pages[0] + len(pages)))
+        self.pool = pages[0] << PAGE_SHIFT
+        self.port = g.listen(g.evtchn_bind_virq(SNIC_IRQ_BASE))
+
+    def wr(self, reg: int, value: int) -> None:
+        self.g.mmio_write(BASE + reg, 4, value)
+
+    def rd(self, reg: int) -> int:
+        return self.g.mmio_read(BASE + reg, 4)
+
+    def configure(self, *, tx: int | None = None, mod: tuple[int, int, int] | None = None) -> None:
+        self.wr(REG_TX_RING_LO, (self.tx_gfn << PAGE_SHIFT) if tx is None else tx)
+        self.wr(REG_RX_RING_LO, self.rx_gfn << PAGE_SHIFT)
+        self.wr(REG_POOL_LO, self.pool)
+        self.wr(REG_POOL_BUF_SIZE, BUF_SIZE)
+        self.wr(REG_POOL_COUNT, POOL_BUFS)
+        if mod is not None:
+            self.wr(REG_MOD_MODE, mod[0])
+            self.wr(REG_MOD_FRAMES, mod[1])
+            self.wr(REG_MOD_USECS, mod[2])
+
+    def enable(self, **kwargs: Any) -> None:
+        self.configure(**kwargs)
+        self.wr(REG_CTRL, CTRL_ENABLE)
+
+    def buf(self, i: int) -> memoryview:
+        return self.g.mem[self.pool + i * BUF_SIZE : self.pool + (i + 1) * BUF_SIZE]
+
+    def send(self, *descs: bytes, doorbell: bool = True) -> None:
+        self.tx.send(b"".join(descs))
+        if doorbell:
+            self.wr(REG_DOORBELL, DB_TX)
+
+    def post_rx(self, *descs: bytes, doorbell: bool = True) -> None:
+        self.rx.send(b"".join(descs))
+        if doorbell:
+            self.wr(REG_DOORBELL, DB_RX)
+
+    def tx_done(self) -> list[tuple[int, int, int, int]]:
+        return list(CMPL.iter_unpack(self.tx.take_responses()))
+
+    def rx_done(self) -> list[tuple[int, int, int, int]]:
+        return list(CMPL.iter_unpack(self.rx.take_responses()))
+
+
+async def snic_guest(hv: pvio.Hypervisor) -> tuple[RawDriver, SmartNic, Switch, CapturePort]:
+    g = await boot(hv, Probe("g", memory_pages=96))
+    switch = Switch(hv.counters)
+    cap = CapturePort("cap", counters=hv.counters)
+    switch.attach(cap)
+    nic = add_smartnic(hv, g.domain, switch)
+    return RawDriver(g), nic, switch, cap
+
+
+def test_descriptor_and_completion_layouts() -> None:
+    assert DESC.size == 16 and CMPL.size == 8
+    assert DESC.pack(0x11223344, 5, 6, 7, 8, 0) == bytes.fromhex("44332211 0500 0600 0700 0800 00000000")
+    assert CMPL.pack(7, 64, -3, 0) == bytes.fromhex("0700 4000 fdff 0000")
+    assert SNIC_RING.ent_size == 16 and SNIC_RING_ENTRIES == 128
+
+
+def test_moderation_levels_follow_the_rate_bands() -> None:
+    assert [level_for_rate(r) for r in (0, 19_999, 20_000, 75_000, 150_000, 1e9)] == [0, 0, 1, 2, 3, 4]
+    assert MOD_PROFILES[0] == (1, 0)
+
+
+async def test_a_pool_buffer_is_sent_by_dma_and_completed_in_shared_memory(hv: pvio.Hypervisor) -> None:
+    d, nic, _switch, cap = await snic_guest(hv)
+    assert d.rd(REG_ID) == SNIC_ID
+    d.enable()
+    assert d.rd(REG_STATUS) == ST_ENABLED
+    frame = frame_to(PEER_MAC, nic.mac, 100)
+    d.buf(3)[: len(frame)] = frame
+    exits = d.g.domain.counters["exits"]
+    d.send(DESC.pack(3, 0, len(frame), 77, 0, 0))
+    assert d.g.domain.counters["exits"] - exits == 1  # the doorbell: the send happens on that exit
+    assert list(cap.frames) == [frame]
+    assert d.tx_done() == [(77, 100, SNIC_OK, 0)]
+    assert nic.dev["copies"] == 1 and nic.dev["doorbells"] == 1
+
+
+async def test_a_granted_page_is_sent_and_received_into(hv: pvio.Hypervisor) -> None:
+    d, nic, _switch, cap = await snic_guest(hv)
+    d.enable()
+    gfn = d.g.alloc_page()
+    ref = d.g.grant_access(DOMID_IO, gfn)
+    frame = frame_to(PEER_MAC, nic.mac, 80)
+    d.g.page(gfn)[100 : 100 + 80] = frame
+    d.send(DESC.pack(ref, 100, 80, 1, SNIC_F_GREF, 0))
+    assert list(cap.frames) == [frame] and d.tx_done() == [(1, 80, SNIC_OK, 0)]
+    d.post_rx(DESC.pack(ref, 2000, 200, 2, SNIC_F_GREF, 0))
+    incoming = frame_to(nic.mac, PEER_MAC, 150)
+    nic.switch.input(cap, [incoming])
+    assert d.rx_done() == [(2, 150, SNIC_OK, 0)]
+    assert bytes(d.g.page(gfn)[2000:2150]) == incoming
+
+
+@pytest.mark.parametrize(
+    ("desc", "status", "reason"),
+    [
+        (DESC.pack(POOL_BUFS, 0, 64, 9, 0, 0), SNIC_E_BAD_BUF, "bad_buf"),
+        (DESC.pack(0, 2000, 64, 9, 0, 0), SNIC_E_BAD_LEN, "bad_len"),  # runs past the 2048-byte buffer
+        (DESC.pack(0, 0, 10, 9, 0, 0), SNIC_E_BAD_LEN, "bad_len"),  # shorter than an Ethernet header
+        (DESC.pack(0, 0, 64, 9, 0x80, 0), SNIC_E_BAD_FLAGS, "bad_flags"),
+        (DESC.pack(5000, 0, 64, 9, SNIC_F_GREF, 0), SNIC_E_BAD_GRANT, "bad_grant"),  # outside the table
+        (DESC.pack(8, 0, 64, 9, SNIC_F_GREF, 0), SNIC_E_BAD_GRANT, "bad_grant"),  # not granted
+    ],
+    ids=["pool-index", "past-buffer", "runt", "flags", "gref-range", "gref-unused"],
+)
+async def test_a_bad_tx_descriptor_is_completed_with_an_error_and_counted(
+    hv: pvio.Hypervisor, desc: bytes, status: int, reason: str
+) -> None:
+    d, nic, _switch, cap = await snic_guest(hv)
+    d.enable()
+    good = frame_to(PEER_MAC, nic.mac)
+    d.buf(1)[:64] = good
+    d.send(desc, DESC.pack(1, 0, 64, 10, 0, 0))
+    assert d.tx_done() == [(9, 0, status, 0), (10, 64, SNIC_OK, 0)]  # the good one after it still goes
+    assert nic.dev[f"errors.{reason}"] == 1 and d.rd(0x50) == 1
+    assert list(cap.frames) == [good]
+
+
+async def test_grants_to_another_domain_or_read_only_grants_for_rx_are_refused(hv: pvio.Hypervisor) -> None:
+    d, nic, _switch, cap = await snic_guest(hv)
+    d.enable()
+    gfn = d.g.alloc_page()
+    to_dom0 = d.g.grant_access(0, gfn)
+    read_only = d.g.grant_access(DOMID_IO, gfn, readonly=True)
+    d.send(DESC.pack(to_dom0, 0, 64, 1, SNIC_F_GREF, 0))
+    assert d.tx_done() == [(1, 0, SNIC_E_BAD_GRANT, 0)]
+    d.post_rx(DESC.pack(read_only, 0, 2048, 2, SNIC_F_GREF, 0), DESC.pack(0, 0, BUF_SIZE, 3, 0, 0))
+    nic.switch.input(cap, [frame_to(nic.mac, PEER_MAC)])
+    assert d.rx_done() == [(2, 0, SNIC_E_BAD_GRANT, 0), (3, 64, SNIC_OK, 0)]
+
+
+async def test_a_frame_too_big_for_the_posted_buffer_is_dropped_and_the_buffer_kept(
+    hv: pvio.Hypervisor,
+) -> None:
+    d, nic, _switch, cap = await snic_guest(hv)
+    d.enable()
+    d.post_rx(DESC.pack(0, 0, 100, 1, 0, 0))
+    nic.switch.input(cap, [frame_to(nic.mac, PEER_MAC, 500), frame_to(nic.mac, PEER_MAC, 90)])
+    assert d.rx_done() == [(1, 90, SNIC_OK, 0)]
+    assert nic.dev["drops.rx_too_big"] == 1
+
+
+async def test_frames_wait_for_buffers_and_the_device_asks_for_an_rx_doorbell(
+    hv: pvio.Hypervisor, autojump_clock: Any
+) -> None:
+    d, nic, _switch, cap = await snic_guest(hv)
+    d.enable()
+    nic.switch.input(cap, [frame_to(nic.mac, PEER_MAC, 64, fill=i) for i in range(3)])
+    await trio.sleep(0.01)  # the device polls, finds no buffer, arms the RX doorbell and sleeps
+    doorbells = nic.dev["doorbells"]
+    d.rx.send(b"".join(DESC.pack(i, 0, BUF_SIZE, i, 0, 0) for i in range(3)))  # the push asks for it
+    d.wr(REG_DOORBELL, DB_RX)
+    assert nic.dev["doorbells"] == doorbells + 1
+    assert [c[0] for c in d.rx_done()] == [0, 1, 2]
+    assert [bytes(d.buf(i)[14:15]) for i in range(3)] == [b"\x00", b"\x01", b"\x02"]
+
+
+async def test_an_impossible_ring_index_stops_only_this_device(
+    hv: pvio.Hypervisor, caplog: pytest.LogCaptureFixture
+) -> None:
+    d, nic, switch, _cap = await snic_guest(hv)
+    d.enable()
+    struct.pack_into("<I", d.g.page(d.tx_gfn), 0, 100_000)  # req_prod far beyond the ring
+    with caplog.at_level(logging.ERROR, logger="pvio.smartnic"):
+        d.wr(REG_DOORBELL, DB_TX)
+    assert d.rd(REG_STATUS) == ST_ERROR
+    assert nic.dev["errors.ring_overflow"] == 1 and nic not in switch.ports
+    assert "stopped" in caplog.text and d.g.domain.alive
+    d.wr(REG_CTRL, CTRL_RESET)
+    assert d.rd(REG_STATUS) == 0
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"tx": 0x123},  # not page aligned
+        {"tx": 0x7FFF_F000},  # a page, but far outside its RAM
+    ],
+    ids=["unaligned", "outside-ram"],
+)
+async def test_a_bad_configuration_is_refused_on_enable(hv: pvio.Hypervisor, bad: dict[str, int]) -> None:
+    d, nic, switch, _cap = await snic_guest(hv)
+    d.configure(**bad)
+    d.wr(REG_CTRL, CTRL_ENABLE)
+    assert d.rd(REG_STATUS) == ST_ERROR
+    assert nic.dev["errors.bad_config"] == 1 and nic not in switch.ports
+
+
+async def test_a_pool_outside_ram_and_shared_rings_are_refused(hv: pvio.Hypervisor) -> None:
+    d, nic, _switch, _cap = await snic_guest(hv)
+    d.configure()
+    d.wr(REG_POOL_COUNT, 1_000_000)
+    d.wr(REG_CTRL, CTRL_ENABLE)
+    d.configure(tx=d.rx_gfn << PAGE_SHIFT)
+    d.wr(REG_CTRL, CTRL_ENABLE)
+    assert nic.dev["errors.bad_config"] == 2 and not nic.enabled
+
+
+async def test_config_writes_while_enabled_and_doorbells_while_disabled_are_ignored(
+    hv: pvio.Hypervisor,
+) -> None:
+    d, nic, _switch, _cap = await snic_guest(hv)
+    d.wr(REG_DOORBELL, DB_TX)
+    d.enable()
+    d.wr(REG_TX_RING_LO, 0)
+    d.g.mmio_write(BASE + REG_CTRL, 2, 1)  # a 2-byte store to a 32-bit register
+    assert nic.dev["errors.doorbell_disabled"] == 1
+    assert nic.dev["errors.config_while_enabled"] == 1 and nic.dev["errors.bad_size"] == 1
+    assert nic._gpa(REG_TX_RING_LO) == d.tx_gfn << PAGE_SHIFT
+
+
+async def test_no_interrupt_unless_the_guest_asked_for_one(hv: pvio.Hypervisor, autojump_clock: Any) -> None:
+    d, nic, _switch, cap = await snic_guest(hv)
+    d.enable(mod=(MOD_OFF, 1, 0))
+    d.post_rx(*(DESC.pack(i, 0, BUF_SIZE, i, 0, 0) for i in range(4)))
+    d.rx.final_check_for_responses(1)  # rsp_event = 1: interrupt me at the first completion
+    nic.switch.input(cap, [frame_to(nic.mac, PEER_MAC)])
+    await settle()
+    assert len(d.g.fired) == 1
+    nic.switch.input(cap, [frame_to(nic.mac, PEER_MAC)] * 2)  # not re-armed: no interrupt
+    await trio.sleep(0.01)
+    assert len(d.g.fired) == 1 and nic.dev["irqs.raised"] == 1
+    assert len(d.rx_done()) == 3
+
+
+async def test_fixed_moderation_waits_for_the_frame_count_or_the_timer(
+    hv: pvio.Hypervisor, autojump_clock: Any
+) -> None:
+    d, nic, _switch, cap = await snic_guest(hv)
+    d.enable(mod=(MOD_FIXED, 4, 100))
+    d.post_rx(*(DESC.pack(i, 0, BUF_SIZE, i, 0, 0) for i in range(8)))
+    d.rx.final_check_for_responses(1)
+    t0 = trio.current_time()
+    for _ in range(3):
+        nic.switch.input(cap, [frame_to(nic.mac, PEER_MAC)])
+    await settle()
+    assert d.g.fired == []  # 3 < 4 frames and the 100 µs have not passed
+    nic.switch.input(cap, [frame_to(nic.mac, PEER_MAC)])
+    await settle()
+    assert len(d.g.fired) == 1 and nic.dev["irqs.by_frames"] == 1
+    assert len(d.rx_done()) == 4
+    d.rx.final_check_for_responses(1)
+    nic.switch.input(cap, [frame_to(nic.mac, PEER_MAC)])
+    t1 = trio.current_time()
+    await trio.sleep(0.001)
+    assert len(d.g.fired) == 2 and nic.dev["irqs.by_timer"] == 1
+    assert nic._last_irq - t1 == pytest.approx(100e-6) and t1 == t0
+
+
+async def test_adaptive_moderation_climbs_under_load_and_falls_back_at_low_load(
+    hv: pvio.Hypervisor, autojump_clock: Any
+) -> None:
+    d, nic, _switch, cap = await snic_guest(hv)
+    d.enable()
+    assert d.rd(REG_MOD_LEVEL) == 0
+
+    async def burst() -> None:  # 8 frames at once: time stands still, a rate above every band
+        d.post_rx(*(DESC.pack(i, 0, BUF_SIZE, i, 0, 0) for i in range(8)), doorbell=False)
+        d.rx.final_check_for_responses(1)
+        nic.switch.input(cap, [frame_to(nic.mac, PEER_MAC)] * 8)
+        await settle()
+
+    for _ in range(2):
+        await burst()
+        d.rx_done()
+    assert d.rd(REG_MOD_LEVEL) == 2 and nic.dev["irqs.by_frames"] == 2
+    await burst()  # level 2 is (32 frames, 50 µs): 8 frames are held back ...
+    assert len(d.g.fired) == 2
+    await trio.sleep(0.001)  # ... until the 50 µs timer
+    assert len(d.g.fired) == 3 and nic.dev["irqs.by_timer"] == 1
+    d.rx_done()
+    assert d.rd(REG_MOD_LEVEL) == 3  # 8 frames in 50 µs: 160k per second
+    for _ in range(3):  # one frame every 10 ms: 100 per second, level 0 band
+        await trio.sleep(0.01)
+        d.post_rx(DESC.pack(0, 0, BUF_SIZE, 0, 0, 0), doorbell=False)
+        d.rx.final_check_for_responses(1)
+        nic.switch.input(cap, [frame_to(nic.mac, PEER_MAC)])
+        await trio.sleep(0.001)
+        d.rx_done()
+    assert d.rd(REG_MOD_LEVEL) == 0
+
+
+async def test_destroying_the_domain_stops_the_device_and_unplugs_it(hv: pvio.Hypervisor) -> None:
+    d, nic, switch, _cap = await snic_guest(hv)
+    d.enable()
+    dom = d.g.domain
+    hv.destroy(dom)
+    await settle()
+    assert nic not in switch.ports and not nic.enabled
+    assert hv.iobus.mmio_ranges(dom) == []
