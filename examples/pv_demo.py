@@ -19,7 +19,7 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -170,42 +170,59 @@ class DemoResult:
         }
 
 
-async def run_demo(timeout_s: float = 5.0) -> DemoResult:
-    """Boot dom0 + A + B, exchange the traffic, return what was measured."""
+def start_network(hv: Hypervisor) -> Switch:
+    """dom0's side: the switch and netback (serving every vif the toolstack creates)."""
+    assert hv.dom0 is not None
+    switch = Switch(hv.counters)
+    netback = NetBack(hv.dom0.kernel, switch)  # type: ignore[arg-type]
+    hv.dom0.kernel.spawn(netback.run, name="netback")  # type: ignore[attr-defined]
+    return switch
+
+
+async def start_guests(hv: Hypervisor, *guests: Any) -> None:
+    """Create, give a vif to, and boot each guest kernel."""
+    for guest in guests:
+        dom = hv.create_domain(guest, name=guest.name)
+        add_vif(hv, dom)
+        await hv.start(dom)
+
+
+async def exchange(
+    hv: Hypervisor, sender: NicGuest, probes: list[Probe], result: DemoResult, timeout_s: float
+) -> None:
+    """Send each probe from ``sender``, wait for and check its answer; count what it cost."""
     from scapy.layers.l2 import Ether
 
+    frames = [bytes(p.packet) for p in probes]  # scapy -> bytes once, outside the measured part
+    # Let the control plane finish first: netback is still answering the handshake's
+    # xenstore watch events, whose hypercalls and interrupts are not the exchange's.
+    await trio.testing.wait_all_tasks_blocked()
+    before = hv.snapshot()
+    for probe, frame in zip(probes, frames, strict=True):
+        await sender.nic.send(frame)
+        result.sent += 1
+        answer = None
+        with trio.move_on_after(timeout_s):
+            answer = await sender.nic.recv()
+        if answer is None:
+            result.checked.append((probe.name, len(frame), False))
+            continue
+        result.received += 1
+        result.checked.append((probe.name, len(frame), bool(probe.check(Ether(answer)))))
+    result.counters = hv.snapshot().diff(before)
+
+
+async def run_demo(timeout_s: float = 5.0) -> DemoResult:
+    """Boot dom0 + A + B, exchange the traffic, return what was measured."""
     result = DemoResult()
     async with Hypervisor() as hv:
-        assert hv.dom0 is not None
-        switch = Switch(hv.counters)
-        netback = NetBack(hv.dom0.kernel, switch)  # type: ignore[arg-type]
-        hv.dom0.kernel.spawn(netback.run, name="netback")  # type: ignore[attr-defined]
+        start_network(hv)
         a, b = NicGuest("guest-a", IP_A), EchoGuest("guest-b", IP_B)
-        for guest in (a, b):
-            dom = hv.create_domain(guest, name=guest.name)
-            add_vif(hv, dom)
-            await hv.start(dom)
+        await start_guests(hv, a, b)
         with trio.fail_after(timeout_s):
             await a.ready.wait()
             await b.ready.wait()
-        probes = build_traffic(a.nic.mac, b.nic.mac)
-        frames = [bytes(p.packet) for p in probes]  # scapy -> bytes once, outside the measured part
-        # Let the control plane finish first: netback is still answering the handshake's
-        # xenstore watch events, whose hypercalls and interrupts are not the exchange's.
-        await trio.testing.wait_all_tasks_blocked()
-        before = hv.snapshot()
-        for probe, frame in zip(probes, frames, strict=True):
-            await a.nic.send(frame)
-            result.sent += 1
-            answer = None
-            with trio.move_on_after(timeout_s):
-                answer = await a.nic.recv()
-            if answer is None:
-                result.checked.append((probe.name, len(frame), False))
-                continue
-            result.received += 1
-            result.checked.append((probe.name, len(frame), bool(probe.check(Ether(answer)))))
-        result.counters = hv.snapshot().diff(before)
+        await exchange(hv, a, build_traffic(a.nic.mac, b.nic.mac), result, timeout_s)
     return result
 
 
@@ -238,19 +255,32 @@ def format_table(r: DemoResult) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the demo; print the table (or JSON); exit status 1 if an answer was lost or wrong."""
-    parser = argparse.ArgumentParser(prog="pvio demo", description=__doc__.splitlines()[0])
+def run_main(
+    argv: list[str] | None,
+    prog: str,
+    run: Callable[[], Awaitable[DemoResult]],
+    table: Callable[[DemoResult], str],
+) -> int:
+    """A demo's command line: run it under MockClock, print the table or ``--json``.
+
+    Exit status 1 if an answer was lost or wrong.
+    """
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    result = trio.run(run_demo, clock=trio.testing.MockClock(autojump_threshold=0))
+    result = trio.run(run, clock=trio.testing.MockClock(autojump_threshold=0))
     if args.json:
         print(json.dumps(result.as_json(), indent=2, sort_keys=True))
     else:
-        print(format_table(result))
+        print(table(result))
     ok = result.lost == 0 and all(ok for _, _, ok in result.checked)
     return 0 if ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``pvio demo``: the PyGuest <-> PyGuest scenario."""
+    return run_main(argv, "pvio demo", run_demo, format_table)
 
 
 if __name__ == "__main__":

@@ -13,21 +13,28 @@ The run uses trio's MockClock, so the counters are the same on every run.
 
 from __future__ import annotations
 
-import argparse
-import json
-import logging
 import sys
 from typing import Any
 
 import trio
 import trio.testing
 
-from backends.netback import NetBack
 from backends.switch import Switch
 from cpu.guest import X86Guest
-from examples.pv_demo import IP_A, IP_B, DemoResult, NicGuest, build_traffic, format_table
+from examples.pv_demo import (
+    IP_A,
+    IP_B,
+    DemoResult,
+    NicGuest,
+    build_traffic,
+    exchange,
+    format_table,
+    run_main,
+    start_guests,
+    start_network,
+)
 from pvio import Hypervisor
-from pvio.toolstack import add_vif, parse_mac
+from pvio.toolstack import parse_mac
 
 SCENARIO = "pv: PyGuest A <-> x86 guest B (C netfront on the emulated vCPU) through netback and the switch"
 
@@ -69,39 +76,16 @@ async def wait_x86_ready(guest: X86Guest, switch: Switch, timeout_s: float = 10.
 
 async def run_demo(timeout_s: float = 5.0) -> X86DemoResult:
     """Boot dom0 + PyGuest A + x86 guest B, exchange the traffic, return what was measured."""
-    from scapy.layers.l2 import Ether
-
     result = X86DemoResult()
     async with Hypervisor() as hv:
-        assert hv.dom0 is not None
-        switch = Switch(hv.counters)
-        netback = NetBack(hv.dom0.kernel, switch)  # type: ignore[arg-type]
-        hv.dom0.kernel.spawn(netback.run, name="netback")  # type: ignore[attr-defined]
+        switch = start_network(hv)
         a = NicGuest("guest-a", IP_A)
         b = X86Guest(name="guest-b-x86", cmdline=f"mode=echo ip={IP_B}")
-        for guest in (a, b):
-            dom = hv.create_domain(guest, name=guest.name)
-            add_vif(hv, dom)
-            await hv.start(dom)
+        await start_guests(hv, a, b)
         with trio.fail_after(timeout_s):
             await a.ready.wait()
         mac_b = await wait_x86_ready(b, switch, timeout_s)
-        probes = build_traffic(a.nic.mac, mac_b)
-        frames = [bytes(p.packet) for p in probes]  # scapy -> bytes once, outside the measured part
-        await trio.testing.wait_all_tasks_blocked()
-        before = hv.snapshot()
-        for probe, frame in zip(probes, frames, strict=True):
-            await a.nic.send(frame)
-            result.sent += 1
-            answer = None
-            with trio.move_on_after(timeout_s):
-                answer = await a.nic.recv()
-            if answer is None:
-                result.checked.append((probe.name, len(frame), False))
-                continue
-            result.received += 1
-            result.checked.append((probe.name, len(frame), bool(probe.check(Ether(answer)))))
-        result.counters = hv.snapshot().diff(before)
+        await exchange(hv, a, build_traffic(a.nic.mac, mac_b), result, timeout_s)
     return result
 
 
@@ -113,18 +97,8 @@ def format_x86_table(r: DemoResult) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the demo; print the table (or JSON); exit status 1 if an answer was lost or wrong."""
-    parser = argparse.ArgumentParser(prog="pvio demo --guest x86", description=__doc__.splitlines()[0])
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    result = trio.run(run_demo, clock=trio.testing.MockClock(autojump_threshold=0))
-    if args.json:
-        print(json.dumps(result.as_json(), indent=2, sort_keys=True))
-    else:
-        print(format_x86_table(result))
-    ok = result.lost == 0 and all(ok for _, _, ok in result.checked)
-    return 0 if ok else 1
+    """``pvio demo --guest x86``: the PyGuest <-> x86 guest scenario."""
+    return run_main(argv, "pvio demo --guest x86", run_demo, format_x86_table)
 
 
 if __name__ == "__main__":
