@@ -1,0 +1,51 @@
+"""The three device models under pytest-benchmark, through the plugin's ``pvio_bench`` fixture.
+
+Each benchmark boots a fresh environment per round (real clock) and runs one scenario; the
+per-packet interrupts, exits, hypercalls and copies, pps and (ping-pong) latency go into
+``extra_info``, and the end-of-run table compares the models.  ``make bench`` runs them;
+with benchmarks disabled (plain ``pytest``) each runs one small round as a smoke test.
+Issue targets at saturation with 64-byte frames (emulated >= 1 interrupt and >= 4 exits,
+PV <= 0.05 interrupts, smart NIC <= 0.005 interrupts and <= 0.01 exits per packet) are
+asserted exactly under MockClock in ``tests/test_device_comparison.py``; here they are
+reported, never asserted (real time, noisy machines).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+MODELS = ("emulated", "pv", "smartnic")
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.benchmark(group="device models: stream, saturation")
+def test_stream_at_saturation(pvio_bench: Any, benchmark: Any, model: str) -> None:
+    packets = 5000 if benchmark.enabled else 200
+    result = pvio_bench(model, "stream", packets=packets)
+    assert result.packets == packets
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.benchmark(group="device models: stream, 10k pps offered")
+def test_stream_at_10k_pps(pvio_bench: Any, benchmark: Any, model: str) -> None:
+    packets = 2000 if benchmark.enabled else 50
+    result = pvio_bench(model, "stream", packets=packets, offered_load=10_000)
+    assert result.packets == packets
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.benchmark(group="device models: ping-pong, 1k trips/s (low load)")
+def test_pingpong_at_low_load(pvio_bench: Any, benchmark: Any, model: str) -> None:
+    trips = 500 if benchmark.enabled else 20
+    result = pvio_bench(model, "pingpong", packets=trips, offered_load=1000)
+    assert result.packets == 2 * trips and result.latency_us is not None
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.benchmark(group="device models: ping-pong, back to back")
+def test_pingpong_back_to_back(pvio_bench: Any, benchmark: Any, model: str) -> None:
+    trips = 2000 if benchmark.enabled else 20
+    result = pvio_bench(model, "pingpong", packets=trips)
+    assert result.packets == 2 * trips and result.latency_us is not None

@@ -1,0 +1,75 @@
+"""The pytest plugin as a user meets it: installed through its pytest11 entry point, its fixtures
+in a fresh project's tests, pytest-benchmark's extra_info filled, and the cost table at the end."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+pytest_plugins = ["pytester"]
+
+USER_TESTS = """
+import pytest
+
+@pytest.mark.parametrize("model", ["emulated", "pv", "smartnic"])
+async def test_stream(pvio_env, run_scenario, autojump_clock, model):
+    async with pvio_env(model, guest="py") as env:
+        result = await run_scenario(env, "stream", packets=40, offered_load=1000)
+    assert result.packets == 40 and result.per_packet["copies"] == 2
+
+async def test_pingpong(pvio_env, run_scenario, autojump_clock):
+    async with pvio_env("smartnic") as env:
+        result = await run_scenario(env, "pingpong", packets=10)
+    assert result.packets == 20 and result.latency_us is not None
+"""
+
+BENCH_TESTS = """
+def test_bench(pvio_bench):
+    result = pvio_bench("smartnic", "stream", packets=64, rounds=1)
+    assert result.packets == 64
+"""
+
+
+@pytest.fixture
+def project(pytester: pytest.Pytester) -> pytest.Pytester:
+    pytester.makeini("[pytest]\ntrio_mode = true\n")
+    return pytester
+
+
+def test_the_fixtures_run_scenarios_and_the_run_ends_with_the_cost_table(project: pytest.Pytester) -> None:
+    project.makepyfile(test_user=USER_TESTS)
+    result = project.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=4)
+    result.stdout.fnmatch_lines(
+        [
+            "*pvio device models: cost per packet delivered end to end*",
+            "model*guest*scenario*load*packets*int/pkt*exits/pkt*hcalls/pkt*copies/pkt*pps*",
+            "smartnic*py*pingpong*back-to-back*20*",
+            "emulated*py*stream*1000 pps*40*2.00*43.00*",
+            "pv*py*stream*1000 pps*40*3.00*8.00*8.00*2.00*",
+            "smartnic*py*stream*1000 pps*40*1.00*2.00*1.00*2.00*",
+        ]
+    )
+
+
+def test_the_summary_can_be_turned_off(project: pytest.Pytester) -> None:
+    project.makepyfile(test_user=USER_TESTS)
+    result = project.runpytest_subprocess("-p", "no:cacheprovider", "--pvio-no-summary", "-k", "pingpong")
+    result.assert_outcomes(passed=1, deselected=3)
+    assert "pvio device models" not in result.stdout.str()
+
+
+def test_pvio_bench_puts_the_per_packet_counters_into_extra_info(project: pytest.Pytester) -> None:
+    project.makepyfile(test_bench=BENCH_TESTS)
+    result = project.runpytest_subprocess(
+        "-p", "no:cacheprovider", "--benchmark-enable", "--benchmark-json=bench.json"
+    )
+    result.assert_outcomes(passed=1)
+    report: dict[str, Any] = json.loads((project.path / "bench.json").read_text())
+    info = report["benchmarks"][0]["extra_info"]
+    assert info["model"] == "smartnic" and info["scenario"] == "stream" and info["packets"] == 64
+    assert {"interrupts_per_pkt", "exits_per_pkt", "hypercalls_per_pkt", "copies_per_pkt", "pps"} <= set(info)
+    assert info["copies_per_pkt"] == 2.0
+    result.stdout.fnmatch_lines(["*pvio device models*", "smartnic*py*stream*saturation*64*"])
