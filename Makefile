@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 EXT_STAMP := .stamp-ext
 RING_SRC := ringbuf/ring.c ringbuf/ring.h ringbuf/_build.py pvio/native/gnttab.c pvio/native/gnttab.h pvio/_native_build.py
 
-.PHONY: all setup build demo test bench fuzz lint clean
+.PHONY: all setup build demo test bench chart fuzz lint clean
 
 all: build
 
@@ -40,6 +40,11 @@ test: build
 bench: build
 	$(PY) -m pytest -q tests/bench --benchmark-enable --benchmark-only -p no:cacheprovider \
 		--benchmark-columns=min,median,mean,ops,rounds --benchmark-sort=name
+
+# The device-model comparison table (Markdown) and its chart; matplotlib only here, not in the tests.
+chart: build
+	$(PIP) install -q 'matplotlib>=3.7'
+	$(PY) -m pvio bench --markdown --chart docs/device_models.png
 
 fuzz: build
 	PVIO_FUZZ=1 $(PY) -m pytest -q -p no:cacheprovider tests -k "model or stress or hostile or fuzz"

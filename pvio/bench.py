@@ -584,11 +584,14 @@ def write_chart(rows: Sequence[dict[str, Any]], path: str) -> None:
         ax.set_title(title)
         ax.set_xticks(range(len(cases)), cases, fontsize=8)
         ax.grid(axis="y", which="major", alpha=0.3)
-        ax.legend()
     guest = rows[0]["guest"] if rows else "py"
     size = rows[0]["frame_size"] if rows else FRAME_SIZE
     fig.suptitle(f"pvio device models, {size}-byte frames, {guest} guests (lower is better)")
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(
+        handles, labels, loc="upper center", ncol=len(models), bbox_to_anchor=(0.5, 0.95), frameon=False
+    )
+    fig.tight_layout(rect=(0, 0, 1, 0.92))
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
