@@ -619,10 +619,10 @@ def add_smartnic(
     hv: Hypervisor, dom: Domain, switch: Switch, *, devid: int = 0, mac: bytes | None = None
 ) -> SmartNic:
     """Plug a smart NIC into ``dom``: its register window on the bus and its task in the monitor."""
+    if hv.nursery is None:
+        raise RuntimeError("the hypervisor is not running: use `async with Hypervisor() as hv:`")
     nic = SmartNic(hv, dom, switch, devid=devid, mac=mac)
     hv.iobus.register_mmio(dom, SNIC_MMIO_BASE + SNIC_MMIO_STRIDE * devid, SNIC_WINDOW, nic)
     dom.on_destroy.append(lambda _dom: nic.detach())
-    if hv.nursery is None:
-        raise RuntimeError("the hypervisor is not running: use `async with Hypervisor() as hv:`")
     hv.nursery.start_soon(nic.run, name=f"smartnic-{nic.name}")
     return nic
