@@ -63,6 +63,16 @@ int evtchn_alloc_unbound(u16 remote, u32 *port)
     return (int)rc;
 }
 
+/* EVTCHNOP_bind_virq: a port the hypervisor raises for virq (device IRQ lines are VIRQs). */
+int evtchn_bind_virq(u32 virq, u32 *port)
+{
+    struct { u32 virq, vcpu, port; } op = {virq, 0, 0};
+    long rc = hypercall3(HC_event_channel_op, EVTCHNOP_bind_virq, &op, 0);
+    if (rc == 0)
+        *port = op.port;
+    return (int)rc;
+}
+
 int evtchn_send(u32 port)
 {
     u32 op = port;

@@ -21,6 +21,13 @@
  *                        runaway loop, after the banner
  *   close=1              close the vif once the mode's work is done (pktgen: after
  *                        the last frame is answered): Closing, revoke every grant, Closed
+ *   nic=pv|emulated|smartnic
+ *                        the device model the network runs on (default pv: netfront);
+ *                        emulated: emu_io=pio|mmio; smartnic: mod=, mod_frames=,
+ *                        mod_usecs=, spin= (docs/devices.md)
+ *   mode=bench           the bench harness's app (bench.c): a mailbox, commands by VIRQ
+ *   mode=badreg          hostile (emulated NIC): a transmit of a bad length, a bad register
+ *   mode=baddesc         hostile (smart NIC): a TX descriptor naming no pool buffer
  *   announce=0           do not send the self-addressed frame that teaches the switch
  *                        our MAC (default: send it once connected)
  */
@@ -37,14 +44,13 @@ static void echo_loop(void) __attribute__((noreturn));
 static void echo_loop(void)
 {
     for (;;) {
-        if (netfront_poll())
+        if (nic->poll())
             continue;
-        if (!netfront_connected()) {
+        if (!nic->connected()) {
             wait_for_events(); /* the device is gone: idle, the guest stays up */
             continue;
         }
-        if (!netfront_final_check())
-            wait_for_events();
+        nic->wait();
     }
 }
 
@@ -84,7 +90,7 @@ static void pktgen(void)
     static u8 tmpl[1514];
     u32 len = (u32)size, ulen = len - 34;
     memcpy(tmpl, dst_mac, 6);
-    memcpy(tmpl + 6, netfront_mac(), 6);
+    memcpy(tmpl + 6, nic->mac(), 6);
     tmpl[12] = 0x08, tmpl[13] = 0x00;
     u8 *ip = tmpl + 14;
     ip[0] = 0x45, ip[2] = (u8)((len - 14) >> 8), ip[3] = (u8)(len - 14), ip[8] = 64, ip[9] = 17;
@@ -96,7 +102,28 @@ static void pktgen(void)
     udp[0] = 5000 >> 8, udp[1] = 5000 & 0xFF, udp[2] = (u8)(dport >> 8), udp[3] = (u8)dport;
     udp[4] = (u8)(ulen >> 8), udp[5] = (u8)ulen;
     u64 sent = 0;
-    while (sent < count && netfront_connected()) {
+    if (nic != &netfront_ops) { /* the other drivers copy the frame into their own buffers */
+        while (sent < count && nic->connected()) {
+            u32 staged = 0;
+            while (sent < count) {
+                tmpl[42] = (u8)(sent >> 24), tmpl[43] = (u8)(sent >> 16);
+                tmpl[44] = (u8)(sent >> 8), tmpl[45] = (u8)sent;
+                if (nic->xmit(tmpl, len))
+                    break;
+                sent++, staged++;
+            }
+            nic->push();
+            if (nic->poll())
+                continue;
+            if (!staged)
+                nic->wait();
+        }
+        while (nic->tx_outstanding() && nic->connected()) {
+            if (!nic->poll())
+                nic->wait();
+        }
+    }
+    while (nic == &netfront_ops && sent < count && netfront_connected()) {
         u32 staged = 0;
         u8 *buf_page;
         while (sent < count && (buf_page = netfront_tx_slot_buffer()) != NULL) {
@@ -112,7 +139,7 @@ static void pktgen(void)
         if (!staged && !netfront_final_check())
             wait_for_events();
     }
-    while (netfront_tx_outstanding() && netfront_connected()) {
+    while (nic == &netfront_ops && netfront_tx_outstanding() && netfront_connected()) {
         if (!netfront_poll() && !netfront_final_check())
             wait_for_events();
     }
@@ -165,20 +192,27 @@ void kmain(struct start_info *si)
         fault(mode);
     if (!cmdline_get("ip", ipbuf, sizeof ipbuf) || parse_ip(ipbuf, ip))
         parse_ip("10.0.0.2", ip);
-    if (netfront_init(domid, netstack_input, mode)) {
-        printk("netfront: no network (%s)\n", netfront_error());
+    if (cmdline_get("nic", ipbuf, sizeof ipbuf) && nic_select(ipbuf)) {
+        printk("no such nic model: %s\n", ipbuf);
         for (;;)
             wait_for_events();
     }
-    netstack_init(netfront_mac(), ip);
+    if (!strcmp(mode, "bench"))
+        bench_init();
+    if (nic->init(domid, !strcmp(mode, "bench") ? bench_rx : netstack_input, mode)) {
+        printk("%s: no network (%s)\n", nic == &netfront_ops ? "netfront" : nic->name, nic->error());
+        for (;;)
+            wait_for_events();
+    }
+    netstack_init(nic->mac(), ip);
     if (!cmdline_get("announce", ipbuf, sizeof ipbuf) || strcmp(ipbuf, "0")) {
         u8 hello[60];
         memset(hello, 0, sizeof hello);
-        memcpy(hello, netfront_mac(), 6);
-        memcpy(hello + 6, netfront_mac(), 6);
+        memcpy(hello, nic->mac(), 6);
+        memcpy(hello + 6, nic->mac(), 6);
         hello[12] = 0x88, hello[13] = 0xB5; /* local experimental: nobody answers */
-        netfront_xmit(hello, sizeof hello);
-        netfront_push();
+        nic->xmit(hello, sizeof hello);
+        nic->push();
     }
     printk("ready: %s, ip %u.%u.%u.%u\n", mode, ip[0], ip[1], ip[2], ip[3]);
     if (!strcmp(mode, "badring"))
@@ -187,7 +221,13 @@ void kmain(struct start_info *si)
         netfront_hostile_bad_tx_gref();
     else if (!strcmp(mode, "pktgen"))
         pktgen();
-    if (cmdline_get("close", ipbuf, sizeof ipbuf) && !strcmp(ipbuf, "1"))
+    else if (!strcmp(mode, "badreg") && nic == &emunic_ops)
+        emunic_hostile_bad_registers();
+    else if (!strcmp(mode, "baddesc") && nic == &snic_ops)
+        snic_hostile_bad_descriptor();
+    else if (!strcmp(mode, "bench"))
+        bench_loop();
+    if (cmdline_get("close", ipbuf, sizeof ipbuf) && !strcmp(ipbuf, "1") && nic == &netfront_ops)
         netfront_close();
     echo_loop();
 }

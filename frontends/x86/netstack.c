@@ -46,7 +46,7 @@ static u32 pseudo_sum(const u8 *src, const u8 *dst, u32 len)
 
 static void send_reply(u32 len)
 {
-    if (netfront_xmit(reply, len))
+    if (nic->xmit(reply, len))
         ns_stats.reply_drops++;
 }
 

@@ -40,6 +40,7 @@ typedef unsigned long size_t;
 #define SCHEDOP_shutdown 2
 #define SHUTDOWN_poweroff 0
 #define SHUTDOWN_crash 3
+#define EVTCHNOP_bind_virq 1
 #define EVTCHNOP_close 3
 #define EVTCHNOP_send 4
 #define EVTCHNOP_alloc_unbound 6
@@ -177,6 +178,7 @@ extern volatile u64 events_seen;
 void events_init(void);
 void bind_evtchn(u32 port, evtchn_handler_t handler);
 int evtchn_alloc_unbound(u16 remote, u32 *port);
+int evtchn_bind_virq(u32 virq, u32 *port);
 int evtchn_send(u32 port);
 void local_irq_enable(void);
 void wait_for_events(void);
@@ -235,6 +237,38 @@ u32 netfront_tx_outstanding(void);
 void netfront_hostile_push(u32 extra);       /* test mode: publish an impossible req_prod */
 void netfront_hostile_bad_tx_gref(void);     /* test mode: a TX request naming a bad grant */
 void netfront_close(void);                   /* Closing, revoke every grant, Closed */
+
+/* ------------------------------------------------------------------ the NIC in use (nic.c)
+ * One interface over the three device models (cmd_line nic=pv|emulated|smartnic): the
+ * network stack, the echo loop, pktgen and the bench app only use these. */
+struct nic_ops {
+    const char *name;
+    int (*init)(unsigned domid, netfront_rx_t rx, const char *mode);
+    const u8 *(*mac)(void);
+    int (*connected)(void);
+    const char *(*error)(void);
+    int (*xmit)(const u8 *frame, u32 len); /* stage a frame; -ENOSPC when no TX room */
+    void (*push)(void);                    /* publish staged frames (notify the device if needed) */
+    int (*poll)(void);                     /* reap TX, receive RX (calls rx); returns work done */
+    void (*wait)(void);                    /* idle: poll while busy, then arm the interrupt and sleep */
+    u32 (*tx_outstanding)(void);
+};
+extern const struct nic_ops *nic;
+extern const struct nic_ops netfront_ops, emunic_ops, snic_ops;
+int nic_select(const char *name); /* 0, or -EINVAL for an unknown model */
+
+/* emunic.c / snic.c: driver statistics (printed by the bench app, read by the tests) */
+struct nicdrv_stats {
+    u64 tx_packets, rx_packets, irqs, spurious, tx_errors, rx_errors, bad_completions, doorbells, rearms;
+};
+extern struct nicdrv_stats drv_stats;
+void emunic_hostile_bad_registers(void); /* test mode badreg: a bad TXLEN, a bad register */
+void snic_hostile_bad_descriptor(void);  /* test mode baddesc: a TX descriptor naming no buffer */
+
+/* ------------------------------------------------------------------ bench.c */
+void bench_init(void);               /* mode=bench: the mailbox and the harness VIRQ */
+void bench_rx(const u8 *frame, u32 len); /* the rx handler in mode=bench */
+void bench_loop(void) __attribute__((noreturn));
 
 /* ------------------------------------------------------------------ netstack.c */
 void netstack_init(const u8 mac[6], const u8 ip[4]);

@@ -1,0 +1,315 @@
+/* The smart NIC driver (docs/devices.md, "Smart NIC"): descriptor rings in guest memory,
+ * buffers from a pre-registered pool, the monitor does the DMA.
+ *
+ *   init: check ID; read MAC, IRQ, GRANT_DOMID; two ring pages (SHARED_RING_INIT); a pool
+ *         of NR_TX + NR_RX buffers of BUF_SIZE bytes in contiguous frames (indices < NR_TX
+ *         for TX); post every RX buffer; program the rings and pool (and moderation if the
+ *         cmd_line asks: mod=adaptive|fixed|off, mod_frames=, mod_usecs=); bind the VIRQ;
+ *         CTRL=ENABLE; STATUS must say ENABLED.
+ *   TX:   copy into a free TX buffer, write a descriptor, push; DOORBELL=TX only when the
+ *         push crosses req_event, i.e. only when the device went idle.
+ *   RX:   reap completions, copy each frame out once, re-post the buffer (DOORBELL=RX only
+ *         if that push asks for it).
+ *   idle: NAPI-style, poll while busy (spin on the completion indices for `spin=`
+ *         iterations, default SPIN, a few of the vCPU's slices, during which the monitor's
+ *         task runs), then re-arm: the RX ring's rsp_event at the next completion, the TX
+ *         ring's at half the outstanding when every TX buffer is in flight; re-check; sleep.
+ *
+ * Hardened (completions are device-written, never trusted): a completion index further
+ * ahead than the descriptors posted stops the driver; a completion id outside its ring's
+ * buffers or not outstanding, a length beyond the buffer or a bad status is refused and
+ * counted; every entry is copied once from the ring before use. */
+#include "pvio.h"
+#include "devices.h"
+
+#define NR_TX SNIC_RING_ENTRIES
+#define NR_RX SNIC_RING_ENTRIES
+#define NR_BUFS (NR_TX + NR_RX)
+#define BUF_SIZE 2048
+#define SPIN 40000
+#define SLOT(r, i) ((u8 *)(r) + 64 + ((i) & (SNIC_RING_ENTRIES - 1)) * 16)
+
+static volatile u32 *const regs = (volatile u32 *)SNIC_MMIO_BASE;
+static struct sring_header *tx_ring, *rx_ring;
+static u32 tx_prod_pvt, tx_pushed, tx_cons, rx_prod_pvt, rx_pushed, rx_cons;
+static u64 pool;
+static u16 tx_free[NR_TX];
+static u32 tx_nfree;
+static u8 tx_out[NR_TX], rx_posted[NR_BUFS];
+static u16 repost[NR_RX];
+static u8 frame[BUF_SIZE];
+static u8 mac[6];
+static u32 port, grant_domid;
+static u64 spin = SPIN;
+static volatile int irq_pending;
+static int connected;
+static const char *error;
+static netfront_rx_t rx_handler;
+
+static u32 rd(u32 reg) { return regs[reg / 4]; }
+static void wr(u32 reg, u32 v) { regs[reg / 4] = v; }
+static void wr64(u32 reg, u64 v) { wr(reg, (u32)v), wr(reg + 4, (u32)(v >> 32)); }
+
+static const u8 *snic_mac(void) { return mac; }
+static int snic_connected(void) { return connected; }
+static const char *snic_error(void) { return error; }
+static u32 snic_tx_outstanding(void) { return NR_TX - tx_nfree; }
+
+static void fail(const char *reason)
+{
+    if (error)
+        return;
+    error = reason;
+    connected = 0;
+    printk("snic: stopped: %s\n", reason);
+}
+
+static void on_irq(u32 p)
+{
+    (void)p;
+    irq_pending = 1; /* wakes the poll; no register access */
+}
+
+static void post_rx(u16 idx)
+{
+    struct snic_desc *d = (struct snic_desc *)SLOT(rx_ring, rx_prod_pvt++);
+    d->buf = idx, d->offset = 0, d->len = BUF_SIZE, d->id = idx, d->flags = 0, d->reserved = 0;
+    rx_posted[idx] = 1;
+}
+
+/* RING_PUSH_REQUESTS_AND_CHECK_NOTIFY, the notification being a doorbell (one MMIO exit). */
+static void push_ring(struct sring_header *r, u32 *pushed, u32 prod, u32 bell)
+{
+    u32 old = *pushed;
+    if (old == prod)
+        return;
+    wmb();
+    WRITE_ONCE(r->req_prod, prod);
+    *pushed = prod;
+    mb();
+    if ((u32)(prod - READ_ONCE(r->req_event)) < (u32)(prod - old)) {
+        drv_stats.doorbells++;
+        wr(SNIC_REG_DOORBELL, bell);
+    }
+}
+
+static int snic_init(unsigned domid, netfront_rx_t rx, const char *mode)
+{
+    char buf[32];
+    u64 v;
+    (void)mode;
+    rx_handler = rx;
+    if (cmdline_get("spin", buf, sizeof buf) && !parse_u64(buf, &v))
+        spin = v;
+    if (rd(SNIC_REG_ID) != SNIC_ID) {
+        error = "no smart NIC at its window";
+        return -ENOENT;
+    }
+    u32 lo = rd(SNIC_REG_MAC_LO), hi = rd(SNIC_REG_MAC_HI);
+    for (int i = 0; i < 4; i++)
+        mac[i] = (u8)(lo >> (8 * i));
+    mac[4] = (u8)hi, mac[5] = (u8)(hi >> 8);
+    grant_domid = rd(SNIC_REG_GRANT_DOMID); /* buffers come from the pool: no grants needed */
+    tx_ring = (struct sring_header *)alloc_page();
+    rx_ring = (struct sring_header *)alloc_page();
+    tx_ring->req_event = tx_ring->rsp_event = 1; /* SHARED_RING_INIT */
+    rx_ring->req_event = rx_ring->rsp_event = 1;
+    u64 npages = (u64)NR_BUFS * BUF_SIZE / PAGE_SIZE;
+    pool = alloc_page();
+    for (u64 i = 1; i < npages; i++) {
+        if (alloc_page() != pool + i * PAGE_SIZE) {
+            error = "no contiguous pages for the buffer pool";
+            return -ENOSPC;
+        }
+    }
+    for (u32 i = 0; i < NR_TX; i++)
+        tx_free[tx_nfree++] = (u16)(NR_TX - 1 - i);
+    for (u32 i = NR_TX; i < NR_BUFS; i++)
+        post_rx((u16)i);
+    wmb();
+    rx_pushed = rx_prod_pvt;
+    WRITE_ONCE(rx_ring->req_prod, rx_pushed); /* posted before ENABLE: found when it attaches */
+    wr64(SNIC_REG_TX_RING_LO, (u64)tx_ring);
+    wr64(SNIC_REG_RX_RING_LO, (u64)rx_ring);
+    wr64(SNIC_REG_POOL_LO, pool);
+    wr(SNIC_REG_POOL_BUF_SIZE, BUF_SIZE);
+    wr(SNIC_REG_POOL_COUNT, NR_BUFS);
+    if (cmdline_get("mod", buf, sizeof buf)) {
+        u64 frames = 1, usecs = 0;
+        u32 m = !strcmp(buf, "fixed") ? 1 : !strcmp(buf, "off") ? 2 : 0;
+        wr(SNIC_REG_MOD_MODE, m);
+        if (cmdline_get("mod_frames", buf, sizeof buf))
+            parse_u64(buf, &frames);
+        if (cmdline_get("mod_usecs", buf, sizeof buf))
+            parse_u64(buf, &usecs);
+        if (m == 1)
+            wr(SNIC_REG_MOD_FRAMES, (u32)frames), wr(SNIC_REG_MOD_USECS, (u32)usecs);
+    }
+    u32 virq = rd(SNIC_REG_IRQ);
+    if (evtchn_bind_virq(virq, &port)) {
+        error = "cannot bind the NIC's VIRQ";
+        return -EINVAL;
+    }
+    bind_evtchn(port, on_irq);
+    wr(SNIC_REG_CTRL, SNIC_CTRL_ENABLE);
+    if (!(rd(SNIC_REG_STATUS) & SNIC_ST_ENABLED)) {
+        error = "the smart NIC refused its configuration";
+        return -EIO;
+    }
+    connected = 1;
+    printk("snic: dom%u card up, mac %02x:%02x:%02x:%02x:%02x:%02x, virq %u, pool %lx %ux%u\n", domid,
+           mac[0], mac[1], mac[2], mac[3], mac[4], mac[5], virq, pool, NR_BUFS, BUF_SIZE);
+    return 0;
+}
+
+static int reap_tx(void)
+{
+    u32 prod = READ_ONCE(tx_ring->rsp_prod);
+    if ((u32)(prod - tx_cons) > (u32)(tx_prod_pvt - tx_cons)) {
+        fail("impossible TX completion index");
+        return 0;
+    }
+    rmb();
+    int n = 0;
+    while (tx_cons != prod) {
+        u64 raw = *(volatile u64 *)SLOT(tx_ring, tx_cons); /* copy once */
+        tx_cons++;
+        u16 id = (u16)raw;
+        s16 status = (s16)(raw >> 32);
+        if (id >= NR_TX || !tx_out[id]) {
+            drv_stats.bad_completions++;
+            continue;
+        }
+        tx_out[id] = 0;
+        tx_free[tx_nfree++] = id;
+        if (status)
+            drv_stats.tx_errors++;
+        n++;
+    }
+    return n;
+}
+
+static int receive(void)
+{
+    u32 prod = READ_ONCE(rx_ring->rsp_prod);
+    if ((u32)(prod - rx_cons) > (u32)(rx_prod_pvt - rx_cons)) {
+        fail("impossible RX completion index");
+        return 0;
+    }
+    rmb();
+    u32 nrepost = 0;
+    while (rx_cons != prod) {
+        u64 raw = *(volatile u64 *)SLOT(rx_ring, rx_cons); /* copy once */
+        rx_cons++;
+        u16 id = (u16)raw, len = (u16)(raw >> 16);
+        s16 status = (s16)(raw >> 32);
+        if (id < NR_TX || id >= NR_BUFS || !rx_posted[id]) {
+            drv_stats.bad_completions++;
+            continue;
+        }
+        rx_posted[id] = 0;
+        repost[nrepost++] = id;
+        if (status || len < 14 || len > BUF_SIZE) {
+            drv_stats.rx_errors++;
+            continue;
+        }
+        memcpy(frame, (u8 *)(pool + (u64)id * BUF_SIZE), len); /* out once, then re-post */
+        drv_stats.rx_packets++;
+        rx_handler(frame, len);
+    }
+    for (u32 i = 0; i < nrepost; i++)
+        post_rx(repost[i]);
+    push_ring(rx_ring, &rx_pushed, rx_prod_pvt, SNIC_DB_RX);
+    return (int)nrepost;
+}
+
+static int snic_xmit(const u8 *f, u32 len)
+{
+    if (!connected)
+        return -EIO;
+    if (len < 14 || len > BUF_SIZE)
+        return -EINVAL;
+    if (!tx_nfree)
+        reap_tx();
+    if (!tx_nfree)
+        return -ENOSPC;
+    u16 idx = tx_free[--tx_nfree];
+    memcpy((u8 *)(pool + (u64)idx * BUF_SIZE), f, len);
+    struct snic_desc *d = (struct snic_desc *)SLOT(tx_ring, tx_prod_pvt++);
+    d->buf = idx, d->offset = 0, d->len = (u16)len, d->id = idx, d->flags = 0, d->reserved = 0;
+    tx_out[idx] = 1;
+    drv_stats.tx_packets++;
+    return 0;
+}
+
+static void snic_push(void)
+{
+    if (connected)
+        push_ring(tx_ring, &tx_pushed, tx_prod_pvt, SNIC_DB_TX);
+}
+
+static int snic_poll(void)
+{
+    if (!connected)
+        return 0;
+    irq_pending = 0;
+    int work = reap_tx();
+    if (connected)
+        work += receive();
+    snic_push(); /* replies staged by the RX handler */
+    return work;
+}
+
+static int work_waiting(void)
+{
+    return irq_pending || READ_ONCE(rx_ring->rsp_prod) != rx_cons ||
+           (tx_cons != tx_prod_pvt && READ_ONCE(tx_ring->rsp_prod) != tx_cons);
+}
+
+static void snic_wait(void)
+{
+    u64 seen = events_seen;
+    for (u64 i = 0; i < spin; i++) { /* poll while busy: the monitor runs between our slices */
+        if (work_waiting() || events_seen != seen)
+            return;
+        __asm__ __volatile__("pause" ::: "memory");
+    }
+    /* Idle: re-arm, then re-check so a completion published meanwhile is not slept through. */
+    WRITE_ONCE(rx_ring->rsp_event, rx_cons + 1);
+    if (!tx_nfree) {
+        u32 outstanding = tx_prod_pvt - tx_cons;
+        WRITE_ONCE(tx_ring->rsp_event, tx_cons + (outstanding / 2 ? outstanding / 2 : 1));
+    }
+    mb();
+    if (work_waiting())
+        return;
+    drv_stats.rearms++;
+    wait_for_events();
+}
+
+/* Test mode baddesc: one TX descriptor naming pool buffer 0xFFFF (the pool has NR_BUFS). */
+void snic_hostile_bad_descriptor(void)
+{
+    if (!tx_nfree)
+        reap_tx();
+    if (!tx_nfree)
+        return;
+    u16 idx = tx_free[--tx_nfree];
+    struct snic_desc *d = (struct snic_desc *)SLOT(tx_ring, tx_prod_pvt++);
+    d->buf = 0xFFFF, d->offset = 0, d->len = 64, d->id = idx, d->flags = 0, d->reserved = 0;
+    tx_out[idx] = 1;
+    snic_push();
+}
+
+const struct nic_ops snic_ops = {
+    .name = "smartnic",
+    .init = snic_init,
+    .mac = snic_mac,
+    .connected = snic_connected,
+    .error = snic_error,
+    .xmit = snic_xmit,
+    .push = snic_push,
+    .poll = snic_poll,
+    .wait = snic_wait,
+    .tx_outstanding = snic_tx_outstanding,
+};

@@ -1,0 +1,174 @@
+"""The three device models with x86 guests: pvio's C guest kernel and its C drivers
+(``frontends/x86``: netfront.c, emunic.c, snic.c) on the emulated vCPU, through the plugin.
+
+``pvio_env(model, guest="x86")`` boots two x86 guests in ``mode=bench`` (``cpu/bench_guest.py``);
+``run_scenario`` has guest A's bench app stream to / ping-pong with guest B's, inside the
+guests.  Everything runs under trio's MockClock with the seeded scheduler, so the counts
+are pinned exactly.  They include the harness's control channel: one VIRQ_BENCH upcall on A
+per scenario (the ``+1`` in A's interrupts).
+
+Reading the numbers (64-byte frames)
+------------------------------------
+* emulated: A pays TXLEN + 16 TXDATA + CMD TX = 18 port writes per frame, then ISR read and
+  acknowledge on the TOK interrupt and the iret: 21 exits, 1 interrupt per frame; B drains
+  the FIFO with 19 exits per frame (RXLEN, 16 RXDATA, RX_POP, and the final empty RXLEN
+  per interrupt), arrivals coalescing into fewer interrupts.
+* pv: netfront.c with its event indices: a handful of notifications per stream; in
+  ping-pong every hop notifies and dom0 (netback) takes an interrupt per frame.
+* smartnic: snic.c polls while busy (``spin=``, a few of the vCPU's slices, during which the
+  monitor's task runs) and re-arms only when idle, so a stream costs A one doorbell and B
+  one interrupt, and a back-to-back ping-pong stays inside both polling windows.
+
+Ordering (per packet): exits emulated > pv > smartnic in both scenarios; interrupts
+emulated > pv > smartnic in the stream only -- in ping-pong PV's interrupts exceed the
+emulated NIC's, because dom0's netback takes one per frame on top of the guests'.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+import trio
+
+from backends import emulated_nic as emu
+from backends import smartnic as snic
+from cpu.guest import X86Guest
+
+MODELS = ("emulated", "pv", "smartnic")
+
+# (scenario, packets) -> model -> (totals, per-domain (interrupts, exits, hypercalls))
+PINNED: dict[tuple[str, int], dict[str, tuple[dict[str, int], dict[str, tuple[int, int, int]]]]] = {
+    ("stream", 60): {
+        "emulated": (
+            {"interrupts": 97, "exits": 2522, "hypercalls": 134, "copies": 120},
+            {"dom0": (0, 0, 0), "a": (61, 1262, 62), "b": (36, 1260, 72)},
+        ),
+        "pv": (
+            {"interrupts": 4, "exits": 12, "hypercalls": 12, "copies": 120},
+            {"dom0": (1, 5, 5), "a": (2, 5, 5), "b": (1, 2, 2)},
+        ),
+        "smartnic": (
+            {"interrupts": 2, "exits": 5, "hypercalls": 4, "copies": 120},
+            {"dom0": (0, 0, 0), "a": (1, 3, 2), "b": (1, 2, 2)},
+        ),
+    },
+    ("pingpong", 20): {
+        "emulated": (
+            {"interrupts": 59, "exits": 1674, "hypercalls": 78, "copies": 80},
+            {"dom0": (0, 0, 0), "a": (30, 838, 40), "b": (29, 836, 38)},
+        ),
+        "pv": (
+            {"interrupts": 121, "exits": 402, "hypercalls": 402, "copies": 80},
+            {"dom0": (40, 200, 200), "a": (41, 102, 102), "b": (40, 100, 100)},
+        ),
+        "smartnic": (
+            {"interrupts": 4, "exits": 12, "hypercalls": 8, "copies": 80},
+            {"dom0": (0, 0, 0), "a": (2, 6, 4), "b": (2, 6, 4)},
+        ),
+    },
+}
+
+
+def test_the_c_drivers_register_numbers_match_the_python_devices() -> None:
+    """frontends/x86/devices.h copies the register maps: every number equals the device's."""
+    from cpu.build import SOURCE_DIR
+
+    defines = {
+        name: int(value, 0)
+        for name, value in re.findall(
+            r"^#define (\w+) (0x[0-9A-Fa-f]+|\d+)\s*(?:/\*.*)?$", (SOURCE_DIR / "devices.h").read_text(), re.M
+        )
+    }
+    expected: dict[str, int] = {"EMUNIC_MAX_FRAME": emu.MAX_FRAME}
+    expected["SNIC_RING_ENTRIES"] = snic.SNIC_RING_ENTRIES
+    for prefix, module in (("EMUNIC_", emu), ("SNIC_", snic)):
+        for name in defines:
+            if name.startswith(prefix) and name not in expected:
+                attr = name[len(prefix) :] if name.startswith(prefix + "REG_") else name
+                attr = attr if hasattr(module, attr) else name.removeprefix(prefix)
+                expected[name] = getattr(module, attr)
+    expected["SNIC_ID"] = snic.SNIC_ID
+    assert {k: defines[k] for k in expected} == expected
+    assert len(expected) >= 40
+
+
+async def _run(pvio_env: Any, run_scenario: Any, model: str, scenario: str, packets: int) -> Any:
+    async with pvio_env(model, guest="x86") as env:
+        return await run_scenario(env, scenario, packets=packets)
+
+
+def _observed(result: Any) -> tuple[dict[str, int], dict[str, tuple[int, int, int]]]:
+    by_dom = {d: (c["interrupts"], c["exits"], c["hypercalls"]) for d, c in result.by_domain.items()}
+    return dict(result.totals), by_dom
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize(("scenario", "packets"), [("stream", 60), ("pingpong", 20)])
+async def test_x86_scenarios_take_exact_counts(
+    pvio_env: Any, run_scenario: Any, autojump_clock: Any, model: str, scenario: str, packets: int
+) -> None:
+    result = await _run(pvio_env, run_scenario, model, scenario, packets)
+    assert result.guest == "x86"
+    assert result.packets == (packets if scenario == "stream" else 2 * packets)
+    assert result.totals["copies"] == 2 * result.packets  # two per frame in every model
+    assert _observed(result) == PINNED[(scenario, packets)][model], _observed(result)
+
+
+@pytest.mark.parametrize(("scenario", "packets"), [("stream", 60), ("pingpong", 20)])
+async def test_x86_ordering_emulated_pv_smartnic(
+    pvio_env: Any, run_scenario: Any, autojump_clock: Any, scenario: str, packets: int
+) -> None:
+    pp = {m: (await _run(pvio_env, run_scenario, m, scenario, packets)).per_packet for m in MODELS}
+    assert pp["emulated"]["exits"] > pp["pv"]["exits"] > pp["smartnic"]["exits"]
+    assert pp["emulated"]["exits"] >= 4  # the smart NIC's few exits are fixed costs (kick, first doorbell)
+    if scenario == "stream":
+        assert pp["emulated"]["interrupts"] > pp["pv"]["interrupts"] > pp["smartnic"]["interrupts"]
+        assert pp["emulated"]["interrupts"] >= 1
+    else:  # dom0's netback takes an interrupt per frame: PV above the emulated NIC, smart NIC far below
+        assert pp["pv"]["interrupts"] > pp["emulated"]["interrupts"] > pp["smartnic"]["interrupts"]
+
+
+# ---------------------------------------------------------------------- hostile guests
+async def _hostile(env: Any, model: str, mode: str) -> tuple[X86Guest, Any]:
+    """Plug a third x86 guest (``mode``) into ``env`` on ``model``; wait until it is up."""
+    from backends.emulated_nic import add_emulated_nic
+    from backends.smartnic import add_smartnic
+
+    guest = X86Guest(name=f"x86-{mode}", cmdline=f"mode={mode} nic={model} ip=10.0.0.9")
+    dom = env.hv.create_domain(guest, name=guest.name)
+    dev = (add_emulated_nic if model == "emulated" else add_smartnic)(env.hv, dom, env.switch)
+    await env.hv.start(dom)
+    with trio.fail_after(5):
+        while not any(line.startswith("ready:") for line in dom.console_lines):
+            await trio.sleep(0.001)
+        await trio.sleep(0.01)
+    return guest, dev
+
+
+async def test_a_guest_writing_bad_registers_is_a_counted_error_and_others_go_on(
+    pvio_env: Any, run_scenario: Any, autojump_clock: Any
+) -> None:
+    """mode=badreg: TXLEN=4000 then CMD TX (TER, tx_bad_length) and a write to offset 0x30
+    (bad_register); the card and the guest go on, and so do the other guests."""
+    async with pvio_env("emulated", guest="x86") as env:
+        guest, dev = await _hostile(env, "emulated", "badreg")
+        assert dev.dev["errors.tx_bad_length"] == 1 and dev.dev["errors.bad_register"] == 1
+        assert guest.domain.alive and dev.enabled and dev.isr == 0  # TER taken and acknowledged
+        assert guest.domain.crash_reason is None
+        result = await run_scenario(env, "stream", packets=20)
+        assert result.packets == 20 and guest.domain.alive
+
+
+async def test_a_guest_posting_a_bad_descriptor_is_a_counted_error_and_others_go_on(
+    pvio_env: Any, run_scenario: Any, autojump_clock: Any
+) -> None:
+    """mode=baddesc: a TX descriptor naming pool buffer 0xFFFF: completed with BAD_BUF,
+    counted by the device (errors.bad_buf, ERRORS); the device keeps running."""
+    async with pvio_env("smartnic", guest="x86") as env:
+        guest, dev = await _hostile(env, "smartnic", "baddesc")
+        assert dev.dev["errors.bad_buf"] == 1 and dev.errors == 1
+        assert guest.domain.alive and dev.enabled and not dev.error
+        result = await run_scenario(env, "pingpong", packets=5)
+        assert result.packets == 10 and guest.domain.alive
