@@ -469,6 +469,14 @@ BENCH_PLAN: tuple[Case, ...] = (
     Case("pingpong", None, 500),
 )
 
+#: The x86 guests' plan (``--guest x86``, and the x86 rows of the default table): saturation
+#: and back to back only (the bench app has no paced sender), fewer packets (an emulated CPU).
+X86_PLAN: tuple[Case, ...] = (
+    Case("stream", None, 1_000),
+    Case("pingpong", None, 100),
+)
+PLANS: dict[str, tuple[Case, ...]] = {"py": BENCH_PLAN, "x86": X86_PLAN}
+
 
 async def run_case(model: str, case: Case, guest: str = "py", **options: Any) -> ScenarioResult:
     """Boot a fresh environment for ``model`` and run ``case`` in it."""
@@ -489,7 +497,7 @@ def run_plan(
     for case in plan:
         for model in models:
             if progress is not None:
-                progress(f"{model} {case.scenario} {case.offered_load or 'max'}")
+                progress(f"{guest} {model} {case.scenario} {case.offered_load or 'max'}")
             clock = trio.testing.MockClock(autojump_threshold=0) if mock_clock else None
             results.append(trio.run(run_case, model, case, guest, clock=clock))
     return results
@@ -544,16 +552,17 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
 def format_markdown(rows: Sequence[dict[str, Any]]) -> str:
     """The same table in Markdown (for the README)."""
     out = [
-        "| model | scenario | offered load | packets | interrupts/pkt | exits/pkt | hypercalls/pkt "
+        "| model | guest | scenario | offered load | packets | interrupts/pkt | exits/pkt | hypercalls/pkt "
         "| copies/pkt | pps | latency µs |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         pp = r["per_packet"]
         pps = "-" if r["pps"] is None else f"{r['pps']:.0f}"
         lat = "-" if r["latency_us"] is None else f"{r['latency_us']:.0f}"
         out.append(
-            f"| {r['model']} | {r['scenario']} | {r['load']} | {r['packets']} | {_fmt(pp['interrupts'])} | "
+            f"| {r['model']} | {r['guest']} | {r['scenario']} | {r['load']} | {r['packets']} | "
+            f"{_fmt(pp['interrupts'])} | "
             f"{_fmt(pp['exits'])} | {_fmt(pp['hypercalls'])} | {_fmt(pp['copies'])} | {pps} | {lat} |"
         )
     return "\n".join(out)
@@ -570,15 +579,20 @@ def write_chart(rows: Sequence[dict[str, Any]], path: str) -> None:
         raise SystemExit(
             "pvio bench --chart needs matplotlib: pip install 'pvio[chart]' (or run `make chart`)"
         ) from None
+    guests = sorted({r["guest"] for r in rows})
+
+    def label_of(r: dict[str, Any]) -> str:
+        return f"{r['scenario']}\n{r['load']}" + (f"\n{r['guest']} guests" if len(guests) > 1 else "")
+
     cases: list[str] = []
     for r in rows:
-        label = f"{r['scenario']}\n{r['load']}"
+        label = label_of(r)
         if label not in cases:
             cases.append(label)
     models = [m for m in MODELS if any(r["model"] == m for r in rows)]
     colours = {"emulated": "#c0392b", "pv": "#2e86c1", "smartnic": "#27ae60"}
     floor = 1e-4  # log axes cannot show 0: a zero is drawn at the floor and labelled "0"
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    fig, axes = plt.subplots(1, 2, figsize=(13 + 1.2 * max(0, len(cases) - 5), 5))
     width = 0.8 / max(1, len(models))
     for ax, key, title in zip(
         axes, ("interrupts", "exits"), ("interrupts per packet", "exits per packet"), strict=True
@@ -586,7 +600,7 @@ def write_chart(rows: Sequence[dict[str, Any]], path: str) -> None:
         for j, model in enumerate(models):
             values = []
             for label in cases:
-                match = [r for r in rows if r["model"] == model and f"{r['scenario']}\n{r['load']}" == label]
+                match = [r for r in rows if r["model"] == model and label_of(r) == label]
                 values.append(match[0]["per_packet"][key] if match else float("nan"))
             xs = [i + (j - (len(models) - 1) / 2) * width for i in range(len(cases))]
             bars = ax.bar(xs, [max(v, floor) for v in values], width, label=model, color=colours.get(model))
@@ -599,7 +613,7 @@ def write_chart(rows: Sequence[dict[str, Any]], path: str) -> None:
         ax.set_title(title)
         ax.set_xticks(range(len(cases)), cases, fontsize=8)
         ax.grid(axis="y", which="major", alpha=0.3)
-    guest = rows[0]["guest"] if rows else "py"
+    guest = " and ".join(guests) if guests else "py"
     size = rows[0]["frame_size"] if rows else FRAME_SIZE
     fig.suptitle(f"pvio device models, {size}-byte frames, {guest} guests (lower is better)")
     handles, labels = axes[0].get_legend_handles_labels()
@@ -618,7 +632,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     parser.add_argument("--chart", metavar="PATH", help="write a PNG chart (needs matplotlib)")
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated models (default: all)")
-    parser.add_argument("--guest", default="py", help="guest kind (default: py)")
+    parser.add_argument(
+        "--guest", default="all", help="guest kind: py, x86 or all (default: py's plan, then x86's)"
+    )
     parser.add_argument(
         "--mock-clock", action="store_true", help="run under trio's MockClock: exactly reproducible counts"
     )
@@ -628,16 +644,19 @@ def main(argv: list[str] | None = None) -> int:
     for m in models:
         if m not in MODELS:
             parser.error(f"unknown model {m!r} (choose from {', '.join(MODELS)})")
-    plan = BENCH_PLAN
-    if args.quick:
-        plan = tuple(Case(c.scenario, c.offered_load, max(10, c.packets // 10)) for c in plan)
+    kinds = list(PLANS) if args.guest == "all" else [args.guest]
 
     def progress(what: str) -> None:
         if not args.json:
             print(f"  running {what} ...", file=sys.stderr)
 
+    results: list[ScenarioResult] = []
     try:
-        results = run_plan(plan, models, guest=args.guest, mock_clock=args.mock_clock, progress=progress)
+        for kind in kinds:
+            plan = PLANS.get(kind, BENCH_PLAN)
+            if args.quick:
+                plan = tuple(Case(c.scenario, c.offered_load, max(10, c.packets // 10)) for c in plan)
+            results += run_plan(plan, models, guest=kind, mock_clock=args.mock_clock, progress=progress)
     except NotImplementedError as e:
         print(f"pvio bench: {e}", file=sys.stderr)
         return 2
