@@ -8,8 +8,9 @@ benchmark are computed the same way.
   NIC of the chosen model: ``"emulated"`` (trap-and-emulate register NIC,
   ``backends/emulated_nic.py``), ``"pv"`` (netfront/netback through dom0) or
   ``"smartnic"`` (DMA descriptors, the monitor does the I/O, ``backends/smartnic.py``).
-  Guests come from a guest kind: ``"py"`` (PyGuests) is built in; ``"x86"`` is registered
-  by the x86 guest kernel when it exists (:func:`register_guest_kind`).
+  Guests come from a guest kind (:func:`register_guest_kind`): ``"py"`` (PyGuests) and
+  ``"x86"`` (pvio's C guest kernel in ``mode=bench``, ``cpu/bench_guest.py``: its guests make
+  their traffic themselves, through ``native_scenario``).
 - :func:`run_scenario` runs a fixed traffic pattern from the first guest (A) to the second
   (B) and returns a :class:`ScenarioResult`: counters of the traffic phase per packet
   delivered end to end, packets per second and, for ping-pong, latency.

@@ -11,8 +11,8 @@ installed gets, in its tests:
                 result = await run_scenario(env, "stream", packets=2000)
             assert result.per_packet["interrupts"] <= 0.005
 
-    ``model`` is ``"emulated"``, ``"pv"`` or ``"smartnic"``; ``guest`` is ``"py"`` (and
-    ``"x86"`` once the x86 guest kernel registers itself).  Use pytest-trio's
+    ``model`` is ``"emulated"``, ``"pv"`` or ``"smartnic"``; ``guest`` is ``"py"`` or
+    ``"x86"`` (pvio's C guest kernel; saturation and back-to-back scenarios only).  Use pytest-trio's
     ``autojump_clock`` fixture for exactly reproducible counts.
 
 ``run_scenario``
