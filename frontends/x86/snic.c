@@ -26,7 +26,7 @@
 #define NR_RX SNIC_RING_ENTRIES
 #define NR_BUFS (NR_TX + NR_RX)
 #define BUF_SIZE 2048
-#define SPIN 40000
+#define SPIN 256 /* poll rounds; each one yields to the monitor (hlt ends the vCPU's slice) */
 #define SLOT(r, i) ((u8 *)(r) + 64 + ((i) & (SNIC_RING_ENTRIES - 1)) * 16)
 
 static volatile u32 *const regs = (volatile u32 *)SNIC_MMIO_BASE;
@@ -269,10 +269,10 @@ static int work_waiting(void)
 static void snic_wait(void)
 {
     u64 seen = events_seen;
-    for (u64 i = 0; i < spin; i++) { /* poll while busy: the monitor runs between our slices */
+    for (u64 i = 0; i < spin; i++) { /* poll while busy, giving the monitor the CPU each round */
         if (work_waiting() || events_seen != seen)
             return;
-        __asm__ __volatile__("pause" ::: "memory");
+        __asm__ __volatile__("hlt" ::: "memory"); /* ends this vCPU slice: the device runs */
     }
     /* Idle: re-arm, then re-check so a completion published meanwhile is not slept through. */
     WRITE_ONCE(rx_ring->rsp_event, rx_cons + 1);
