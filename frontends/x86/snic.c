@@ -10,9 +10,8 @@
  *         push crosses req_event, i.e. only when the device went idle.
  *   RX:   reap completions, copy each frame out once, re-post the buffer (DOORBELL=RX only
  *         if that push asks for it).
- *   idle: NAPI-style, poll while busy (spin on the completion indices for `spin=`
- *         iterations, default SPIN, a few of the vCPU's slices, during which the monitor's
- *         task runs), then re-arm: the RX ring's rsp_event at the next completion, the TX
+ *   idle: NAPI-style, poll while busy (check the completion indices for `spin=` rounds,
+ *         default SPIN, each ended by hlt so the monitor's task runs in between), then re-arm: the RX ring's rsp_event at the next completion, the TX
  *         ring's at half the outstanding when every TX buffer is in flight; re-check; sleep.
  *
  * Hardened (completions are device-written, never trusted): a completion index further
