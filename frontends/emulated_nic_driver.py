@@ -20,7 +20,6 @@ The application API is netfront's: ``send``, ``send_batch``, ``recv``, ``recv_ba
 from __future__ import annotations
 
 import logging
-from collections import deque
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -52,6 +51,7 @@ from backends.emulated_nic import (
     REG_TXLEN,
     ST_ENABLED,
 )
+from frontends.nic import GuestNic
 from pvio.counters import Counters
 
 if TYPE_CHECKING:
@@ -66,7 +66,7 @@ class EmulatedNicError(Exception):
     """The card is absent or refused to start."""
 
 
-class EmulatedNicDriver:
+class EmulatedNicDriver(GuestNic):
     """One emulated NIC of a PyGuest: ``await nic.connect()``, then ``send``/``recv``."""
 
     def __init__(self, guest: PyGuest, devid: int = 0, *, use_mmio: bool = False) -> None:
@@ -85,8 +85,7 @@ class EmulatedNicDriver:
         self.port = 0
         self._tx_busy = False
         self._tx_done = trio.Event()
-        self._rx_frames: deque[bytes] = deque()
-        self._rx_ready = trio.Event()
+        super().__init__()
 
     # ------------------------------------------------------------------ register access
     def _rd(self, reg: int) -> int:
@@ -157,10 +156,6 @@ class EmulatedNicDriver:
             self._rx_ready.set()
 
     # ------------------------------------------------------------------ application API
-    async def send(self, frame: Any) -> None:
-        """Transmit one frame (bytes, or anything ``bytes()`` accepts, e.g. a scapy packet)."""
-        await self.send_batch([frame])
-
     async def send_batch(self, frames: list[Any]) -> None:
         """Transmit frames one by one, each after the previous one's TX-complete interrupt."""
         for f in frames:
@@ -180,22 +175,3 @@ class EmulatedNicDriver:
                 self._wr(REG_TXDATA, int.from_bytes(padded[i : i + 4], "little"))
             self._wr(REG_CMD, CMD_TX)
             self.counters["packets.tx"] += 1
-
-    async def recv(self) -> bytes:
-        """The next received frame (waits for one)."""
-        while not self._rx_frames:
-            self._rx_ready = trio.Event()
-            await self._rx_ready.wait()
-        return self._rx_frames.popleft()
-
-    async def recv_batch(self, max_frames: int = 256) -> list[bytes]:
-        """At least one, at most ``max_frames`` received frames."""
-        out = [await self.recv()]
-        q = self._rx_frames
-        while q and len(out) < max_frames:
-            out.append(q.popleft())
-        return out
-
-    def pending(self) -> int:
-        """Frames received and not yet read."""
-        return len(self._rx_frames)

@@ -30,11 +30,11 @@ Protocol (netif.h over two rings, one event channel), following Linux netfront:
 from __future__ import annotations
 
 import logging
-from collections import deque
 from typing import TYPE_CHECKING, Any
 
 import trio
 
+from frontends.nic import GuestNic
 from pvio.abi import PAGE_SIZE
 from pvio.counters import Counters
 from pvio.toolstack import parse_mac
@@ -66,7 +66,7 @@ class NetfrontError(Exception):
     """The device failed (handshake refused, or the backend broke the protocol)."""
 
 
-class Netfront:
+class Netfront(GuestNic):
     """One vif of a PyGuest: ``await nic.connect()``, then ``send``/``recv``."""
 
     def __init__(self, guest: PyGuest, devid: int = 0) -> None:
@@ -78,11 +78,13 @@ class Netfront:
         self.connected = False
         self.error: str | None = None
         self.mac = b"\x00" * 6
-        self._rx_frames: deque[bytes] = deque()
-        self._rx_ready = trio.Event()
+        super().__init__()
         self._tx_space = trio.Event()
         self._wake = trio.Event()
         self._partial_rx: list[bytes] = []
+
+    def _stopped(self) -> Exception | None:
+        return NetfrontError(f"{self.name}: disconnected ({self.error})") if self.error is not None else None
 
     # ------------------------------------------------------------------ handshake
     async def connect(self) -> None:
@@ -265,10 +267,6 @@ class Netfront:
         return n or len(repost)
 
     # ------------------------------------------------------------------ application API
-    async def send(self, frame: Any) -> None:
-        """Transmit one frame (bytes, bytearray or a scapy packet)."""
-        await self.send_batch([frame])
-
     async def send_batch(self, frames: list[Any]) -> None:
         """Transmit frames, pushing as many per ring push (and notification) as fit."""
         pending = [f if isinstance(f, bytes | bytearray | memoryview) else bytes(f) for f in frames]
@@ -317,28 +315,6 @@ class Netfront:
             more = NETTXF_MORE_DATA if k + 1 < nslots else 0
             out.append(_TX_REQ.pack(self.tx_refs[sid], 0, more, sid, size if k == 0 else len(chunk)))
         return b"".join(out)
-
-    async def recv(self) -> bytes:
-        """The next received frame (waits for one)."""
-        while not self._rx_frames:
-            if self.error is not None:
-                raise NetfrontError(f"{self.name}: disconnected ({self.error})")
-            self._rx_ready = trio.Event()
-            await self._rx_ready.wait()
-        return self._rx_frames.popleft()
-
-    async def recv_batch(self, max_frames: int = 256) -> list[bytes]:
-        """At least one, at most ``max_frames`` received frames."""
-        first = await self.recv()
-        out = [first]
-        q = self._rx_frames
-        while q and len(out) < max_frames:
-            out.append(q.popleft())
-        return out
-
-    def pending(self) -> int:
-        """Frames received and not yet read."""
-        return len(self._rx_frames)
 
     # ------------------------------------------------------------------ teardown
     async def close(self) -> None:

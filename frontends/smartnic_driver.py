@@ -28,7 +28,6 @@ The application API is netfront's: ``send``, ``send_batch``, ``recv``, ``recv_ba
 from __future__ import annotations
 
 import logging
-from collections import deque
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -63,6 +62,7 @@ from backends.smartnic import (
     SNIC_RING_ENTRIES,
     ST_ENABLED,
 )
+from frontends.nic import GuestNic
 from pvio.abi import PAGE_SHIFT, PAGE_SIZE
 from pvio.counters import Counters
 from ringbuf import FrontRing, RingOverflowError
@@ -80,7 +80,7 @@ class SmartNicError(Exception):
     """The card is absent, refused its configuration, or stopped."""
 
 
-class SmartNicDriver:
+class SmartNicDriver(GuestNic):
     """One smart NIC of a PyGuest: ``await nic.connect()``, then ``send``/``recv``.
 
     ``moderation`` = (mode, frames, usecs) programs MOD_MODE/MOD_FRAMES/MOD_USECS before
@@ -111,10 +111,12 @@ class SmartNicDriver:
         self.mac = b"\x00" * 6
         self.connected = False
         self.error: str | None = None
-        self._rx_frames: deque[bytes] = deque()
-        self._rx_ready = trio.Event()
+        super().__init__()
         self._wake = trio.Event()
         self._tx_space = trio.Event()
+
+    def _stopped(self) -> Exception | None:
+        return SmartNicError(f"{self.name}: stopped ({self.error})") if self.error is not None else None
 
     # ------------------------------------------------------------------ registers
     def _rd(self, reg: int) -> int:
@@ -286,10 +288,6 @@ class SmartNicDriver:
         return len(repost)
 
     # ------------------------------------------------------------------ application API
-    async def send(self, frame: Any) -> None:
-        """Transmit one frame (bytes, or anything ``bytes()`` accepts, e.g. a scapy packet)."""
-        await self.send_batch([frame])
-
     async def send_batch(self, frames: list[Any]) -> None:
         """Transmit frames: as many per push as there are free TX buffers."""
         pending = [f if isinstance(f, bytes | bytearray) else bytes(f) for f in frames]
@@ -332,24 +330,3 @@ class SmartNicDriver:
             self._tx_space = trio.Event()
             await self._tx_space.wait()
             spins = 0
-
-    async def recv(self) -> bytes:
-        """The next received frame (waits for one)."""
-        while not self._rx_frames:
-            if self.error is not None:
-                raise SmartNicError(f"{self.name}: stopped ({self.error})")
-            self._rx_ready = trio.Event()
-            await self._rx_ready.wait()
-        return self._rx_frames.popleft()
-
-    async def recv_batch(self, max_frames: int = 256) -> list[bytes]:
-        """At least one, at most ``max_frames`` received frames."""
-        out = [await self.recv()]
-        q = self._rx_frames
-        while q and len(out) < max_frames:
-            out.append(q.popleft())
-        return out
-
-    def pending(self) -> int:
-        """Frames received and not yet read."""
-        return len(self._rx_frames)
