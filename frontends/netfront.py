@@ -69,22 +69,20 @@ class NetfrontError(Exception):
 class Netfront(GuestNic):
     """One vif of a PyGuest: ``await nic.connect()``, then ``send``/``recv``."""
 
+    error_type = NetfrontError
+    log = log
+    failure_verb = "disconnected"
+
     def __init__(self, guest: PyGuest, devid: int = 0) -> None:
         self.guest = guest
         self.devid = devid
         self.dir = f"/local/domain/{guest.domain.domid}/device/vif/{devid}"
         self.name = f"vif{guest.domain.domid}.{devid}"
         self.counters: Counters = guest.hv.counters.new(f"netfront/{self.name}", "device")
-        self.connected = False
-        self.error: str | None = None
         self.mac = b"\x00" * 6
         super().__init__()
-        self._tx_space = trio.Event()
         self._wake = trio.Event()
         self._partial_rx: list[bytes] = []
-
-    def _stopped(self) -> Exception | None:
-        return NetfrontError(f"{self.name}: disconnected ({self.error})") if self.error is not None else None
 
     # ------------------------------------------------------------------ handshake
     async def connect(self) -> None:
@@ -157,16 +155,6 @@ class Netfront(GuestNic):
             self.guest.evtchn_send(self.port)
         else:
             self.counters["notifications.suppressed"] += 1
-
-    def _fail(self, reason: str) -> None:
-        """The backend broke the protocol: disconnect this device, keep the guest running."""
-        if self.error is None:
-            self.error = reason
-            self.connected = False
-            self.counters["disconnects"] += 1
-            log.error("%s: disconnected: %s", self.name, reason)
-            self._rx_ready.set()
-            self._tx_space.set()
 
     async def _service(self) -> None:
         """Reap TX responses and receive frames whenever the backend signals."""

@@ -87,6 +87,10 @@ class SmartNicDriver(GuestNic):
     ENABLE (default: the device's adaptive mode).
     """
 
+    error_type = SmartNicError
+    log = log
+    failure_verb = "stopped"
+
     def __init__(
         self,
         guest: PyGuest,
@@ -109,14 +113,8 @@ class SmartNicDriver(GuestNic):
         self.name = f"snic{guest.domain.domid}.{devid}"
         self.counters: Counters = guest.hv.counters.new(f"smartnic_driver/{self.name}", "device")
         self.mac = b"\x00" * 6
-        self.connected = False
-        self.error: str | None = None
         super().__init__()
         self._wake = trio.Event()
-        self._tx_space = trio.Event()
-
-    def _stopped(self) -> Exception | None:
-        return SmartNicError(f"{self.name}: stopped ({self.error})") if self.error is not None else None
 
     # ------------------------------------------------------------------ registers
     def _rd(self, reg: int) -> int:
@@ -189,15 +187,6 @@ class SmartNicDriver(GuestNic):
     def _release_rings(self) -> None:
         self.tx.release()
         self.rx.release()
-
-    def _fail(self, reason: str) -> None:
-        if self.error is None:
-            self.error = reason
-            self.connected = False
-            self.counters["disconnects"] += 1
-            log.error("%s: stopped: %s", self.name, reason)
-            self._rx_ready.set()
-            self._tx_space.set()
 
     # ------------------------------------------------------------------ interrupt and NAPI poll
     def _on_irq(self, _port: int) -> None:
