@@ -7,6 +7,10 @@ drivers (``frontends/x86/netfront.c``, ``emunic.c``, ``snic.c``) are the NIC; th
 is made and checked inside the guest by the bench app (``frontends/x86/bench.c``), so no
 frame crosses into Python and the counts are the x86 guest's own.
 
+The driver's statistics (``struct nicdrv_stats``: frames, interrupts, refused completions,
+RX/TX errors, doorbells, re-arms) are read from guest memory at the address the mailbox
+gives: :meth:`BenchX86Guest.driver_stats`.
+
 Control channel: a mailbox page in the guest (its address is printed on the console at
 boot) and VIRQ_BENCH (1, Xen's VIRQ_DEBUG).  A scenario writes its command into the
 sender's mailbox and raises VIRQ_BENCH once: **one upcall on the sender per scenario** is
@@ -37,10 +41,14 @@ from cpu.guest import X86Guest
 
 VIRQ_BENCH = 1  # Xen's VIRQ_DEBUG; frontends/x86/devices.h
 CMD_STREAM, CMD_PINGPONG = 1, 2
-MBOX = struct.Struct("<IIIIII6s2x4sIQQQQQ")  # struct bench_mbox, frontends/x86/bench.c
+MBOX = struct.Struct("<IIIIII6s2x4sIQQQQQQ")  # struct bench_mbox, frontends/x86/bench.c
 MBOX_MAGIC = 0x48434E42
 _FIELDS = ("magic", "cmd_seq", "done_seq", "cmd", "count", "size", "dst_mac", "dst_ip", "status",
-           "sent", "answered", "rx_stream", "rx_bad", "rx_next_seq")  # fmt: skip
+           "sent", "answered", "rx_stream", "rx_bad", "rx_next_seq", "drv_stats")  # fmt: skip
+#: struct nicdrv_stats (frontends/x86/pvio.h): the emulated-NIC / smart-NIC driver's counters.
+DRV_STATS_FIELDS = ("tx_packets", "rx_packets", "irqs", "spurious", "tx_errors", "rx_errors",
+                    "bad_completions", "doorbells", "rearms")  # fmt: skip
+DRV_STATS = struct.Struct(f"<{len(DRV_STATS_FIELDS)}Q")
 POLL_S = 0.0005
 _MAC = re.compile(r"\bmac ((?:[0-9a-f]{2}:){5}[0-9a-f]{2})")
 _MBOX = re.compile(r"^bench: mailbox at ([0-9a-f]+)$")
@@ -126,6 +134,14 @@ class BenchX86Guest(X86Guest):
     def mailbox(self) -> dict[str, Any]:
         """The guest's bench mailbox, decoded."""
         return dict(zip(_FIELDS, MBOX.unpack(self.domain.mem.read(self.mbox_gpa, MBOX.size)), strict=True))
+
+    def driver_stats(self) -> dict[str, int]:
+        """The C driver's statistics (emulated NIC and smart NIC drivers; netfront keeps its own),
+        read from guest memory at the address the mailbox gives: no guest cost."""
+        gpa = self.mailbox()["drv_stats"]
+        return dict(
+            zip(DRV_STATS_FIELDS, DRV_STATS.unpack(self.domain.mem.read(gpa, DRV_STATS.size)), strict=True)
+        )
 
     def _put(self, field: str, fmt: str, value: Any) -> None:
         offsets = {"cmd_seq": 4, "cmd": 12, "count": 16, "size": 20, "dst_mac": 24, "dst_ip": 32,

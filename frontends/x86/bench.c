@@ -13,7 +13,11 @@
  *
  * Every guest in mode=bench is also a sink: frames to UDP port 9 are counted (rx_stream)
  * and their sequence numbers checked in order (rx_next_seq; rx_bad counts the others);
- * everything else goes to the network stack (ARP, ICMP echo, UDP echo). */
+ * everything else goes to the network stack (ARP, ICMP echo, UDP echo).
+ *
+ * The mailbox also gives the address of the emulated-NIC / smart-NIC driver's statistics
+ * (struct nicdrv_stats, pvio.h: frames, interrupts, refused completions, rx/tx errors,
+ * doorbells, re-arms), which the harness reads from guest memory at no guest cost. */
 #include "pvio.h"
 #include "devices.h"
 
@@ -29,8 +33,9 @@ struct bench_mbox {
     u8 dst_ip[4];
     u32 status; /* 0 ok, 1 bad command, 2 the NIC went away */
     u64 sent, answered, rx_stream, rx_bad, rx_next_seq;
+    u64 drv_stats; /* guest-physical address of the driver's struct nicdrv_stats (the harness reads it) */
 };
-_Static_assert(sizeof(struct bench_mbox) == 80, "mailbox layout");
+_Static_assert(sizeof(struct bench_mbox) == 88, "mailbox layout");
 
 static struct bench_mbox *mbox;
 static u8 my_ip[4];
@@ -55,6 +60,7 @@ void bench_init(void)
         parse_ip("10.0.0.2", my_ip);
     mbox = (struct bench_mbox *)alloc_page();
     mbox->magic = 0x48434E42;
+    mbox->drv_stats = (u64)&drv_stats;
     if (evtchn_bind_virq(VIRQ_BENCH, &port))
         panic("bench: cannot bind VIRQ_BENCH");
     bind_evtchn(port, on_kick);

@@ -257,7 +257,10 @@ extern const struct nic_ops *nic;
 extern const struct nic_ops netfront_ops, emunic_ops, snic_ops;
 int nic_select(const char *name); /* 0, or -EINVAL for an unknown model */
 
-/* emunic.c / snic.c: driver statistics (printed by the bench app, read by the tests) */
+/* emunic.c / snic.c: driver statistics (the bench app's mailbox gives their address; the
+ * harness, cpu/bench_guest.py, and the tests read them from guest memory).  rx_errors:
+ * frames refused for a bad length or status (and RXOVW reports); bad_completions: smart
+ * NIC completions whose id is outside the ring's buffers or not outstanding. */
 struct nicdrv_stats {
     u64 tx_packets, rx_packets, irqs, spurious, tx_errors, rx_errors, bad_completions, doorbells, rearms;
 };
