@@ -21,11 +21,15 @@ the mailboxes (the harness polls them every 0.5 ms of trio time: no guest cost).
 the self-addressed frame the switch learns its MAC from: ``announces_itself``).  ``nic``
 carries the MAC; it does not move frames in and out of the guest (``send``/``recv`` raise
 NotImplementedError): :func:`pvio.bench.run_scenario` calls :meth:`BenchX86Guest.native_scenario`
-instead, for two x86 guests, at saturation (stream) or back to back (ping-pong).
+instead, for two x86 guests, at saturation (stream) or back to back (ping-pong), or paced
+(``offered_load`` frames or trips per second: the bench app paces itself with set_timer_op and
+VIRQ_TIMER, whose upcalls and hypercalls are in the counts; ``timer_sets`` in the mailbox).
+Ping-pong latency: back to back, the mean of wall time over trips; paced, the mean round trip
+the guest measured in system time (trio's clock: wall time unless a MockClock runs).
 
 Options (``model_env(..., **options)``): ``use_mmio=True`` (emulated NIC through MMIO
 instead of ports), ``moderation=(mode, frames, usecs)`` (smart NIC), ``spin=N`` (smart NIC
-driver's busy-poll iterations), ``cmdline="..."`` (extra words).
+driver's busy-poll rounds), ``cmdline="..."`` (extra words, e.g. ``spin_us=``).
 """
 
 from __future__ import annotations
@@ -41,10 +45,11 @@ from cpu.guest import X86Guest
 
 VIRQ_BENCH = 1  # Xen's VIRQ_DEBUG; frontends/x86/devices.h
 CMD_STREAM, CMD_PINGPONG = 1, 2
-MBOX = struct.Struct("<IIIIII6s2x4sIQQQQQQ")  # struct bench_mbox, frontends/x86/bench.c
+MBOX = struct.Struct("<IIIIII6s2x4sIQQQQQQI4xQQ")  # struct bench_mbox, frontends/x86/bench.c
 MBOX_MAGIC = 0x48434E42
 _FIELDS = ("magic", "cmd_seq", "done_seq", "cmd", "count", "size", "dst_mac", "dst_ip", "status",
-           "sent", "answered", "rx_stream", "rx_bad", "rx_next_seq", "drv_stats")  # fmt: skip
+           "sent", "answered", "rx_stream", "rx_bad", "rx_next_seq", "drv_stats", "rate", "timer_sets",
+           "rtt_ns")  # fmt: skip
 #: struct nicdrv_stats (frontends/x86/pvio.h): the emulated-NIC / smart-NIC driver's counters.
 DRV_STATS_FIELDS = ("tx_packets", "rx_packets", "irqs", "spurious", "tx_errors", "rx_errors",
                     "bad_completions", "doorbells", "rearms")  # fmt: skip
@@ -145,17 +150,20 @@ class BenchX86Guest(X86Guest):
 
     def _put(self, field: str, fmt: str, value: Any) -> None:
         offsets = {"cmd_seq": 4, "cmd": 12, "count": 16, "size": 20, "dst_mac": 24, "dst_ip": 32,
-                   "sent": 40, "answered": 48, "rx_stream": 56, "rx_bad": 64, "rx_next_seq": 72}  # fmt: skip
+                   "sent": 40, "answered": 48, "rx_stream": 56, "rx_bad": 64, "rx_next_seq": 72,
+                   "rate": 88, "timer_sets": 96, "rtt_ns": 104}  # fmt: skip
         self.domain.mem.write(self.mbox_gpa + offsets[field], struct.pack(fmt, value))
 
     def reset_sink(self) -> None:
         """Zero the sink's counters (the next stream numbers its frames from 0)."""
-        for f in ("sent", "answered", "rx_stream", "rx_bad", "rx_next_seq"):
+        for f in ("sent", "answered", "rx_stream", "rx_bad", "rx_next_seq", "timer_sets", "rtt_ns"):
             self._put(f, "<Q", 0)
 
-    def command(self, cmd: int, count: int, size: int, peer: BenchX86Guest) -> int:
-        """Write a command, raise VIRQ_BENCH; returns its sequence number."""
+    def command(self, cmd: int, count: int, size: int, peer: BenchX86Guest, rate: int = 0) -> int:
+        """Write a command (``rate``: frames or trips per second, 0 = unpaced), raise VIRQ_BENCH;
+        returns its sequence number."""
         seq = (self.mailbox()["cmd_seq"] + 1) & 0xFFFF_FFFF
+        self._put("rate", "<I", rate)
         self._put("cmd", "<I", cmd)
         self._put("count", "<I", count)
         self._put("size", "<I", size)
@@ -176,11 +184,9 @@ class BenchX86Guest(X86Guest):
         self, scenario: str, peer: Any, packets: int, size: int, offered_load: float | None, batch: int
     ) -> tuple[int, float, float | None]:
         """Run ``scenario`` to ``peer`` inside the guests: (delivered, seconds, latency µs)."""
-        if offered_load is not None:
-            raise NotImplementedError(
-                "x86 guests: only saturation (stream) and back-to-back (ping-pong) are implemented; "
-                "paced loads need a timer-driven sender in the guest"
-            )
+        rate = 0 if offered_load is None else round(offered_load)
+        if offered_load is not None and (rate != offered_load or not 1 <= rate <= 1_000_000_000):
+            raise ValueError(f"x86 guests pace whole frames per second (1..1e9), not {offered_load}")
         if not isinstance(peer, BenchX86Guest):
             raise NotImplementedError("x86 guests run scenarios against another x86 guest")
         if not 46 <= size <= 1514:
@@ -189,7 +195,7 @@ class BenchX86Guest(X86Guest):
         peer.reset_sink()
         start = time.perf_counter()
         if scenario == "stream":
-            seq = self.command(CMD_STREAM, packets, size, peer)
+            seq = self.command(CMD_STREAM, packets, size, peer, rate)
             await peer._until("the stream", lambda: peer.mailbox()["rx_stream"] >= packets)
             await self._until("the stream", lambda: self.mailbox()["done_seq"] == seq)
             seconds = time.perf_counter() - start
@@ -197,12 +203,14 @@ class BenchX86Guest(X86Guest):
             if sink["rx_bad"] or sink["rx_next_seq"] != packets or self.mailbox()["status"]:
                 raise AssertionError(f"stream: {peer.name} received {sink} from {self.name} {self.mailbox()}")
             return packets, seconds, None
-        seq = self.command(CMD_PINGPONG, packets, size, peer)
+        seq = self.command(CMD_PINGPONG, packets, size, peer, rate)
         await self._until("the ping-pong", lambda: self.mailbox()["done_seq"] == seq)
         seconds = time.perf_counter() - start
         box = self.mailbox()
         if box["answered"] != packets or box["status"]:
             raise AssertionError(f"ping-pong: {self.name} got {box['answered']} of {packets} answers ({box})")
+        if rate:  # paced: the guest's own round trips (system time), not the pacing gaps between them
+            return 2 * packets, seconds, box["rtt_ns"] / packets / 1e3
         return 2 * packets, seconds, seconds / packets * 1e6
 
 

@@ -29,12 +29,17 @@ Design
   instruction; the only hooks are ``syscall``, ``in``/``out``, interrupts/exceptions
   and unmapped accesses (MMIO).  Runs are deterministic: the same slices, in the same
   trio order (the hypervisor seeds trio's scheduler), give the same counts.
+* **Time.**  At the start of every slice the vCPU publishes the hypervisor's system time
+  (``Hypervisor.now_ns``: trio's clock, so MockClock in tests) in ``vcpu_info[0].time``,
+  Xen's ``vcpu_time_info`` with its version protocol (odd while updating) and
+  ``tsc_to_system_mul`` 0: the guest reads ``system_time`` as is, no TSC extrapolation.
+  With ``set_timer_op`` / VIRQ_TIMER that is enough for a guest to pace itself.
 * **Blocking.**  SCHEDOP_block (``Domain.vcpu_block``: re-enables delivery as Xen does)
   parks the vCPU on a trio Event until :meth:`X86Vcpu.kick`; if an upcall is already
   deliverable it is delivered instead of parking (Xen's block checks pending events).
 * **Faults.**  An unmapped access, an invalid opcode, an exception vector, a bounce
   frame that does not fit the guest's RAM, a bad iret frame, or a runaway guest (too
-  many slices in a row without any exit) crashes *that* domain through
+  many slices in a row without any exit or ``hlt``) crashes *that* domain through
   :meth:`pvio.Hypervisor.crash_domain`, with a register dump in the log; other domains
   keep running.  ``hlt`` ends the slice early and acts as a yield (a PV guest blocks
   with SCHEDOP_block instead).
@@ -75,7 +80,7 @@ from unicorn import (
 from unicorn import x86_const as X
 
 from pvio import evtchn
-from pvio.abi import PAGE_SIZE, VCPU_UPCALL_MASK, Hypercall
+from pvio.abi import PAGE_SIZE, VCPU_TIME_INFO, VCPU_UPCALL_MASK, Hypercall
 from pvio.memory import GuestFault
 
 if TYPE_CHECKING:
@@ -94,6 +99,8 @@ RFLAGS_FIXED = 0x2  # bit 1 always reads as 1
 RFLAGS_GUEST = 0xCD5  # CF PF AF ZF SF DF OF: what a guest may restore through iret
 BOUNCE_FRAME = struct.Struct("<7Q")  # RCX R11 RIP CS RFLAGS RSP SS, low to high
 IRET_FRAME = struct.Struct("<9Q")  # RAX R11 RCX flags RIP CS RFLAGS RSP SS, low to high
+TIME_VERSION = VCPU_TIME_INFO  # vcpu_time_info.version (u32), in vcpu_info[0]
+TIME_SYSTEM_TIME = VCPU_TIME_INFO + 16  # vcpu_time_info.system_time (u64, ns)
 DEFAULT_SLICE_INSNS = 200_000
 DEFAULT_MAX_SLICES_WITHOUT_EXIT = 5_000  # 1e9 instructions: a guest spinning this long is stuck
 FOREIGN_MAP_LIMIT = 1 << 40  # grant mappings must sit above RAM and below 1 TiB
@@ -280,6 +287,7 @@ class X86Vcpu:
         dom = self.dom
         self._stop_requested = False
         exits_before = dom.counters["exits"]
+        self._publish_time()
         try:
             self.uc.emu_start(self.rip, 0xFFFF_FFFF_FFFF_FFFF, count=self.slice_insns)
         except UcError as e:
@@ -288,8 +296,8 @@ class X86Vcpu:
         self.rip = self.uc.reg_read(X.UC_X86_REG_RIP)
         if self._iret_regs is not None:
             self._apply_iret()
-        if dom.counters["exits"] != exits_before:
-            self._idle_slices = 0
+        if dom.counters["exits"] != exits_before or self._ended_in_hlt():
+            self._idle_slices = 0  # an exit, or a hlt (a yield: a polling driver, not a runaway loop)
         elif self._crash is None:
             self._idle_slices += 1
             if self._idle_slices >= self.max_slices_without_exit:
@@ -297,6 +305,23 @@ class X86Vcpu:
                     f"runaway guest: {self._idle_slices} slices of {self.slice_insns} instructions "
                     "without a hypercall or device access"
                 )
+
+    def _ended_in_hlt(self) -> bool:
+        """Did the slice stop on a ``hlt`` (unicorn stops after it: the byte before RIP is 0xF4)?"""
+        if self._stop_requested or self.rip < PAGE_SIZE + 1:
+            return False
+        try:
+            return self.dom.mem.read(self.rip - 1, 1) == b"\xf4"
+        except GuestFault:
+            return False
+
+    def _publish_time(self) -> None:
+        """vcpu_time_info.system_time = now (version odd while writing, as Xen does)."""
+        si = self.dom.shared_info
+        version = (struct.unpack_from("<I", si, TIME_VERSION)[0] + 1) & 0xFFFF_FFFF
+        struct.pack_into("<I", si, TIME_VERSION, version | 1)
+        struct.pack_into("<Q", si, TIME_SYSTEM_TIME, self.hv.now_ns())
+        struct.pack_into("<I", si, TIME_VERSION, ((version | 1) + 1) & 0xFFFF_FFFF)
 
     def _apply_iret(self) -> None:
         assert self._iret_regs is not None

@@ -294,6 +294,8 @@ def test_the_c_kernels_abi_numbers_match_pvio_abi() -> None:
     expected = {
         **{f"HC_{h.name}": int(h) for h in abi.Hypercall if f"HC_{h.name}" in defines},
         "CONSOLEIO_write": abi.CONSOLEIO_write,
+        "VIRQ_TIMER": abi.VIRQ_TIMER,
+        "VCPU_TIME_INFO": abi.VCPU_TIME_INFO,
         "SCHEDOP_yield": abi.SchedOp.yield_,
         "SCHEDOP_block": abi.SchedOp.block,
         "SCHEDOP_shutdown": abi.SchedOp.shutdown,
@@ -333,4 +335,10 @@ def test_the_c_kernels_abi_numbers_match_pvio_abi() -> None:
         "XenbusStateClosed": XenbusState.CLOSED,
     }
     assert {k: defines.get(k) for k in expected} == {k: int(v) for k, v in expected.items()}
-    assert {"HC_console_io", "HC_iret", "HC_sched_op", "HC_event_channel_op"} <= defines.keys()
+    assert {
+        "HC_console_io",
+        "HC_iret",
+        "HC_sched_op",
+        "HC_event_channel_op",
+        "HC_set_timer_op",
+    } <= defines.keys()

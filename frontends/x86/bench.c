@@ -11,6 +11,14 @@
  *   2 pingpong: `count` round trips: one UDP frame 40000 -> 7 (UDP echo), wait for the
  *               answer carrying the same sequence number, next.
  *
+ * `rate` (frames or round trips per second; 0: as fast as possible) paces both: frame (trip)
+ * k is due at t0 + k/rate in system time (vcpu_time_info, from t0 = the command's start).
+ * At each wake-up the sender sends every frame that is due (as the Python harness does),
+ * then arms set_timer_op for the next one's time and idles in the driver's wait (which
+ * returns on any event: VIRQ_TIMER, the NIC's interrupt).  Each timer armed is counted
+ * (timer_sets); its VIRQ_TIMER upcall is a counted interrupt like any other.  A paced
+ * ping-pong also sums the round trips in system time (rtt_ns).
+ *
  * Every guest in mode=bench is also a sink: frames to UDP port 9 are counted (rx_stream)
  * and their sequence numbers checked in order (rx_next_seq; rx_bad counts the others);
  * everything else goes to the network stack (ARP, ICMP echo, UDP echo).
@@ -34,8 +42,11 @@ struct bench_mbox {
     u32 status; /* 0 ok, 1 bad command, 2 the NIC went away */
     u64 sent, answered, rx_stream, rx_bad, rx_next_seq;
     u64 drv_stats; /* guest-physical address of the driver's struct nicdrv_stats (the harness reads it) */
+    u32 rate;      /* harness: frames (trips) per second; 0 = saturation / back to back */
+    u32 pad2;
+    u64 timer_sets, rtt_ns;
 };
-_Static_assert(sizeof(struct bench_mbox) == 88, "mailbox layout");
+_Static_assert(sizeof(struct bench_mbox) == 112, "mailbox layout");
 
 static struct bench_mbox *mbox;
 static u8 my_ip[4];
@@ -45,6 +56,29 @@ static u32 pong_seq;
 
 static u16 get16(const u8 *p) { return (u16)(p[0] << 8 | p[1]); }
 static u32 get32(const u8 *p) { return (u32)p[0] << 24 | (u32)p[1] << 16 | (u32)p[2] << 8 | p[3]; }
+
+/* Pacing.  VIRQ_TIMER fires no earlier than the deadline in the hypervisor's clock; the time
+ * the guest reads is floor(clock * 1e9) at its slice's start, which can be 1 ns short of a
+ * deadline that was just reached: SLACK_NS absorbs that rounding. */
+#define SLACK_NS 1000
+static u64 t0, armed_for;
+
+static void on_timer(u32 p) { (void)p; /* the wake-up is the point: the loop reads the time */ }
+
+static u64 due_at(u32 k, u32 rate) { return t0 + (u64)k * 1000000000UL / rate; }
+
+static int reached(u64 deadline) { return now_ns() + SLACK_NS >= deadline; }
+
+/* Idle until an event; the one-shot timer is armed for `deadline` (once per deadline). */
+static void wait_until(u64 deadline)
+{
+    if (armed_for != deadline) {
+        armed_for = deadline;
+        mbox->timer_sets++;
+        set_timer(deadline);
+    }
+    nic->wait();
+}
 
 static void on_kick(u32 p)
 {
@@ -64,6 +98,9 @@ void bench_init(void)
     if (evtchn_bind_virq(VIRQ_BENCH, &port))
         panic("bench: cannot bind VIRQ_BENCH");
     bind_evtchn(port, on_kick);
+    if (evtchn_bind_virq(VIRQ_TIMER, &port))
+        panic("bench: cannot bind VIRQ_TIMER");
+    bind_evtchn(port, on_timer);
     printk("bench: mailbox at %lx\n", (u64)mbox);
 }
 
@@ -113,13 +150,14 @@ static void set_seq(u8 *t, u32 seq)
 
 static u8 tmpl[1514];
 
-static void stream(u32 count, u32 len)
+static void stream(u32 count, u32 len, u32 rate)
 {
     make_frame(tmpl, len, 5000, 9);
     u32 sent = 0;
     while (sent < count && nic->connected()) {
         u32 staged = 0;
-        while (sent < count) {
+        u64 now = rate ? now_ns() + SLACK_NS : 0;
+        while (sent < count && (!rate || due_at(sent, rate) <= now)) {
             set_seq(tmpl, sent);
             if (nic->xmit(tmpl, len))
                 break;
@@ -128,16 +166,25 @@ static void stream(u32 count, u32 len)
         nic->push();
         if (nic->poll())
             continue;
+        if (rate && sent < count && due_at(sent, rate) > now) {
+            wait_until(due_at(sent, rate)); /* nothing due: sleep until the next frame's time */
+            continue;
+        }
         if (!staged)
-            nic->wait();
+            nic->wait(); /* no TX room: wait for the driver */
     }
     mbox->sent = sent;
 }
 
-static void pingpong(u32 count, u32 len)
+static void pingpong(u32 count, u32 len, u32 rate)
 {
     make_frame(tmpl, len, 40000, 7);
     for (u32 trip = 0; trip < count && nic->connected(); trip++) {
+        while (rate && !reached(due_at(trip, rate)) && nic->connected()) {
+            if (!nic->poll())
+                wait_until(due_at(trip, rate));
+        }
+        u64 sent_at = rate ? now_ns() : 0;
         set_seq(tmpl, trip);
         pong_seq = trip, pong_ok = 0, pong_wait = 1;
         while (nic->xmit(tmpl, len) == -ENOSPC && nic->connected()) {
@@ -155,6 +202,8 @@ static void pingpong(u32 count, u32 len)
         pong_wait = 0;
         if (pong_ok)
             mbox->answered++;
+        if (rate)
+            mbox->rtt_ns += now_ns() - sent_at;
     }
 }
 
@@ -165,14 +214,16 @@ void bench_loop(void)
         u32 seq = READ_ONCE(mbox->cmd_seq);
         if (seq != done) {
             kicked = 0;
-            u32 cmd = mbox->cmd, count = mbox->count, size = mbox->size;
+            u32 cmd = mbox->cmd, count = mbox->count, size = mbox->size, rate = mbox->rate;
             mbox->status = 0;
-            if (size < 46 || size > 1514 || (cmd != 1 && cmd != 2))
+            t0 = rate ? now_ns() : 0;
+            armed_for = 0;
+            if (size < 46 || size > 1514 || (cmd != 1 && cmd != 2) || rate > 1000000000)
                 mbox->status = 1;
             else if (cmd == 1)
-                stream(count, size);
+                stream(count, size, rate);
             else
-                pingpong(count, size);
+                pingpong(count, size, rate);
             if (!nic->connected())
                 mbox->status = 2;
             done = seq;

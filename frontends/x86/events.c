@@ -104,3 +104,23 @@ void wait_for_events(void)
     hypercall3(HC_sched_op, SCHEDOP_block, 0, 0); /* unmasks; an upcall may run right after */
     last_seen = events_seen;
 }
+
+/* System time from vcpu_info.time (Xen's version protocol: retry while odd or changed). */
+u64 now_ns(void)
+{
+    volatile struct vcpu_time_info *t = &shared->vcpu_info[0].time;
+    u32 v;
+    u64 ns;
+    do {
+        v = t->version;
+        rmb();
+        ns = t->system_time; /* tsc_to_system_mul is 0: no TSC delta to add */
+        rmb();
+    } while ((v & 1) || v != t->version);
+    return ns;
+}
+
+void set_timer(u64 deadline)
+{
+    hypercall3(HC_set_timer_op, deadline, 0, 0);
+}

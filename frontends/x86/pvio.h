@@ -10,6 +10,7 @@ typedef unsigned char u8;
 typedef unsigned short u16;
 typedef unsigned int u32;
 typedef unsigned long u64;
+typedef signed char s8;
 typedef signed short s16;
 typedef signed int s32;
 typedef signed long s64;
@@ -28,6 +29,7 @@ typedef unsigned long size_t;
 
 /* ------------------------------------------------------------------ hypercalls (xen.h) */
 #define HC_set_callbacks 4
+#define HC_set_timer_op 15
 #define HC_xen_version 17
 #define HC_console_io 18
 #define HC_grant_table_op 20
@@ -40,6 +42,7 @@ typedef unsigned long size_t;
 #define SCHEDOP_shutdown 2
 #define SHUTDOWN_poweroff 0
 #define SHUTDOWN_crash 3
+#define VIRQ_TIMER 0 /* set_timer_op's one-shot timer fires it */
 #define EVTCHNOP_bind_virq 1
 #define EVTCHNOP_close 3
 #define EVTCHNOP_send 4
@@ -72,13 +75,30 @@ static inline long hypercall5(unsigned nr, u64 a1, u64 a2, u64 a3, u64 a4, u64 a
 #define hypercall3(nr, a, b, c) hypercall5((nr), (u64)(a), (u64)(b), (u64)(c), 0, 0)
 
 /* ------------------------------------------------------------------ shared_info (x86_64) */
+/* Xen's vcpu_time_info: time = system_time + scaled TSC delta.  pvio's vCPU publishes
+ * system_time (trio's clock, ns) at the start of every slice with tsc_to_system_mul = 0:
+ * no TSC extrapolation, the time of the slice's start (docs/abi.md). */
+struct vcpu_time_info {
+    u32 version; /* odd while the hypervisor updates */
+    u32 pad0;
+    u64 tsc_timestamp;
+    u64 system_time;
+    u32 tsc_to_system_mul;
+    s8 tsc_shift;
+    u8 flags;
+    u8 pad1[2];
+};
+_Static_assert(sizeof(struct vcpu_time_info) == 32, "vcpu_time_info is 32 bytes");
 struct vcpu_info {
     u8 evtchn_upcall_pending; /* Xen sets; the guest clears at the start of its scan */
     u8 evtchn_upcall_mask;    /* guest: 1 = no upcalls (our "cli") */
     u8 pad[6];
     u64 evtchn_pending_sel; /* Xen sets bits; the guest exchanges it with 0 */
-    u8 arch_and_time[48];
+    u8 arch[16];            /* arch_vcpu_info: cr2, pad */
+    struct vcpu_time_info time;
 };
+#define VCPU_TIME_INFO 32
+_Static_assert(__builtin_offsetof(struct vcpu_info, time) == VCPU_TIME_INFO, "time at 32");
 struct shared_info {
     struct vcpu_info vcpu_info[32];
     u64 evtchn_pending[64]; /* Xen sets, guest clears */
@@ -182,6 +202,8 @@ int evtchn_bind_virq(u32 virq, u32 *port);
 int evtchn_send(u32 port);
 void local_irq_enable(void);
 void wait_for_events(void);
+u64 now_ns(void);              /* system time (vcpu_time_info), ns */
+void set_timer(u64 deadline);  /* set_timer_op: VIRQ_TIMER at system time deadline (0 cancels) */
 
 /* ------------------------------------------------------------------ mm.c, gnttab.c */
 void mm_init(u64 first_gfn, u64 end_gfn);

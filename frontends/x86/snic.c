@@ -11,7 +11,9 @@
  *   RX:   reap completions, copy each frame out once, re-post the buffer (DOORBELL=RX only
  *         if that push asks for it).
  *   idle: NAPI-style, poll while busy (check the completion indices for `spin=` rounds,
- *         default SPIN, each ended by hlt so the monitor's task runs in between), then re-arm: the RX ring's rsp_event at the next completion, the TX
+ *         default SPIN, each ended by hlt so the monitor's task runs in between, for at most
+ *         `spin_us=` µs of system time, default SPIN_US: under a MockClock, which stands still
+ *         while the guest runs, only the rounds count), then re-arm: the RX ring's rsp_event at the next completion, the TX
  *         ring's at half the outstanding when every TX buffer is in flight; re-check; sleep.
  *
  * Hardened (completions are device-written, never trusted): a completion index further
@@ -26,6 +28,7 @@
 #define NR_BUFS (NR_TX + NR_RX)
 #define BUF_SIZE 2048
 #define SPIN 256 /* poll rounds; each one yields to the monitor (hlt ends the vCPU's slice) */
+#define SPIN_US 500 /* ... and at most this long in system time (a round is tens of µs on the emulator) */
 #define SLOT(r, i) ((u8 *)(r) + 64 + ((i) & (SNIC_RING_ENTRIES - 1)) * 16)
 
 static volatile u32 *const regs = (volatile u32 *)SNIC_MMIO_BASE;
@@ -39,7 +42,7 @@ static u16 repost[NR_RX];
 static u8 frame[BUF_SIZE];
 static u8 mac[6];
 static u32 port, grant_domid;
-static u64 spin = SPIN;
+static u64 spin = SPIN, spin_ns = SPIN_US * 1000;
 static volatile int irq_pending;
 static int connected;
 static const char *error;
@@ -100,6 +103,8 @@ static int snic_init(unsigned domid, netfront_rx_t rx, const char *mode)
     rx_handler = rx;
     if (cmdline_get("spin", buf, sizeof buf) && !parse_u64(buf, &v))
         spin = v;
+    if (cmdline_get("spin_us", buf, sizeof buf) && !parse_u64(buf, &v))
+        spin_ns = v * 1000;
     if (rd(SNIC_REG_ID) != SNIC_ID) {
         error = "no smart NIC at its window";
         return -ENOENT;
@@ -267,10 +272,12 @@ static int work_waiting(void)
 
 static void snic_wait(void)
 {
-    u64 seen = events_seen;
+    u64 seen = events_seen, start = now_ns();
     for (u64 i = 0; i < spin; i++) { /* poll while busy, giving the monitor the CPU each round */
         if (work_waiting() || events_seen != seen)
             return;
+        if (now_ns() - start >= spin_ns) /* busy-poll budget in time, too (never under MockClock) */
+            break;
         __asm__ __volatile__("hlt" ::: "memory"); /* ends this vCPU slice: the device runs */
     }
     /* Idle: re-arm, then re-check so a completion published meanwhile is not slept through. */
