@@ -45,12 +45,18 @@ from pvio.xenstore import XenstoreError
 from pvio.xs_wire import XenbusState
 from ringbuf import NETIF_RX, NETIF_TX, BackRing, RingOverflowError
 from ringbuf.netif import (
+    NET_RX_RING_SIZE,
+    NET_TX_RING_SIZE,
     NETIF_RSP_ERROR,
     NETIF_RSP_NULL,
     NETIF_RSP_OKAY,
     NETRXF_MORE_DATA,
     NETTXF_EXTRA_INFO,
     NETTXF_MORE_DATA,
+    RX_REQUEST,
+    RX_RESPONSE,
+    TX_REQUEST,
+    TX_RESPONSE,
     XEN_NETIF_EXTRA_FLAG_MORE,
     XEN_NETIF_NR_SLOTS_MIN,
 )
@@ -60,11 +66,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pvio.netback")
 
-NR_TX = NETIF_TX.nr_ents()
-NR_RX = NETIF_RX.nr_ents()
-# The netif codecs of ring.h's structs (one definition, in ringbuf), for iter_unpack / pack.
-_TX_REQ, _TX_RSP = NETIF_TX.req_struct, NETIF_TX.rsp_struct
-_RX_REQ, _RX_RSP = NETIF_RX.req_struct, NETIF_RX.rsp_struct
+NR_TX = NET_TX_RING_SIZE
+NR_RX = NET_RX_RING_SIZE
+_TX_REQ, _TX_RSP, _RX_REQ, _RX_RSP = TX_REQUEST, TX_RESPONSE, RX_REQUEST, RX_RESPONSE
 FATAL_SLOTS = 20  # Linux netback's fatal_skb_slots default
 RX_QUEUE_MAX = 1024  # frames waiting for guest buffers, per vif
 
@@ -445,12 +449,14 @@ class BackendVif(SwitchPort):
         held = self._rx_held
         avail = len(held) + self.rx.unconsumed_requests()
         batch: list[bytes] = []
+        batch_slots: list[int] = []  # RX buffers each frame of the batch takes
         need = 0
         for frame in q:
             slots = max(1, -(-len(frame) // PAGE_SIZE))
             if need + slots > avail or len(batch) >= NR_RX:
                 break
             batch.append(frame)
+            batch_slots.append(slots)
             need += slots
         if not batch:
             # The first frame needs more buffers than the guest has posted.  Take the posted
@@ -472,16 +478,15 @@ class BackendVif(SwitchPort):
         stage = self.rx_stage
         fe = self.fe_domid
         k = 0
-        for frame in batch:
+        for frame, nslots in zip(batch, batch_slots, strict=True):
             size = len(frame)
-            if size <= PAGE_SIZE:  # the common case: one slot
+            if nslots == 1:  # the common case
                 stage_views[k][:size] = frame
                 rid, _pad, gref = reqs[k]
                 blob.append(pack(stage[k], DOMID_SELF, 0, gref, fe, 0, size, GNTCOPY_dest_gref, 0))
                 slot_info.append((rid, size, 0))
                 k += 1
                 continue
-            nslots = -(-size // PAGE_SIZE)
             for part in range(nslots):
                 chunk = frame[part * PAGE_SIZE : (part + 1) * PAGE_SIZE]
                 stage_views[k][: len(chunk)] = chunk
@@ -493,8 +498,7 @@ class BackendVif(SwitchPort):
         rsps: list[bytes] = []
         delivered = delivered_bytes = 0
         pos = 0
-        for frame in batch:
-            nslots = max(1, -(-len(frame) // PAGE_SIZE))
+        for frame, nslots in zip(batch, batch_slots, strict=True):
             ok = not any(statuses[pos : pos + nslots])
             if ok:
                 delivered += 1

@@ -41,10 +41,16 @@ from pvio.toolstack import parse_mac
 from pvio.xs_wire import XenbusState
 from ringbuf import NETIF_RX, NETIF_TX, FrontRing, RingOverflowError
 from ringbuf.netif import (
+    NET_RX_RING_SIZE,
+    NET_TX_RING_SIZE,
     NETIF_RSP_NULL,
     NETIF_RSP_OKAY,
     NETRXF_MORE_DATA,
     NETTXF_MORE_DATA,
+    RX_REQUEST,
+    RX_RESPONSE,
+    TX_REQUEST,
+    TX_RESPONSE,
     XEN_NETIF_MAX_TX_SIZE,
     XEN_NETIF_NR_SLOTS_MIN,
 )
@@ -54,11 +60,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pvio.netfront")
 
-NR_TX = NETIF_TX.nr_ents()
-NR_RX = NETIF_RX.nr_ents()
-# The netif codecs of ring.h's structs (one definition, in ringbuf), for iter_unpack / pack.
-_TX_REQ, _TX_RSP = NETIF_TX.req_struct, NETIF_TX.rsp_struct
-_RX_REQ, _RX_RSP = NETIF_RX.req_struct, NETIF_RX.rsp_struct
+NR_TX = NET_TX_RING_SIZE
+NR_RX = NET_RX_RING_SIZE
+_TX_REQ, _TX_RSP, _RX_REQ, _RX_RSP = TX_REQUEST, TX_RESPONSE, RX_REQUEST, RX_RESPONSE
 RX_QUEUE_MAX = 4096  # frames received but not yet read by the application
 
 

@@ -1,8 +1,11 @@
 """io/netif.h constants: flags, status codes and limits of the vif wire format.
 
 The structures themselves are declared in ``ring.h`` and exposed as the
-:data:`ringbuf.NETIF_TX` / :data:`ringbuf.NETIF_RX` layouts.
+:data:`ringbuf.NETIF_TX` / :data:`ringbuf.NETIF_RX` layouts; their codecs and the ring
+sizes are re-exported here, derived from those layouts, for the drivers' hot paths.
 """
+
+from ringbuf.layout import NETIF_RX, NETIF_TX
 
 # TX request flags (NETTXF_*).  Bits 0 and 1 are swapped between TX and RX.
 NETTXF_CSUM_BLANK = 0x1
@@ -34,5 +37,12 @@ XEN_NETIF_EXTRA_FLAG_MORE = 0x1
 # Limits.
 XEN_NETIF_NR_SLOTS_MIN = 18  # every backend accepts packets of up to 18 slots
 XEN_NETIF_MAX_TX_SIZE = 0xFFFF  # the 16-bit size field
-NET_TX_RING_SIZE = 256
-NET_RX_RING_SIZE = 256
+NET_TX_RING_SIZE = NETIF_TX.nr_ents()  # 256: 12-byte slots in a page, rounded to a power of two
+NET_RX_RING_SIZE = NETIF_RX.nr_ents()  # 256: 8-byte slots
+
+# The struct codecs of netif_tx_request/response and netif_rx_request/response (ring.h),
+# for ``iter_unpack`` over taken entries and ``pack`` of plain tuples.
+TX_REQUEST = NETIF_TX.req_struct
+TX_RESPONSE = NETIF_TX.rsp_struct
+RX_REQUEST = NETIF_RX.req_struct
+RX_RESPONSE = NETIF_RX.rsp_struct
