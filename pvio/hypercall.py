@@ -260,7 +260,8 @@ class HypercallTable:
             raise _fail(Errno.EINVAL, f"dom{dom.domid} has no port {port}")
         return ch
 
-    def _free_port(self, dom: Domain) -> int:
+    def free_port(self, dom: Domain) -> int:
+        """The lowest unused port of ``dom`` (port 0 is never used); ENOSPC when all are taken."""
         for port in range(1, dom.max_ports):
             if port not in dom.ports:
                 return port
@@ -273,7 +274,7 @@ class HypercallTable:
             remote = dom.domid
         if not 0 <= remote < DOMID_FIRST_RESERVED:
             raise _fail(Errno.EINVAL, f"remote domid {remote}")
-        port = self._free_port(target)
+        port = self.free_port(target)
         target.ports[port] = Channel(EvtchnStat.unbound, remote_dom=remote)
         return port
 
@@ -287,7 +288,7 @@ class HypercallTable:
         rch = self._port(remote, remote_port)
         if rch.state != EvtchnStat.unbound or rch.remote_dom != dom.domid:
             raise _fail(Errno.EINVAL, f"dom{remote_dom} port {remote_port} is not offered to dom{dom.domid}")
-        port = self._free_port(dom)
+        port = self.free_port(dom)
         dom.ports[port] = Channel(EvtchnStat.interdomain, remote_dom=remote_dom, remote_port=remote_port)
         rch.state = EvtchnStat.interdomain
         rch.remote_port = port
@@ -302,7 +303,7 @@ class HypercallTable:
             raise _fail(Errno.ENOENT, f"vcpu {vcpu}")
         if virq in dom.virqs:
             raise _fail(Errno.EEXIST, f"virq {virq} already bound to port {dom.virqs[virq]}")
-        port = self._free_port(dom)
+        port = self.free_port(dom)
         dom.ports[port] = Channel(EvtchnStat.virq, virq=virq)
         dom.virqs[virq] = port
         return port

@@ -135,7 +135,7 @@ class Hypervisor:
         self.store.introduce_domain(domid)
         conn = RingConnection(self.store, domid, dom.mem.page(dom.store_gfn), lambda: self._store_notify(dom))
         self._store_conns[domid] = conn
-        port = self.hypercalls._free_port(dom)
+        port = self.hypercalls.free_port(dom)
         dom.ports[port] = Channel(SERVICE, remote_dom=0, service=conn.process)
         dom.store_port = port
         if dom.name:
