@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check
 STAMP  := $(VENV)/.installed
 EXT_STAMP := .stamp-ext
-RING_SRC := ringbuf/ring.c ringbuf/ring.h ringbuf/_build.py pvio/native/gnttab.c pvio/native/gnttab.h pvio/_native_build.py
+RING_SRC := ringbuf/ring.c ringbuf/ring.h ringbuf/_build.py pvio/core/native/gnttab.c pvio/core/native/gnttab.h pvio/core/_native_build.py
 
 .PHONY: all setup build demo test bench chart fuzz lint clean
 
@@ -49,10 +49,16 @@ chart: build
 fuzz: build
 	PVIO_FUZZ=1 $(PY) -m pytest -q -p no:cacheprovider tests -k "model or stress or hostile or fuzz"
 
+# mypy sees the installed layout (pvio.backends is backends/, ...) through a tree of symlinks,
+# since it cannot follow the editable install's import hook.
+TYPECHECK := build/typecheck
 lint: build
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy pvio ringbuf backends frontends cpu
+	rm -rf $(TYPECHECK) && mkdir -p $(TYPECHECK)/pvio
+	for f in pvio/*; do ln -s "$(CURDIR)/$$f" $(TYPECHECK)/pvio/; done
+	for d in ringbuf backends frontends cpu; do ln -s "$(CURDIR)/$$d" $(TYPECHECK)/pvio/$$d; done
+	cd $(TYPECHECK) && $(CURDIR)/$(VENV)/bin/mypy --config-file $(CURDIR)/pyproject.toml -p pvio
 
 clean:
-	rm -rf $(VENV) build *.egg-info $(EXT_STAMP) ringbuf/_ringbuf*.so ringbuf/_ringbuf.c pvio/_native*.so pvio/_native.c
+	rm -rf $(VENV) build *.egg-info $(EXT_STAMP) ringbuf/_ringbuf*.so ringbuf/_ringbuf.c pvio/core/_native*.so pvio/core/_native.c

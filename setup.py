@@ -1,1 +1,1 @@
-from setuptools import setup; setup(cffi_modules=["ringbuf/_build.py:ffibuilder", "pvio/_native_build.py:ffibuilder"])
+from setuptools import setup; setup(cffi_modules=["ringbuf/_build.py:ffibuilder", "pvio/core/_native_build.py:ffibuilder"])

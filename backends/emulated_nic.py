@@ -69,11 +69,11 @@ import logging
 from collections import deque
 from typing import TYPE_CHECKING
 
-from backends.switch import ETH_HEADER_LEN, Switch, SwitchPort
+from pvio.backends.switch import ETH_HEADER_LEN, Switch, SwitchPort
 
 if TYPE_CHECKING:
-    from pvio.domain import Domain
-    from pvio.hypervisor import Hypervisor
+    from pvio.core.domain import Domain
+    from pvio.core.hypervisor import Hypervisor
 
 log = logging.getLogger("pvio.emulated_nic")
 
@@ -126,7 +126,7 @@ def emunic_mac(domid: int, devid: int) -> bytes:
 
 
 class EmulatedNic(SwitchPort):
-    """One emulated NIC of one domain: its registers (an :class:`pvio.iobus.IoDevice`) and a switch port."""
+    """One emulated NIC of one domain: its registers (a :class:`pvio.core.iobus.IoDevice`), a switch port."""
 
     def __init__(
         self, hv: Hypervisor, dom: Domain, switch: Switch, *, devid: int = 0, mac: bytes | None = None

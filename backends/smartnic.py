@@ -118,16 +118,16 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 import trio
+from pvio.backends.emulated_nic import VIRQ_ARCH_0
+from pvio.backends.switch import ETH_HEADER_LEN, MAX_FRAME_LEN, Switch, SwitchPort
+from pvio.ringbuf import BackRing, RingLayout, RingOverflowError
 
-from backends.emulated_nic import VIRQ_ARCH_0
-from backends.switch import ETH_HEADER_LEN, MAX_FRAME_LEN, Switch, SwitchPort
 from pvio.abi import PAGE_SHIFT, PAGE_SIZE
-from pvio.grant_table import GrantError
-from ringbuf import BackRing, RingLayout, RingOverflowError
+from pvio.core.grant_table import GrantError
 
 if TYPE_CHECKING:
-    from pvio.domain import Domain
-    from pvio.hypervisor import Hypervisor
+    from pvio.core.domain import Domain
+    from pvio.core.hypervisor import Hypervisor
 
 log = logging.getLogger("pvio.smartnic")
 

@@ -75,7 +75,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from pvio.counters import CounterRegistry, Counters
+from pvio.core.counters import CounterRegistry, Counters
 
 if TYPE_CHECKING:
     from os import PathLike

@@ -1,8 +1,8 @@
-"""The ``"x86"`` guest kind of :mod:`pvio.bench`: pvio's C guest kernel in ``mode=bench``.
+"""The ``"x86"`` guest kind of :mod:`pvio.harness.bench`: pvio's C guest kernel in ``mode=bench``.
 
-:func:`x86_bench_guest` is the factory ``pvio.bench`` registers as ``"x86"`` (the factory
+:func:`x86_bench_guest` is the factory ``pvio.harness.bench`` registers as ``"x86"`` (the factory
 contract of ``docs/devices.md``): ``(name, model, ip, options)`` -> a :class:`BenchX86Guest`,
-an :class:`cpu.guest.X86Guest` booted with ``mode=bench nic=<model> ip=<ip>``.  Its C
+an :class:`pvio.cpu.guest.X86Guest` booted with ``mode=bench nic=<model> ip=<ip>``.  Its C
 drivers (``frontends/x86/netfront.c``, ``emunic.c``, ``snic.c``) are the NIC; the traffic
 is made and checked inside the guest by the bench app (``frontends/x86/bench.c``), so no
 frame crosses into Python and the counts are the x86 guest's own.
@@ -20,7 +20,7 @@ the mailboxes (the harness polls them every 0.5 ms of trio time: no guest cost).
 ``ready`` is set once the console says ``ready:`` (the driver is up and the guest has sent
 the self-addressed frame the switch learns its MAC from: ``announces_itself``).  ``nic``
 carries the MAC; it does not move frames in and out of the guest (``send``/``recv`` raise
-NotImplementedError): :func:`pvio.bench.run_scenario` calls :meth:`BenchX86Guest.native_scenario`
+NotImplementedError): :func:`pvio.harness.bench.run_scenario` calls :meth:`BenchX86Guest.native_scenario`
 instead, for two x86 guests, at saturation (stream) or back to back (ping-pong), or paced
 (``offered_load`` frames or trips per second: the bench app paces itself with set_timer_op and
 VIRQ_TIMER, whose upcalls and hypercalls are in the counts; ``timer_sets`` in the mailbox).
@@ -40,8 +40,7 @@ import time
 from typing import Any
 
 import trio
-
-from cpu.guest import X86Guest
+from pvio.cpu.guest import X86Guest
 
 VIRQ_BENCH = 1  # Xen's VIRQ_DEBUG; frontends/x86/devices.h
 CMD_STREAM, CMD_PINGPONG = 1, 2
@@ -215,5 +214,5 @@ class BenchX86Guest(X86Guest):
 
 
 def x86_bench_guest(name: str, model: str, ip: str, options: dict[str, Any]) -> BenchX86Guest:
-    """The ``"x86"`` guest kind's factory (``pvio.bench.register_guest_kind``)."""
+    """The ``"x86"`` guest kind's factory (``pvio.harness.bench.register_guest_kind``)."""
     return BenchX86Guest(name, model, ip, options)

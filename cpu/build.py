@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.resources
 import os
 import shutil
 import subprocess
 import tempfile
 from pathlib import Path
 
-SOURCE_DIR = Path(__file__).resolve().parent.parent / "frontends" / "x86"
+SOURCE_DIR = Path(str(importlib.resources.files("pvio.frontends"))) / "x86"
 CFLAGS = (
     "-std=gnu11", "-O2", "-g0", "-Wall", "-Wextra", "-Werror", "-ffreestanding", "-fno-pic", "-fno-pie",
     "-fno-stack-protector", "-fno-builtin", "-fno-asynchronous-unwind-tables", "-mno-red-zone",

@@ -1,7 +1,7 @@
-"""X86Guest: a guest kernel that is x86-64 machine code, run on :class:`cpu.vcpu.X86Vcpu`.
+"""X86Guest: a guest kernel that is x86-64 machine code, run on :class:`pvio.cpu.vcpu.X86Vcpu`.
 
 ``X86Guest(image, name=..., memory_pages=..., cmdline=...)`` is a
-:class:`pvio.domain.GuestKernel`: give it to ``hv.create_domain`` and ``hv.start`` it
+:class:`pvio.core.domain.GuestKernel`: give it to ``hv.create_domain`` and ``hv.start`` it
 like a PyGuest.  ``image`` is an ELF path or the image's bytes; :func:`default_image`
 builds (and caches) pvio's own C guest kernel from ``frontends/x86``.
 
@@ -20,13 +20,14 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cpu.loader import LoadedImage, load_elf
-from cpu.vcpu import DEFAULT_MAX_SLICES_WITHOUT_EXIT, DEFAULT_SLICE_INSNS, X86Vcpu
+from pvio.cpu.loader import LoadedImage, load_elf
+from pvio.cpu.vcpu import DEFAULT_MAX_SLICES_WITHOUT_EXIT, DEFAULT_SLICE_INSNS, X86Vcpu
+
 from pvio.abi import PAGE_SIZE
 
 if TYPE_CHECKING:
-    from pvio.domain import Domain
-    from pvio.hypervisor import Hypervisor
+    from pvio.core.domain import Domain
+    from pvio.core.hypervisor import Hypervisor
 
 log = logging.getLogger("pvio.cpu")
 
@@ -35,7 +36,7 @@ CMDLINE_MAX = 1023  # start_info.cmd_line is char[1024]
 
 def default_image() -> Path:
     """pvio's C guest kernel (built with the system's gcc on first use, then cached)."""
-    from cpu.build import build_image
+    from pvio.cpu.build import build_image
 
     return build_image()
 

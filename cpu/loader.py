@@ -22,7 +22,7 @@ from elftools.elf.elffile import ELFFile
 from pvio.abi import PAGE_SIZE
 
 if TYPE_CHECKING:
-    from pvio.domain import Domain
+    from pvio.core.domain import Domain
 
 
 class ImageError(ValueError):

@@ -2,7 +2,7 @@
 
 Design
 ------
-* **Memory.**  The domain's RAM is one anonymous ``mmap`` (:class:`pvio.memory.GuestMemory`);
+* **Memory.**  The domain's RAM is one anonymous ``mmap`` (:class:`pvio.core.memory.GuestMemory`);
   it is handed to unicorn with ``mem_map_ptr``, so the engine, the hypervisor, netback's
   grant copies and the guest all touch the same bytes, never a copy.  Guest-virtual equals
   guest-physical (unicorn's 64-bit mode runs without page tables), so the addresses a
@@ -12,7 +12,7 @@ Design
   64-bit PV stub (``push %rcx; push %r11; mov $N,%eax; syscall; pop %r11; pop %rcx;
   ret``); the iret stub (23) also pushes ``%rax`` and ends in ``ud2``, since iret never
   returns.  ``syscall`` is hooked (UC_HOOK_INSN) and dispatched to
-  :meth:`pvio.hypercall.HypercallTable.dispatch` with Xen's register convention: number
+  :meth:`pvio.core.hypercall.HypercallTable.dispatch` with Xen's register convention: number
   in RAX, arguments in RDI, RSI, RDX, R10, R8, result in RAX.
 * **Upcalls.**  Unicorn cannot inject interrupts, so delivery is ours and happens only
   at instruction boundaries we control: between slices and right after a hypercall
@@ -79,14 +79,14 @@ from unicorn import (
 )
 from unicorn import x86_const as X
 
-from pvio import evtchn
 from pvio.abi import PAGE_SIZE, VCPU_TIME_INFO, VCPU_UPCALL_MASK, Hypercall
-from pvio.memory import GuestFault
+from pvio.core import evtchn
+from pvio.core.memory import GuestFault
 
 if TYPE_CHECKING:
-    from pvio.domain import Domain
-    from pvio.grant_table import GrantMapping
-    from pvio.hypervisor import Hypervisor
+    from pvio.core.domain import Domain
+    from pvio.core.grant_table import GrantMapping
+    from pvio.core.hypervisor import Hypervisor
 
 log = logging.getLogger("pvio.cpu")
 

@@ -25,11 +25,11 @@ from typing import Any
 
 import trio
 import trio.testing
+from pvio.backends.netback import NetBack
+from pvio.backends.switch import Switch
+from pvio.frontends.netfront import Netfront
+from pvio.frontends.netstack import NetStack
 
-from backends.netback import NetBack
-from backends.switch import Switch
-from frontends.netfront import Netfront
-from frontends.netstack import NetStack
 from pvio import Hypervisor, PyGuest, Snapshot
 from pvio.toolstack import add_vif
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import mmap
 
-from ringbuf import NETIF_TX, BackRing, FrontRing
-from ringbuf.netif import NETIF_RSP_OKAY
+from pvio.ringbuf import NETIF_TX, BackRing, FrontRing
+from pvio.ringbuf.netif import NETIF_RSP_OKAY
 
 
 def run(packets: int = 10_000, batch: int = 64) -> dict[str, int]:

@@ -18,9 +18,9 @@ from typing import Any
 
 import trio
 import trio.testing
+from pvio.backends.switch import Switch
+from pvio.cpu.guest import X86Guest
 
-from backends.switch import Switch
-from cpu.guest import X86Guest
 from examples.pv_demo import (
     IP_A,
     IP_B,

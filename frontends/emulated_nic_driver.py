@@ -1,7 +1,7 @@
 """The PyGuest driver of the emulated NIC: every register access is a real, counted exit.
 
 It is written like an old ISA NIC driver (ne2k, 8139too without NAPI), against the register
-map of :mod:`backends.emulated_nic`, through ``guest.inl``/``guest.outl`` (or MMIO loads and
+map of :mod:`pvio.backends.emulated_nic`, through ``guest.inl``/``guest.outl`` (or MMIO loads and
 stores with ``use_mmio=True``), so each access goes through the hypervisor's I/O bus and is
 counted as ``exits.pio`` (``exits.mmio``) on the guest's domain:
 
@@ -23,8 +23,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 import trio
-
-from backends.emulated_nic import (
+from pvio.backends.emulated_nic import (
     CMD_ENABLE,
     CMD_RESET,
     CMD_RX_POP,
@@ -51,8 +50,9 @@ from backends.emulated_nic import (
     REG_TXLEN,
     ST_ENABLED,
 )
-from frontends.nic import GuestNic
-from pvio.counters import Counters
+from pvio.frontends.nic import GuestNic
+
+from pvio.core.counters import Counters
 
 if TYPE_CHECKING:
     from pvio.guest import PyGuest

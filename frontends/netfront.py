@@ -33,14 +33,9 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 import trio
-
-from frontends.nic import GuestNic
-from pvio.abi import PAGE_SIZE
-from pvio.counters import Counters
-from pvio.toolstack import parse_mac
-from pvio.xs_wire import XenbusState
-from ringbuf import NETIF_RX, NETIF_TX, FrontRing, RingOverflowError
-from ringbuf.netif import (
+from pvio.frontends.nic import GuestNic
+from pvio.ringbuf import NETIF_RX, NETIF_TX, FrontRing, RingOverflowError
+from pvio.ringbuf.netif import (
     NET_RX_RING_SIZE,
     NET_TX_RING_SIZE,
     NETIF_RSP_NULL,
@@ -54,6 +49,11 @@ from ringbuf.netif import (
     XEN_NETIF_MAX_TX_SIZE,
     XEN_NETIF_NR_SLOTS_MIN,
 )
+
+from pvio.abi import PAGE_SIZE
+from pvio.core.counters import Counters
+from pvio.toolstack import parse_mac
+from pvio.xenstore.wire import XenbusState
 
 if TYPE_CHECKING:
     from pvio.guest import PyGuest

@@ -20,7 +20,7 @@ from typing import Any
 
 import trio
 
-from pvio.counters import Counters
+from pvio.core.counters import Counters
 
 
 class GuestNic:

@@ -1,6 +1,6 @@
 """The PyGuest driver of the smart NIC: post descriptors, reap completions, poll while busy.
 
-Against the register map and descriptor format of :mod:`backends.smartnic`:
+Against the register map and descriptor format of :mod:`pvio.backends.smartnic`:
 
 * connect: check ID, read the MAC, the IRQ line and DOMID_IO; allocate the TX and RX ring
   pages (initialised as front rings) and a buffer pool of ``nr_tx + nr_rx`` buffers in
@@ -31,8 +31,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 import trio
-
-from backends.smartnic import (
+from pvio.backends.smartnic import (
     CMPL,
     CTRL_ENABLE,
     DB_RX,
@@ -62,10 +61,11 @@ from backends.smartnic import (
     SNIC_RING_ENTRIES,
     ST_ENABLED,
 )
-from frontends.nic import GuestNic
+from pvio.frontends.nic import GuestNic
+from pvio.ringbuf import FrontRing, RingOverflowError
+
 from pvio.abi import PAGE_SHIFT, PAGE_SIZE
-from pvio.counters import Counters
-from ringbuf import FrontRing, RingOverflowError
+from pvio.core.counters import Counters
 
 if TYPE_CHECKING:
     from pvio.guest import PyGuest

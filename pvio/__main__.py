@@ -1,5 +1,5 @@
 """``python -m pvio`` is the ``pvio`` command."""
 
-from pvio.cli import main
+from pvio.harness.cli import main
 
 main()

@@ -17,7 +17,7 @@ Backends are found the way the built-in ones are (§2): through the entry-point 
 ``pvio.backends``, so a user's package plugs one in by declaring, in its pyproject::
 
     [project.entry-points."pvio.backends"]
-    lossy = "examples.lossy_backend:LossyLinkBackend"
+    lossy = "pvio.backends.lossy:LossyLinkBackend"
 
 :func:`register_backend` adds classes defined at run time (scripts, tests) to the same
 namespace.  pvio itself never imports ``backends/`` or ``examples/``: it only loads what
@@ -66,7 +66,7 @@ from typing import Any, ClassVar, Literal
 
 import trio
 
-from pvio.counters import CounterRegistry, Counters
+from pvio.core.counters import CounterRegistry, Counters
 
 __all__ = [
     "ENTRY_POINT_GROUP",

@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from pvio import evtchn as _ev
 from pvio.abi import (
     BITS_PER_WORD,
     DOMID_SELF,
@@ -57,12 +56,13 @@ from pvio.abi import (
     Hypercall,
     SchedOp,
 )
-from pvio.domain import Domain, StartInfo
-from pvio.grant_table import GrantMapping, GuestGrantTable
-from pvio.xs_wire import XenbusClient
+from pvio.core import evtchn as _ev
+from pvio.core.domain import Domain, StartInfo
+from pvio.core.grant_table import GrantMapping, GuestGrantTable
+from pvio.xenstore.client import XenbusClient
 
 if TYPE_CHECKING:
-    from pvio.hypervisor import Hypervisor
+    from pvio.core.hypervisor import Hypervisor
 
 log = logging.getLogger("pvio.guest")
 

@@ -12,11 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from pvio.xs_wire import XenbusState
+from pvio.xenstore.wire import XenbusState
 
 if TYPE_CHECKING:
-    from pvio.domain import Domain
-    from pvio.hypervisor import Hypervisor
+    from pvio.core.domain import Domain
+    from pvio.core.hypervisor import Hypervisor
 
 XEN_OUI = "00:16:3e"
 

@@ -22,8 +22,8 @@ Example::
     [req] = NETIF_RX.unpack_requests(back.take_requests())
 """
 
-from ringbuf.layout import HEADER_SIZE, NETIF_RX, NETIF_TX, PAGE_SIZE, RingLayout
-from ringbuf.ring import BackRing, FrontRing, RingError, RingOverflowError
+from pvio.ringbuf.layout import HEADER_SIZE, NETIF_RX, NETIF_TX, PAGE_SIZE, RingLayout
+from pvio.ringbuf.ring import BackRing, FrontRing, RingError, RingOverflowError
 
 __all__ = [
     "HEADER_SIZE",

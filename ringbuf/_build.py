@@ -22,7 +22,7 @@ def ring_cdef() -> str:
 ffibuilder = FFI()
 ffibuilder.cdef(ring_cdef())
 ffibuilder.set_source(
-    "ringbuf._ringbuf",
+    "pvio.ringbuf._ringbuf",
     '#include "ring.h"',
     sources=[str(Path("ringbuf") / "ring.c")],
     include_dirs=[str(HERE)],

@@ -13,7 +13,7 @@ from collections import namedtuple
 from collections.abc import Iterable
 from typing import Any
 
-from ringbuf._ringbuf import ffi, lib
+from pvio.ringbuf._ringbuf import ffi, lib
 
 PAGE_SIZE = 4096
 HEADER_SIZE = 64

@@ -1,11 +1,11 @@
 """io/netif.h constants: flags, status codes and limits of the vif wire format.
 
 The structures themselves are declared in ``ring.h`` and exposed as the
-:data:`ringbuf.NETIF_TX` / :data:`ringbuf.NETIF_RX` layouts; their codecs and the ring
+:data:`pvio.ringbuf.NETIF_TX` / :data:`pvio.ringbuf.NETIF_RX` layouts; their codecs and the ring
 sizes are re-exported here, derived from those layouts, for the drivers' hot paths.
 """
 
-from ringbuf.layout import NETIF_RX, NETIF_TX
+from pvio.ringbuf.layout import NETIF_RX, NETIF_TX
 
 # TX request flags (NETTXF_*).  Bits 0 and 1 are swapped between TX and RX.
 NETTXF_CSUM_BLANK = 0x1

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ringbuf._ringbuf import ffi, lib
-from ringbuf.layout import PAGE_SIZE, RingLayout
+from pvio.ringbuf._ringbuf import ffi, lib
+from pvio.ringbuf.layout import PAGE_SIZE, RingLayout
 
 
 class RingError(Exception):

@@ -9,7 +9,7 @@ import trio.testing
 
 import pvio
 from pvio.abi import PAGE_SHIFT
-from pvio.counters import Snapshot
+from pvio.core.counters import Snapshot
 
 PROBE_PAGES = 64  # the smallest comfortable PyGuest: 16 scratch pages, then 23 free frames
 

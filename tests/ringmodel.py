@@ -7,8 +7,8 @@ at ``64 + (idx mod nr_ents) * ent_size``.  Every index is kept as an ordinary Py
 reduced modulo 2**32, and every comparison is done on unwrapped distances, so the model
 states each rule in the plainest arithmetic there is.
 
-The model mirrors the public operations of :class:`ringbuf.FrontRing` and
-:class:`ringbuf.BackRing` (init/attach, write, push-and-check-notify, send, take,
+The model mirrors the public operations of :class:`pvio.ringbuf.FrontRing` and
+:class:`pvio.ringbuf.BackRing` (init/attach, write, push-and-check-notify, send, take,
 unconsumed counts, final check with ``ahead``) and their two error kinds: a peer's
 impossible producer index raises :class:`ModelOverflowError`, API misuse raises
 ``ValueError``.  It imports nothing from ``ringbuf`` on purpose, so it cannot inherit a bug.

@@ -9,8 +9,8 @@ from collections.abc import Iterator
 
 import pytest
 import trio
+from pvio.backends.lossy import LossyLinkBackend
 
-from examples.lossy_backend import LossyLinkBackend
 from pvio import backend_api
 from pvio.backend_api import (
     Backend,
@@ -26,7 +26,7 @@ from pvio.backend_api import (
     register_backend,
     unregister_backend,
 )
-from pvio.counters import CounterRegistry
+from pvio.core.counters import CounterRegistry
 
 FRAMES = [bytes([i]) * 60 for i in range(10)]
 
@@ -49,7 +49,7 @@ def clean_registry() -> Iterator[None]:
 def test_builtin_backends_are_found_through_the_entry_point_group() -> None:
     eps = {ep.name: ep for ep in importlib.metadata.entry_points(group="pvio.backends")}
     assert eps["passthrough"].value == "pvio.backend_api:PassthroughBackend"
-    assert eps["lossy"].value == "examples.lossy_backend:LossyLinkBackend"
+    assert eps["lossy"].value == "pvio.backends.lossy:LossyLinkBackend"
     # Found there, and not through register_backend: the plugin path is the one used.
     assert "passthrough" not in backend_api._registered
     assert "lossy" not in backend_api._registered
@@ -60,7 +60,7 @@ def test_builtin_backends_are_found_through_the_entry_point_group() -> None:
 def test_available_backends_names_module_and_attribute() -> None:
     found = available_backends()
     assert found["passthrough"] == "pvio.backend_api:PassthroughBackend"
-    assert found["lossy"] == "examples.lossy_backend:LossyLinkBackend"
+    assert found["lossy"] == "pvio.backends.lossy:LossyLinkBackend"
 
 
 def test_unknown_backend_name_lists_the_available_ones() -> None:
@@ -90,7 +90,7 @@ def test_register_backend_refuses_a_name_an_entry_point_already_has(clean_regist
 
     with pytest.raises(
         ValueError,
-        match=re.escape("'lossy' is already provided by entry point lossy = examples.lossy_backend"),
+        match=re.escape("'lossy' is already provided by entry point lossy = pvio.backends.lossy"),
     ):
         register_backend(Impostor)
 

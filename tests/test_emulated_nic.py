@@ -7,9 +7,7 @@ from __future__ import annotations
 import struct
 
 import pytest
-
-import pvio
-from backends.emulated_nic import (
+from pvio.backends.emulated_nic import (
     CMD_ENABLE,
     CMD_RESET,
     CMD_RX_POP,
@@ -39,8 +37,10 @@ from backends.emulated_nic import (
     EmulatedNic,
     add_emulated_nic,
 )
-from backends.switch import CapturePort, Switch
-from frontends.emulated_nic_driver import EmulatedNicDriver
+from pvio.backends.switch import CapturePort, Switch
+from pvio.frontends.emulated_nic_driver import EmulatedNicDriver
+
+import pvio
 from tests.guests import Probe, boot, settle
 
 BASE = EMUNIC_PIO_BASE

@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import types
 
+import pvio.ringbuf
 import pytest
 
 import pvio
-import ringbuf
 
 
-@pytest.mark.parametrize("module", [pvio, ringbuf])
+@pytest.mark.parametrize("module", [pvio, pvio.ringbuf])
 def test_all_names_exist_and_are_unique(module: types.ModuleType) -> None:
     names = module.__all__
     assert len(names) == len(set(names))
     assert sorted(names) == sorted(n for n in names if hasattr(module, n))
 
 
-@pytest.mark.parametrize("module", [pvio, ringbuf])
+@pytest.mark.parametrize("module", [pvio, pvio.ringbuf])
 def test_every_public_class_or_function_is_in_all(module: types.ModuleType) -> None:
     public = {
         n

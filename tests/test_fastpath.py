@@ -1,7 +1,7 @@
 """The C grant-copy fast path equals the Python reference, element for element.
 
 A batch of random gnttab_copy elements — good and bad references, frames, domids,
-offsets, lengths, read-only grants — runs once through ``pvio.grant_table.copy_one``
+offsets, lengths, read-only grants — runs once through ``pvio.core.grant_table.copy_one``
 (the reference) and once through ``pvio/native/gnttab.c`` on the same memory; statuses,
 every byte of both domains' RAM and the counters must be identical.
 """
@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import pvio
-from pvio import fastpath
 from pvio.abi import DOMID_SELF, GNTTAB_COPY, GnttabOp, Hypercall
+from pvio.core import fastpath
 from tests.guests import Probe, boot
 
 COUNT_KEYS = ("grant.copies", "grant.copy_bytes", "hypercall_errors")

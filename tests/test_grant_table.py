@@ -18,7 +18,7 @@ from pvio.abi import (
     GTF_writing,
     Hypercall,
 )
-from pvio.grant_table import GrantMapping
+from pvio.core.grant_table import GrantMapping
 from tests.guests import Probe, boot, changes, settle
 
 NR_REFS = 4 * 512  # a domain's default grant table: 4 frames of v1 entries

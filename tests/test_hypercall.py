@@ -35,7 +35,7 @@ from pvio.abi import (
     SchedOp,
     ShutdownReason,
 )
-from pvio.domain import Domain
+from pvio.core.domain import Domain
 from tests.guests import Probe, boot, changes, settle
 
 XEN_4_17 = (4 << 16) | 17
@@ -361,7 +361,7 @@ async def test_sched_op_yield_and_block_return_zero(hv: pvio.Hypervisor, a: Prob
 
 async def test_console_is_bounded_in_lines_and_line_length(hv: pvio.Hypervisor, a: Probe) -> None:
     """The guest controls how much it prints: pvio keeps the last 1000 lines, each cut at 4096 bytes."""
-    from pvio.domain import CONSOLE_LINE_MAX, CONSOLE_LINES
+    from pvio.core.domain import CONSOLE_LINE_MAX, CONSOLE_LINES
 
     a.console("x" * 4000)
     a.console("y" * 4000)  # the unterminated line passes the limit: cut there

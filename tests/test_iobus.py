@@ -8,7 +8,7 @@ import logging
 import pytest
 
 import pvio
-from pvio.iobus import all_ones
+from pvio.core.iobus import all_ones
 from tests.guests import Probe, boot
 
 

@@ -26,11 +26,11 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
+from pvio.frontends.netstack import udp_packet
+from pvio.ringbuf import NETIF_TX
+from pvio.ringbuf.netif import NETIF_RSP_ERROR, NETTXF_MORE_DATA
 
-from frontends.netstack import udp_packet
 from pvio import XenbusState
-from ringbuf import NETIF_TX
-from ringbuf.netif import NETIF_RSP_ERROR, NETTXF_MORE_DATA
 from tests.netenv import (
     HandmadeFrontend,
     NetEnv,
@@ -313,7 +313,7 @@ async def test_an_internal_error_in_netback_disables_that_vif_only(
 ) -> None:
     """A bug in netback's handling of one vif (here: an exception from its TX work) must not take
     dom0 down: that vif is disabled with the reason logged, the other pair keeps exchanging."""
-    from backends import netback
+    from pvio.backends import netback
 
     real = netback.BackendVif._tx_work
     armed: list[int] = []  # the hostile guest's domid, once the attack starts

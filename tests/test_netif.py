@@ -14,11 +14,11 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
+from pvio.backends.netback import BackendVif, VifFatal
+from pvio.frontends.netstack import udp_packet
 from scapy.layers.l2 import Ether
 
-from backends.netback import BackendVif, VifFatal
 from examples.pv_demo import DemoResult, build_traffic, run_demo
-from frontends.netstack import udp_packet
 from pvio import Hypervisor, XenbusState, XenstoreError
 from tests.netenv import (
     EchoGuest,

@@ -13,7 +13,7 @@ import trio
 
 import pvio
 from pvio.abi import GTF_permit_access, GTF_reading, GTF_writing
-from pvio.grant_table import GrantMapping
+from pvio.core.grant_table import GrantMapping
 from tests.guests import Probe, boot, settle
 
 GREETING = b"hello from the sharer"

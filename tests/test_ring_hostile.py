@@ -14,8 +14,7 @@ import struct
 from array import array
 
 import pytest
-
-from ringbuf import NETIF_RX, NETIF_TX, BackRing, FrontRing, RingError, RingLayout, RingOverflowError
+from pvio.ringbuf import NETIF_RX, NETIF_TX, BackRing, FrontRing, RingError, RingLayout, RingOverflowError
 
 U32 = 1 << 32
 NR = 256

@@ -10,9 +10,8 @@ from __future__ import annotations
 import struct
 
 import pytest
-from ringbuf._ringbuf import ffi, lib
-
-from ringbuf import HEADER_SIZE, NETIF_RX, NETIF_TX, PAGE_SIZE, BackRing, FrontRing, RingLayout
+from pvio.ringbuf import HEADER_SIZE, NETIF_RX, NETIF_TX, PAGE_SIZE, BackRing, FrontRing, RingLayout
+from pvio.ringbuf._ringbuf import ffi, lib
 
 
 def offsets(c_type: str) -> dict[str, int]:

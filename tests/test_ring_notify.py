@@ -12,8 +12,7 @@ from __future__ import annotations
 import struct
 
 import pytest
-
-from ringbuf import NETIF_RX, BackRing, FrontRing
+from pvio.ringbuf import NETIF_RX, BackRing, FrontRing
 
 U32 = 1 << 32
 NR = 8  # a small NETIF_RX ring: 8 slots of 8 bytes

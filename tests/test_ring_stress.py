@@ -33,8 +33,7 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 import pytest
-
-from ringbuf import BackRing, FrontRing, RingLayout
+from pvio.ringbuf import BackRing, FrontRing, RingLayout
 
 FUZZ = os.environ.get("PVIO_FUZZ") == "1"
 ENTRIES = 20_000_000 if FUZZ else 1_500_000

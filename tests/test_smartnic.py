@@ -10,9 +10,7 @@ from typing import Any
 
 import pytest
 import trio
-
-import pvio
-from backends.smartnic import (
+from pvio.backends.smartnic import (
     CMPL,
     CTRL_ENABLE,
     CTRL_RESET,
@@ -53,9 +51,11 @@ from backends.smartnic import (
     add_smartnic,
     level_for_rate,
 )
-from backends.switch import CapturePort, Switch
+from pvio.backends.switch import CapturePort, Switch
+from pvio.ringbuf import FrontRing
+
+import pvio
 from pvio.abi import PAGE_SHIFT, PAGE_SIZE
-from ringbuf import FrontRing
 from tests.guests import Probe, boot, settle
 
 BASE = SNIC_MMIO_BASE

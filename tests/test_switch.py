@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import trio
+from pvio.backends.switch import MAX_FRAME_LEN, CapturePort, Switch, SwitchPort
 from scapy.layers.l2 import Ether
 from scapy.utils import rdpcap
 
-from backends.switch import MAX_FRAME_LEN, CapturePort, Switch, SwitchPort
-from pvio.counters import CounterRegistry
+from pvio.core.counters import CounterRegistry
 
 BCAST = b"\xff" * 6
 MCAST = b"\x01\x00\x5e\x00\x00\x01"

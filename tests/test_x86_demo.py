@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from examples import pv_demo, x86_demo
-from pvio import cli
+from pvio.harness import cli
 
 
 async def test_every_probe_is_answered_and_checked_by_scapy(autojump_clock: Any) -> None:

@@ -18,11 +18,11 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from pvio.backends import emulated_nic as emu
+from pvio.backends import smartnic as snic
+from pvio.cpu.bench_guest import CMD_STREAM, BenchX86Guest
 
-from backends import emulated_nic as emu
-from backends import smartnic as snic
-from cpu.bench_guest import CMD_STREAM, BenchX86Guest
-from pvio.bench import _settle
+from pvio.harness.bench import _settle
 
 
 def _marker(dst: BenchX86Guest, src: BenchX86Guest) -> bytes:
@@ -219,8 +219,8 @@ def test_the_harness_reads_the_drivers_stats_in_the_c_layout() -> None:
     """cpu/bench_guest.py decodes struct nicdrv_stats (pvio.h) field by field, all u64."""
     import re
 
-    from cpu.bench_guest import DRV_STATS_FIELDS
-    from cpu.build import SOURCE_DIR
+    from pvio.cpu.bench_guest import DRV_STATS_FIELDS
+    from pvio.cpu.build import SOURCE_DIR
 
     body = re.search(r"struct nicdrv_stats \{\s*u64 ([^;]*);\s*\};", (SOURCE_DIR / "pvio.h").read_text())
     assert body is not None

@@ -31,10 +31,9 @@ from typing import Any
 
 import pytest
 import trio
-
-from backends import emulated_nic as emu
-from backends import smartnic as snic
-from cpu.guest import X86Guest
+from pvio.backends import emulated_nic as emu
+from pvio.backends import smartnic as snic
+from pvio.cpu.guest import X86Guest
 
 MODELS = ("emulated", "pv", "smartnic")
 
@@ -73,7 +72,7 @@ PINNED: dict[tuple[str, int], dict[str, tuple[dict[str, int], dict[str, tuple[in
 
 def test_the_c_drivers_register_numbers_match_the_python_devices() -> None:
     """frontends/x86/devices.h copies the register maps: every number equals the device's."""
-    from cpu.build import SOURCE_DIR
+    from pvio.cpu.build import SOURCE_DIR
 
     defines = {
         name: int(value, 0)
@@ -213,8 +212,8 @@ async def test_x86_paced_stream_orders_the_models_by_exits(
 # ---------------------------------------------------------------------- hostile guests
 async def _hostile(env: Any, model: str, mode: str) -> tuple[X86Guest, Any]:
     """Plug a third x86 guest (``mode``) into ``env`` on ``model``; wait until it is up."""
-    from backends.emulated_nic import add_emulated_nic
-    from backends.smartnic import add_smartnic
+    from pvio.backends.emulated_nic import add_emulated_nic
+    from pvio.backends.smartnic import add_smartnic
 
     guest = X86Guest(name=f"x86-{mode}", cmdline=f"mode={mode} nic={model} ip=10.0.0.9")
     dom = env.hv.create_domain(guest, name=guest.name)

@@ -14,12 +14,12 @@ from typing import Any
 
 import pytest
 import trio
+from pvio.cpu.guest import X86Guest
+from pvio.frontends.netstack import arp_request, icmp_echo, udp_packet
 from scapy.layers.inet import ICMP, IP, UDP
 from scapy.layers.l2 import ARP, Ether
 
-from cpu.guest import X86Guest
 from examples.x86_demo import wait_x86_ready, x86_mac
-from frontends.netstack import arp_request, icmp_echo, udp_packet
 from pvio import XenbusState
 from tests.netenv import EchoGuest, NicGuest, net_env, recv_n, seq_of, wait_until
 from tests.test_netif import VifStateLog
@@ -203,7 +203,7 @@ async def _scribble_rx_response(env: Any, x86: X86Guest, rsp: bytes, advance: in
     move rsp_prod ``advance`` ahead and raise the vif's event channel."""
     import struct
 
-    from pvio import evtchn
+    from pvio.core import evtchn
 
     dom = x86.domain
     fe = f"/local/domain/{dom.domid}/device/vif/0"

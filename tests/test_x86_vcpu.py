@@ -16,11 +16,11 @@ from typing import Any
 import pytest
 import trio
 from elftools.elf.elffile import ELFFile
+from pvio.cpu.build import BuildError, build_image
+from pvio.cpu.guest import X86Guest
+from pvio.cpu.loader import ImageError
+from pvio.cpu.vcpu import HYPERCALL_STUB_SIZE, hypercall_page, hypercall_stub
 
-from cpu.build import BuildError, build_image
-from cpu.guest import X86Guest
-from cpu.loader import ImageError
-from cpu.vcpu import HYPERCALL_STUB_SIZE, hypercall_page, hypercall_stub
 from pvio import Hypervisor
 from pvio.abi import PAGE_SIZE, VCPU_UPCALL_MASK, Hypercall
 from tests.guests import Probe
@@ -131,7 +131,7 @@ async def test_a_parked_vcpu_wakes_for_an_event_and_takes_one_upcall(
     dom = guest.domain
     before = dom.counters["interrupts"]
     hv.hypercalls._port(dom, dom.store_port)  # the store port exists
-    from pvio import evtchn
+    from pvio.core import evtchn
 
     evtchn.set_pending(dom, dom.store_port)
     await settle()
@@ -182,7 +182,7 @@ async def test_an_upcall_without_a_callback_stops_the_domain(autojump_clock: Any
     await settle()
     dom = guest.domain
     dom.callbacks["event"] = 0
-    from pvio import evtchn
+    from pvio.core import evtchn
 
     evtchn.set_pending(dom, dom.store_port)
     await settle()
@@ -197,7 +197,7 @@ async def test_an_unusable_stack_at_upcall_time_stops_the_domain(autojump_clock:
     from unicorn.x86_const import UC_X86_REG_RSP
 
     guest.vcpu.uc.reg_write(UC_X86_REG_RSP, dom.mem.size + 0x10000)
-    from pvio import evtchn
+    from pvio.core import evtchn
 
     evtchn.set_pending(dom, dom.store_port)
     await settle()
@@ -279,9 +279,10 @@ def test_the_c_kernels_abi_numbers_match_pvio_abi() -> None:
     """Every ABI number the C guest kernel defines equals the hypervisor's (pvio.abi)."""
     import re
 
-    from cpu.build import SOURCE_DIR
+    from pvio.cpu.build import SOURCE_DIR
+
     from pvio import abi
-    from pvio.xs_wire import XenbusState, XsType
+    from pvio.xenstore.wire import XenbusState, XsType
 
     defines = {
         name: int(value, 0) if value else 1 << int(shift)

@@ -4,14 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pvio.xenstore import (
-    XSD_ERRORS,
-    Quota,
-    Store,
-    StoreConnection,
-    XenstoreError,
-    canonical_path,
-)
+from pvio.xenstore.store import XSD_ERRORS, Quota, Store, StoreConnection, XenstoreError, canonical_path
 
 BE = "/local/domain/0/backend/vif/1/0"
 FE = "/local/domain/1/device/vif/0"

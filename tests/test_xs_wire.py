@@ -10,19 +10,11 @@ import pytest
 import trio
 import trio.testing
 
-from pvio import xs_wire
-from pvio.xenstore import Store, XenstoreError
-from pvio.xs_wire import (
-    XS_INVALID,
-    XS_TYPE_COUNT,
-    RingConnection,
-    Transaction,
-    XenbusClient,
-    XenbusState,
-    XsHeader,
-    XsType,
-    loopback,
-)
+from pvio.xenstore import wire
+from pvio.xenstore.client import Transaction, XenbusClient, loopback
+from pvio.xenstore.server import RingConnection
+from pvio.xenstore.store import Store, XenstoreError
+from pvio.xenstore.wire import XS_INVALID, XS_TYPE_COUNT, XenbusState, XsHeader, XsType
 
 # The interface layout, spelled out independently of the module's constants.
 REQ, RSP, REQ_CONS, REQ_PROD, RSP_CONS, RSP_PROD, FEATURES, ERROR = (
@@ -118,20 +110,20 @@ def test_header_is_four_little_endian_u32() -> None:
     header = XsHeader(XsType.READ, 0x01020304, 5, 6)
     assert header.pack() == bytes.fromhex("02000000 04030201 05000000 06000000")
     assert XsHeader.unpack(header.pack()) == header
-    assert xs_wire.XSD_SOCKMSG.size == 16
-    assert xs_wire.XENSTORE_PAYLOAD_MAX == 4096
+    assert wire.XSD_SOCKMSG.size == 16
+    assert wire.XENSTORE_PAYLOAD_MAX == 4096
 
 
 def test_interface_offsets_are_xens() -> None:
     offsets = (
-        xs_wire.OFFSET_REQ, xs_wire.OFFSET_RSP, xs_wire.OFFSET_REQ_CONS, xs_wire.OFFSET_REQ_PROD,
-        xs_wire.OFFSET_RSP_CONS, xs_wire.OFFSET_RSP_PROD, xs_wire.OFFSET_SERVER_FEATURES,
-        xs_wire.OFFSET_CONNECTION, xs_wire.OFFSET_ERROR, xs_wire.OFFSET_EVTCHN_PORT,
+        wire.OFFSET_REQ, wire.OFFSET_RSP, wire.OFFSET_REQ_CONS, wire.OFFSET_REQ_PROD,
+        wire.OFFSET_RSP_CONS, wire.OFFSET_RSP_PROD, wire.OFFSET_SERVER_FEATURES,
+        wire.OFFSET_CONNECTION, wire.OFFSET_ERROR, wire.OFFSET_EVTCHN_PORT,
     )  # fmt: skip
     assert offsets == (0, 1024, 2048, 2052, 2056, 2060, 2064, 2068, 2072, 2076)
-    assert xs_wire.XENSTORE_DOMAIN_INTERFACE_SIZE == 2080
-    assert xs_wire.XENSTORE_RING_SIZE == 1024
-    assert (xs_wire.XENSTORE_ERROR_COMMS, xs_wire.XENSTORE_ERROR_RINGIDX, xs_wire.XENSTORE_ERROR_PROTO) == (
+    assert wire.XENSTORE_DOMAIN_INTERFACE_SIZE == 2080
+    assert wire.XENSTORE_RING_SIZE == 1024
+    assert (wire.XENSTORE_ERROR_COMMS, wire.XENSTORE_ERROR_RINGIDX, wire.XENSTORE_ERROR_PROTO) == (
         1,
         2,
         3,
@@ -155,7 +147,7 @@ def test_store_operations_count_under_their_wire_type_names(store: Store) -> Non
 
 def test_server_advertises_the_error_field(store: Store) -> None:
     guest, _, _ = raw_connection(store, 1)
-    assert guest.u32(FEATURES) == xs_wire.XENSTORE_SERVER_FEATURE_ERROR == 2
+    assert guest.u32(FEATURES) == wire.XENSTORE_SERVER_FEATURE_ERROR == 2
 
 
 # -- the server, byte by byte --------------------------------------------------------------------

@@ -4,7 +4,7 @@ Two scenarios, each booted fresh (dom0 + netback + switch + two guests, ``tests/
 in its own ``trio.run`` with the real clock, one per benchmark round:
 
 * **stream**: A sends 64-byte UDP frames to B in ``send_batch`` calls of 64 (the frames
-  are built once, with ``frontends.netstack.udp_packet``); B counts them with
+  are built once, with ``pvio.frontends.netstack.udp_packet``); B counts them with
   ``recv_batch``.  Reported: ``pps`` (frames delivered to B per second).
 * **ping-pong**: A sends one 64-byte UDP frame to B's echo port and waits for the echo
   before sending the next.  Reported: ``latency_us`` (µs per round trip).
@@ -27,8 +27,8 @@ from typing import Any
 
 import pytest
 import trio
+from pvio.frontends.netstack import udp_packet
 
-from frontends.netstack import udp_packet
 from pvio import Snapshot
 from tests.netenv import EchoGuest, NicGuest, ip_of, net_env, udp_stream
 

@@ -30,8 +30,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-
-from ringbuf import NETIF_TX, BackRing, FrontRing
+from pvio.ringbuf import NETIF_TX, BackRing, FrontRing
 
 LAYOUT = NETIF_TX  # 12-byte requests, 4-byte responses, 256 slots
 RING_BYTES = 4032  # the ring's share of the page; the last 64 bytes carry the stop flag

@@ -1,6 +1,6 @@
 """The device-model comparison: environments, traffic scenarios, per-packet costs, ``pvio bench``.
 
-One machinery serves the pytest plugin (:mod:`pvio.pytest_plugin`), the tests and the
+One machinery serves the pytest plugin (:mod:`pvio.harness.pytest_plugin`), the tests and the
 ``pvio bench`` command, so a figure in the README, a pinned count in a test and a user's
 benchmark are computed the same way.
 
@@ -55,8 +55,8 @@ from typing import Any, Protocol
 import trio
 import trio.testing
 
-from pvio.counters import Snapshot
-from pvio.hypervisor import Hypervisor
+from pvio.core.counters import Snapshot
+from pvio.core.hypervisor import Hypervisor
 
 MODELS: tuple[str, ...] = ("emulated", "pv", "smartnic")
 SCENARIOS: tuple[str, ...] = ("stream", "pingpong")
@@ -120,15 +120,15 @@ def _py_guest(name: str, model: str, ip: str, options: dict[str, Any]) -> Any:
 
         async def main(self) -> None:
             if model == "pv":
-                from frontends.netfront import Netfront
+                from pvio.frontends.netfront import Netfront
 
                 self.nic = Netfront(self)
             elif model == "emulated":
-                from frontends.emulated_nic_driver import EmulatedNicDriver
+                from pvio.frontends.emulated_nic_driver import EmulatedNicDriver
 
                 self.nic = EmulatedNicDriver(self, use_mmio=bool(options.get("use_mmio", False)))
             else:
-                from frontends.smartnic_driver import SmartNicDriver
+                from pvio.frontends.smartnic_driver import SmartNicDriver
 
                 self.nic = SmartNicDriver(self, moderation=options.get("moderation"))
             await self.nic.connect()
@@ -143,7 +143,7 @@ register_guest_kind("py", _py_guest)
 
 def _x86_guest(name: str, model: str, ip: str, options: dict[str, Any]) -> Any:
     """pvio's C guest kernel in ``mode=bench`` on the emulated vCPU (``cpu/bench_guest.py``)."""
-    from cpu.bench_guest import x86_bench_guest
+    from pvio.cpu.bench_guest import x86_bench_guest
 
     return x86_bench_guest(name, model, ip, options)
 
@@ -201,10 +201,10 @@ async def model_env(
             "x86 guests register themselves once the x86 guest kernel and its NIC drivers exist "
             "(docs/devices.md)"
         )
-    from backends.emulated_nic import add_emulated_nic
-    from backends.netback import NetBack
-    from backends.smartnic import add_smartnic
-    from backends.switch import Switch
+    from pvio.backends.emulated_nic import add_emulated_nic
+    from pvio.backends.netback import NetBack
+    from pvio.backends.smartnic import add_smartnic
+    from pvio.backends.switch import Switch
     from pvio.toolstack import add_vif
 
     async with Hypervisor() as hv:
@@ -254,7 +254,7 @@ def make_frames(
     src: Any, dst: Any, count: int, size: int, ports: tuple[int, int], start: int = 0
 ) -> list[bytes]:
     """``count`` UDP frames of ``size`` bytes from ``src`` to ``dst``, numbered from ``start``."""
-    from frontends.netstack import udp_packet
+    from pvio.frontends.netstack import udp_packet
 
     pad = size - SEQ_OFFSET - SEQ.size
     if pad < 0:

@@ -2,7 +2,7 @@
 
 :class:`NativeDomains` keeps a C array describing every live domain (its RAM pointer and
 where its grant table lives), rebuilt whenever a domain is created or destroyed, and
-runs a copy batch in one call.  ``pvio.grant_table.copy_one`` is the readable Python
+runs a copy batch in one call.  ``pvio.core.grant_table.copy_one`` is the readable Python
 reference of the same checks; ``tests/test_fastpath.py`` holds the two equal.
 Set ``PVIO_NO_NATIVE=1`` to run the Python reference instead (for debugging).
 """
@@ -12,11 +12,11 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
-from pvio._native import ffi, lib
 from pvio.abi import GntSt
+from pvio.core._native import ffi, lib
 
 if TYPE_CHECKING:
-    from pvio.domain import Domain
+    from pvio.core.domain import Domain
 
 ENABLED = os.environ.get("PVIO_NO_NATIVE", "") != "1"
 _ERROR_NAMES = {-int(s): s.name for s in GntSt if s < 0}

@@ -6,7 +6,7 @@ are printed; ``pvio demo --guest x86`` runs it with guest B an x86 guest kernel 
 emulated vCPU (``examples/x86_demo.py``), same table and ``--json`` schema.
 ``pvio ring-demo`` runs the bare ring example.  ``pvio bench [--json] [--chart PATH]``
 compares the device models (emulated NIC, PV vif, smart NIC) on stream and ping-pong
-traffic (:mod:`pvio.bench`).
+traffic (:mod:`pvio.harness.bench`).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(0 if args and args[0] in ("-h", "--help") else 2)
     command, rest = args[0], args[1:]
     if command == "bench":
-        from pvio import bench
+        from pvio.harness import bench
 
         sys.exit(bench.main(rest))
     if command == "demo":

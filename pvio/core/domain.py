@@ -41,13 +41,13 @@ from pvio.abi import (
     START_INFO_MAGIC,
     VCPU_UPCALL_MASK,
 )
-from pvio.counters import Counters
-from pvio.evtchn import Channel
-from pvio.grant_table import GrantMapping, GrantTable
-from pvio.memory import GuestMemory
+from pvio.core.counters import Counters
+from pvio.core.evtchn import Channel
+from pvio.core.grant_table import GrantMapping, GrantTable
+from pvio.core.memory import GuestMemory
 
 if TYPE_CHECKING:
-    from pvio.hypervisor import Hypervisor
+    from pvio.core.hypervisor import Hypervisor
 
 log = logging.getLogger("pvio.domain")
 

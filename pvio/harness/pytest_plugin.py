@@ -4,7 +4,7 @@ Installed with pvio (entry point ``pytest11: pvio``), so any project that has pv
 installed gets, in its tests:
 
 ``pvio_env``
-    A factory of booted environments (:func:`pvio.bench.model_env`)::
+    A factory of booted environments (:func:`pvio.harness.bench.model_env`)::
 
         async def test_smartnic_stream(pvio_env, run_scenario, autojump_clock):
             async with pvio_env("smartnic", guest="py") as env:
@@ -16,9 +16,9 @@ installed gets, in its tests:
     ``autojump_clock`` fixture for exactly reproducible counts.
 
 ``run_scenario``
-    :func:`pvio.bench.run_scenario` (``"stream"`` or ``"pingpong"``, ``packets=``,
+    :func:`pvio.harness.bench.run_scenario` (``"stream"`` or ``"pingpong"``, ``packets=``,
     ``frame_size=64``, ``offered_load=`` pps or None for saturation), returning a
-    :class:`pvio.bench.ScenarioResult` (``per_packet`` interrupts, exits, hypercalls,
+    :class:`pvio.harness.bench.ScenarioResult` (``per_packet`` interrupts, exits, hypercalls,
     copies; ``pps``; ``latency_us``), and recording it for the end-of-run summary.
 
 ``pvio_bench``
@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 if TYPE_CHECKING:
-    from pvio.bench import ScenarioResult
+    from pvio.harness.bench import ScenarioResult
 
 _RESULTS = pytest.StashKey[list[dict[str, Any]]]()
 
@@ -93,7 +93,7 @@ def extra_info(result: ScenarioResult) -> dict[str, Any]:
 @pytest.fixture
 def pvio_env() -> Callable[..., Any]:
     """``async with pvio_env(model, guest="py", n_guests=2, **options) as env:`` (see the module doc)."""
-    from pvio.bench import model_env
+    from pvio.harness.bench import model_env
 
     return model_env
 
@@ -101,7 +101,7 @@ def pvio_env() -> Callable[..., Any]:
 @pytest.fixture
 def run_scenario(request: pytest.FixtureRequest) -> Callable[..., Awaitable[ScenarioResult]]:
     """``await run_scenario(env, "stream"|"pingpong", packets=, frame_size=64, offered_load=None)``."""
-    from pvio import bench
+    from pvio.harness import bench
 
     async def run(env: bench.ModelEnv, scenario: str, **kwargs: Any) -> ScenarioResult:
         result = await bench.run_scenario(env, scenario, **kwargs)
@@ -120,7 +120,7 @@ def pvio_bench(request: pytest.FixtureRequest, benchmark: Any) -> Callable[..., 
     """
     import trio
 
-    from pvio import bench
+    from pvio.harness import bench
 
     def run(
         model: str,
@@ -154,7 +154,7 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     rows = config.stash.get(_RESULTS, [])
     if not rows or config.getoption("pvio_no_summary"):
         return
-    from pvio.bench import MODELS, format_table
+    from pvio.harness.bench import MODELS, format_table
 
     order = {m: i for i, m in enumerate(MODELS)}
     rows = sorted(

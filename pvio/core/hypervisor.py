@@ -24,17 +24,17 @@ from typing import Any
 
 import trio
 
-from pvio import evtchn
 from pvio.abi import VIRQ_TIMER, EvtchnStat, ShutdownReason
-from pvio.counters import CounterRegistry, Snapshot
-from pvio.domain import Domain, GuestKernel
-from pvio.evtchn import SERVICE, Channel
-from pvio.fastpath import NativeDomains
-from pvio.grant_table import unmap_grant
-from pvio.hypercall import HypercallTable
-from pvio.iobus import IoBus
-from pvio.xenstore import Store
-from pvio.xs_wire import RingConnection
+from pvio.core import evtchn
+from pvio.core.counters import CounterRegistry, Snapshot
+from pvio.core.domain import Domain, GuestKernel
+from pvio.core.evtchn import SERVICE, Channel
+from pvio.core.fastpath import NativeDomains
+from pvio.core.grant_table import unmap_grant
+from pvio.core.hypercall import HypercallTable
+from pvio.core.iobus import IoBus
+from pvio.xenstore.server import RingConnection
+from pvio.xenstore.store import Store
 
 log = logging.getLogger("pvio.hypervisor")
 
@@ -64,7 +64,7 @@ class Hypervisor:
         self.domains: dict[int, Domain] = {}
         self.counters = CounterRegistry()
         self.hypercalls = HypercallTable(self)
-        self.iobus = IoBus(self)  # port I/O and MMIO exits to device models (pvio.iobus)
+        self.iobus = IoBus(self)  # port I/O and MMIO exits to device models (pvio.core.iobus)
         self.store = Store()
         self.toolstack = self.store.connect(0)  # the toolstack's own (privileged) session
         self._dom0_kernel = dom0
@@ -286,5 +286,5 @@ class Hypervisor:
         return EvtchnStat.interdomain if ch.state == SERVICE else EvtchnStat(ch.state)
 
     def snapshot(self) -> Snapshot:
-        """Every domain's and device's counters, frozen (see :mod:`pvio.counters`)."""
+        """Every domain's and device's counters, frozen (see :mod:`pvio.core.counters`)."""
         return self.counters.snapshot()

@@ -15,7 +15,7 @@ The backend is declared in pvio's own pyproject, exactly as your package would d
 yours::
 
     [project.entry-points."pvio.backends"]
-    lossy = "examples.lossy_backend:LossyLinkBackend"
+    lossy = "pvio.backends.lossy:LossyLinkBackend"
 
 and is then found by name: ``pvio.backend_api.load_backend("lossy")``.  Options (all
 optional; the defaults make a perfect link):

@@ -22,7 +22,6 @@ import struct
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from pvio import evtchn, fastpath
 from pvio.abi import (
     CALLBACK_REGISTER,
     DOMID_FIRST_RESERVED,
@@ -56,13 +55,14 @@ from pvio.abi import (
     Hypercall,
     SchedOp,
 )
-from pvio.evtchn import SERVICE, Channel
-from pvio.grant_table import GrantError, copy_one, map_grant, unmap_grant
-from pvio.memory import GuestFault
+from pvio.core import evtchn, fastpath
+from pvio.core.evtchn import SERVICE, Channel
+from pvio.core.grant_table import GrantError, copy_one, map_grant, unmap_grant
+from pvio.core.memory import GuestFault
 
 if TYPE_CHECKING:
-    from pvio.domain import Domain
-    from pvio.hypervisor import Hypervisor
+    from pvio.core.domain import Domain
+    from pvio.core.hypervisor import Hypervisor
 
 log = logging.getLogger("pvio.hypercall")
 

@@ -43,7 +43,7 @@ from pvio.abi import (
 )
 
 if TYPE_CHECKING:
-    from pvio.domain import Domain
+    from pvio.core.domain import Domain
 
 _U16 = struct.Struct("<H")
 MAX_MAPTRACK = 4096  # mappings one domain may hold at once

@@ -15,7 +15,7 @@ bus is the one place where that happens, for every kind of guest:
 
 So an access costs the same, and is counted the same, whoever makes it: each bumps the
 domain's ``exits`` and ``exits.pio`` or ``exits.mmio`` (the counter schema of
-:mod:`pvio.counters`).
+:mod:`pvio.core.counters`).
 
 Devices register ranges *per domain* (each guest has its own emulated NIC at the same
 well-known port, as each PC has its own): ``register_pio(dom, base, length, device)`` and
@@ -38,8 +38,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from pvio.domain import Domain
-    from pvio.hypervisor import Hypervisor
+    from pvio.core.domain import Domain
+    from pvio.core.hypervisor import Hypervisor
 
 log = logging.getLogger("pvio.iobus")
 

@@ -38,7 +38,7 @@ from pvio.abi import (
 )
 
 if TYPE_CHECKING:
-    from pvio.domain import Domain
+    from pvio.core.domain import Domain
 
 _U64 = struct.Struct("<Q")
 SERVICE = 100  # pvio-specific channel state: bound to an in-hypervisor service

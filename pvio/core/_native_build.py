@@ -21,9 +21,9 @@ def native_cdef() -> str:
 ffibuilder = FFI()
 ffibuilder.cdef(native_cdef())
 ffibuilder.set_source(
-    "pvio._native",
+    "pvio.core._native",
     '#include "gnttab.h"',
-    sources=[str(Path("pvio") / "native" / "gnttab.c")],
+    sources=[str(Path("pvio") / "core" / "native" / "gnttab.c")],
     include_dirs=[str(HERE)],
     extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra"],
 )
