@@ -113,16 +113,65 @@ from __future__ import annotations
 
 import logging
 import math
-import struct
 from collections import deque
 from typing import TYPE_CHECKING
 
 import trio
-from pvio.backends.emulated_nic import VIRQ_ARCH_0
 from pvio.backends.switch import ETH_HEADER_LEN, MAX_FRAME_LEN, Switch, SwitchPort
-from pvio.ringbuf import BackRing, RingLayout, RingOverflowError
+from pvio.ringbuf import BackRing, RingOverflowError
 
 from pvio.abi import PAGE_SHIFT, PAGE_SIZE
+from pvio.abi.smartnic import (
+    CMPL,
+    CTRL_ENABLE,
+    CTRL_RESET,
+    DB_RX,
+    DB_TX,
+    DESC,
+    MOD_ADAPTIVE,
+    MOD_FIXED,
+    MOD_OFF,
+    REG_CTRL,
+    REG_DOORBELL,
+    REG_ERRORS,
+    REG_GRANT_DOMID,
+    REG_ID,
+    REG_IRQ,
+    REG_MAC_HI,
+    REG_MAC_LO,
+    REG_MOD_FRAMES,
+    REG_MOD_LEVEL,
+    REG_MOD_MODE,
+    REG_MOD_USECS,
+    REG_POOL_BUF_SIZE,
+    REG_POOL_COUNT,
+    REG_POOL_HI,
+    REG_POOL_LO,
+    REG_RX_RING_HI,
+    REG_RX_RING_LO,
+    REG_STATUS,
+    REG_TX_RING_HI,
+    REG_TX_RING_LO,
+    REG_VERSION,
+    SNIC_E_BAD_BUF,
+    SNIC_E_BAD_FLAGS,
+    SNIC_E_BAD_GRANT,
+    SNIC_E_BAD_LEN,
+    SNIC_F_GREF,
+    SNIC_ID,
+    SNIC_IRQ_BASE,
+    SNIC_MAX_DEVICES,
+    SNIC_MMIO_BASE,
+    SNIC_MMIO_STRIDE,
+    SNIC_OK,
+    SNIC_RING,
+    SNIC_VERSION,
+    SNIC_WINDOW,
+    ST_ENABLED,
+    ST_ERROR,
+    snic_mac,
+)
+from pvio.abi.xen import DOMID_IO
 from pvio.core.grant_table import GrantError
 
 if TYPE_CHECKING:
@@ -131,67 +180,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pvio.smartnic")
 
-SNIC_MMIO_BASE = 0xFEC0_0000
-SNIC_MMIO_STRIDE = 0x1000
-SNIC_WINDOW = 0x100
-SNIC_MAX_DEVICES = 4
-SNIC_IRQ_BASE = VIRQ_ARCH_0 + 4  # smart NIC devid n raises VIRQ 20 + n
-SNIC_ID = 0x43494E53  # "SNIC" read as a little-endian u32
-SNIC_VERSION = 1
-DOMID_IO = 0x7FF1  # Xen's DOMID_IO: "the I/O device"; buffers are granted to it
-SNIC_OUI = b"\x02\x53\x4e"  # locally administered: 02:53:4e ("SN")
-
-REG_ID = 0x00
-REG_VERSION = 0x04
-REG_CTRL = 0x08
-REG_STATUS = 0x0C
-REG_TX_RING_LO = 0x10
-REG_TX_RING_HI = 0x14
-REG_RX_RING_LO = 0x18
-REG_RX_RING_HI = 0x1C
-REG_POOL_LO = 0x20
-REG_POOL_HI = 0x24
-REG_POOL_BUF_SIZE = 0x28
-REG_POOL_COUNT = 0x2C
-REG_IRQ = 0x30
-REG_GRANT_DOMID = 0x34
-REG_MAC_LO = 0x38
-REG_MAC_HI = 0x3C
-REG_DOORBELL = 0x40
-REG_MOD_MODE = 0x44
-REG_MOD_FRAMES = 0x48
-REG_MOD_USECS = 0x4C
-REG_ERRORS = 0x50
-REG_MOD_LEVEL = 0x54
-
-CTRL_ENABLE = 0x1
-CTRL_RESET = 0x2
-ST_ENABLED = 0x1
-ST_ERROR = 0x2
-DB_TX = 0x1
-DB_RX = 0x2
-MOD_ADAPTIVE = 0
-MOD_FIXED = 1
-MOD_OFF = 2
-
-SNIC_F_GREF = 0x1
-SNIC_OK = 0
-SNIC_E_BAD_BUF = -1
-SNIC_E_BAD_GRANT = -2
-SNIC_E_BAD_LEN = -3
-SNIC_E_BAD_FLAGS = -4
 _REASON_STATUS = {
     "bad_buf": SNIC_E_BAD_BUF,
     "bad_grant": SNIC_E_BAD_GRANT,
     "bad_len": SNIC_E_BAD_LEN,
     "bad_flags": SNIC_E_BAD_FLAGS,
 }
-
-DESC = struct.Struct("<IHHHHI")  # buf, offset, len, id, flags, reserved: 16 bytes
-CMPL = struct.Struct("<HHhH")  # id, len, status, flags: 8 bytes
-#: The descriptor rings: 16-byte descriptors, 8-byte completions, 16-byte slots, 128 per page.
-SNIC_RING = RingLayout.generic("snic", DESC.size, CMPL.size, align=4)
-SNIC_RING_ENTRIES = SNIC_RING.nr_ents()
 
 POOL_BUF_MIN, POOL_BUF_MAX, POOL_COUNT_MAX = 64, 65536, 65536
 RX_QUEUE_MAX = 1024  # frames from the switch waiting for RX buffers
@@ -201,11 +195,6 @@ POLL_SPINS = 8  # empty polls (scheduler turns) before the device re-arms its do
 MOD_PROFILES: tuple[tuple[int, int], ...] = ((1, 0), (8, 20), (32, 50), (64, 100), (96, 200))
 #: Completion rates (per second) at which each level above 0 starts.
 RATE_LEVELS: tuple[float, ...] = (20_000.0, 50_000.0, 100_000.0, 200_000.0)
-
-
-def snic_mac(domid: int, devid: int) -> bytes:
-    """The default MAC of smart NIC ``devid`` of ``domid``: 02:53:4e:<domid hi>:<lo>:<devid>."""
-    return SNIC_OUI + bytes([(domid >> 8) & 0xFF, domid & 0xFF, devid & 0xFF])
 
 
 def level_for_rate(rate: float) -> int:

@@ -35,24 +35,24 @@ driver's busy-poll rounds), ``cmdline="..."`` (extra words, e.g. ``spin_us=``).
 from __future__ import annotations
 
 import re
-import struct
 import time
 from typing import Any
 
 import trio
 from pvio.cpu.guest import X86Guest
 
-VIRQ_BENCH = 1  # Xen's VIRQ_DEBUG; frontends/x86/devices.h
-CMD_STREAM, CMD_PINGPONG = 1, 2
-MBOX = struct.Struct("<IIIIII6s2x4sIQQQQQQI4xQQ")  # struct bench_mbox, frontends/x86/bench.c
-MBOX_MAGIC = 0x48434E42
-_FIELDS = ("magic", "cmd_seq", "done_seq", "cmd", "count", "size", "dst_mac", "dst_ip", "status",
-           "sent", "answered", "rx_stream", "rx_bad", "rx_next_seq", "drv_stats", "rate", "timer_sets",
-           "rtt_ns")  # fmt: skip
-#: struct nicdrv_stats (frontends/x86/pvio.h): the emulated-NIC / smart-NIC driver's counters.
-DRV_STATS_FIELDS = ("tx_packets", "rx_packets", "irqs", "spurious", "tx_errors", "rx_errors",
-                    "bad_completions", "doorbells", "rearms")  # fmt: skip
-DRV_STATS = struct.Struct(f"<{len(DRV_STATS_FIELDS)}Q")
+from pvio.abi.bench import (
+    BENCH_CMD_PINGPONG,
+    BENCH_CMD_STREAM,
+    BENCH_MBOX,
+    BENCH_MBOX_MAGIC,
+    NICDRV_STATS,
+    VIRQ_BENCH,
+)
+
+CMD_STREAM, CMD_PINGPONG = BENCH_CMD_STREAM, BENCH_CMD_PINGPONG
+#: struct nicdrv_stats: the emulated-NIC / smart-NIC C driver's counters, by name.
+DRV_STATS_FIELDS = tuple(NICDRV_STATS.Record._fields)
 POLL_S = 0.0005
 _MAC = re.compile(r"\bmac ((?:[0-9a-f]{2}:){5}[0-9a-f]{2})")
 _MBOX = re.compile(r"^bench: mailbox at ([0-9a-f]+)$")
@@ -125,7 +125,7 @@ class BenchX86Guest(X86Guest):
         mac = next(m.group(1) for line in lines if (m := _MAC.search(line)))
         self.nic = X86BenchNic(bytes.fromhex(mac.replace(":", "")))
         self.mbox_gpa = next(int(m.group(1), 16) for line in lines if (m := _MBOX.match(line)))
-        if self.mailbox()["magic"] != MBOX_MAGIC:
+        if self.mailbox()["magic"] != BENCH_MBOX_MAGIC:
             raise RuntimeError(f"{self.name}: no bench mailbox at {self.mbox_gpa:#x}")
         self.ready.set()
 
@@ -137,38 +137,33 @@ class BenchX86Guest(X86Guest):
     # ------------------------------------------------------------------ the mailbox
     def mailbox(self) -> dict[str, Any]:
         """The guest's bench mailbox, decoded."""
-        return dict(zip(_FIELDS, MBOX.unpack(self.domain.mem.read(self.mbox_gpa, MBOX.size)), strict=True))
+        return dict(BENCH_MBOX.unpack(self.domain.mem.read(self.mbox_gpa, BENCH_MBOX.size))._asdict())
 
     def driver_stats(self) -> dict[str, int]:
         """The C driver's statistics (emulated NIC and smart NIC drivers; netfront keeps its own),
         read from guest memory at the address the mailbox gives: no guest cost."""
         gpa = self.mailbox()["drv_stats"]
-        return dict(
-            zip(DRV_STATS_FIELDS, DRV_STATS.unpack(self.domain.mem.read(gpa, DRV_STATS.size)), strict=True)
-        )
+        return dict(NICDRV_STATS.unpack(self.domain.mem.read(gpa, NICDRV_STATS.size))._asdict())
 
-    def _put(self, field: str, fmt: str, value: Any) -> None:
-        offsets = {"cmd_seq": 4, "cmd": 12, "count": 16, "size": 20, "dst_mac": 24, "dst_ip": 32,
-                   "sent": 40, "answered": 48, "rx_stream": 56, "rx_bad": 64, "rx_next_seq": 72,
-                   "rate": 88, "timer_sets": 96, "rtt_ns": 104}  # fmt: skip
-        self.domain.mem.write(self.mbox_gpa + offsets[field], struct.pack(fmt, value))
+    def _put(self, field: str, value: Any) -> None:
+        self.domain.mem.write(self.mbox_gpa + BENCH_MBOX.offset(field), BENCH_MBOX.pack_field(field, value))
 
     def reset_sink(self) -> None:
         """Zero the sink's counters (the next stream numbers its frames from 0)."""
         for f in ("sent", "answered", "rx_stream", "rx_bad", "rx_next_seq", "timer_sets", "rtt_ns"):
-            self._put(f, "<Q", 0)
+            self._put(f, 0)
 
     def command(self, cmd: int, count: int, size: int, peer: BenchX86Guest, rate: int = 0) -> int:
         """Write a command (``rate``: frames or trips per second, 0 = unpaced), raise VIRQ_BENCH;
         returns its sequence number."""
         seq = (self.mailbox()["cmd_seq"] + 1) & 0xFFFF_FFFF
-        self._put("rate", "<I", rate)
-        self._put("cmd", "<I", cmd)
-        self._put("count", "<I", count)
-        self._put("size", "<I", size)
-        self._put("dst_mac", "6s", peer.nic.mac)
-        self._put("dst_ip", "4s", bytes(int(x) for x in peer.ip.split(".")))
-        self._put("cmd_seq", "<I", seq)
+        self._put("rate", rate)
+        self._put("cmd", cmd)
+        self._put("count", count)
+        self._put("size", size)
+        self._put("dst_mac", peer.nic.mac)
+        self._put("dst_ip", bytes(int(x) for x in peer.ip.split(".")))
+        self._put("cmd_seq", seq)
         self.hv.send_virq(self.domain, VIRQ_BENCH)
         return seq
 

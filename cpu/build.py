@@ -24,7 +24,12 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from pvio.abi import cheader
+
 SOURCE_DIR = Path(str(importlib.resources.files("pvio.frontends"))) / "x86"
+#: The ring every pvio component uses: ring.h is included and ring.c linked into the kernel.
+RING_DIR = Path(str(importlib.resources.files("pvio.ringbuf")))
+ABI_HEADER = "pvio_abi.h"  # generated from pvio.abi (pvio.abi.cheader) into the build directory
 CFLAGS = (
     "-std=gnu11", "-O2", "-g0", "-Wall", "-Wextra", "-Werror", "-ffreestanding", "-fno-pic", "-fno-pie",
     "-fno-stack-protector", "-fno-builtin", "-fno-asynchronous-unwind-tables", "-mno-red-zone",
@@ -52,6 +57,8 @@ def _sources(source_dir: Path) -> list[Path]:
     files = sorted(p for p in source_dir.iterdir() if p.suffix in (".c", ".S", ".h", ".ld"))
     if not any(p.suffix == ".c" for p in files):
         raise BuildError(f"no guest kernel sources in {source_dir}")
+    if (source_dir / "pvio.h").is_file():  # pvio's kernel (or a copy of it): it links the ring
+        files += [RING_DIR / "ring.h", RING_DIR / "ring.c"]
     return files
 
 
@@ -83,6 +90,7 @@ def source_hash(source_dir: Path = SOURCE_DIR, cc: str | None = None) -> str:
     h = hashlib.sha256()
     for path in _sources(source_dir):
         h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    h.update(cheader.generate().encode())
     h.update(" ".join(CFLAGS + LDFLAGS).encode())
     h.update(_compiler_version(cc).encode())
     return h.hexdigest()[:16]
@@ -98,12 +106,14 @@ def build_image(source_dir: Path = SOURCE_DIR) -> Path:
         return image
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+        (Path(tmp) / ABI_HEADER).write_text(cheader.generate())
+        includes = ["-I", tmp, "-I", str(source_dir), "-I", str(RING_DIR)]
         objs = []
         for src in _sources(source_dir):
             if src.suffix not in (".c", ".S"):
                 continue
             obj = Path(tmp) / (src.stem + src.suffix.replace(".", "_") + ".o")
-            _run([cc, *CFLAGS, "-I", str(source_dir), "-c", str(src), "-o", str(obj)], src.name)
+            _run([cc, *CFLAGS, *includes, "-c", str(src), "-o", str(obj)], src.name)
             objs.append(str(obj))
         linked = Path(tmp) / IMAGE_NAME
         _run([cc, *CFLAGS, *LDFLAGS, "-T", str(source_dir / "linker.ld"), *objs, "-o", str(linked)], "link")

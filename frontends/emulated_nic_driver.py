@@ -23,7 +23,9 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 import trio
-from pvio.backends.emulated_nic import (
+from pvio.frontends.nic import GuestNic
+
+from pvio.abi.emunic import (
     CMD_ENABLE,
     CMD_RESET,
     CMD_RX_POP,
@@ -50,8 +52,6 @@ from pvio.backends.emulated_nic import (
     REG_TXLEN,
     ST_ENABLED,
 )
-from pvio.frontends.nic import GuestNic
-
 from pvio.core.counters import Counters
 
 if TYPE_CHECKING:

@@ -31,7 +31,11 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 import trio
-from pvio.backends.smartnic import (
+from pvio.frontends.nic import GuestNic
+from pvio.ringbuf import FrontRing, RingOverflowError
+
+from pvio.abi import PAGE_SHIFT, PAGE_SIZE
+from pvio.abi.smartnic import (
     CMPL,
     CTRL_ENABLE,
     DB_RX,
@@ -61,10 +65,6 @@ from pvio.backends.smartnic import (
     SNIC_RING_ENTRIES,
     ST_ENABLED,
 )
-from pvio.frontends.nic import GuestNic
-from pvio.ringbuf import FrontRing, RingOverflowError
-
-from pvio.abi import PAGE_SHIFT, PAGE_SIZE
 from pvio.core.counters import Counters
 
 if TYPE_CHECKING:

@@ -10,7 +10,12 @@
  */
 #include "ring.h"
 
+#if __STDC_HOSTED__
 #include <string.h>
+#else /* compiled into a freestanding guest kernel, which brings its own */
+void *memcpy(void *dst, const void *src, size_t n);
+void *memset(void *dst, int c, size_t n);
+#endif
 
 #define HDR_SIZE 64u
 

@@ -55,6 +55,7 @@ def test_errno_values_are_the_x86_linux_ones() -> None:
         "EPERM": 1,
         "ENOENT": 2,
         "ESRCH": 3,
+        "EIO": 5,
         "E2BIG": 7,
         "EAGAIN": 11,
         "ENOMEM": 12,

@@ -7,7 +7,12 @@ from __future__ import annotations
 import struct
 
 import pytest
-from pvio.backends.emulated_nic import (
+from pvio.backends.emulated_nic import EmulatedNic, add_emulated_nic
+from pvio.backends.switch import CapturePort, Switch
+from pvio.frontends.emulated_nic_driver import EmulatedNicDriver
+
+import pvio
+from pvio.abi.emunic import (
     CMD_ENABLE,
     CMD_RESET,
     CMD_RX_POP,
@@ -34,13 +39,7 @@ from pvio.backends.emulated_nic import (
     RX_FIFO_FRAMES,
     ST_ENABLED,
     ST_RX_READY,
-    EmulatedNic,
-    add_emulated_nic,
 )
-from pvio.backends.switch import CapturePort, Switch
-from pvio.frontends.emulated_nic_driver import EmulatedNicDriver
-
-import pvio
 from tests.guests import Probe, boot, settle
 
 BASE = EMUNIC_PIO_BASE

@@ -10,17 +10,21 @@ from typing import Any
 
 import pytest
 import trio
-from pvio.backends.smartnic import (
+from pvio.backends.smartnic import MOD_PROFILES, SmartNic, add_smartnic, level_for_rate
+from pvio.backends.switch import CapturePort, Switch
+from pvio.ringbuf import FrontRing
+
+import pvio
+from pvio.abi import PAGE_SHIFT, PAGE_SIZE
+from pvio.abi.smartnic import (
     CMPL,
     CTRL_ENABLE,
     CTRL_RESET,
     DB_RX,
     DB_TX,
     DESC,
-    DOMID_IO,
     MOD_FIXED,
     MOD_OFF,
-    MOD_PROFILES,
     REG_CTRL,
     REG_DOORBELL,
     REG_ID,
@@ -47,15 +51,8 @@ from pvio.backends.smartnic import (
     SNIC_RING_ENTRIES,
     ST_ENABLED,
     ST_ERROR,
-    SmartNic,
-    add_smartnic,
-    level_for_rate,
 )
-from pvio.backends.switch import CapturePort, Switch
-from pvio.ringbuf import FrontRing
-
-import pvio
-from pvio.abi import PAGE_SHIFT, PAGE_SIZE
+from pvio.abi.xen import DOMID_IO
 from tests.guests import Probe, boot, settle
 
 BASE = SNIC_MMIO_BASE

@@ -27,26 +27,8 @@
  * (struct nicdrv_stats, pvio.h: frames, interrupts, refused completions, rx/tx errors,
  * doorbells, re-arms), which the harness reads from guest memory at no guest cost. */
 #include "pvio.h"
-#include "devices.h"
 
-struct bench_mbox {
-    u32 magic;   /* "BNCH" */
-    u32 cmd_seq; /* harness */
-    u32 done_seq;
-    u32 cmd;
-    u32 count;
-    u32 size;
-    u8 dst_mac[6];
-    u8 pad[2];
-    u8 dst_ip[4];
-    u32 status; /* 0 ok, 1 bad command, 2 the NIC went away */
-    u64 sent, answered, rx_stream, rx_bad, rx_next_seq;
-    u64 drv_stats; /* guest-physical address of the driver's struct nicdrv_stats (the harness reads it) */
-    u32 rate;      /* harness: frames (trips) per second; 0 = saturation / back to back */
-    u32 pad2;
-    u64 timer_sets, rtt_ns;
-};
-_Static_assert(sizeof(struct bench_mbox) == 112, "mailbox layout");
+/* struct bench_mbox: pvio_abi.h (pvio.abi.bench) */
 
 static struct bench_mbox *mbox;
 static u8 my_ip[4];
@@ -93,7 +75,7 @@ void bench_init(void)
     if (!cmdline_get("ip", buf, sizeof buf) || parse_ip(buf, my_ip))
         parse_ip("10.0.0.2", my_ip);
     mbox = (struct bench_mbox *)alloc_page();
-    mbox->magic = 0x48434E42;
+    mbox->magic = BENCH_MBOX_MAGIC;
     mbox->drv_stats = (u64)&drv_stats;
     if (evtchn_bind_virq(VIRQ_BENCH, &port))
         panic("bench: cannot bind VIRQ_BENCH");
@@ -215,17 +197,17 @@ void bench_loop(void)
         if (seq != done) {
             kicked = 0;
             u32 cmd = mbox->cmd, count = mbox->count, size = mbox->size, rate = mbox->rate;
-            mbox->status = 0;
+            mbox->status = BENCH_ST_OK;
             t0 = rate ? now_ns() : 0;
             armed_for = 0;
-            if (size < 46 || size > 1514 || (cmd != 1 && cmd != 2) || rate > 1000000000)
-                mbox->status = 1;
-            else if (cmd == 1)
+            if (size < 46 || size > 1514 || (cmd != BENCH_CMD_STREAM && cmd != BENCH_CMD_PINGPONG) || rate > 1000000000)
+                mbox->status = BENCH_ST_BAD_COMMAND;
+            else if (cmd == BENCH_CMD_STREAM)
                 stream(count, size, rate);
             else
                 pingpong(count, size, rate);
             if (!nic->connected())
-                mbox->status = 2;
+                mbox->status = BENCH_ST_NIC_GONE;
             done = seq;
             WRITE_ONCE(mbox->done_seq, seq);
             continue;

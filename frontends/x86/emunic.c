@@ -14,7 +14,6 @@
  * Hardened: a length the card reports outside 14..1518 is refused (the frame popped and
  * counted), and one poll drains at most RX_BUDGET frames. */
 #include "pvio.h"
-#include "devices.h"
 
 #define TXQ 64 /* frames queued in the driver while the card's one TX buffer is busy */
 #define RX_BUDGET 64

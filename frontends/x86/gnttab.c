@@ -19,7 +19,7 @@ void gnttab_init(u64 table_gfn, u32 frames)
     nr_refs = frames * (PAGE_SIZE / sizeof(struct grant_entry_v1));
     if (nr_refs > MAX_REFS)
         nr_refs = MAX_REFS;
-    for (u32 ref = nr_refs; ref-- > GNTTAB_NR_RESERVED;)
+    for (u32 ref = nr_refs; ref-- > GNTTAB_NR_RESERVED_ENTRIES;)
         free_refs[nr_free++] = ref;
 }
 
@@ -38,7 +38,7 @@ u32 gnttab_grant_access(u16 domid, u64 gfn, int readonly)
 /* 1 if the grant was revoked (the ref is free again), 0 if the grantee still uses it. */
 int gnttab_end_access(u32 ref)
 {
-    if (ref < GNTTAB_NR_RESERVED || ref >= nr_refs)
+    if (ref < GNTTAB_NR_RESERVED_ENTRIES || ref >= nr_refs)
         return 0;
     u16 flags = READ_ONCE(table[ref].flags);
     do {

@@ -166,7 +166,7 @@ static void fault(const char *mode)
 
 void kmain(struct start_info *si)
 {
-    struct pvio_start_ext *ext = (struct pvio_start_ext *)((u8 *)si + PVIO_EXT_OFFSET);
+    struct pvio_start_ext *ext = (struct pvio_start_ext *)((u8 *)si + PVIO_SI_EXT);
     start_info = si;
     if (memcmp(ext->magic, "PVIO", 4))
         __asm__ __volatile__("ud2"); /* no hypercall page to report it through */

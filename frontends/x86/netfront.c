@@ -22,12 +22,12 @@
  * response, then re-checks (no lost wake-up). */
 #include "pvio.h"
 
-#define TX_SLOT(i) ((u8 *)tx_sring + 64 + ((i) & (NET_TX_RING_SIZE - 1)) * 12)
-#define RX_SLOT(i) ((u8 *)rx_sring + 64 + ((i) & (NET_RX_RING_SIZE - 1)) * 8)
+#define TX_SLOT(i) ((u8 *)tx_sring + sizeof(struct pvio_sring) + ((i) & (NET_TX_RING_SIZE - 1)) * sizeof(union netif_tx_sring_entry))
+#define RX_SLOT(i) ((u8 *)rx_sring + sizeof(struct pvio_sring) + ((i) & (NET_RX_RING_SIZE - 1)) * sizeof(union netif_rx_sring_entry))
 #define FRAME_MAX 65536
 
 struct netfront_stats nf_stats;
-static struct sring_header *tx_sring, *rx_sring;
+static struct pvio_sring *tx_sring, *rx_sring;
 static u32 tx_req_prod_pvt, tx_pushed, tx_rsp_cons;
 static u32 rx_req_prod_pvt, rx_pushed, rx_rsp_cons;
 static u32 tx_ring_ref, rx_ring_ref, port;
@@ -78,8 +78,8 @@ static int read_key(const char *key, char *out, size_t size)
 static void setup_rings(void)
 {
     u64 tx_gpa = alloc_page(), rx_gpa = alloc_page();
-    tx_sring = (struct sring_header *)tx_gpa;
-    rx_sring = (struct sring_header *)rx_gpa;
+    tx_sring = (struct pvio_sring *)tx_gpa;
+    rx_sring = (struct pvio_sring *)rx_gpa;
     /* SHARED_RING_INIT: producers 0, events 1 (alloc_page zeroed the rest) */
     tx_sring->req_event = tx_sring->rsp_event = 1;
     rx_sring->req_event = rx_sring->rsp_event = 1;
@@ -187,7 +187,7 @@ int netfront_init(unsigned domid, netfront_rx_t rx, const char *mode)
 }
 
 /* RING_PUSH_*_AND_CHECK_NOTIFY for one ring: publish, full fence, compare the event. */
-static void push_and_notify(struct sring_header *s, u32 *pushed, u32 prod_pvt)
+static void push_and_notify(struct pvio_sring *s, u32 *pushed, u32 prod_pvt)
 {
     u32 old = *pushed;
     if (old == prod_pvt)
@@ -227,7 +227,7 @@ int netfront_xmit(const u8 *frame, u32 len)
     if (!connected)
         return -EIO;
     u32 nslots = (len + PAGE_SIZE - 1) / PAGE_SIZE;
-    if (!len || len > 0xFFFF || nslots > NR_SLOTS_MAX)
+    if (!len || len > 0xFFFF || nslots > XEN_NETIF_NR_SLOTS_MIN)
         return -EINVAL;
     if (tx_nfree < nslots)
         return -ENOSPC;
@@ -235,7 +235,7 @@ int netfront_xmit(const u8 *frame, u32 len)
         u16 sid = tx_free[--tx_nfree];
         u32 chunk = len - k * PAGE_SIZE < PAGE_SIZE ? len - k * (u32)PAGE_SIZE : (u32)PAGE_SIZE;
         memcpy((void *)tx_page[sid], frame + k * PAGE_SIZE, chunk);
-        stage_slot(sid, k + 1 < nslots ? NETTXF_more_data : 0, (u16)(k == 0 ? len : chunk));
+        stage_slot(sid, k + 1 < nslots ? NETTXF_MORE_DATA : 0, (u16)(k == 0 ? len : chunk));
     }
     nf_stats.tx_packets++;
     return 0;
@@ -318,8 +318,8 @@ static int receive(void)
         else
             memcpy(frame_buf + frame_len, (u8 *)rx_page[id] + offset, (u32)status);
         frame_len += (u32)status;
-        if (flags & NETRXF_more_data) {
-            if (++frame_slots >= NR_SLOTS_MAX) {
+        if (flags & NETRXF_MORE_DATA) {
+            if (++frame_slots >= XEN_NETIF_NR_SLOTS_MIN) {
                 nf_fail("RX packet of more than 18 slots");
                 return n;
             }

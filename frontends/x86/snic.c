@@ -21,7 +21,6 @@
  * buffers or not outstanding, a length beyond the buffer or a bad status is refused and
  * counted; every entry is copied once from the ring before use. */
 #include "pvio.h"
-#include "devices.h"
 
 #define NR_TX SNIC_RING_ENTRIES
 #define NR_RX SNIC_RING_ENTRIES
@@ -29,10 +28,10 @@
 #define BUF_SIZE 2048
 #define SPIN 256 /* poll rounds; each one yields to the monitor (hlt ends the vCPU's slice) */
 #define SPIN_US 500 /* ... and at most this long in system time (a round is tens of µs on the emulator) */
-#define SLOT(r, i) ((u8 *)(r) + 64 + ((i) & (SNIC_RING_ENTRIES - 1)) * 16)
+#define SLOT(r, i) ((u8 *)(r) + sizeof(struct pvio_sring) + ((i) & (SNIC_RING_ENTRIES - 1)) * sizeof(struct snic_desc))
 
 static volatile u32 *const regs = (volatile u32 *)SNIC_MMIO_BASE;
-static struct sring_header *tx_ring, *rx_ring;
+static struct pvio_sring *tx_ring, *rx_ring;
 static u32 tx_prod_pvt, tx_pushed, tx_cons, rx_prod_pvt, rx_pushed, rx_cons;
 static u64 pool;
 static u16 tx_free[NR_TX];
@@ -80,7 +79,7 @@ static void post_rx(u16 idx)
 }
 
 /* RING_PUSH_REQUESTS_AND_CHECK_NOTIFY, the notification being a doorbell (one MMIO exit). */
-static void push_ring(struct sring_header *r, u32 *pushed, u32 prod, u32 bell)
+static void push_ring(struct pvio_sring *r, u32 *pushed, u32 prod, u32 bell)
 {
     u32 old = *pushed;
     if (old == prod)
@@ -114,8 +113,8 @@ static int snic_init(unsigned domid, netfront_rx_t rx, const char *mode)
         mac[i] = (u8)(lo >> (8 * i));
     mac[4] = (u8)hi, mac[5] = (u8)(hi >> 8);
     grant_domid = rd(SNIC_REG_GRANT_DOMID); /* buffers come from the pool: no grants needed */
-    tx_ring = (struct sring_header *)alloc_page();
-    rx_ring = (struct sring_header *)alloc_page();
+    tx_ring = (struct pvio_sring *)alloc_page();
+    rx_ring = (struct pvio_sring *)alloc_page();
     tx_ring->req_event = tx_ring->rsp_event = 1; /* SHARED_RING_INIT */
     rx_ring->req_event = rx_ring->rsp_event = 1;
     u64 npages = (u64)NR_BUFS * BUF_SIZE / PAGE_SIZE;

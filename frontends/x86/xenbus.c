@@ -11,13 +11,11 @@
  * full we kick it once we have made room. */
 #include "pvio.h"
 
-#define XS_RING_SIZE 1024
-#define XS_PAYLOAD_MAX 4096
 #define WATCH_QUEUE 16
 
 struct xs_ring {
-    char req[XS_RING_SIZE];
-    char rsp[XS_RING_SIZE];
+    char req[XENSTORE_RING_SIZE];
+    char rsp[XENSTORE_RING_SIZE];
     u32 req_cons, req_prod, rsp_cons, rsp_prod;
     u32 server_features, connection, error, evtchn_port;
 };
@@ -32,8 +30,8 @@ static struct xs_ring *ring;
 static u32 store_port;
 static u32 next_req_id = 1;
 static u32 req_prod_pvt, rsp_cons_pvt;
-static char msg_buf[sizeof(struct xsd_msg) + XS_PAYLOAD_MAX];
-static char reply[XS_PAYLOAD_MAX + 1];
+static char msg_buf[sizeof(struct xsd_msg) + XENSTORE_PAYLOAD_MAX];
+static char reply[XENSTORE_PAYLOAD_MAX + 1];
 static u32 reply_len;
 static char watch_tokens[WATCH_QUEUE][32];
 static unsigned watch_head, watch_count;
@@ -64,20 +62,20 @@ static void xs_write_bytes(const char *data, u32 len)
     while (len) {
         u32 cons = READ_ONCE(ring->req_cons);
         u32 used = req_prod_pvt - cons;
-        if (used > XS_RING_SIZE)
+        if (used > XENSTORE_RING_SIZE)
             ring_broken("request");
-        u32 space = XS_RING_SIZE - used;
+        u32 space = XENSTORE_RING_SIZE - used;
         if (!space) {
             evtchn_send(store_port);
             wait_for_events();
             continue;
         }
-        u32 off = req_prod_pvt & (XS_RING_SIZE - 1);
+        u32 off = req_prod_pvt & (XENSTORE_RING_SIZE - 1);
         u32 n = len;
         if (n > space)
             n = space;
-        if (n > XS_RING_SIZE - off)
-            n = XS_RING_SIZE - off;
+        if (n > XENSTORE_RING_SIZE - off)
+            n = XENSTORE_RING_SIZE - off;
         memcpy(ring->req + off, data, n);
         wmb(); /* the server sees the bytes before the index */
         req_prod_pvt += n;
@@ -94,19 +92,19 @@ static void xs_read_bytes(char *dst, u32 len)
         u32 prod = READ_ONCE(ring->rsp_prod);
         rmb(); /* the index before the bytes */
         u32 avail = prod - rsp_cons_pvt;
-        if (avail > XS_RING_SIZE)
+        if (avail > XENSTORE_RING_SIZE)
             ring_broken("response");
         if (!avail) {
             wait_for_events();
             continue;
         }
-        int was_full = avail == XS_RING_SIZE;
-        u32 off = rsp_cons_pvt & (XS_RING_SIZE - 1);
+        int was_full = avail == XENSTORE_RING_SIZE;
+        u32 off = rsp_cons_pvt & (XENSTORE_RING_SIZE - 1);
         u32 n = len;
         if (n > avail)
             n = avail;
-        if (n > XS_RING_SIZE - off)
-            n = XS_RING_SIZE - off;
+        if (n > XENSTORE_RING_SIZE - off)
+            n = XENSTORE_RING_SIZE - off;
         memcpy(dst, ring->rsp + off, n);
         mb(); /* done reading before the server may overwrite */
         rsp_cons_pvt += n;
@@ -123,7 +121,7 @@ static struct xsd_msg xs_recv(void)
 {
     struct xsd_msg hdr;
     xs_read_bytes((char *)&hdr, sizeof hdr);
-    if (hdr.len > XS_PAYLOAD_MAX)
+    if (hdr.len > XENSTORE_PAYLOAD_MAX)
         ring_broken("message length");
     xs_read_bytes(reply, hdr.len);
     reply[hdr.len] = 0;
@@ -162,7 +160,7 @@ static int error_code(void)
  * its reply.  Returns 0 (reply in `reply`/`reply_len`) or a negative errno. */
 static int xs_talk(u32 type, u32 tx, const char *a, u32 alen, const char *b, u32 blen)
 {
-    if (alen + blen > XS_PAYLOAD_MAX)
+    if (alen + blen > XENSTORE_PAYLOAD_MAX)
         return -EINVAL;
     struct xsd_msg hdr = {type, next_req_id++, tx, alen + blen};
     memcpy(msg_buf, &hdr, sizeof hdr);

@@ -11,10 +11,13 @@ from __future__ import annotations
 import struct
 from enum import IntEnum
 
+from pvio.abi.cstruct import CStruct
+
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
 
 DOMID_SELF = 0x7FF0
+DOMID_IO = 0x7FF1  # "the I/O device": the smart NIC's buffers are granted to it
 DOMID_FIRST_RESERVED = 0x7FF0
 
 
@@ -45,6 +48,7 @@ class Errno(IntEnum):
     EPERM = 1
     ENOENT = 2
     ESRCH = 3
+    EIO = 5
     E2BIG = 7
     EAGAIN = 11
     ENOMEM = 12
@@ -86,7 +90,9 @@ class EvtchnStat(IntEnum):
 
 
 VIRQ_TIMER = 0
+VIRQ_DEBUG = 1  # pvio's bench harness rings an x86 guest with it (VIRQ_BENCH)
 VIRQ_CONSOLE = 2
+VIRQ_ARCH_0 = 16  # Xen's first arch-specific VIRQ; pvio: device IRQ line n is VIRQ_ARCH_0 + n
 NR_VIRQS = 24
 
 #: Ports in the 2-level ABI on 64-bit: sizeof(long)**2 * 64.
@@ -103,16 +109,54 @@ EVTCHN_PORT = struct.Struct("<I")  # close / send / unmask: {port}: 4 B
 EVTCHN_STATUS = struct.Struct("<H2xIIIH2xI")
 
 # shared_info page (x86_64): vcpu_info[32] at 0 (64 B each), then the 2-level bitmaps.
-SHARED_INFO_VCPU_INFO = 0
-VCPU_INFO_SIZE = 64
-VCPU_UPCALL_PENDING = 0  # u8
-VCPU_UPCALL_MASK = 1  # u8
-VCPU_PENDING_SEL = 8  # u64 (xen_ulong_t)
-VCPU_TIME_INFO = 32  # vcpu_time_info, 32 B
-SHARED_INFO_EVTCHN_PENDING = 2048  # u64[64]
-SHARED_INFO_EVTCHN_MASK = 2560  # u64[64]
-SHARED_INFO_WC_VERSION = 3072
-SHARED_INFO_SIZE = 3136
+VCPU_TIME_INFO_T = CStruct(
+    "vcpu_time_info",
+    [
+        ("version", "u32", "odd while the hypervisor updates"),
+        ("pad0", "u32"),
+        ("tsc_timestamp", "u64"),
+        ("system_time", "u64", "ns"),
+        ("tsc_to_system_mul", "u32"),
+        ("tsc_shift", "s8"),
+        ("flags", "u8"),
+        ("pad1", "u8[2]"),
+    ],
+    doc="Xen's vcpu_time_info: time = system_time + scaled TSC delta",
+)
+VCPU_INFO_T = CStruct(
+    "vcpu_info",
+    [
+        ("evtchn_upcall_pending", "u8", "Xen sets; the guest clears at the start of its scan"),
+        ("evtchn_upcall_mask", "u8", "guest: 1 = no upcalls"),
+        ("pad", "u8[6]"),
+        ("evtchn_pending_sel", "u64", "Xen sets bits; the guest exchanges it with 0"),
+        ("arch", "u8[16]", "arch_vcpu_info: cr2, pad"),
+        ("time", VCPU_TIME_INFO_T),
+    ],
+)
+SHARED_INFO_T = CStruct(
+    "shared_info",
+    [
+        ("vcpu_info", VCPU_INFO_T, 32),
+        ("evtchn_pending", "u64[64]", "Xen sets, the guest clears"),
+        ("evtchn_mask", "u64[64]", "guest-owned"),
+        ("wc_version", "u32"),
+        ("wc_sec", "u32"),
+        ("wc_nsec", "u32"),
+        ("wc_sec_hi", "u32"),
+        ("arch", "u8[48]", "arch_shared_info"),
+    ],
+)
+SHARED_INFO_VCPU_INFO = SHARED_INFO_T.offset("vcpu_info")
+VCPU_INFO_SIZE = VCPU_INFO_T.size
+VCPU_UPCALL_PENDING = VCPU_INFO_T.offset("evtchn_upcall_pending")  # u8
+VCPU_UPCALL_MASK = VCPU_INFO_T.offset("evtchn_upcall_mask")  # u8
+VCPU_PENDING_SEL = VCPU_INFO_T.offset("evtchn_pending_sel")  # u64 (xen_ulong_t)
+VCPU_TIME_INFO = VCPU_INFO_T.offset("time")  # vcpu_time_info, 32 B
+SHARED_INFO_EVTCHN_PENDING = SHARED_INFO_T.offset("evtchn_pending")  # u64[64]
+SHARED_INFO_EVTCHN_MASK = SHARED_INFO_T.offset("evtchn_mask")  # u64[64]
+SHARED_INFO_WC_VERSION = SHARED_INFO_T.offset("wc_version")
+SHARED_INFO_SIZE = SHARED_INFO_T.size
 LEGACY_MAX_VCPUS = 32
 
 
@@ -152,7 +196,8 @@ class GntSt(IntEnum):
     no_space = -13
 
 
-GRANT_ENTRY_V1 = struct.Struct("<HHI")  # flags @0, domid @2, frame @4: 8 B
+GRANT_ENTRY_V1_T = CStruct("grant_entry_v1", [("flags", "u16", "GTF_*"), ("domid", "u16"), ("frame", "u32")])
+GRANT_ENTRY_V1 = GRANT_ENTRY_V1_T.struct  # flags @0, domid @2, frame @4: 8 B
 GRANT_ENTRIES_PER_FRAME = PAGE_SIZE // GRANT_ENTRY_V1.size  # 512
 GNTTAB_NR_RESERVED_ENTRIES = 8
 GNTTAB_RESERVED_CONSOLE = 0
@@ -226,23 +271,107 @@ SCHED_SHUTDOWN = struct.Struct("<I")
 # --------------------------------------------------------------------------- start_info
 # Xen's x86_64 start_info_t (the fields pvio fills in), then a pvio-specific extension.
 START_INFO_MAGIC = b"xen-3.0-x86_64"
-SI_MAGIC = 0  # char[32]
-SI_NR_PAGES = 32  # u64
-SI_SHARED_INFO = 40  # u64: guest-physical address of the shared_info page
-SI_FLAGS = 48  # u32 (SIF_PRIVILEGED = 1, SIF_INITDOMAIN = 2)
-SI_STORE_MFN = 56  # u64: frame of the xenstore ring page
-SI_STORE_EVTCHN = 64  # u32
-SI_CONSOLE_MFN = 72  # u64
-SI_CONSOLE_EVTCHN = 80  # u32
-SI_CMD_LINE = 128  # char[1024]
+START_INFO_T = CStruct(
+    "start_info",
+    [
+        ("magic", "char[32]", '"xen-3.0-x86_64"'),
+        ("nr_pages", "u64"),
+        ("shared_info", "u64", "guest-physical address of the shared_info page"),
+        ("flags", "u32", "SIF_*"),
+        ("store_mfn", "u64", "frame of the xenstore ring page"),
+        ("store_evtchn", "u32"),
+        ("console_mfn", "u64"),
+        ("console_evtchn", "u32"),
+        ("pt_base", "u64"),
+        ("nr_pt_frames", "u64"),
+        ("mfn_list", "u64"),
+        ("mod_start", "u64"),
+        ("mod_len", "u64"),
+        ("cmd_line", "char[1024]"),
+        ("first_p2m_pfn", "u64"),
+        ("nr_p2m_frames", "u64"),
+    ],
+    doc="Xen's x86_64 start_info_t (pvio fills in magic .. console_evtchn and cmd_line)",
+)
+SI_MAGIC = START_INFO_T.offset("magic")  # char[32]
+SI_NR_PAGES = START_INFO_T.offset("nr_pages")  # u64
+SI_SHARED_INFO = START_INFO_T.offset("shared_info")  # u64
+SI_FLAGS = START_INFO_T.offset("flags")  # u32
+SI_STORE_MFN = START_INFO_T.offset("store_mfn")  # u64
+SI_STORE_EVTCHN = START_INFO_T.offset("store_evtchn")  # u32
+SI_CONSOLE_MFN = START_INFO_T.offset("console_mfn")  # u64
+SI_CONSOLE_EVTCHN = START_INFO_T.offset("console_evtchn")  # u32
+SI_CMD_LINE = START_INFO_T.offset("cmd_line")  # char[1024]
 SIF_PRIVILEGED = 1
 SIF_INITDOMAIN = 2
 
-# *pvio-specific*: at offset 2048 of the start_info page, after Xen's fields.
-#   magic u32 "PVIO" @2048, domid u16 @2052, gnttab frames u16 @2054,
-#   first grant-table frame u64 @2056, hypercall page frame u64 @2064,
-#   first free frame u64 @2072 (frames below belong to the image and the special pages),
-#   last free frame (exclusive) u64 @2080.
+# *pvio-specific*: pvio's start-of-day extension, at offset 2048 of the start_info page.
 PVIO_SI_EXT = 2048
-PVIO_SI_EXT_STRUCT = struct.Struct("<4sHHQQQQ")
+PVIO_START_EXT_T = CStruct(
+    "pvio_start_ext",
+    [
+        ("magic", "char[4]", '"PVIO"'),
+        ("domid", "u16"),
+        ("gnttab_frames", "u16"),
+        ("gnttab_gfn", "u64", "first grant-table frame"),
+        ("hypercall_gfn", "u64", "the hypercall page"),
+        ("first_free_gfn", "u64", "frames below belong to the image and the special pages"),
+        ("free_end_gfn", "u64", "last free frame, exclusive"),
+    ],
+    packed=True,
+    doc="pvio's start-of-day extension, at PVIO_SI_EXT in the start_info page",
+)
+PVIO_SI_EXT_STRUCT = PVIO_START_EXT_T.struct
 PVIO_SI_MAGIC = b"PVIO"
+
+
+# --------------------------------------------------------------------------- xenstore, xenbus
+class XsType(IntEnum):
+    """``xsd_sockmsg_type``: message type numbers (io/xs_wire.h)."""
+
+    CONTROL = 0
+    DEBUG = 0  # the old name of CONTROL
+    DIRECTORY = 1
+    READ = 2
+    GET_PERMS = 3
+    WATCH = 4
+    UNWATCH = 5
+    TRANSACTION_START = 6
+    TRANSACTION_END = 7
+    INTRODUCE = 8
+    RELEASE = 9
+    GET_DOMAIN_PATH = 10
+    WRITE = 11
+    MKDIR = 12
+    RM = 13
+    SET_PERMS = 14
+    WATCH_EVENT = 15
+    ERROR = 16
+    IS_DOMAIN_INTRODUCED = 17
+    RESUME = 18
+    SET_TARGET = 19
+    # 20 was XS_RESTRICT, removed from the protocol: a message of type 20 is invalid.
+    RESET_WATCHES = 21
+    DIRECTORY_PART = 22
+    GET_FEATURE = 23
+    SET_FEATURE = 24
+    GET_QUOTA = 25
+    SET_QUOTA = 26
+
+
+XENSTORE_PAYLOAD_MAX = 4096  # bytes of payload in one xs_wire message
+XENSTORE_RING_SIZE = 1024  # each byte ring of the xenstore page
+
+
+class XenbusState(IntEnum):
+    """A xenbus device's ``state`` node (io/xenbus.h), stored as decimal ASCII."""
+
+    UNKNOWN = 0
+    INITIALISING = 1
+    INIT_WAIT = 2
+    INITIALISED = 3
+    CONNECTED = 4
+    CLOSING = 5
+    CLOSED = 6
+    RECONFIGURING = 7
+    RECONFIGURED = 8

@@ -10,52 +10,16 @@ from __future__ import annotations
 import logging
 import re
 import struct
-from enum import IntEnum
-from typing import NamedTuple, TypeVar
+from typing import NamedTuple
+
+from pvio.abi.xen import XENSTORE_PAYLOAD_MAX, XENSTORE_RING_SIZE, XsType
+from pvio.abi.xen import XenbusState as XenbusState  # re-exported: the device handshake's states
 
 logger = logging.getLogger("pvio.xenstore")
-
-T = TypeVar("T")
-
-
-class XsType(IntEnum):
-    """``xsd_sockmsg_type``: message type numbers (io/xs_wire.h)."""
-
-    CONTROL = 0
-    DEBUG = 0  # the old name of CONTROL
-    DIRECTORY = 1
-    READ = 2
-    GET_PERMS = 3
-    WATCH = 4
-    UNWATCH = 5
-    TRANSACTION_START = 6
-    TRANSACTION_END = 7
-    INTRODUCE = 8
-    RELEASE = 9
-    GET_DOMAIN_PATH = 10
-    WRITE = 11
-    MKDIR = 12
-    RM = 13
-    SET_PERMS = 14
-    WATCH_EVENT = 15
-    ERROR = 16
-    IS_DOMAIN_INTRODUCED = 17
-    RESUME = 18
-    SET_TARGET = 19
-    # 20 was XS_RESTRICT, removed from the protocol: a message of type 20 is invalid.
-    RESET_WATCHES = 21
-    DIRECTORY_PART = 22
-    GET_FEATURE = 23
-    SET_FEATURE = 24
-    GET_QUOTA = 25
-    SET_QUOTA = 26
-
 
 XS_TYPE_COUNT = 27  # number of type slots; not a message
 XS_INVALID = 0xFFFF  # guaranteed to remain an invalid type
 
-XENSTORE_PAYLOAD_MAX = 4096
-XENSTORE_RING_SIZE = 1024
 
 # xsd_sockmsg: u32 type, u32 req_id, u32 tx_id, u32 len, then len payload bytes.
 XSD_SOCKMSG = struct.Struct("<IIII")
@@ -92,20 +56,6 @@ PAGE_SIZE = 4096
 U32 = struct.Struct("<I")
 MASK32 = 0xFFFFFFFF
 DECIMAL = re.compile(r"-?[0-9]+")
-
-
-class XenbusState(IntEnum):
-    """A xenbus device's ``state`` node (io/xenbus.h), stored as decimal ASCII."""
-
-    UNKNOWN = 0
-    INITIALISING = 1
-    INIT_WAIT = 2
-    INITIALISED = 3
-    CONNECTED = 4
-    CLOSING = 5
-    CLOSED = 6
-    RECONFIGURING = 7
-    RECONFIGURED = 8
 
 
 class XsHeader(NamedTuple):
