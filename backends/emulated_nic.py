@@ -69,8 +69,6 @@ import logging
 from collections import deque
 from typing import TYPE_CHECKING
 
-from pvio.backends.switch import ETH_HEADER_LEN, Switch, SwitchPort
-
 from pvio.abi.emunic import (
     CMD_DISABLE,
     CMD_ENABLE,
@@ -108,6 +106,7 @@ from pvio.abi.emunic import (
     TX_BUF_SIZE,
     emunic_mac,
 )
+from pvio.backends.switch import ETH_HEADER_LEN, Switch, SwitchPort
 
 if TYPE_CHECKING:
     from pvio.core.domain import Domain

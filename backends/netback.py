@@ -37,6 +37,9 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 import trio
+
+from pvio.abi import DOMID_SELF, GNTTAB_COPY, PAGE_SIZE, GNTCOPY_dest_gref, GNTCOPY_source_gref, GntSt
+from pvio.backend_api import Backend, BackendContext, BackendHost, load_backend
 from pvio.backends.switch import Switch, SwitchPort
 from pvio.ringbuf import NETIF_RX, NETIF_TX, BackRing, RingOverflowError
 from pvio.ringbuf.netif import (
@@ -55,9 +58,6 @@ from pvio.ringbuf.netif import (
     XEN_NETIF_EXTRA_FLAG_MORE,
     XEN_NETIF_NR_SLOTS_MIN,
 )
-
-from pvio.abi import DOMID_SELF, GNTTAB_COPY, PAGE_SIZE, GNTCOPY_dest_gref, GNTCOPY_source_gref, GntSt
-from pvio.backend_api import Backend, BackendContext, BackendHost, load_backend
 from pvio.xenstore.store import XenstoreError
 from pvio.xenstore.wire import XenbusState
 

@@ -117,8 +117,6 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 import trio
-from pvio.backends.switch import ETH_HEADER_LEN, MAX_FRAME_LEN, Switch, SwitchPort
-from pvio.ringbuf import BackRing, RingOverflowError
 
 from pvio.abi import PAGE_SHIFT, PAGE_SIZE
 from pvio.abi.smartnic import (
@@ -172,7 +170,9 @@ from pvio.abi.smartnic import (
     snic_mac,
 )
 from pvio.abi.xen import DOMID_IO
+from pvio.backends.switch import ETH_HEADER_LEN, MAX_FRAME_LEN, Switch, SwitchPort
 from pvio.core.grant_table import GrantError
+from pvio.ringbuf import BackRing, RingOverflowError
 
 if TYPE_CHECKING:
     from pvio.core.domain import Domain

@@ -39,7 +39,6 @@ import time
 from typing import Any
 
 import trio
-from pvio.cpu.guest import X86Guest
 
 from pvio.abi.bench import (
     BENCH_CMD_PINGPONG,
@@ -49,6 +48,7 @@ from pvio.abi.bench import (
     NICDRV_STATS,
     VIRQ_BENCH,
 )
+from pvio.cpu.guest import X86Guest
 
 CMD_STREAM, CMD_PINGPONG = BENCH_CMD_STREAM, BENCH_CMD_PINGPONG
 #: struct nicdrv_stats: the emulated-NIC / smart-NIC C driver's counters, by name.

@@ -20,10 +20,9 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pvio.abi import PAGE_SIZE
 from pvio.cpu.loader import LoadedImage, load_elf
 from pvio.cpu.vcpu import DEFAULT_MAX_SLICES_WITHOUT_EXIT, DEFAULT_SLICE_INSNS, X86Vcpu
-
-from pvio.abi import PAGE_SIZE
 
 if TYPE_CHECKING:
     from pvio.core.domain import Domain

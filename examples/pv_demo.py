@@ -25,12 +25,12 @@ from typing import Any
 
 import trio
 import trio.testing
+
+from pvio import Hypervisor, PyGuest, Snapshot
 from pvio.backends.netback import NetBack
 from pvio.backends.switch import Switch
 from pvio.frontends.netfront import Netfront
 from pvio.frontends.netstack import NetStack
-
-from pvio import Hypervisor, PyGuest, Snapshot
 from pvio.toolstack import add_vif
 
 IP_A, IP_B = "10.0.0.1", "10.0.0.2"

@@ -18,8 +18,6 @@ from typing import Any
 
 import trio
 import trio.testing
-from pvio.backends.switch import Switch
-from pvio.cpu.guest import X86Guest
 
 from examples.pv_demo import (
     IP_A,
@@ -34,6 +32,8 @@ from examples.pv_demo import (
     start_network,
 )
 from pvio import Hypervisor
+from pvio.backends.switch import Switch
+from pvio.cpu.guest import X86Guest
 from pvio.toolstack import parse_mac
 
 SCENARIO = "pv: PyGuest A <-> x86 guest B (C netfront on the emulated vCPU) through netback and the switch"

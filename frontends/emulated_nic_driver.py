@@ -23,7 +23,6 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 import trio
-from pvio.frontends.nic import GuestNic
 
 from pvio.abi.emunic import (
     CMD_ENABLE,
@@ -53,6 +52,7 @@ from pvio.abi.emunic import (
     ST_ENABLED,
 )
 from pvio.core.counters import Counters
+from pvio.frontends.nic import GuestNic
 
 if TYPE_CHECKING:
     from pvio.guest import PyGuest

@@ -31,8 +31,6 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 import trio
-from pvio.frontends.nic import GuestNic
-from pvio.ringbuf import FrontRing, RingOverflowError
 
 from pvio.abi import PAGE_SHIFT, PAGE_SIZE
 from pvio.abi.smartnic import (
@@ -66,6 +64,8 @@ from pvio.abi.smartnic import (
     ST_ENABLED,
 )
 from pvio.core.counters import Counters
+from pvio.frontends.nic import GuestNic
+from pvio.ringbuf import FrontRing, RingOverflowError
 
 if TYPE_CHECKING:
     from pvio.guest import PyGuest

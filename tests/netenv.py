@@ -29,14 +29,14 @@ from typing import Any
 
 import trio
 import trio.testing
-from pvio.backends.netback import RX_QUEUE_MAX, BackendVif, NetBack
-from pvio.backends.switch import Switch
-from pvio.frontends.netfront import Netfront
-from pvio.frontends.netstack import udp_packet
 
 from examples.pv_demo import IP_A, IP_B, EchoGuest, NicGuest
 from pvio import Hypervisor, PyGuest, Snapshot, XenbusState
+from pvio.backends.netback import RX_QUEUE_MAX, BackendVif, NetBack
+from pvio.backends.switch import Switch
 from pvio.core.hypervisor import DEFAULT_DOM0_PAGES
+from pvio.frontends.netfront import Netfront
+from pvio.frontends.netstack import udp_packet
 from pvio.toolstack import add_vif
 
 __all__ = [

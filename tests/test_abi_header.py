@@ -15,10 +15,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from pvio.cpu.build import RING_DIR, SOURCE_DIR
 
 from pvio.abi import bench, cheader, smartnic, xen
 from pvio.abi.cstruct import CStruct
+from pvio.cpu.build import RING_DIR, SOURCE_DIR
 
 needs_gcc = pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc: apt-get install gcc")
 

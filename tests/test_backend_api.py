@@ -9,7 +9,6 @@ from collections.abc import Iterator
 
 import pytest
 import trio
-from pvio.backends.lossy import LossyLinkBackend
 
 from pvio import backend_api
 from pvio.backend_api import (
@@ -26,6 +25,7 @@ from pvio.backend_api import (
     register_backend,
     unregister_backend,
 )
+from pvio.backends.lossy import LossyLinkBackend
 from pvio.core.counters import CounterRegistry
 
 FRAMES = [bytes([i]) * 60 for i in range(10)]

@@ -7,9 +7,6 @@ from __future__ import annotations
 import struct
 
 import pytest
-from pvio.backends.emulated_nic import EmulatedNic, add_emulated_nic
-from pvio.backends.switch import CapturePort, Switch
-from pvio.frontends.emulated_nic_driver import EmulatedNicDriver
 
 import pvio
 from pvio.abi.emunic import (
@@ -40,6 +37,9 @@ from pvio.abi.emunic import (
     ST_ENABLED,
     ST_RX_READY,
 )
+from pvio.backends.emulated_nic import EmulatedNic, add_emulated_nic
+from pvio.backends.switch import CapturePort, Switch
+from pvio.frontends.emulated_nic_driver import EmulatedNicDriver
 from tests.guests import Probe, boot, settle
 
 BASE = EMUNIC_PIO_BASE

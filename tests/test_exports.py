@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import types
 
-import pvio.ringbuf
 import pytest
 
 import pvio
+import pvio.ringbuf
 
 
 @pytest.mark.parametrize("module", [pvio, pvio.ringbuf])

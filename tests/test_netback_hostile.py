@@ -26,11 +26,11 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
+
+from pvio import XenbusState
 from pvio.frontends.netstack import udp_packet
 from pvio.ringbuf import NETIF_TX
 from pvio.ringbuf.netif import NETIF_RSP_ERROR, NETTXF_MORE_DATA
-
-from pvio import XenbusState
 from tests.netenv import (
     HandmadeFrontend,
     NetEnv,

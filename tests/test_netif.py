@@ -14,12 +14,12 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-from pvio.backends.netback import BackendVif, VifFatal
-from pvio.frontends.netstack import udp_packet
 from scapy.layers.l2 import Ether
 
 from examples.pv_demo import DemoResult, build_traffic, run_demo
 from pvio import Hypervisor, XenbusState, XenstoreError
+from pvio.backends.netback import BackendVif, VifFatal
+from pvio.frontends.netstack import udp_packet
 from tests.netenv import (
     EchoGuest,
     HandmadeFrontend,

@@ -11,6 +11,10 @@ import struct
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from scapy.layers.inet import ICMP, IP, UDP, IPOption_NOP
+from scapy.layers.l2 import ARP, Ether
+from scapy.packet import Packet, Raw
+
 from pvio.frontends.netstack import (
     NetStack,
     arp_request,
@@ -18,9 +22,6 @@ from pvio.frontends.netstack import (
     inet_checksum,
     udp_packet,
 )
-from scapy.layers.inet import ICMP, IP, UDP, IPOption_NOP
-from scapy.layers.l2 import ARP, Ether
-from scapy.packet import Packet, Raw
 
 ME_MAC, PEER_MAC = b"\x02\x00\x00\x00\x00\x01", b"\x02\x00\x00\x00\x00\x02"
 ME_MAC_S, PEER_MAC_S = "02:00:00:00:00:01", "02:00:00:00:00:02"

@@ -14,6 +14,7 @@ import struct
 from array import array
 
 import pytest
+
 from pvio.ringbuf import NETIF_RX, NETIF_TX, BackRing, FrontRing, RingError, RingLayout, RingOverflowError
 
 U32 = 1 << 32

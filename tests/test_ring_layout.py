@@ -10,6 +10,7 @@ from __future__ import annotations
 import struct
 
 import pytest
+
 from pvio.ringbuf import HEADER_SIZE, NETIF_RX, NETIF_TX, PAGE_SIZE, BackRing, FrontRing, RingLayout
 from pvio.ringbuf._ringbuf import ffi, lib
 

@@ -22,8 +22,8 @@ from typing import Any
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
-from pvio.ringbuf import NETIF_RX, NETIF_TX, BackRing, FrontRing, RingLayout, RingOverflowError
 
+from pvio.ringbuf import NETIF_RX, NETIF_TX, BackRing, FrontRing, RingLayout, RingOverflowError
 from tests import ringmodel
 from tests.ringmodel import ModelBack, ModelFront, ModelOverflowError
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import struct
 
 import pytest
+
 from pvio.ringbuf import NETIF_RX, BackRing, FrontRing
 
 U32 = 1 << 32

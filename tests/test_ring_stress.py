@@ -33,6 +33,7 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 import pytest
+
 from pvio.ringbuf import BackRing, FrontRing, RingLayout
 
 FUZZ = os.environ.get("PVIO_FUZZ") == "1"

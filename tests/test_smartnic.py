@@ -10,9 +10,6 @@ from typing import Any
 
 import pytest
 import trio
-from pvio.backends.smartnic import MOD_PROFILES, SmartNic, add_smartnic, level_for_rate
-from pvio.backends.switch import CapturePort, Switch
-from pvio.ringbuf import FrontRing
 
 import pvio
 from pvio.abi import PAGE_SHIFT, PAGE_SIZE
@@ -53,6 +50,9 @@ from pvio.abi.smartnic import (
     ST_ERROR,
 )
 from pvio.abi.xen import DOMID_IO
+from pvio.backends.smartnic import MOD_PROFILES, SmartNic, add_smartnic, level_for_rate
+from pvio.backends.switch import CapturePort, Switch
+from pvio.ringbuf import FrontRing
 from tests.guests import Probe, boot, settle
 
 BASE = SNIC_MMIO_BASE

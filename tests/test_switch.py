@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import trio
-from pvio.backends.switch import MAX_FRAME_LEN, CapturePort, Switch, SwitchPort
 from scapy.layers.l2 import Ether
 from scapy.utils import rdpcap
 
+from pvio.backends.switch import MAX_FRAME_LEN, CapturePort, Switch, SwitchPort
 from pvio.core.counters import CounterRegistry
 
 BCAST = b"\xff" * 6

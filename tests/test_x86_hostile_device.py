@@ -18,10 +18,10 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+
 from pvio.backends import emulated_nic as emu
 from pvio.backends import smartnic as snic
 from pvio.cpu.bench_guest import CMD_STREAM, BenchX86Guest
-
 from pvio.harness.bench import _settle
 
 

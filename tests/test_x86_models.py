@@ -30,6 +30,7 @@ from typing import Any
 
 import pytest
 import trio
+
 from pvio.cpu.guest import X86Guest
 
 MODELS = ("emulated", "pv", "smartnic")

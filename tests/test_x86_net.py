@@ -14,13 +14,13 @@ from typing import Any
 
 import pytest
 import trio
-from pvio.cpu.guest import X86Guest
-from pvio.frontends.netstack import arp_request, icmp_echo, udp_packet
 from scapy.layers.inet import ICMP, IP, UDP
 from scapy.layers.l2 import ARP, Ether
 
 from examples.x86_demo import wait_x86_ready, x86_mac
 from pvio import XenbusState
+from pvio.cpu.guest import X86Guest
+from pvio.frontends.netstack import arp_request, icmp_echo, udp_packet
 from tests.netenv import EchoGuest, NicGuest, net_env, recv_n, seq_of, wait_until
 from tests.test_netif import VifStateLog
 

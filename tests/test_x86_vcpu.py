@@ -16,13 +16,13 @@ from typing import Any
 import pytest
 import trio
 from elftools.elf.elffile import ELFFile
+
+from pvio import Hypervisor
+from pvio.abi import PAGE_SIZE, VCPU_UPCALL_MASK, Hypercall
 from pvio.cpu.build import BuildError, build_image
 from pvio.cpu.guest import X86Guest
 from pvio.cpu.loader import ImageError
 from pvio.cpu.vcpu import HYPERCALL_STUB_SIZE, hypercall_page, hypercall_stub
-
-from pvio import Hypervisor
-from pvio.abi import PAGE_SIZE, VCPU_UPCALL_MASK, Hypercall
 from tests.guests import Probe
 
 BANNER = "pvio x86 guest kernel: dom1, 2048 pages"

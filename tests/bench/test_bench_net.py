@@ -27,9 +27,9 @@ from typing import Any
 
 import pytest
 import trio
-from pvio.frontends.netstack import udp_packet
 
 from pvio import Snapshot
+from pvio.frontends.netstack import udp_packet
 from tests.netenv import EchoGuest, NicGuest, ip_of, net_env, udp_stream
 
 BATCH = 64

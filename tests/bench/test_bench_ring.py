@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+
 from pvio.ringbuf import NETIF_TX, BackRing, FrontRing
 
 LAYOUT = NETIF_TX  # 12-byte requests, 4-byte responses, 256 slots
