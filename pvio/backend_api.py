@@ -20,11 +20,11 @@ Backends are found the way the built-in ones are (§2): through the entry-point 
     lossy = "pvio.backends.lossy:LossyLinkBackend"
 
 :func:`register_backend` adds classes defined at run time (scripts, tests) to the same
-namespace.  pvio itself never imports ``backends/`` or ``examples/``: it only loads what
+namespace.  The backend API never imports a backend module: it only loads what
 the entry points name.
 
-Faults (§7: a custom backend that raises gets a clear error, and dom0 keeps running)
-------------------------------------------------------------------------------------
+Faults (a custom backend that raises gets a clear error, and dom0 keeps running)
+--------------------------------------------------------------------------------
 :class:`BackendHost` is what netback calls.  It runs each hook and contains its faults:
 
 - a hook that **raises**: logged on ``pvio.backend`` with the backend's name and vif and

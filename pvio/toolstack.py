@@ -1,4 +1,11 @@
-"""The toolstack's part of device set-up (what libxl does before the drivers start).
+"""The toolstack: creating domains and their devices, and booting a whole network.
+
+:func:`boot_network` / :func:`start_network` are the one way pvio boots a network of guests
+(the CLI, the demo, the benchmarks, the pytest plugin and the tests all use them): dom0 with
+the switch (and netback for PV vifs), one domain per guest kernel with one NIC of the
+chosen device model, every guest connected and its MAC learned.
+
+The toolstack's part of device set-up (what libxl does before the drivers start):
 
 ``add_vif`` creates a vif's frontend and backend directories in xenstore with libxl's
 keys and permissions (fact sheet §3.1): each directory is owned by its side with default
@@ -9,12 +16,21 @@ cannot write the other side's directory.  Both start in state Initialising; netb
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+import struct
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import trio
+import trio.testing
 
 from pvio.xenstore.wire import XenbusState
 
 if TYPE_CHECKING:
+    from pvio.backends.netback import BackendVif, NetBack
+    from pvio.backends.switch import Switch
+    from pvio.core.counters import Snapshot
     from pvio.core.domain import Domain
     from pvio.core.hypervisor import Hypervisor
 
@@ -85,3 +101,143 @@ def add_vif(
     }.items():
         ts.write(f"{be_path}/{key}", value)
     return VifConfig(frontend.domid, be.domid, devid, mac, fe_path, be_path)
+
+
+# ---------------------------------------------------------------------- booting a network
+#: Device models a guest's NIC can have (``model=``): the PV split driver (a vif served by
+#: netback in dom0), the register-level emulated NIC, the monitor's DMA smart NIC.
+MODELS: tuple[str, ...] = ("emulated", "pv", "smartnic")
+ANNOUNCE_ETHERTYPE = 0x88B5  # IEEE "local experimental": a frame to self, so the switch learns a MAC
+
+
+@dataclass
+class Network:
+    """A booted virtual network: the hypervisor, dom0's switch (and netback), the guests and
+    their devices (emulated or smart NICs; vifs are netback's)."""
+
+    hv: Hypervisor
+    switch: Switch
+    model: str
+    guests: list[Any]
+    netback: NetBack | None = None
+    devices: list[Any] = field(default_factory=list)
+
+    def vif(self, guest: Any, devid: int = 0) -> BackendVif:
+        """The netback side of ``guest``'s vif."""
+        if self.netback is None:
+            raise ValueError(f"this network's guests have {self.model} NICs, not vifs")
+        return self.netback.vifs[(guest.domain.domid, devid)]
+
+    def snapshot(self) -> Snapshot:
+        """Every domain's and device's counters, frozen."""
+        return self.hv.snapshot()
+
+    def count(self, owner: str, key: str) -> int:
+        """One live counter (0 when absent)."""
+        return self.hv.counters[owner][key] if owner in self.hv.counters else 0
+
+    def domain_names(self) -> dict[str, str]:
+        """Counter owner -> guest name (``dom1`` -> ``a``)."""
+        return {f"dom{d.domid}": d.name for d in self.hv.domains.values()}
+
+    async def announce(self, guests: Sequence[Any] | None = None, timeout_s: float = 10.0) -> None:
+        """Teach the switch each guest's MAC: every connected guest NIC sends one frame to its
+        own MAC, which the switch learns from and drops as a hairpin (``drops.same_port``),
+        so from then on unicast is forwarded, never flooded.  Guests that do this themselves
+        (``announces_itself``) are only waited for."""
+        guests = self.guests if guests is None else guests
+        up = [g for g in guests if getattr(g, "nic", None) is not None and getattr(g.nic, "connected", True)]
+        with trio.fail_after(timeout_s):
+            for g in up:
+                if not getattr(g, "announces_itself", False):
+                    mac = g.nic.mac
+                    await g.nic.send(mac + mac + struct.pack("!H", ANNOUNCE_ETHERTYPE) + bytes(46))
+            macs = {g.nic.mac for g in up}
+            while not macs <= set(self.switch.mac_table):
+                await trio.sleep(0.0005)
+
+
+async def start_network(
+    hv: Hypervisor,
+    guests: Sequence[Any],
+    *,
+    model: str = "pv",
+    backend: str | None = None,
+    backend_options: dict[str, Any] | None = None,
+    rx_queue_max: int | None = None,
+    before_guests: Callable[[Hypervisor], None] | None = None,
+    wait_ready: Sequence[Any] | None = None,
+    announce: bool = True,
+    settle_s: float = 0.0,
+    timeout_s: float = 10.0,
+) -> Network:
+    """Bring up dom0's switch (and netback for ``model="pv"``) on a running hypervisor, then
+    create and boot one domain per guest kernel, each with one NIC of ``model``.
+
+    Returns once every guest in ``wait_ready`` (default: every guest with a ``ready`` event)
+    is ready, the switch knows each guest's MAC (``announce``) and the system is quiet:
+    netback answers the handshake's watch events for a while, and what a caller measures
+    from here on should be its own traffic.  ``settle_s`` also lets timers of that length
+    (the smart NIC's moderation) run out first.  ``backend``/``backend_options``/
+    ``rx_queue_max`` configure netback; ``before_guests(hv)`` runs once dom0 is up and before
+    any guest exists.
+    """
+    from pvio.backends.emulated_nic import add_emulated_nic
+    from pvio.backends.netback import RX_QUEUE_MAX, NetBack
+    from pvio.backends.smartnic import add_smartnic
+    from pvio.backends.switch import Switch
+
+    if model not in MODELS:
+        raise ValueError(f"unknown device model {model!r}: choose one of {', '.join(MODELS)}")
+    if hv.dom0 is None:
+        raise RuntimeError("the hypervisor has no dom0 to run the switch and the backends")
+    switch = Switch(hv.counters)
+    net = Network(hv, switch, model, [])
+    if model == "pv":
+        dom0 = hv.dom0.kernel
+        net.netback = NetBack(
+            dom0,  # type: ignore[arg-type]
+            switch,
+            backend=backend,
+            backend_options=backend_options,
+            rx_queue_max=RX_QUEUE_MAX if rx_queue_max is None else rx_queue_max,
+        )
+        dom0.spawn(net.netback.run, name="netback")  # type: ignore[attr-defined]
+    elif backend is not None or backend_options is not None:
+        raise ValueError(f"a backend serves PV vifs; {model} NICs have none (backend={backend!r})")
+    if before_guests is not None:
+        before_guests(hv)
+    for guest in guests:
+        dom = hv.create_domain(guest, name=guest.name)
+        if model == "pv":
+            add_vif(hv, dom)
+        elif model == "emulated":
+            net.devices.append(add_emulated_nic(hv, dom, switch))
+        else:
+            net.devices.append(add_smartnic(hv, dom, switch))
+        await hv.start(dom)
+        net.guests.append(guest)
+    ready = [g for g in guests if isinstance(getattr(g, "ready", None), trio.Event)]
+    ready = ready if wait_ready is None else list(wait_ready)
+    with trio.fail_after(timeout_s):
+        for guest in ready:
+            await guest.ready.wait()
+    if announce:
+        await net.announce(ready, timeout_s)
+    await trio.testing.wait_all_tasks_blocked()
+    if settle_s:
+        await trio.sleep(settle_s)
+        await trio.testing.wait_all_tasks_blocked()
+    return net
+
+
+@asynccontextmanager
+async def boot_network(
+    guests: Sequence[Any], *, dom0_pages: int | None = None, **options: Any
+) -> AsyncIterator[Network]:
+    """``async with boot_network([a, b]) as net:`` — a hypervisor with dom0 and a network of
+    ``guests`` (:func:`start_network`'s options), torn down on exit."""
+    from pvio.core.hypervisor import DEFAULT_DOM0_PAGES, Hypervisor
+
+    async with Hypervisor(dom0_pages=DEFAULT_DOM0_PAGES if dom0_pages is None else dom0_pages) as hv:
+        yield await start_network(hv, guests, **options)

@@ -3,7 +3,7 @@
 ``async with net_env(NicGuest("a", IP_A), EchoGuest("b", IP_B)) as env:`` boots a
 hypervisor, runs netback and the virtual switch in dom0, creates one domain per guest
 with one vif each (``add_vif``: the toolstack's keys), and returns once every guest's
-netfront is Connected.  The guest kinds are the demo's (``examples.pv_demo``): a
+netfront is Connected.  The guest kinds are :mod:`pvio.frontends.guests`: a
 :class:`NicGuest` only connects (the test drives its ``nic``), an :class:`EchoGuest`
 answers ARP, ICMP echo and UDP echo.
 
@@ -11,7 +11,8 @@ By default each guest then *announces* itself: it sends one frame addressed to i
 MAC.  The switch learns the source MAC and drops the frame as a hairpin
 (``drops.same_port``), so no other guest sees it, and from then on unicast between
 guests is forwarded, never flooded: every frame reaches exactly the guest it names,
-which is what lets tests count delivered frames exactly.
+which is what lets tests count delivered frames exactly.  The network is booted by the
+toolstack (:func:`pvio.toolstack.boot_network`), as the CLI, the demo and the bench do.
 
 Waiting: :func:`wait_until` polls with short sleeps.  Under trio's MockClock with
 autojump (the ``autojump_clock`` fixture) a sleep returns only once every task is
@@ -24,20 +25,18 @@ from __future__ import annotations
 import struct
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import trio
 import trio.testing
 
-from examples.pv_demo import IP_A, IP_B, EchoGuest, NicGuest
-from pvio import Hypervisor, PyGuest, Snapshot, XenbusState
-from pvio.backends.netback import RX_QUEUE_MAX, BackendVif, NetBack
-from pvio.backends.switch import Switch
+from pvio import Hypervisor, PyGuest, XenbusState
+from pvio.backends.netback import RX_QUEUE_MAX
 from pvio.core.hypervisor import DEFAULT_DOM0_PAGES
+from pvio.frontends.guests import EchoGuest, NicGuest
 from pvio.frontends.netfront import Netfront
 from pvio.frontends.netstack import udp_packet
-from pvio.toolstack import add_vif
+from pvio.toolstack import ANNOUNCE_ETHERTYPE, Network, boot_network
 
 __all__ = [
     "ANNOUNCE_ETHERTYPE",
@@ -55,7 +54,7 @@ __all__ = [
     "wait_until",
 ]
 
-ANNOUNCE_ETHERTYPE = 0x88B5  # IEEE "local experimental": nobody answers it
+IP_A, IP_B = "10.0.0.1", "10.0.0.2"
 SEQ = struct.Struct("!I")  # the sequence number at the start of a stream frame's UDP payload
 SEQ_OFFSET = 14 + 20 + 8  # Ethernet + IPv4 (no options) + UDP headers
 STREAM_SPORT, STREAM_DPORT = 5000, 9  # UDP discard port: an EchoGuest ignores these frames
@@ -161,37 +160,8 @@ class HandmadeFrontend(PyGuest):
         )
 
 
-@dataclass
-class NetEnv:
-    """What :func:`net_env` booted: the hypervisor, dom0's switch and netback, the guests."""
-
-    hv: Hypervisor
-    switch: Switch
-    netback: NetBack
-    guests: list[Any]
-
-    def vif(self, guest: Any, devid: int = 0) -> BackendVif:
-        """The netback side of ``guest``'s vif."""
-        return self.netback.vifs[(guest.domain.domid, devid)]
-
-    def snapshot(self) -> Snapshot:
-        """Every domain's and device's counters, frozen."""
-        return self.hv.snapshot()
-
-    def count(self, owner: str, key: str) -> int:
-        """One live counter (0 when absent)."""
-        return self.hv.counters[owner][key] if owner in self.hv.counters else 0
-
-    async def announce(self, timeout_s: float = 10.0) -> None:
-        """Teach the switch every connected guest's MAC (see the module docstring)."""
-        guests = [g for g in self.guests if isinstance(g, NicGuest) and g.nic.connected]
-        for g in guests:
-            mac = g.nic.mac
-            await g.nic.send(mac + mac + struct.pack("!H", ANNOUNCE_ETHERTYPE) + bytes(46))
-        macs = {g.nic.mac for g in guests}
-        await wait_until(
-            lambda: macs <= set(self.switch.mac_table), timeout_s, "the switch to learn every MAC"
-        )
+#: What :func:`net_env` booted (the toolstack's :class:`~pvio.toolstack.Network`).
+NetEnv = Network
 
 
 @asynccontextmanager
@@ -205,41 +175,24 @@ async def net_env(
     before_guests: Callable[[Hypervisor], None] | None = None,
     wait_ready: Sequence[Any] | None = None,
     timeout_s: float = 10.0,
-) -> AsyncIterator[NetEnv]:
-    """Boot dom0 (netback + switch) and ``guests`` (each with vif 0), connected.
+) -> AsyncIterator[Network]:
+    """Boot dom0 (netback + switch) and ``guests`` (each with vif 0), connected: the
+    toolstack's :func:`~pvio.toolstack.boot_network` with the PV model.
 
-    ``backend``/``backend_options``/``rx_queue_max`` go to :class:`NetBack`, ``dom0_pages``
-    sizes dom0 (each connected vif takes 512 of its pages for staging).
-    ``before_guests(hv)`` runs once dom0 and netback are up and before any guest or vif
-    exists (to arm xenstore watches, say).  ``wait_ready`` lists the guests whose
-    ``ready`` event to wait for (default: every :class:`NicGuest`).
+    ``dom0_pages`` sizes dom0 (each connected vif takes 512 of its pages for staging);
+    ``wait_ready`` lists the guests whose ``ready`` event to wait for (default: every guest
+    that has one).
     """
-    async with Hypervisor(dom0_pages=dom0_pages) as hv:
-        assert hv.dom0 is not None
-        dom0 = hv.dom0.kernel
-        switch = Switch(hv.counters)
-        netback = NetBack(
-            dom0,  # type: ignore[arg-type]
-            switch,
-            backend=backend,
-            backend_options=backend_options,
-            rx_queue_max=rx_queue_max,
-        )
-        dom0.spawn(netback.run, name="netback")  # type: ignore[attr-defined]
-        if before_guests is not None:
-            before_guests(hv)
-        for guest in guests:
-            dom = hv.create_domain(guest, name=guest.name)
-            add_vif(hv, dom)
-            await hv.start(dom)
-        ready = [g for g in guests if isinstance(g, NicGuest)] if wait_ready is None else list(wait_ready)
-        with trio.fail_after(timeout_s):
-            for guest in ready:
-                await guest.ready.wait()
-        env = NetEnv(hv, switch, netback, list(guests))
-        if announce:
-            await env.announce(timeout_s)
-        # Let the control plane go quiet (netback answers the handshake's watch events for a
-        # while), so that what a test measures from here on is its own traffic.
-        await trio.testing.wait_all_tasks_blocked()
-        yield env
+    async with boot_network(
+        guests,
+        dom0_pages=dom0_pages,
+        model="pv",
+        backend=backend,
+        backend_options=backend_options,
+        rx_queue_max=rx_queue_max,
+        announce=announce,
+        before_guests=before_guests,
+        wait_ready=wait_ready,
+        timeout_s=timeout_s,
+    ) as net:
+        yield net

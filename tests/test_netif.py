@@ -16,10 +16,10 @@ import trio
 import trio.testing
 from scapy.layers.l2 import Ether
 
-from examples.pv_demo import DemoResult, build_traffic, run_demo
 from pvio import Hypervisor, XenbusState, XenstoreError
 from pvio.backends.netback import BackendVif, VifFatal
 from pvio.frontends.netstack import udp_packet
+from pvio.harness.demo import DemoResult, build_traffic, run_demo
 from tests.netenv import (
     EchoGuest,
     HandmadeFrontend,

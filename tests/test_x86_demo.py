@@ -7,19 +7,18 @@ from typing import Any
 
 import pytest
 
-from examples import pv_demo, x86_demo
-from pvio.harness import cli
+from pvio.harness import cli, demo
 
 
 async def test_every_probe_is_answered_and_checked_by_scapy(autojump_clock: Any) -> None:
-    result = await x86_demo.run_demo()
+    result = await demo.run_x86_demo()
     assert result.sent == result.received == 9
     assert [ok for _, _, ok in result.checked] == [True] * 9
 
 
 async def test_the_json_has_the_pv_demos_schema(autojump_clock: Any) -> None:
-    x86 = (await x86_demo.run_demo()).as_json()
-    pv = (await pv_demo.run_demo()).as_json()
+    x86 = (await demo.run_x86_demo()).as_json()
+    pv = (await demo.run_demo()).as_json()
     assert set(x86) == set(pv)
     assert set(x86["per_packet"]) == set(pv["per_packet"])
     assert x86["scenario"] != pv["scenario"] and "x86" in x86["scenario"]

@@ -2,7 +2,7 @@
 exact counts, and x86 guests that misbehave on the vif.
 
 The x86 guest runs pvio's C guest kernel (``frontends/x86``) on the emulated vCPU; its
-peer is a PyGuest (``tests/netenv.py``, ``examples/pv_demo.py``) on the same netback and
+peer is a PyGuest (``tests/netenv.py``, :mod:`pvio.frontends.guests`) on the same netback and
 switch.  Every scenario runs under trio's MockClock (``autojump_clock``) with the
 hypervisor's seeded scheduler, so the counts asserted are the same on every run.
 """
@@ -17,10 +17,10 @@ import trio
 from scapy.layers.inet import ICMP, IP, UDP
 from scapy.layers.l2 import ARP, Ether
 
-from examples.x86_demo import wait_x86_ready, x86_mac
 from pvio import XenbusState
 from pvio.cpu.guest import X86Guest
 from pvio.frontends.netstack import arp_request, icmp_echo, udp_packet
+from pvio.harness.demo import wait_x86_ready, x86_mac
 from tests.netenv import EchoGuest, NicGuest, net_env, recv_n, seq_of, wait_until
 from tests.test_netif import VifStateLog
 

@@ -57,12 +57,11 @@ import trio.testing
 
 from pvio.core.counters import Snapshot
 from pvio.core.hypervisor import Hypervisor
+from pvio.toolstack import MODELS
 
-MODELS: tuple[str, ...] = ("emulated", "pv", "smartnic")
 SCENARIOS: tuple[str, ...] = ("stream", "pingpong")
 FRAME_SIZE = 64
 BATCH = 64
-ANNOUNCE_ETHERTYPE = 0x88B5  # IEEE "local experimental": a frame to self, so the switch learns a MAC
 SEQ = struct.Struct("!I")
 SEQ_OFFSET = 14 + 20 + 8  # Ethernet + IPv4 + UDP headers: the sequence number opens the payload
 STREAM_PORTS = (5000, 9)
@@ -201,45 +200,12 @@ async def model_env(
             "x86 guests register themselves once the x86 guest kernel and its NIC drivers exist "
             "(docs/devices.md)"
         )
-    from pvio.backends.emulated_nic import add_emulated_nic
-    from pvio.backends.netback import NetBack
-    from pvio.backends.smartnic import add_smartnic
-    from pvio.backends.switch import Switch
-    from pvio.toolstack import add_vif
+    from pvio.toolstack import start_network
 
     async with Hypervisor() as hv:
-        assert hv.dom0 is not None
-        switch = Switch(hv.counters)
-        env = ModelEnv(hv, switch, model, guest, [])
-        if model == "pv":
-            dom0 = hv.dom0.kernel
-            env.netback = NetBack(dom0, switch)  # type: ignore[arg-type]
-            dom0.spawn(env.netback.run, name="netback")  # type: ignore[attr-defined]
-        for i in range(n_guests):
-            name = chr(ord("a") + i)
-            kernel = factory(name, model, _ip(i), options)
-            dom = hv.create_domain(kernel, name=name)
-            if model == "pv":
-                add_vif(hv, dom)
-            elif model == "emulated":
-                env.devices.append(add_emulated_nic(hv, dom, switch))
-            else:
-                env.devices.append(add_smartnic(hv, dom, switch))
-            await hv.start(dom)
-            env.guests.append(kernel)
-        with trio.fail_after(timeout_s):
-            for g in env.guests:
-                await g.ready.wait()
-            for g in env.guests:
-                if getattr(g, "announces_itself", False):
-                    continue  # it sent its self-addressed frame when its driver came up
-                mac = g.nic.mac
-                await g.nic.send(mac + mac + struct.pack("!H", ANNOUNCE_ETHERTYPE) + bytes(46))
-            macs = {g.nic.mac for g in env.guests}
-            while not macs <= set(switch.mac_table):
-                await trio.sleep(0.0005)
-        await _settle()
-        yield env
+        kernels = [factory(chr(ord("a") + i), model, _ip(i), options) for i in range(n_guests)]
+        net = await start_network(hv, kernels, model=model, settle_s=0.001, timeout_s=timeout_s)
+        yield ModelEnv(hv, net.switch, model, guest, net.guests, net.devices, net.netback)
 
 
 async def _settle() -> None:

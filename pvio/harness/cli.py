@@ -1,9 +1,9 @@
 """The ``pvio`` command line.
 
-``pvio demo [--json]`` runs the main example (``examples/pv_demo.py``): two PyGuests
+``pvio demo [--json]`` runs the main scenario (:mod:`pvio.harness.demo`): two PyGuests
 exchange scapy-built traffic through the PV split-driver NIC and the counters per packet
 are printed; ``pvio demo --guest x86`` runs it with guest B an x86 guest kernel on the
-emulated vCPU (``examples/x86_demo.py``), same table and ``--json`` schema.
+emulated vCPU, same table and ``--json`` schema.
 ``pvio ring-demo`` runs the bare ring example.  ``pvio bench [--json] [--chart PATH]``
 compares the device models (emulated NIC, PV vif, smart NIC) on stream and ping-pong
 traffic (:mod:`pvio.harness.bench`).
@@ -35,16 +35,16 @@ def main(argv: list[str] | None = None) -> None:
     if command == "demo":
         guest, rest = _take_option(rest, "--guest", "py")
         if guest == "x86":
-            from examples import x86_demo
+            from pvio.harness import demo
 
-            sys.exit(x86_demo.main(rest))
+            sys.exit(demo.x86_main(rest))
         if guest != "py":
             print(f"pvio demo: --guest must be py or x86, not {guest!r}", file=sys.stderr)
             sys.exit(2)
-        from examples import pv_demo
+        from pvio.harness import demo
 
-        sys.exit(pv_demo.main(rest))
-    from examples import ring_demo
+        sys.exit(demo.main(rest))
+    from pvio.harness import ring_demo
 
     ring_demo.main()
 

@@ -23,8 +23,8 @@ from typing import Any
 import pytest
 import trio
 
-from examples.x86_demo import x86_ready
 from pvio.cpu.guest import X86Guest
+from pvio.harness.demo import x86_ready
 from pvio.toolstack import add_vif
 from tests.netenv import NicGuest, ip_of, net_env, seq_of, wait_until
 

@@ -1,6 +1,6 @@
 """A frontend and a backend exchange netif TX requests over one shared page.
 
-Run it with ``python -m examples.ring_demo``.  The frontend posts packets' TX requests
+Run it with ``pvio ring-demo``.  The frontend posts packets' TX requests
 in batches, the backend takes each one (copied out of the shared page once), answers it
 in the same slot, and both sides only notify when the peer asked (event indices).
 """

@@ -1,1 +1,0 @@
-"""examples: runnable scenarios a user starts from."""
