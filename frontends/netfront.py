@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from pvio.abi import PAGE_SIZE
+from pvio.abi.vif import parse_mac
 from pvio.core.counters import Counters
 from pvio.frontends.nic import GuestNic
 from pvio.ringbuf import NETIF_RX, NETIF_TX, FrontRing, RingOverflowError
@@ -52,7 +53,6 @@ from pvio.ringbuf.netif import (
     XEN_NETIF_MAX_TX_SIZE,
     XEN_NETIF_NR_SLOTS_MIN,
 )
-from pvio.toolstack import parse_mac
 from pvio.xenstore.wire import XenbusState
 
 if TYPE_CHECKING:

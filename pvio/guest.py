@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import struct
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 
@@ -59,10 +59,8 @@ from pvio.abi import (
 from pvio.core import evtchn as _ev
 from pvio.core.domain import Domain, StartInfo
 from pvio.core.grant_table import GrantMapping, GuestGrantTable
+from pvio.core.hypervisor import Hypervisor
 from pvio.xenstore.client import XenbusClient
-
-if TYPE_CHECKING:
-    from pvio.core.hypervisor import Hypervisor
 
 log = logging.getLogger("pvio.guest")
 
@@ -443,3 +441,6 @@ class Dom0Kernel(PyGuest):
     """The default kernel of dom0: boots and idles; backends run as its tasks."""
 
     memory_pages = 4096
+
+
+Hypervisor.default_dom0_kernel = Dom0Kernel

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 import trio.testing
 
+from pvio.abi.vif import default_mac, parse_mac
 from pvio.xenstore.wire import XenbusState
 
 if TYPE_CHECKING:
@@ -33,8 +34,6 @@ if TYPE_CHECKING:
     from pvio.core.counters import Snapshot
     from pvio.core.domain import Domain
     from pvio.core.hypervisor import Hypervisor
-
-XEN_OUI = "00:16:3e"
 
 
 @dataclass(frozen=True)
@@ -47,22 +46,6 @@ class VifConfig:
     mac: str
     frontend_path: str
     backend_path: str
-
-
-def default_mac(domid: int, devid: int) -> str:
-    """A stable locally-administered-style MAC under Xen's OUI for (domid, devid)."""
-    return f"{XEN_OUI}:{(domid >> 8) & 0xFF:02x}:{domid & 0xFF:02x}:{devid & 0xFF:02x}"
-
-
-def parse_mac(text: str) -> bytes:
-    """'aa:bb:cc:dd:ee:ff' -> 6 bytes (ValueError naming the text otherwise)."""
-    parts = text.split(":")
-    if len(parts) != 6:
-        raise ValueError(f"MAC address {text!r} does not have 6 octets")
-    try:
-        return bytes(int(p, 16) for p in parts)
-    except ValueError:
-        raise ValueError(f"MAC address {text!r} is not hexadecimal") from None
 
 
 def add_vif(

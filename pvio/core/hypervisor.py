@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from types import TracebackType
-from typing import Any
+from typing import Any, ClassVar
 
 import trio
 
@@ -57,6 +58,11 @@ def seed_trio_scheduler(seed: int) -> bool:
 class Hypervisor:
     """Hosts domains; the single owner of every domain, channel, grant and store node."""
 
+    #: Makes dom0's kernel when ``dom0`` is not given.  The core knows no guest kind: the
+    #: Python guest kernel (:mod:`pvio.guest`) installs its ``Dom0Kernel`` here on import,
+    #: which ``import pvio`` always does.
+    default_dom0_kernel: ClassVar[Callable[[], GuestKernel] | None] = None
+
     def __init__(
         self, *, seed: int | None = 0, dom0: GuestKernel | None = None, dom0_pages: int = DEFAULT_DOM0_PAGES
     ) -> None:
@@ -83,9 +89,13 @@ class Hypervisor:
         self._nursery_cm = trio.open_nursery()
         self.nursery = await self._nursery_cm.__aenter__()
         try:
-            from pvio.guest import Dom0Kernel
-
-            kernel = self._dom0_kernel if self._dom0_kernel is not None else Dom0Kernel()
+            kernel = self._dom0_kernel
+            if kernel is None:
+                if Hypervisor.default_dom0_kernel is None:
+                    raise RuntimeError(
+                        "no dom0 kernel: pass dom0=..., or import pvio (the Python guest kernel)"
+                    )
+                kernel = Hypervisor.default_dom0_kernel()
             self.dom0 = self.create_domain(
                 kernel, name="dom0", memory_pages=self._dom0_pages, domid=0, privileged=True
             )
