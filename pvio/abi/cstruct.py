@@ -14,8 +14,9 @@ place, or the two drift apart.  pvio's rule:
   as Python reads it.
 
 Fields are C types with natural alignment (``u8``..``u64``, ``s8``..``s64``, arrays such as
-``u8[6]`` or ``char[32]``), or another :class:`CStruct` (nested, optionally as an array:
-``(name, inner, count)``); ``pad`` fields make explicit padding.  Little-endian, x86-64.
+``u8[6]`` or ``char[32]``), ``pad[N]`` for bytes the C compiler would pad (laid out, never
+named), or another :class:`CStruct` (nested, optionally as an array: ``(name, inner,
+count)``).  Little-endian, x86-64.
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ _SCALARS = {
     "s32": ("i", 4),
     "s64": ("q", 8),
     "char": ("s", 1),
+    "pad": ("x", 1),  # padding C inserts (a nested struct's tail, say): laid out, never named
 }
-_FIELD = re.compile(r"^(u8|u16|u32|u64|s8|s16|s32|s64|char)(?:\[(\d+)\])?$")
+_FIELD = re.compile(r"^(u8|u16|u32|u64|s8|s16|s32|s64|char|pad)(?:\[(\d+)\])?$")
 
 
 class CStruct:
@@ -91,7 +93,9 @@ class CStruct:
                 fmt += f"{align - pos % align}x"
                 pos += align - pos % align
             self._offsets[fname] = pos
-            if m.group(2) is None and code != "s":
+            if code == "x":
+                fmt += f"{count}x"
+            elif m.group(2) is None and code != "s":
                 fmt += code
                 names.append(fname)
             elif width == 1:
@@ -176,6 +180,9 @@ class CStruct:
                 continue
             m = _FIELD.match(ctype)
             assert m is not None
+            if m.group(1) == "pad":
+                lines.append(f"    u8 {fname}[{m.group(2) or 1}];")
+                continue
             arr = f"[{m.group(2)}]" if m.group(2) else ""
             tail = f" /* {comment} */" if comment else ""
             lines.append(f"    {m.group(1)} {fname}{arr};{tail}")

@@ -100,9 +100,16 @@ EVTCHN_2L_NR_CHANNELS = 4096
 BITS_PER_WORD = 64
 
 # Argument structs of event_channel_op (the out fields are written back in place).
-EVTCHN_ALLOC_UNBOUND = struct.Struct("<HHI")  # dom @0, remote_dom @2, port(out) @4: 8 B
-EVTCHN_BIND_INTERDOMAIN = struct.Struct("<H2xII")  # remote_dom @0, remote_port @4, local_port(out) @8: 12 B
-EVTCHN_BIND_VIRQ = struct.Struct("<III")  # virq @0, vcpu @4, port(out) @8: 12 B
+EVTCHN_ALLOC_UNBOUND_T = CStruct(
+    "evtchn_alloc_unbound", [("dom", "u16"), ("remote_dom", "u16"), ("port", "u32", "out")]
+)
+EVTCHN_ALLOC_UNBOUND = EVTCHN_ALLOC_UNBOUND_T.struct
+EVTCHN_BIND_INTERDOMAIN_T = CStruct(
+    "evtchn_bind_interdomain", [("remote_dom", "u16"), ("remote_port", "u32"), ("local_port", "u32", "out")]
+)
+EVTCHN_BIND_INTERDOMAIN = EVTCHN_BIND_INTERDOMAIN_T.struct
+EVTCHN_BIND_VIRQ_T = CStruct("evtchn_bind_virq", [("virq", "u32"), ("vcpu", "u32"), ("port", "u32", "out")])
+EVTCHN_BIND_VIRQ = EVTCHN_BIND_VIRQ_T.struct
 EVTCHN_PORT = struct.Struct("<I")  # close / send / unmask: {port}: 4 B
 # status: dom @0, port @4, status(out) @8, vcpu(out) @12, union(out) @16: 24 B; the union is
 # unbound {dom u16 @16}, interdomain {dom u16 @16, port u32 @20}, virq u32 @16.
@@ -224,17 +231,36 @@ GNTMAP_contains_pte = 0x10
 GNTCOPY_source_gref = 0x1
 GNTCOPY_dest_gref = 0x2
 
-# host_addr @0, flags @8, ref @12, dom @16, status(out) @18, handle(out) @20, dev_bus_addr(out) @24: 32 B
-GNTTAB_MAP_GRANT_REF = struct.Struct("<QIIHhIQ")
-# host_addr @0, dev_bus_addr @8, handle @16, status(out) @20: 24 B
-GNTTAB_UNMAP_GRANT_REF = struct.Struct("<QQIh2x")
-# source {u64 ref|gmfn, domid u16, offset u16} @0, dest @16, len @32, flags @34, status(out) @36: 40 B
-GNTTAB_COPY = struct.Struct("<QHH4xQHH4xHHh2x")
-GNTTAB_COPY_STATUS_OFFSET = 36
-# setup_table: dom @0, nr_frames @4, status(out) @8, frame_list handle (guest address) @16: 24 B
-GNTTAB_SETUP_TABLE = struct.Struct("<H2xIh6xQ")
-# query_size: dom @0, nr_frames(out) @4, max_nr_frames(out) @8, status(out) @12: 16 B
-GNTTAB_QUERY_SIZE = struct.Struct("<H2xIIh2x")
+GNTTAB_MAP_GRANT_REF_T = CStruct(
+    "gnttab_map_grant_ref",
+    [("host_addr", "u64"), ("flags", "u32"), ("ref", "u32"), ("dom", "u16"),
+     ("status", "s16", "out"), ("handle", "u32", "out"), ("dev_bus_addr", "u64", "out")],
+)  # fmt: skip
+GNTTAB_MAP_GRANT_REF = GNTTAB_MAP_GRANT_REF_T.struct
+GNTTAB_UNMAP_GRANT_REF_T = CStruct(
+    "gnttab_unmap_grant_ref",
+    [("host_addr", "u64"), ("dev_bus_addr", "u64"), ("handle", "u32"), ("status", "s16", "out")],
+)
+GNTTAB_UNMAP_GRANT_REF = GNTTAB_UNMAP_GRANT_REF_T.struct
+# struct gnttab_copy: source and dest are each {union {u32 ref; u64 gmfn} u; domid u16; offset u16}.
+GNTTAB_COPY_T = CStruct(
+    "gnttab_copy",
+    [("source_u", "u64"), ("source_domid", "u16"), ("source_offset", "u16"), ("source_pad", "pad[4]"),
+     ("dest_u", "u64"), ("dest_domid", "u16"), ("dest_offset", "u16"), ("dest_pad", "pad[4]"),
+     ("len", "u16"), ("flags", "u16", "GNTCOPY_*"), ("status", "s16", "out")],
+)  # fmt: skip
+GNTTAB_COPY = GNTTAB_COPY_T.struct
+GNTTAB_COPY_STATUS_OFFSET = GNTTAB_COPY_T.offset("status")
+GNTTAB_SETUP_TABLE_T = CStruct(
+    "gnttab_setup_table",
+    [("dom", "u16"), ("nr_frames", "u32"), ("status", "s16", "out"), ("frame_list", "u64", "guest handle")],
+)
+GNTTAB_SETUP_TABLE = GNTTAB_SETUP_TABLE_T.struct
+GNTTAB_QUERY_SIZE_T = CStruct(
+    "gnttab_query_size",
+    [("dom", "u16"), ("nr_frames", "u32", "out"), ("max_nr_frames", "u32", "out"), ("status", "s16", "out")],
+)
+GNTTAB_QUERY_SIZE = GNTTAB_QUERY_SIZE_T.struct
 
 
 # --------------------------------------------------------------------------- sched_op etc.

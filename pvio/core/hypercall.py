@@ -28,15 +28,23 @@ from pvio.abi import (
     DOMID_SELF,
     EVTCHN_2L_NR_CHANNELS,
     EVTCHN_ALLOC_UNBOUND,
+    EVTCHN_ALLOC_UNBOUND_T,
     EVTCHN_BIND_INTERDOMAIN,
+    EVTCHN_BIND_INTERDOMAIN_T,
     EVTCHN_BIND_VIRQ,
+    EVTCHN_BIND_VIRQ_T,
     EVTCHN_PORT,
     EVTCHN_STATUS,
     GNTTAB_COPY,
+    GNTTAB_COPY_T,
     GNTTAB_MAP_GRANT_REF,
+    GNTTAB_MAP_GRANT_REF_T,
     GNTTAB_QUERY_SIZE,
+    GNTTAB_QUERY_SIZE_T,
     GNTTAB_SETUP_TABLE,
+    GNTTAB_SETUP_TABLE_T,
     GNTTAB_UNMAP_GRANT_REF,
+    GNTTAB_UNMAP_GRANT_REF_T,
     NR_VIRQS,
     SCHED_SHUTDOWN,
     CALLBACKOP_register,
@@ -61,8 +69,10 @@ from pvio.core.grant_table import GrantError, copy_one, map_grant, unmap_grant
 from pvio.core.memory import GuestFault
 
 if TYPE_CHECKING:
+    from pvio.abi.cstruct import CStruct
     from pvio.core.domain import Domain
     from pvio.core.hypervisor import Hypervisor
+    from pvio.core.memory import GuestMemory
 
 log = logging.getLogger("pvio.hypercall")
 
@@ -197,6 +207,12 @@ class HypercallTable:
         return int(dom.vcpu.iret())
 
     # ------------------------------------------------------------------ event channels
+    @staticmethod
+    def _put(mem: GuestMemory, base: int, layout: CStruct, **fields: int) -> None:
+        """Write a hypercall's out fields in place, each at its offset in ``layout``."""
+        for name, value in fields.items():
+            mem.write(base + layout.offset(name), layout.pack_field(name, value))
+
     def event_channel_op(self, dom: Domain, cmd: int, arg: int, _a3: int, _a4: int, _a5: int) -> int:
         """event_channel_op(cmd, arg): the 2-level ABI's channel operations."""
         dom.counters["hypercalls." + _EVTCHN_NAMES.get(cmd, "event_channel_op.unknown")] += 1
@@ -208,17 +224,17 @@ class HypercallTable:
         if cmd == EvtchnOp.alloc_unbound:
             d, remote, _ = EVTCHN_ALLOC_UNBOUND.unpack(mem.read(arg, EVTCHN_ALLOC_UNBOUND.size))
             port = self.evtchn_alloc_unbound(dom, d, remote)
-            mem.write(arg + 4, EVTCHN_PORT.pack(port))
+            self._put(mem, arg, EVTCHN_ALLOC_UNBOUND_T, port=port)
             return 0
         if cmd == EvtchnOp.bind_interdomain:
             rdom, rport, _ = EVTCHN_BIND_INTERDOMAIN.unpack(mem.read(arg, EVTCHN_BIND_INTERDOMAIN.size))
             port = self.evtchn_bind_interdomain(dom, rdom, rport)
-            mem.write(arg + 8, EVTCHN_PORT.pack(port))
+            self._put(mem, arg, EVTCHN_BIND_INTERDOMAIN_T, local_port=port)
             return 0
         if cmd == EvtchnOp.bind_virq:
             virq, vcpu, _ = EVTCHN_BIND_VIRQ.unpack(mem.read(arg, EVTCHN_BIND_VIRQ.size))
             port = self.evtchn_bind_virq(dom, virq, vcpu)
-            mem.write(arg + 8, EVTCHN_PORT.pack(port))
+            self._put(mem, arg, EVTCHN_BIND_VIRQ_T, port=port)
             return 0
         if cmd == EvtchnOp.close:
             (port,) = EVTCHN_PORT.unpack(mem.read(arg, 4))
@@ -397,7 +413,7 @@ class HypercallTable:
                 c["grant.copy_bytes"] += length
             except GrantError as e:
                 status = self._grant_status(dom, e)
-            mem.write(arg + i * st.size + 36, struct.pack("<h", status))
+            self._put(mem, arg + i * st.size, GNTTAB_COPY_T, status=status)
         return 0
 
     def _gnttab_map(self, dom: Domain, arg: int, count: int) -> int:
@@ -417,7 +433,7 @@ class HypercallTable:
                 status = 0
             except GrantError as e:
                 status = self._grant_status(dom, e)
-            dom.mem.write(at + 18, struct.pack("<hIQ", status, handle, 0))
+            self._put(dom.mem, at, GNTTAB_MAP_GRANT_REF_T, status=status, handle=handle, dev_bus_addr=0)
         return 0
 
     def _gnttab_unmap(self, dom: Domain, arg: int, count: int) -> int:
@@ -433,7 +449,7 @@ class HypercallTable:
                 status = 0
             except GrantError as e:
                 status = self._grant_status(dom, e)
-            dom.mem.write(at + 20, struct.pack("<h", status))
+            self._put(dom.mem, at, GNTTAB_UNMAP_GRANT_REF_T, status=status)
         return 0
 
     def _gnttab_setup_table(self, dom: Domain, arg: int, count: int) -> int:
@@ -449,7 +465,7 @@ class HypercallTable:
             frames = b"".join(_U64.pack(gt.first_gfn + i) for i in range(nr_frames))
             dom.mem.write(frame_list, frames)
             status = GntSt.okay
-        dom.mem.write(arg + 8, struct.pack("<h", status))
+        self._put(dom.mem, arg, GNTTAB_SETUP_TABLE_T, status=status)
         return 0
 
     def _gnttab_query_size(self, dom: Domain, arg: int, count: int) -> int:
@@ -458,7 +474,9 @@ class HypercallTable:
             raise _fail(Errno.EINVAL, "query_size takes one argument")
         d, *_ = st.unpack(dom.mem.read(arg, st.size))
         gt = self._target(dom, d).grant_table
-        dom.mem.write(arg + 4, struct.pack("<IIh", gt.nr_frames, gt.nr_frames, GntSt.okay))
+        self._put(
+            dom.mem, arg, GNTTAB_QUERY_SIZE_T, nr_frames=gt.nr_frames, max_nr_frames=gt.nr_frames, status=0
+        )
         return 0
 
 
