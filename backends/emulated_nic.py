@@ -2,7 +2,7 @@
 
 Design rationale
 ----------------
-This is the baseline of the device-model comparison (ARCHITECTURE.md §5): a card in the
+This is the baseline of the device-model comparison (docs/devices.md): a card in the
 spirit of an NE2000 or an RTL8139, driven by an unmodified-style driver through its
 registers, every access of which traps to the monitor.  Nothing is batched and nothing is
 shared: a frame goes out as a length, then the frame's bytes through a 32-bit data port,

@@ -4,7 +4,7 @@ Why this example
 ----------------
 Loss and latency are the two impairments every network test wants, and they show the
 whole Backend API in ~100 lines: reading options at attach time, dropping frames (and
-counting every drop, ARCHITECTURE.md §6), and delaying frames without blocking the data
+counting every drop), and delaying frames without blocking the data
 path (``ctx.schedule``).  It is deterministic: "random" loss comes from a PRNG seeded
 from the options, one per direction, so the same scenario drops the same frames on
 every run whatever the interleaving of the two directions.

@@ -2,7 +2,7 @@
 
 One :class:`NetBack` runs in the backend domain (dom0).  It watches
 ``/local/domain/<self>/backend/vif`` for devices the toolstack creates and runs a
-:class:`BackendVif` for each, following Linux netback's sequence (fact sheet §3.5):
+:class:`BackendVif` for each, following Linux netback's sequence (``io/netif.h``, ``io/xenbus.h``):
 write the features (``feature-sg``, ``feature-rx-copy``, ...) and go InitWait; when the
 frontend is Connected (or Initialised), read its keys, refuse it without
 ``request-rx-copy = 1``, map both ring pages, bind the event channel, go Connected and

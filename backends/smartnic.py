@@ -2,7 +2,7 @@
 
 Design rationale
 ----------------
-ARCHITECTURE.md §5: the guest sees a NIC with DMA although the wire below has none.  The
+docs/devices.md: the guest sees a NIC with DMA although the wire below has none.  The
 guest posts *descriptors* on two rings in its own memory; the monitor sends by reading
 the guest's buffers directly (a DMA from guest memory to the switch: no copy into dom0,
 no dom0 at all), receives by writing frames into buffers the guest posted, and writes

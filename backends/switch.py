@@ -4,8 +4,8 @@ Design rationale
 ----------------
 Every device model (PV vif, emulated NIC, smart NIC) and every host-side port (TAP,
 pcap capture, a test's capture port) attaches to one :class:`Switch`, so any guest can
-reach any other whatever its NIC (ARCHITECTURE.md §5).  The switch is on the data path
-of every frame, so it is written for Python's per-packet budget (§8):
+reach any other whatever its NIC (docs/devices.md).  The switch is on the data path
+of every frame, so it is written for Python's per-packet budget (docs/architecture.md, "Performance"):
 
 - **batch in, batch out.**  :meth:`Switch.input` takes the list of frames one ring
   drain produced; the output is grouped per egress port and each port's
@@ -14,7 +14,7 @@ of every frame, so it is written for Python's per-packet budget (§8):
 - **bytes and dicts only.**  The destination and source MAC are two slices, learning and
   forwarding are dict look-ups; no scapy, no parsing beyond the Ethernet header.
 - **a port never stops the switch.**  A port whose ``transmit`` raises is counted and
-  logged and the other ports still get their frames (§7: never crash dom0 for one
+  logged and the other ports still get their frames (never crash dom0 for one
   device's mistake).
 
 Learning follows a classic bridge (802.1D, Linux ``br_fdb``): the source MAC of each
@@ -26,7 +26,7 @@ active station is simply re-learned from its next frame (its traffic is flooded
 meanwhile).  There is no ageing timer: ports detach explicitly and take their MACs with
 them.
 
-Counters (ARCHITECTURE.md §6; a key absent is zero)
+Counters (pvio.core.counters; a key absent is zero)
 ----------------------------------------------------
 Switch, owner ``switch/<switch name>`` — every input frame lands in exactly one of
 ``forwarded``, ``flooded`` or a ``drops.<reason>``:

@@ -4,13 +4,13 @@ Design rationale
 ----------------
 Example guests need a peer that answers ``ping`` and a UDP echo so that end-to-end
 scenarios and benchmarks have something to talk to.  scapy costs ~110 µs to parse and
-~700 µs to build a packet (ARCHITECTURE.md §8), more than the whole PV path, so this
+~700 µs to build a packet (docs/architecture.md, "Performance"), more than the whole PV path, so this
 stack never touches scapy: it reads headers with :mod:`struct` and slices, writes
 replies from headers precomputed for its own MAC/IP, and computes the Internet checksum
 itself (one big-integer conversion per checksum, see :func:`inet_checksum`).  Tests
 parse the replies with scapy; the data path does not.
 
-Every frame is hostile input (§7): :meth:`NetStack.handle` never raises.  It honours
+Every frame is hostile input: :meth:`NetStack.handle` never raises.  It honours
 the IPv4 IHL (options are skipped, and not echoed), trims Ethernet padding using the IP
 total length, verifies the IPv4 header checksum, the ICMP checksum and a non-zero UDP
 checksum, and ignores fragments (no reassembly), IP broadcast/multicast sources (no

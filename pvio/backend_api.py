@@ -11,9 +11,9 @@ netback and the virtual switch::
 It sees whole Ethernet frames as ``bytes``, a batch at a time (one ring drain), and
 returns the batch that continues: it can pass, drop, rewrite, reorder, duplicate or
 delay frames.  Batches, not single frames, because Python per packet is the budget
-(ARCHITECTURE.md §8): a stage that is called once per batch costs one call, not N.
+(docs/architecture.md, "Performance"): a stage that is called once per batch costs one call, not N.
 
-Backends are found the way the built-in ones are (§2): through the entry-point group
+Backends are found the way the built-in ones are: through the entry-point group
 ``pvio.backends``, so a user's package plugs one in by declaring, in its pyproject::
 
     [project.entry-points."pvio.backends"]
@@ -324,7 +324,7 @@ class DelayLine:
     the same instant are released in the order they were scheduled.  Run :meth:`run` in
     the vif's nursery; pass :meth:`schedule` as the context's ``scheduler``.  Time is
     ``trio.current_time()`` (a ``MockClock`` makes it reproducible).  ``max_frames`` bounds
-    the frames held per vif (§7: bound queued memory per peer): beyond it, frames are
+    the frames held per vif (bounded queued memory per peer): beyond it, frames are
     dropped, counted ``drops.delay_full``.
     """
 

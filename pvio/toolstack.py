@@ -8,7 +8,7 @@ chosen device model, every guest connected and its MAC learned.
 The toolstack's part of device set-up (what libxl does before the drivers start):
 
 ``add_vif`` creates a vif's frontend and backend directories in xenstore with libxl's
-keys and permissions (fact sheet §3.1): each directory is owned by its side with default
+keys and permissions (libxl's vif directories): each directory is owned by its side with default
 access "none", and the other side may read it — so each side of a device reads but
 cannot write the other side's directory.  Both start in state Initialising; netback
 (watching its backend directory) and netfront take it from there.

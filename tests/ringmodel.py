@@ -1,6 +1,6 @@
 """A pure-Python reference model of a Xen shared ring, for differential tests of the C ring.
 
-Written from the fact sheet (``xen-abi-facts.md`` §1), not from ``ring.c``: the header is
+Written from Xen's ``io/ring.h`` semantics, not from ``ring.c``: the header is
 four little-endian u32 words at Xen's offsets (req_prod @0, req_event @4, rsp_prod @8,
 rsp_event @12) then a protocol-private word and padding up to 64 bytes; slot ``idx`` lives
 at ``64 + (idx mod nr_ents) * ent_size``.  Every index is kept as an ordinary Python int
@@ -21,7 +21,7 @@ import struct
 HEADER_SIZE = 64
 U32 = 1 << 32
 
-# Header word offsets, from the table in fact sheet §1.1.
+# Header word offsets, as DEFINE_RING_TYPES lays out the shared ring.
 REQ_PROD = 0
 REQ_EVENT = 4
 RSP_PROD = 8
@@ -36,7 +36,7 @@ class ModelOverflowError(Exception):
 
 
 def nr_ents(ring_bytes: int, ent_size: int) -> int:
-    """Slots after the 64-byte header, rounded down to a power of two (fact sheet §1.2)."""
+    """Slots after the 64-byte header, rounded down to a power of two (__RING_SIZE)."""
     if ring_bytes < HEADER_SIZE or ent_size <= 0:
         return 0
     fit = (ring_bytes - HEADER_SIZE) // ent_size
@@ -177,7 +177,7 @@ class ModelBack(_ModelEnd):
         self.req_cons = attach_at % U32
 
     def unconsumed_requests(self) -> int:
-        """Published requests not yet taken, capped by the response slots left (§1.4).
+        """Published requests not yet taken, capped by the response slots left (RING_HAS_UNCONSUMED_REQUESTS).
 
         Impossible: req_prod more than a ring ahead of our responses
         (RING_REQUEST_PROD_OVERFLOW), or behind the requests we already took.

@@ -1,7 +1,7 @@
-"""pvio/abi.py against the fact sheet: hypercall numbers, errnos, GNTST codes, struct layouts.
+"""pvio.abi against Xen's public headers: hypercall numbers, errnos, GNTST codes, struct layouts.
 
 Each struct is checked by packing distinct marker values and reading every field back at the
-offset and width the fact sheet gives (§4.4, §5.1-5.3, §6), so a field that moved, shrank or
+offset and width Xen's headers give, so a field that moved, shrank or
 changed signedness fails here before any guest misreads it.
 """
 
@@ -27,7 +27,7 @@ def check_layout(st: struct.Struct, size: int, fields: list[tuple[int, str]]) ->
     assert st.unpack(blob) == tuple(values)
 
 
-# ---- hypercalls, errnos, sub-ops (§6.1, §6.2, §6.4, §6.5) -----------------------------------
+# ---- hypercalls, errnos, sub-ops -----------------------------------
 
 
 def test_hypercall_numbers_match_xen_h() -> None:
@@ -93,7 +93,7 @@ def test_domid_self_and_page_size() -> None:
     assert abi.PAGE_SIZE == 4096 == 1 << abi.PAGE_SHIFT
 
 
-# ---- event channels (§5.1-5.3) --------------------------------------------------------------
+# ---- event channels --------------------------------------------------------------
 
 
 def test_event_channel_op_commands() -> None:
@@ -167,7 +167,7 @@ def test_vcpu_info_fields() -> None:
     assert abi.VCPU_TIME_INFO == 32
 
 
-# ---- grant tables (§4) ----------------------------------------------------------------------
+# ---- grant tables ----------------------------------------------------------------------
 
 
 def test_grant_table_op_commands() -> None:
@@ -261,7 +261,7 @@ def test_gnttab_setup_table_and_query_size_layouts(
     check_layout(st, size, fields)
 
 
-# ---- start_info (§6.6 and the pvio extension, docs/abi.md) ----------------------------------
+# ---- start_info (docs/abi.md) ----------------------------------
 
 
 def test_start_info_offsets() -> None:

@@ -1,4 +1,4 @@
-"""Event channels, 2-level ABI (fact sheet §5): binding, sending, closing, every error path, and
+"""Event channels, 2-level ABI (event_channel.h): binding, sending, closing, every error path, and
 the pending / mask / selector / upcall semantics a guest observes, with exact counters."""
 
 from __future__ import annotations

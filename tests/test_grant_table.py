@@ -1,4 +1,4 @@
-"""Grant tables v1 (fact sheet §4): zero-copy mappings, every check with its GNTST status, the
+"""Grant tables v1 (grant_table.h): zero-copy mappings, every check with its GNTST status, the
 in-use bits that make revocation fail while mapped, batched copies, and domain destruction."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The hypercall table (fact sheet §6): Xen numbers and results, exact counters, bad guest
+"""The hypercall table (xen.h): Xen numbers and results, exact counters, bad guest
 addresses answered with -EFAULT, garbage never raising out of dispatch, console_io, sched_op."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Hostile peers and API misuse (fact sheet §1.4, §1.6; ARCHITECTURE §7).
+"""Hostile peers and API misuse (docs/architecture.md, "Hostile input").
 
 A peer owns only its own producer index and the slots it fills, and may write anything
 there at any time.  Each end must: refuse an impossible producer index with

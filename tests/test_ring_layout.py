@@ -1,4 +1,4 @@
-"""The ring's byte layout against Xen's public headers (fact sheet §1.1-1.3 and §2.1).
+"""The ring's byte layout against Xen's public headers (io/ring.h and io/netif.h).
 
 Sizes and offsets are read from the compiled C structs through cffi, so these tests pin the
 ABI the C code actually uses; the Python layouts are then checked against the same numbers,

@@ -1,4 +1,4 @@
-"""Notification hold-off (fact sheet §1.5): when a push notifies, and how the final check
+"""Notification hold-off (io/ring.h): when a push notifies, and how the final check
 closes the race between "I found no work" and "the peer skipped notifying me".
 
 A push from ``old`` to ``new`` must notify exactly when the peer's event index lies in the

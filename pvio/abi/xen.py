@@ -1,6 +1,7 @@
 """Xen ABI numbers and byte layouts the hypervisor and guests share (x86_64).
 
-Every value here is Xen's (see ``docs/`` and the fact sheet the project was built from),
+Every value here is Xen's (its public headers: ``xen.h``, ``event_channel.h``, ``grant_table.h``,
+``vcpu.h``, ``io/xs_wire.h``, ``io/xenbus.h``),
 except the block marked *pvio-specific*, which documents pvio's own start-of-day
 extension.  Each layout is defined once, as a :class:`struct.Struct` or an offset
 constant, and ``tests/test_abi.py`` checks the sizes and offsets.
