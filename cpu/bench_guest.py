@@ -51,8 +51,6 @@ from pvio.abi.bench import (
 from pvio.cpu.guest import X86Guest
 
 CMD_STREAM, CMD_PINGPONG = BENCH_CMD_STREAM, BENCH_CMD_PINGPONG
-#: struct nicdrv_stats: the emulated-NIC / smart-NIC C driver's counters, by name.
-DRV_STATS_FIELDS = tuple(NICDRV_STATS.Record._fields)
 POLL_S = 0.0005
 _MAC = re.compile(r"\bmac ((?:[0-9a-f]{2}:){5}[0-9a-f]{2})")
 _MBOX = re.compile(r"^bench: mailbox at ([0-9a-f]+)$")

@@ -160,10 +160,6 @@ def host_address(buffer: Any) -> int:
     return ctypes.addressof(ctypes.c_char.from_buffer(buffer))
 
 
-class GuestCrash(Exception):
-    """The guest did something that stops its domain (the message is the logged reason)."""
-
-
 class X86Vcpu:
     """The one vCPU of an x86 domain: runs the guest in slices, traps, delivers upcalls."""
 
@@ -196,7 +192,6 @@ class X86Vcpu:
         self._stop_requested = False  # a hook asked the slice loop to take over
         self._crash: str | None = None  # set by a hook: crash the domain after the slice
         self._iret_regs: tuple[int, int, int, int, int, int] | None = None
-        self._exits_at_slice_start = 0
         self._idle_slices = 0
         self._mmio_pages: set[int] = set()
         self._foreign: dict[int, int] = {}  # grant handle -> guest address it is mapped at

@@ -26,7 +26,6 @@ from pvio.abi import (
     CALLBACK_REGISTER,
     DOMID_FIRST_RESERVED,
     DOMID_SELF,
-    EVTCHN_2L_NR_CHANNELS,
     EVTCHN_ALLOC_UNBOUND,
     EVTCHN_ALLOC_UNBOUND_T,
     EVTCHN_BIND_INTERDOMAIN,
@@ -478,8 +477,3 @@ class HypercallTable:
             dom.mem, arg, GNTTAB_QUERY_SIZE_T, nr_frames=gt.nr_frames, max_nr_frames=gt.nr_frames, status=0
         )
         return 0
-
-
-def max_ports_ok(n: int) -> bool:
-    """Whether ``n`` is a valid per-domain port limit for the 2-level ABI."""
-    return 2 <= n <= EVTCHN_2L_NR_CHANNELS

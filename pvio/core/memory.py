@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import mmap
 
-from pvio.abi import PAGE_SHIFT, PAGE_SIZE
+from pvio.abi import PAGE_SHIFT
 
 
 class GuestFault(Exception):
@@ -57,10 +57,6 @@ class GuestMemory:
         """Copy ``data`` into guest memory at ``gpa``."""
         self.check(gpa, len(data))
         self.mmap[gpa : gpa + len(data)] = data
-
-    def zero_page(self, gfn: int) -> None:
-        """Fill one page with zeroes."""
-        self.page(gfn)[:] = bytes(PAGE_SIZE)
 
     def close(self) -> None:
         """Release the RAM (after the domain is destroyed and nothing maps it)."""
