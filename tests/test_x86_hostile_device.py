@@ -116,6 +116,40 @@ async def test_smartnic_driver_refuses_a_forged_completion_and_goes_on(
         _alive(c)
 
 
+async def test_smartnic_driver_refuses_an_rx_id_repeated_in_one_batch(
+    pvio_env: Any, run_scenario: Any, autojump_clock: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two frames in one batch, the second completion naming the first's buffer again: the
+    driver takes the first, refuses the repeat (its buffer is not re-posted until the batch
+    is done) and re-posts the one buffer once; the other real buffer stays in flight."""
+    async with pvio_env("smartnic", guest="x86", n_guests=3) as env:
+        a, _b, c = env.guests
+        dev = env.devices[2]
+        rx_req_prod = dev._gpa(snic.REG_RX_RING_LO)
+        real = dev._complete
+        seen: list[int] = []
+
+        def complete(r: Any, cmpls: list[bytes]) -> None:
+            if not seen and r is dev._rx and len(cmpls) == 2:
+                first = snic.CMPL.unpack(cmpls[0])
+                seen.append(first[0])
+                cmpls = [cmpls[0], snic.CMPL.pack(first[0], *snic.CMPL.unpack(cmpls[1])[1:])]
+            real(r, cmpls)
+
+        monkeypatch.setattr(dev, "_complete", complete)
+        before, posted = c.driver_stats(), dev.dom.mem.read(rx_req_prod, 4)
+        dev.transmit([_marker(c, a), _marker(c, a)])
+        await _settle()
+        assert seen
+        assert _diff(before, c.driver_stats()) == RX | {"rx_packets": 1, "bad_completions": 1}
+        now_posted = dev.dom.mem.read(rx_req_prod, 4)
+        assert struct.unpack("<I", now_posted)[0] - struct.unpack("<I", posted)[0] == 1
+        _alive(c)
+        monkeypatch.undo()
+        await _others_and_victim_work(env, run_scenario, victim_works=True)
+        _alive(c)
+
+
 async def test_smartnic_driver_stops_on_an_impossible_completion_index(
     pvio_env: Any, run_scenario: Any, autojump_clock: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

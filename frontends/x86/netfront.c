@@ -2,34 +2,39 @@
  * protocol as pvio's Python netfront (frontends/netfront.py) and Linux's.
  *
  * Handshake: read backend, backend-id and mac from our device directory, wait for the
- * backend's InitWait, require feature-rx-copy=1; allocate and grant both ring pages,
+ * backend's InitWait, require feature-rx-copy=1; allocate both ring pages and initialise
+ * them as front rings (pvio_front_init: SHARED_RING_INIT + FRONT_RING_INIT), grant them,
  * allocate an unbound event channel for the backend, grant the TX pool (one page per
  * ring slot, read-only, granted once) and the RX buffers (writable), post every RX
  * buffer; then write tx-ring-ref, rx-ring-ref, event-channel, request-rx-copy,
  * feature-rx-notify, feature-sg and state=Connected in one transaction (retried on
  * EAGAIN), and wait for the backend's Connected (or Closed: refused).
  *
- * Hardening (the backend is untrusted): every response is copied out of the shared
- * ring once (one volatile load of the whole slot) and only the copy is used; a
- * producer index more than the outstanding requests ahead, a response id outside the
- * ring or not outstanding (TX) / not posted (RX), an RX fragment crossing its page, or
- * a packet of more than 18 slots disconnects the device with a logged reason; received
- * data is copied out of the buffer once before the buffer is re-posted.
+ * Rings: both are struct pvio_front_ring, driven only through ring.c (the ring every
+ * pvio component uses): requests go in with pvio_front_put_requests and are published
+ * with pvio_front_push_requests, responses come out with pvio_front_take_responses, and
+ * the idle path arms with pvio_front_final_check_for_responses.  This file keeps only
+ * the driver's own state: which TX pool slots are free or in flight, which RX buffers
+ * are posted, and whether TX requests are waiting to be published.
  *
- * Notifications: pushes notify only when the backend's event index asks for it
+ * Hardening (the backend is untrusted): take_responses copies each response out of the
+ * shared ring once and only the copy is used; it refuses a producer index more than the
+ * outstanding requests ahead (PVIO_RING_EOVERFLOW), which disconnects the device, as do
+ * a response id outside the ring or not outstanding (TX) / not posted (RX), an RX
+ * fragment crossing its page, or a packet of more than 18 slots, each with a logged
+ * reason; received data is copied out of the buffer once before the buffer is re-posted.
+ *
+ * Notifications: a push notifies only when the backend's event index asks for it
  * (RING_PUSH_REQUESTS_AND_CHECK_NOTIFY); before sleeping, the final check arms the TX
- * response event at half the outstanding requests and the RX event at the next
- * response, then re-checks (no lost wake-up). */
+ * response event at half the outstanding requests ahead (plus one) and the RX event at
+ * the next response, then re-checks (no lost wake-up). */
 #include "pvio.h"
 
-#define TX_SLOT(i) ((u8 *)tx_sring + sizeof(struct pvio_sring) + ((i) & (NET_TX_RING_SIZE - 1)) * sizeof(union netif_tx_sring_entry))
-#define RX_SLOT(i) ((u8 *)rx_sring + sizeof(struct pvio_sring) + ((i) & (NET_RX_RING_SIZE - 1)) * sizeof(union netif_rx_sring_entry))
 #define FRAME_MAX 65536
 
 struct netfront_stats nf_stats;
-static struct pvio_sring *tx_sring, *rx_sring;
-static u32 tx_req_prod_pvt, tx_pushed, tx_rsp_cons;
-static u32 rx_req_prod_pvt, rx_pushed, rx_rsp_cons;
+static struct pvio_front_ring tx_ring, rx_ring;
+static u32 tx_unpushed; /* TX requests put on the ring since the last push */
 static u32 tx_ring_ref, rx_ring_ref, port;
 static u16 backend_id;
 static u8 mac[6];
@@ -38,7 +43,9 @@ static u32 tx_gref[NET_TX_RING_SIZE], rx_gref[NET_RX_RING_SIZE];
 static u16 tx_free[NET_TX_RING_SIZE];
 static u32 tx_nfree;
 static u8 tx_outstanding[NET_TX_RING_SIZE], rx_posted[NET_RX_RING_SIZE];
-static u16 rx_repost[NET_RX_RING_SIZE];
+static struct netif_tx_response tx_rsp[NET_TX_RING_SIZE]; /* copies taken from the ring */
+static struct netif_rx_response rx_rsp[NET_RX_RING_SIZE];
+static struct netif_rx_request rx_req[NET_RX_RING_SIZE];   /* RX buffers to (re-)post */
 static u8 frame_buf[FRAME_MAX];
 static u32 frame_len, frame_slots;
 static int frame_discard;
@@ -75,14 +82,28 @@ static int read_key(const char *key, char *out, size_t size)
     return xenbus_read(0, path, out, size);
 }
 
+static void init_ring(struct pvio_front_ring *r, u64 gpa, u32 ent, u32 req, u32 rsp, u32 size)
+{
+    if (pvio_front_init(r, (void *)gpa, PAGE_SIZE, ent, req, rsp) || r->nr_ents != size)
+        panic("netfront: cannot initialise a ring page");
+}
+
+/* Post the RX buffers rx_req[0..n): one batch put on the ring, published. */
+static int post_rx(u32 n)
+{
+    for (u32 i = 0; i < n; i++)
+        rx_posted[rx_req[i].id] = 1;
+    pvio_front_put_requests(&rx_ring, (const char *)rx_req, n);
+    return pvio_front_push_requests(&rx_ring);
+}
+
 static void setup_rings(void)
 {
     u64 tx_gpa = alloc_page(), rx_gpa = alloc_page();
-    tx_sring = (struct pvio_sring *)tx_gpa;
-    rx_sring = (struct pvio_sring *)rx_gpa;
-    /* SHARED_RING_INIT: producers 0, events 1 (alloc_page zeroed the rest) */
-    tx_sring->req_event = tx_sring->rsp_event = 1;
-    rx_sring->req_event = rx_sring->rsp_event = 1;
+    init_ring(&tx_ring, tx_gpa, sizeof(union netif_tx_sring_entry), sizeof(struct netif_tx_request),
+              sizeof(struct netif_tx_response), NET_TX_RING_SIZE);
+    init_ring(&rx_ring, rx_gpa, sizeof(union netif_rx_sring_entry), sizeof(struct netif_rx_request),
+              sizeof(struct netif_rx_response), NET_RX_RING_SIZE);
     tx_ring_ref = gnttab_grant_access(backend_id, tx_gpa >> PAGE_SHIFT, 0);
     rx_ring_ref = gnttab_grant_access(backend_id, rx_gpa >> PAGE_SHIFT, 0);
     if (evtchn_alloc_unbound(backend_id, &port))
@@ -96,15 +117,9 @@ static void setup_rings(void)
     for (u32 i = 0; i < NET_RX_RING_SIZE; i++) {
         rx_page[i] = alloc_page();
         rx_gref[i] = gnttab_grant_access(backend_id, rx_page[i] >> PAGE_SHIFT, 0);
-        struct netif_rx_request *req = (struct netif_rx_request *)RX_SLOT(rx_req_prod_pvt++);
-        req->id = (u16)i;
-        req->pad = 0;
-        req->gref = rx_gref[i];
-        rx_posted[i] = 1;
+        rx_req[i] = (struct netif_rx_request){.id = (u16)i, .gref = rx_gref[i]};
     }
-    wmb();
-    rx_pushed = rx_req_prod_pvt;
-    WRITE_ONCE(rx_sring->req_prod, rx_pushed);
+    post_rx(NET_RX_RING_SIZE); /* before Connected: the backend is not listening yet */
 }
 
 static int write_keys(const char *mode)
@@ -186,18 +201,10 @@ int netfront_init(unsigned domid, netfront_rx_t rx, const char *mode)
     return 0;
 }
 
-/* RING_PUSH_*_AND_CHECK_NOTIFY for one ring: publish, full fence, compare the event. */
-static void push_and_notify(struct pvio_sring *s, u32 *pushed, u32 prod_pvt)
+/* Count a push's outcome, and notify the backend if its event index asked for it. */
+static void notify_if(int notify)
 {
-    u32 old = *pushed;
-    if (old == prod_pvt)
-        return;
-    wmb(); /* the backend sees the requests before the index */
-    WRITE_ONCE(s->req_prod, prod_pvt);
-    *pushed = prod_pvt;
-    mb(); /* the index is visible before we read the backend's event */
-    u32 event = READ_ONCE(s->req_event);
-    if ((u32)(prod_pvt - event) < (u32)(prod_pvt - old)) {
+    if (notify) {
         nf_stats.notifies++;
         evtchn_send(port);
     } else {
@@ -207,18 +214,17 @@ static void push_and_notify(struct pvio_sring *s, u32 *pushed, u32 prod_pvt)
 
 void netfront_push(void)
 {
-    if (connected)
-        push_and_notify(tx_sring, &tx_pushed, tx_req_prod_pvt);
+    if (connected && tx_unpushed) {
+        tx_unpushed = 0;
+        notify_if(pvio_front_push_requests(&tx_ring));
+    }
 }
 
-static void stage_slot(u16 sid, u16 flags, u16 size)
+static void stage_slot(u16 sid, u32 gref, u16 flags, u16 size)
 {
-    struct netif_tx_request *req = (struct netif_tx_request *)TX_SLOT(tx_req_prod_pvt++);
-    req->gref = tx_gref[sid];
-    req->offset = 0;
-    req->flags = flags;
-    req->id = sid;
-    req->size = size;
+    struct netif_tx_request req = {.gref = gref, .offset = 0, .flags = flags, .id = sid, .size = size};
+    pvio_front_put_requests(&tx_ring, (const char *)&req, 1); /* room: sid came from tx_free */
+    tx_unpushed++;
     tx_outstanding[sid] = 1;
 }
 
@@ -235,7 +241,7 @@ int netfront_xmit(const u8 *frame, u32 len)
         u16 sid = tx_free[--tx_nfree];
         u32 chunk = len - k * PAGE_SIZE < PAGE_SIZE ? len - k * (u32)PAGE_SIZE : (u32)PAGE_SIZE;
         memcpy((void *)tx_page[sid], frame + k * PAGE_SIZE, chunk);
-        stage_slot(sid, k + 1 < nslots ? NETTXF_MORE_DATA : 0, (u16)(k == 0 ? len : chunk));
+        stage_slot(sid, tx_gref[sid], k + 1 < nslots ? NETTXF_MORE_DATA : 0, (u16)(k == 0 ? len : chunk));
     }
     nf_stats.tx_packets++;
     return 0;
@@ -250,59 +256,51 @@ int netfront_xmit_staged(u32 len)
 {
     if (!connected || !tx_nfree || !len || len > PAGE_SIZE)
         return -ENOSPC;
-    stage_slot(tx_free[--tx_nfree], 0, (u16)len);
+    u16 sid = tx_free[--tx_nfree];
+    stage_slot(sid, tx_gref[sid], 0, (u16)len);
     nf_stats.tx_packets++;
     return 0;
 }
 
 static int reap_tx(void)
 {
-    u32 prod = READ_ONCE(tx_sring->rsp_prod);
-    if ((u32)(prod - tx_rsp_cons) > (u32)(tx_req_prod_pvt - tx_rsp_cons)) {
+    int n = pvio_front_take_responses(&tx_ring, (char *)tx_rsp, NET_TX_RING_SIZE);
+    if (n < 0) {
         nf_fail("impossible TX response producer index");
         return 0;
     }
-    rmb(); /* the index before the responses */
-    int n = 0;
-    while (tx_rsp_cons != prod) {
-        u32 raw = *(volatile u32 *)TX_SLOT(tx_rsp_cons); /* copy once */
-        tx_rsp_cons++;
-        u16 id = (u16)raw;
-        s16 status = (s16)(raw >> 16);
+    for (int i = 0; i < n; i++) {
+        u16 id = tx_rsp[i].id;
         if (id >= NET_TX_RING_SIZE || !tx_outstanding[id]) {
             nf_fail("TX response id is not an outstanding request");
-            return n;
+            return i;
         }
         tx_outstanding[id] = 0;
         tx_free[tx_nfree++] = id;
-        if (status != NETIF_RSP_OKAY && status != NETIF_RSP_NULL)
+        if (tx_rsp[i].status != NETIF_RSP_OKAY && tx_rsp[i].status != NETIF_RSP_NULL)
             nf_stats.tx_errors++;
-        n++;
     }
     return n;
 }
 
 static int receive(void)
 {
-    u32 prod = READ_ONCE(rx_sring->rsp_prod);
-    if ((u32)(prod - rx_rsp_cons) > (u32)(rx_req_prod_pvt - rx_rsp_cons)) {
+    int taken = pvio_front_take_responses(&rx_ring, (char *)rx_rsp, NET_RX_RING_SIZE);
+    if (taken < 0) {
         nf_fail("impossible RX response producer index");
         return 0;
     }
-    rmb();
     u32 nrepost = 0;
     int n = 0;
-    while (rx_rsp_cons != prod) {
-        u64 raw = *(volatile u64 *)RX_SLOT(rx_rsp_cons); /* copy once */
-        rx_rsp_cons++;
-        u16 id = (u16)raw, offset = (u16)(raw >> 16), flags = (u16)(raw >> 32);
-        s16 status = (s16)(raw >> 48);
+    for (int i = 0; i < taken; i++) {
+        u16 id = rx_rsp[i].id, offset = rx_rsp[i].offset, flags = rx_rsp[i].flags;
+        s16 status = rx_rsp[i].status;
         if (id >= NET_RX_RING_SIZE || !rx_posted[id]) {
             nf_fail("RX response id is not a posted buffer");
             return n;
         }
         rx_posted[id] = 0;
-        rx_repost[nrepost++] = id;
+        rx_req[nrepost++] = (struct netif_rx_request){.id = id, .gref = rx_gref[id]};
         if (status < 0) {
             nf_stats.rx_errors++;
             frame_len = frame_slots = 0;
@@ -335,15 +333,8 @@ static int receive(void)
         frame_discard = 0;
         n++;
     }
-    for (u32 i = 0; i < nrepost; i++) {
-        u16 id = rx_repost[i];
-        struct netif_rx_request *req = (struct netif_rx_request *)RX_SLOT(rx_req_prod_pvt++);
-        req->id = id;
-        req->pad = 0;
-        req->gref = rx_gref[id];
-        rx_posted[id] = 1;
-    }
-    push_and_notify(rx_sring, &rx_pushed, rx_req_prod_pvt);
+    if (nrepost)
+        notify_if(post_rx(nrepost));
     return n + (int)nrepost;
 }
 
@@ -363,25 +354,25 @@ int netfront_final_check(void)
 {
     if (!connected)
         return 0;
-    u32 outstanding = tx_req_prod_pvt - tx_rsp_cons;
-    WRITE_ONCE(tx_sring->rsp_event, tx_rsp_cons + (outstanding ? outstanding / 2 + 1 : 1));
-    WRITE_ONCE(rx_sring->rsp_event, rx_rsp_cons + 1);
-    mb(); /* the events are visible before we re-read the producers */
-    return READ_ONCE(tx_sring->rsp_prod) != tx_rsp_cons || READ_ONCE(rx_sring->rsp_prod) != rx_rsp_cons;
+    u32 outstanding = tx_ring.nr_ents - pvio_front_free_requests(&tx_ring);
+    int tx_work = pvio_front_final_check_for_responses(&tx_ring, outstanding / 2 + 1);
+    int rx_work = pvio_front_final_check_for_responses(&rx_ring, 1);
+    return tx_work || rx_work; /* PVIO_RING_EOVERFLOW too: the poll disconnects */
 }
 
+/* Test mode badring: break the protocol on purpose by publishing a req_prod far past the
+ * requests on the ring.  ring.c only ever publishes what was put, so this (test-only) code
+ * writes the shared index directly. */
 void netfront_hostile_push(u32 extra)
 {
     wmb();
-    WRITE_ONCE(tx_sring->req_prod, tx_req_prod_pvt + extra);
+    WRITE_ONCE(tx_ring.sring->req_prod, tx_ring.req_prod_pvt + extra);
     evtchn_send(port);
 }
 
 void netfront_hostile_bad_tx_gref(void)
 {
-    u16 sid = tx_free[--tx_nfree];
-    stage_slot(sid, 0, 64);
-    ((struct netif_tx_request *)TX_SLOT(tx_req_prod_pvt - 1))->gref = 4000; /* never granted */
+    stage_slot(tx_free[--tx_nfree], 4000, 0, 64); /* a grant reference never granted */
     netfront_push();
 }
 

@@ -1,7 +1,7 @@
 /* The smart NIC driver (docs/devices.md, "Smart NIC"): descriptor rings in guest memory,
  * buffers from a pre-registered pool, the monitor does the DMA.
  *
- *   init: check ID; read MAC, IRQ, GRANT_DOMID; two ring pages (SHARED_RING_INIT); a pool
+ *   init: check ID; read MAC, IRQ, GRANT_DOMID; two ring pages (pvio_front_init); a pool
  *         of NR_TX + NR_RX buffers of BUF_SIZE bytes in contiguous frames (indices < NR_TX
  *         for TX); post every RX buffer; program the rings and pool (and moderation if the
  *         cmd_line asks: mod=adaptive|fixed|off, mod_frames=, mod_usecs=); bind the VIRQ;
@@ -13,13 +13,22 @@
  *   idle: NAPI-style, poll while busy (check the completion indices for `spin=` rounds,
  *         default SPIN, each ended by hlt so the monitor's task runs in between, for at most
  *         `spin_us=` µs of system time, default SPIN_US: under a MockClock, which stands still
- *         while the guest runs, only the rounds count), then re-arm: the RX ring's rsp_event at the next completion, the TX
- *         ring's at half the outstanding when every TX buffer is in flight; re-check; sleep.
+ *         while the guest runs, only the rounds count), then re-arm with the final check: the
+ *         RX ring's rsp_event at the next completion, the TX ring's at half the outstanding
+ *         when every TX buffer is in flight; re-check; sleep.
+ *
+ * Rings: the descriptor rings are Xen rings of 16-byte descriptors (requests) and 8-byte
+ * completions (responses), so both are struct pvio_front_ring driven only through ring.c:
+ * descriptors go in with pvio_front_put_requests and out with pvio_front_push_requests,
+ * completions come back with pvio_front_take_responses, the idle path arms with
+ * pvio_front_final_check_for_responses.  This file keeps the pool's bookkeeping (free TX
+ * buffers, buffers in flight) and whether TX descriptors wait to be published.
  *
  * Hardened (completions are device-written, never trusted): a completion index further
- * ahead than the descriptors posted stops the driver; a completion id outside its ring's
- * buffers or not outstanding, a length beyond the buffer or a bad status is refused and
- * counted; every entry is copied once from the ring before use. */
+ * ahead than the descriptors posted (PVIO_RING_EOVERFLOW) stops the driver; a completion id
+ * outside its ring's buffers or not outstanding, a length beyond the buffer or a bad status
+ * is refused and counted; take_responses copies every entry once from the ring, and only
+ * the copy is used. */
 #include "pvio.h"
 
 #define NR_TX SNIC_RING_ENTRIES
@@ -28,16 +37,17 @@
 #define BUF_SIZE 2048
 #define SPIN 256 /* poll rounds; each one yields to the monitor (hlt ends the vCPU's slice) */
 #define SPIN_US 500 /* ... and at most this long in system time (a round is tens of µs on the emulator) */
-#define SLOT(r, i) ((u8 *)(r) + sizeof(struct pvio_sring) + ((i) & (SNIC_RING_ENTRIES - 1)) * sizeof(struct snic_desc))
 
 static volatile u32 *const regs = (volatile u32 *)SNIC_MMIO_BASE;
-static struct pvio_sring *tx_ring, *rx_ring;
-static u32 tx_prod_pvt, tx_pushed, tx_cons, rx_prod_pvt, rx_pushed, rx_cons;
+static struct pvio_front_ring tx_ring, rx_ring;
+static u32 tx_unpushed; /* TX descriptors put on the ring since the last push */
 static u64 pool;
 static u16 tx_free[NR_TX];
 static u32 tx_nfree;
 static u8 tx_out[NR_TX], rx_posted[NR_BUFS];
 static u16 repost[NR_RX];
+/* Completions copied out of each ring (two: the RX handler may transmit, which may reap). */
+static struct snic_cmpl tx_cmpl[SNIC_RING_ENTRIES], rx_cmpl[SNIC_RING_ENTRIES];
 static u8 frame[BUF_SIZE];
 static u8 mac[6];
 static u32 port, grant_domid;
@@ -71,27 +81,34 @@ static void on_irq(u32 p)
     irq_pending = 1; /* wakes the poll; no register access */
 }
 
+/* Put one descriptor for pool buffer `buf` on ring r (there is room: every slot's buffer
+ * is accounted for by tx_free / rx_posted). */
+static void put_desc(struct pvio_front_ring *r, u32 buf, u16 len, u16 id)
+{
+    struct snic_desc d = {.buf = buf, .offset = 0, .len = len, .id = id, .flags = 0, .reserved = 0};
+    pvio_front_put_requests(r, (const char *)&d, 1);
+}
+
 static void post_rx(u16 idx)
 {
-    struct snic_desc *d = (struct snic_desc *)SLOT(rx_ring, rx_prod_pvt++);
-    d->buf = idx, d->offset = 0, d->len = BUF_SIZE, d->id = idx, d->flags = 0, d->reserved = 0;
+    put_desc(&rx_ring, idx, BUF_SIZE, idx);
     rx_posted[idx] = 1;
 }
 
 /* RING_PUSH_REQUESTS_AND_CHECK_NOTIFY, the notification being a doorbell (one MMIO exit). */
-static void push_ring(struct pvio_sring *r, u32 *pushed, u32 prod, u32 bell)
+static void push_ring(struct pvio_front_ring *r, u32 bell)
 {
-    u32 old = *pushed;
-    if (old == prod)
-        return;
-    wmb();
-    WRITE_ONCE(r->req_prod, prod);
-    *pushed = prod;
-    mb();
-    if ((u32)(prod - READ_ONCE(r->req_event)) < (u32)(prod - old)) {
+    if (pvio_front_push_requests(r)) {
         drv_stats.doorbells++;
         wr(SNIC_REG_DOORBELL, bell);
     }
+}
+
+static void init_ring(struct pvio_front_ring *r)
+{
+    if (pvio_front_init(r, (void *)alloc_page(), PAGE_SIZE, sizeof(struct snic_desc), sizeof(struct snic_desc),
+                        sizeof(struct snic_cmpl)) || r->nr_ents != SNIC_RING_ENTRIES)
+        panic("snic: cannot initialise a ring page");
 }
 
 static int snic_init(unsigned domid, netfront_rx_t rx, const char *mode)
@@ -113,10 +130,8 @@ static int snic_init(unsigned domid, netfront_rx_t rx, const char *mode)
         mac[i] = (u8)(lo >> (8 * i));
     mac[4] = (u8)hi, mac[5] = (u8)(hi >> 8);
     grant_domid = rd(SNIC_REG_GRANT_DOMID); /* buffers come from the pool: no grants needed */
-    tx_ring = (struct pvio_sring *)alloc_page();
-    rx_ring = (struct pvio_sring *)alloc_page();
-    tx_ring->req_event = tx_ring->rsp_event = 1; /* SHARED_RING_INIT */
-    rx_ring->req_event = rx_ring->rsp_event = 1;
+    init_ring(&tx_ring);
+    init_ring(&rx_ring);
     u64 npages = (u64)NR_BUFS * BUF_SIZE / PAGE_SIZE;
     pool = alloc_page();
     for (u64 i = 1; i < npages; i++) {
@@ -129,11 +144,9 @@ static int snic_init(unsigned domid, netfront_rx_t rx, const char *mode)
         tx_free[tx_nfree++] = (u16)(NR_TX - 1 - i);
     for (u32 i = NR_TX; i < NR_BUFS; i++)
         post_rx((u16)i);
-    wmb();
-    rx_pushed = rx_prod_pvt;
-    WRITE_ONCE(rx_ring->req_prod, rx_pushed); /* posted before ENABLE: found when it attaches */
-    wr64(SNIC_REG_TX_RING_LO, (u64)tx_ring);
-    wr64(SNIC_REG_RX_RING_LO, (u64)rx_ring);
+    pvio_front_push_requests(&rx_ring); /* posted before ENABLE: found when it attaches */
+    wr64(SNIC_REG_TX_RING_LO, (u64)tx_ring.sring);
+    wr64(SNIC_REG_RX_RING_LO, (u64)rx_ring.sring);
     wr64(SNIC_REG_POOL_LO, pool);
     wr(SNIC_REG_POOL_BUF_SIZE, BUF_SIZE);
     wr(SNIC_REG_POOL_COUNT, NR_BUFS);
@@ -167,25 +180,21 @@ static int snic_init(unsigned domid, netfront_rx_t rx, const char *mode)
 
 static int reap_tx(void)
 {
-    u32 prod = READ_ONCE(tx_ring->rsp_prod);
-    if ((u32)(prod - tx_cons) > (u32)(tx_prod_pvt - tx_cons)) {
+    int taken = pvio_front_take_responses(&tx_ring, (char *)tx_cmpl, SNIC_RING_ENTRIES);
+    if (taken < 0) {
         fail("impossible TX completion index");
         return 0;
     }
-    rmb();
     int n = 0;
-    while (tx_cons != prod) {
-        u64 raw = *(volatile u64 *)SLOT(tx_ring, tx_cons); /* copy once */
-        tx_cons++;
-        u16 id = (u16)raw;
-        s16 status = (s16)(raw >> 32);
+    for (int i = 0; i < taken; i++) {
+        u16 id = tx_cmpl[i].id;
         if (id >= NR_TX || !tx_out[id]) {
             drv_stats.bad_completions++;
             continue;
         }
         tx_out[id] = 0;
         tx_free[tx_nfree++] = id;
-        if (status)
+        if (tx_cmpl[i].status)
             drv_stats.tx_errors++;
         n++;
     }
@@ -194,25 +203,21 @@ static int reap_tx(void)
 
 static int receive(void)
 {
-    u32 prod = READ_ONCE(rx_ring->rsp_prod);
-    if ((u32)(prod - rx_cons) > (u32)(rx_prod_pvt - rx_cons)) {
+    int taken = pvio_front_take_responses(&rx_ring, (char *)rx_cmpl, SNIC_RING_ENTRIES);
+    if (taken < 0) {
         fail("impossible RX completion index");
         return 0;
     }
-    rmb();
     u32 nrepost = 0;
-    while (rx_cons != prod) {
-        u64 raw = *(volatile u64 *)SLOT(rx_ring, rx_cons); /* copy once */
-        rx_cons++;
-        u16 id = (u16)raw, len = (u16)(raw >> 16);
-        s16 status = (s16)(raw >> 32);
+    for (int i = 0; i < taken; i++) {
+        u16 id = rx_cmpl[i].id, len = rx_cmpl[i].len;
         if (id < NR_TX || id >= NR_BUFS || !rx_posted[id]) {
             drv_stats.bad_completions++;
             continue;
         }
         rx_posted[id] = 0;
         repost[nrepost++] = id;
-        if (status || len < 14 || len > BUF_SIZE) {
+        if (rx_cmpl[i].status || len < 14 || len > BUF_SIZE) {
             drv_stats.rx_errors++;
             continue;
         }
@@ -220,9 +225,10 @@ static int receive(void)
         drv_stats.rx_packets++;
         rx_handler(frame, len);
     }
-    for (u32 i = 0; i < nrepost; i++)
+    for (u32 i = 0; i < nrepost; i++) /* after the batch: a repeated id stays refused */
         post_rx(repost[i]);
-    push_ring(rx_ring, &rx_pushed, rx_prod_pvt, SNIC_DB_RX);
+    if (nrepost)
+        push_ring(&rx_ring, SNIC_DB_RX);
     return (int)nrepost;
 }
 
@@ -238,8 +244,8 @@ static int snic_xmit(const u8 *f, u32 len)
         return -ENOSPC;
     u16 idx = tx_free[--tx_nfree];
     memcpy((u8 *)(pool + (u64)idx * BUF_SIZE), f, len);
-    struct snic_desc *d = (struct snic_desc *)SLOT(tx_ring, tx_prod_pvt++);
-    d->buf = idx, d->offset = 0, d->len = (u16)len, d->id = idx, d->flags = 0, d->reserved = 0;
+    put_desc(&tx_ring, idx, (u16)len, idx);
+    tx_unpushed++;
     tx_out[idx] = 1;
     drv_stats.tx_packets++;
     return 0;
@@ -247,8 +253,10 @@ static int snic_xmit(const u8 *f, u32 len)
 
 static void snic_push(void)
 {
-    if (connected)
-        push_ring(tx_ring, &tx_pushed, tx_prod_pvt, SNIC_DB_TX);
+    if (connected && tx_unpushed) {
+        tx_unpushed = 0;
+        push_ring(&tx_ring, SNIC_DB_TX);
+    }
 }
 
 static int snic_poll(void)
@@ -263,10 +271,13 @@ static int snic_poll(void)
     return work;
 }
 
+static u32 tx_ring_outstanding(void) { return tx_ring.nr_ents - pvio_front_free_requests(&tx_ring); }
+
+/* An interrupt, or completions (or an impossible completion index: the poll stops then). */
 static int work_waiting(void)
 {
-    return irq_pending || READ_ONCE(rx_ring->rsp_prod) != rx_cons ||
-           (tx_cons != tx_prod_pvt && READ_ONCE(tx_ring->rsp_prod) != tx_cons);
+    return irq_pending || pvio_front_unconsumed_responses(&rx_ring) != 0 ||
+           (tx_ring_outstanding() && pvio_front_unconsumed_responses(&tx_ring) != 0);
 }
 
 static void snic_wait(void)
@@ -280,12 +291,9 @@ static void snic_wait(void)
         __asm__ __volatile__("hlt" ::: "memory"); /* ends this vCPU slice: the device runs */
     }
     /* Idle: re-arm, then re-check so a completion published meanwhile is not slept through. */
-    WRITE_ONCE(rx_ring->rsp_event, rx_cons + 1);
-    if (!tx_nfree) {
-        u32 outstanding = tx_prod_pvt - tx_cons;
-        WRITE_ONCE(tx_ring->rsp_event, tx_cons + (outstanding / 2 ? outstanding / 2 : 1));
-    }
-    mb();
+    pvio_front_final_check_for_responses(&rx_ring, 1);
+    if (!tx_nfree)
+        pvio_front_final_check_for_responses(&tx_ring, tx_ring_outstanding() / 2); /* 0 arms at +1 */
     if (work_waiting())
         return;
     drv_stats.rearms++;
@@ -300,8 +308,8 @@ void snic_hostile_bad_descriptor(void)
     if (!tx_nfree)
         return;
     u16 idx = tx_free[--tx_nfree];
-    struct snic_desc *d = (struct snic_desc *)SLOT(tx_ring, tx_prod_pvt++);
-    d->buf = 0xFFFF, d->offset = 0, d->len = 64, d->id = idx, d->flags = 0, d->reserved = 0;
+    put_desc(&tx_ring, 0xFFFF, 64, idx);
+    tx_unpushed++;
     tx_out[idx] = 1;
     snic_push();
 }
