@@ -206,13 +206,14 @@ class BackendVif(SwitchPort):
         self.tx_stage_views = [g.page(p) for p in self.tx_stage]
         self.rx_stage = self._stage_pages[NR_TX:]
         self.rx_stage_views = [g.page(p) for p in self.rx_stage]
-        backend = self.netback.make_backend(self)
-        if backend is not None:
+        made = self.netback.make_backend(self)
+        if made is not None:
+            backend, options = made
             ctx = BackendContext(
                 name=self.vif_name,
                 domid=self.fe_domid,
                 counters=g.hv.counters.new(f"backend/{self.vif_name}", "device"),
-                options=dict(self.netback.backend_options),
+                options=options,
                 scheduler=self._schedule_later,
             )
             self.host = BackendHost(backend, ctx)
@@ -585,14 +586,22 @@ class NetBack:
         self.rx_queue_max = rx_queue_max
         self.backend_overrides: dict[tuple[int, int], tuple[type[Backend], dict[str, Any]]] = {}
 
-    def make_backend(self, vif: BackendVif) -> Backend | None:
-        """The custom backend instance for ``vif`` (None: frames go straight to the switch)."""
+    def set_vif_backend(
+        self, fe_domid: int, devid: int, backend: str | type[Backend], options: dict[str, Any] | None = None
+    ) -> None:
+        """Serve vif ``devid`` of domain ``fe_domid`` with its own backend (by entry-point name or
+        class) and options, instead of netback's default; set it before the vif connects."""
+        cls = load_backend(backend) if isinstance(backend, str) else backend
+        self.backend_overrides[(fe_domid, devid)] = (cls, dict(options or {}))
+
+    def make_backend(self, vif: BackendVif) -> tuple[Backend, dict[str, Any]] | None:
+        """The custom backend instance for ``vif`` and its options (None: frames go straight
+        to the switch)."""
         override = self.backend_overrides.get((vif.fe_domid, vif.devid))
         if override is not None:
             cls, options = override
-            vif.netback.backend_options = {**self.backend_options, **options}
-            return cls()
-        return self.backend_cls() if self.backend_cls is not None else None
+            return cls(), options
+        return (self.backend_cls(), dict(self.backend_options)) if self.backend_cls is not None else None
 
     async def run(self) -> None:
         """Watch the backend directory and serve each new vif."""

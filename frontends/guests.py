@@ -4,9 +4,13 @@
   (``send``, ``recv``, ``send_batch``, ``recv_batch``).
 - :class:`EchoGuest` also answers ARP, ICMP echo and UDP echo (port 7) with
   :class:`~pvio.frontends.netstack.NetStack`: bytes in, bytes out, no scapy.
+- :class:`ModelGuest` is either of them with a NIC of any device model (``pv``,
+  ``emulated``, ``smartnic``): what the benchmark and scenario files boot.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import trio
 
@@ -35,9 +39,48 @@ class EchoGuest(NicGuest):
 
     async def main(self) -> None:
         await super().main()
-        stack = NetStack(self.nic.mac, self.ip)
-        while True:
-            frames = await self.nic.recv_batch()
-            replies = stack.handle_batch(frames)
-            if replies:
-                await self.nic.send_batch(replies)
+        await echo_forever(self.nic, self.ip)
+
+
+async def echo_forever(nic: Any, ip: str) -> None:
+    """Answer ARP, ICMP echo and UDP echo arriving on ``nic`` until cancelled."""
+    stack = NetStack(nic.mac, ip)
+    while True:
+        frames = await nic.recv_batch()
+        replies = stack.handle_batch(frames)
+        if replies:
+            await nic.send_batch(replies)
+
+
+class ModelGuest(PyGuest):
+    """A PyGuest with one NIC of ``model``; ``ready`` once its driver is connected.
+
+    ``app="echo"`` makes it answer like :class:`EchoGuest`.  Driver options:
+    ``use_mmio=True`` (emulated NIC through MMIO instead of ports), ``moderation=(mode,
+    frames, usecs)`` (smart NIC).
+    """
+
+    def __init__(self, name: str, ip: str, model: str = "pv", *, app: str = "nic", **options: Any) -> None:
+        super().__init__(name)
+        self.ip = ip
+        self.model = model
+        self.app = app
+        self.options = options
+        self.ready = trio.Event()
+        self.nic: Any = None
+
+    async def main(self) -> None:
+        if self.model == "pv":
+            self.nic = Netfront(self)
+        elif self.model == "emulated":
+            from pvio.frontends.emulated_nic_driver import EmulatedNicDriver
+
+            self.nic = EmulatedNicDriver(self, use_mmio=bool(self.options.get("use_mmio", False)))
+        else:
+            from pvio.frontends.smartnic_driver import SmartNicDriver
+
+            self.nic = SmartNicDriver(self, moderation=self.options.get("moderation"))
+        await self.nic.connect()
+        self.ready.set()
+        if self.app == "echo":
+            await echo_forever(self.nic, self.ip)

@@ -93,6 +93,17 @@ MODELS: tuple[str, ...] = ("emulated", "pv", "smartnic")
 ANNOUNCE_ETHERTYPE = 0x88B5  # IEEE "local experimental": a frame to self, so the switch learns a MAC
 
 
+@dataclass(frozen=True)
+class NicConfig:
+    """One guest's NIC: its device model, and for a PV vif its backend (a ``pvio.backends``
+    entry-point name) with the backend's options; ``mac`` as 'aa:bb:cc:dd:ee:ff'."""
+
+    model: str = "pv"
+    backend: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    mac: str | None = None
+
+
 @dataclass
 class Network:
     """A booted virtual network: the hypervisor, dom0's switch (and netback), the guests and
@@ -153,9 +164,13 @@ async def start_network(
     announce: bool = True,
     settle_s: float = 0.0,
     timeout_s: float = 10.0,
+    nics: Sequence[NicConfig | None] | None = None,
 ) -> Network:
-    """Bring up dom0's switch (and netback for ``model="pv"``) on a running hypervisor, then
-    create and boot one domain per guest kernel, each with one NIC of ``model``.
+    """Bring up dom0's switch (and netback for PV vifs) on a running hypervisor, then create
+    and boot one domain per guest kernel, each with one NIC of ``model``.
+
+    ``nics[i]`` (a :class:`NicConfig`) overrides guest ``i``'s NIC: its own model, its own
+    backend (PV: this vif's backend, by entry-point name, and options) and MAC.
 
     Returns once every guest in ``wait_ready`` (default: every guest with a ``ready`` event)
     is ready, the switch knows each guest's MAC (``announce``) and the system is quiet:
@@ -170,13 +185,21 @@ async def start_network(
     from pvio.backends.smartnic import add_smartnic
     from pvio.backends.switch import Switch
 
-    if model not in MODELS:
-        raise ValueError(f"unknown device model {model!r}: choose one of {', '.join(MODELS)}")
+    configs = [NicConfig(model) if c is None else c for c in (nics or [None] * len(guests))]
+    if len(configs) != len(guests):
+        raise ValueError(f"{len(guests)} guests but {len(configs)} NIC configurations")
+    for cfg in configs:
+        if cfg.model not in MODELS:
+            raise ValueError(f"unknown device model {cfg.model!r}: choose one of {', '.join(MODELS)}")
+        if cfg.backend is not None and cfg.model != "pv":
+            raise ValueError(
+                f"a backend serves PV vifs; {cfg.model} NICs have none (backend={cfg.backend!r})"
+            )
     if hv.dom0 is None:
         raise RuntimeError("the hypervisor has no dom0 to run the switch and the backends")
     switch = Switch(hv.counters)
     net = Network(hv, switch, model, [])
-    if model == "pv":
+    if any(cfg.model == "pv" for cfg in configs):
         dom0 = hv.dom0.kernel
         net.netback = NetBack(
             dom0,  # type: ignore[arg-type]
@@ -190,14 +213,18 @@ async def start_network(
         raise ValueError(f"a backend serves PV vifs; {model} NICs have none (backend={backend!r})")
     if before_guests is not None:
         before_guests(hv)
-    for guest in guests:
+    for guest, cfg in zip(guests, configs, strict=True):
         dom = hv.create_domain(guest, name=guest.name)
-        if model == "pv":
-            add_vif(hv, dom)
-        elif model == "emulated":
-            net.devices.append(add_emulated_nic(hv, dom, switch))
+        mac = None if cfg.mac is None else parse_mac(cfg.mac)
+        if cfg.model == "pv":
+            assert net.netback is not None
+            if cfg.backend is not None:
+                net.netback.set_vif_backend(dom.domid, 0, cfg.backend, cfg.options)
+            add_vif(hv, dom, mac=cfg.mac)
+        elif cfg.model == "emulated":
+            net.devices.append(add_emulated_nic(hv, dom, switch, mac=mac))
         else:
-            net.devices.append(add_smartnic(hv, dom, switch))
+            net.devices.append(add_smartnic(hv, dom, switch, mac=mac))
         await hv.start(dom)
         net.guests.append(guest)
     ready = [g for g in guests if isinstance(getattr(g, "ready", None), trio.Event)]

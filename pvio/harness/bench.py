@@ -106,35 +106,9 @@ def register_guest_kind(kind: str, factory: GuestFactory) -> None:
 
 
 def _py_guest(name: str, model: str, ip: str, options: dict[str, Any]) -> Any:
-    from pvio.guest import PyGuest
+    from pvio.frontends.guests import ModelGuest
 
-    class ModelGuest(PyGuest):
-        """A PyGuest with one NIC of ``model``; ``ready`` once its driver is connected."""
-
-        def __init__(self) -> None:
-            super().__init__(name)
-            self.ip = ip
-            self.ready = trio.Event()
-            self.nic: Any = None
-
-        async def main(self) -> None:
-            if model == "pv":
-                from pvio.frontends.netfront import Netfront
-
-                self.nic = Netfront(self)
-            elif model == "emulated":
-                from pvio.frontends.emulated_nic_driver import EmulatedNicDriver
-
-                self.nic = EmulatedNicDriver(self, use_mmio=bool(options.get("use_mmio", False)))
-            else:
-                from pvio.frontends.smartnic_driver import SmartNicDriver
-
-                self.nic = SmartNicDriver(self, moderation=options.get("moderation"))
-            await self.nic.connect()
-            self.ready.set()
-
-    ModelGuest.__qualname__ = ModelGuest.__name__ = f"{model.capitalize()}PyGuest"
-    return ModelGuest()
+    return ModelGuest(name, ip, model, **options)
 
 
 register_guest_kind("py", _py_guest)
