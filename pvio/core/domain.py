@@ -125,6 +125,7 @@ class Domain:
         self.state = "created"
         self.store_port = 0
         self.console_lines: deque[str] = deque(maxlen=CONSOLE_LINES)
+        self.console_count = 0  # lines ever written (console_lines keeps the last CONSOLE_LINES)
         self._console_partial = b""
         self.shutdown_reason: int | None = None
         self.crash_reason: str | None = None
@@ -173,6 +174,7 @@ class Domain:
         for raw in lines:
             line = raw[:CONSOLE_LINE_MAX].decode("utf-8", "replace")
             self.console_lines.append(line)
+            self.console_count += 1
             log.info("dom%d console: %s", self.domid, line)
 
     @property

@@ -40,7 +40,6 @@ MockClock the counts are exactly reproducible; with the real clock they vary a l
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import statistics
@@ -572,7 +571,9 @@ def write_chart(rows: Sequence[dict[str, Any]], path: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """``pvio bench``: the comparison table of the device models (``--json``, ``--chart PATH``)."""
-    parser = argparse.ArgumentParser(prog="pvio bench", description=main.__doc__)
+    from pvio.harness.cli import OneLineParser
+
+    parser = OneLineParser(prog="pvio bench", description=main.__doc__)
     parser.add_argument("--json", action="store_true", help="print the rows as a JSON list")
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     parser.add_argument("--chart", metavar="PATH", help="write a PNG chart (needs matplotlib)")
@@ -586,9 +587,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a tenth of the packets (a smoke run)")
     args = parser.parse_args(argv)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if not models:
+        parser.error(f"--models names no model (choose from {', '.join(MODELS)})")
     for m in models:
         if m not in MODELS:
             parser.error(f"unknown model {m!r} (choose from {', '.join(MODELS)})")
+    if args.guest != "all" and args.guest not in GUEST_KINDS:
+        parser.error(f"unknown guest kind {args.guest!r} (choose from all, {', '.join(sorted(GUEST_KINDS))})")
+    if args.chart:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            parser.error("--chart needs matplotlib: pip install 'pvio[chart]' (or make chart)")
     kinds = list(PLANS) if args.guest == "all" else [args.guest]
 
     def progress(what: str) -> None:

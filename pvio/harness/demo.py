@@ -15,7 +15,6 @@ The run uses trio's MockClock, so the counters are the same on every run.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -49,7 +48,7 @@ def _udp_echo_of(payload: bytes) -> Callable[[Any], bool]:
     return lambda r: UDP in r and r[UDP].sport == 7 and bytes(r[UDP].payload) == payload
 
 
-def build_traffic(mac_a: bytes, mac_b: bytes) -> list[Probe]:
+def build_traffic(mac_a: bytes, mac_b: bytes, ip_a: str = IP_A, ip_b: str = IP_B) -> list[Probe]:
     """The scapy-built requests and their answer checks (built once, before the timed part)."""
     from scapy.layers.inet import ICMP, IP, UDP
     from scapy.layers.l2 import ARP, Ether
@@ -58,13 +57,13 @@ def build_traffic(mac_a: bytes, mac_b: bytes) -> list[Probe]:
     b = ":".join(f"{x:02x}" for x in mac_b)
     probes = [
         Probe(
-            "arp who-has 10.0.0.2",
-            Ether(src=a, dst="ff:ff:ff:ff:ff:ff") / ARP(op=1, hwsrc=a, psrc=IP_A, pdst=IP_B),
-            lambda r: ARP in r and r[ARP].op == 2 and r[ARP].psrc == IP_B and r[ARP].hwsrc == b,
+            f"arp who-has {ip_b}",
+            Ether(src=a, dst="ff:ff:ff:ff:ff:ff") / ARP(op=1, hwsrc=a, psrc=ip_a, pdst=ip_b),
+            lambda r: ARP in r and r[ARP].op == 2 and r[ARP].psrc == ip_b and r[ARP].hwsrc == b,
         ),
         Probe(
             "icmp echo",
-            Ether(src=a, dst=b) / IP(src=IP_A, dst=IP_B) / ICMP(id=7, seq=1) / (b"ping" * 8),
+            Ether(src=a, dst=b) / IP(src=ip_a, dst=ip_b) / ICMP(id=7, seq=1) / (b"ping" * 8),
             lambda r: (
                 ICMP in r and r[ICMP].type == 0 and r[ICMP].id == 7 and bytes(r[ICMP].payload) == b"ping" * 8
             ),
@@ -76,7 +75,7 @@ def build_traffic(mac_a: bytes, mac_b: bytes) -> list[Probe]:
             Probe(
                 f"udp echo {size} B" + (" (multi-slot)" if size > 4096 else ""),
                 Ether(src=a, dst=b)
-                / IP(src=IP_A, dst=IP_B)
+                / IP(src=ip_a, dst=ip_b)
                 / UDP(sport=40000 + size % 1000, dport=7)
                 / payload,
                 _udp_echo_of(payload),
@@ -212,7 +211,9 @@ def run_main(
 
     Exit status 1 if an answer was lost or wrong.
     """
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    from pvio.harness.cli import OneLineParser
+
+    parser = OneLineParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

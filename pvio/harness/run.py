@@ -1,0 +1,334 @@
+"""``pvio run FILE``: boot a scenario file's network, run its traffic, report, serve control.
+
+The run: validate the file (:mod:`pvio.harness.scenario`), boot the domains with the
+toolstack (:func:`pvio.toolstack.start_network`), then run each ``[[traffic]]`` item in
+order and measure it: the counters from just before its first frame to the moment the
+system is quiet after its last one, divided by the frames delivered end to end, in the
+schema of ``pvio bench --json`` (one row per traffic item, plus ``from``, ``to``, ``sent``,
+``lost`` and ``ok``).  Traffic that was lost, or a probe whose answer was wrong, makes the
+run fail (exit status 1).
+
+While it runs, the hypervisor answers the control socket (:mod:`pvio.harness.control`),
+so ``pvio list``, ``pvio console``, ``pvio stats`` ... work against it; ``--hold`` keeps it
+running (and serving) after the traffic until ``pvio shutdown`` or Ctrl-C.
+
+Loss is detected without waiting for wall time under the mock clock: a receiver waits at
+most ``timeout`` of the scenario's clock for each item, and virtual time jumps there as
+soon as nothing else can happen.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+import trio.testing
+
+from pvio.core.counters import Snapshot
+from pvio.core.hypervisor import Hypervisor
+from pvio.harness.bench import COST_KEYS, PINGPONG_PORTS, STREAM_PORTS, costs, make_frames, seq_of
+from pvio.harness.scenario import DomainSpec, Scenario, TrafficSpec
+from pvio.toolstack import Network, NicConfig, start_network
+
+MIB_PAGES = 256  # 4 KiB pages per MiB
+
+
+@dataclass
+class TrafficResult:
+    """What one ``[[traffic]]`` item delivered and cost."""
+
+    spec: TrafficSpec
+    model: str
+    guest: str
+    sent: int = 0
+    delivered: int = 0  # frames delivered end to end
+    lost: int = 0
+    failed_checks: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    latency_us: float | None = None
+    diff: Snapshot | None = None
+    by_domain: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.lost == 0 and not self.failed_checks
+
+    def row(self, counters: tuple[str, ...] = COST_KEYS, by_domain: bool = True) -> dict[str, Any]:
+        """One row in ``pvio bench --json``'s schema, plus the scenario's own fields."""
+        totals = costs(self.diff) if self.diff is not None else dict.fromkeys(COST_KEYS, 0)
+        n = max(self.delivered, 1)
+        pps = self.delivered / self.seconds if self.seconds > 0 else math.inf
+        out: dict[str, Any] = {
+            "model": self.model,
+            "guest": self.guest,
+            "scenario": self.spec.type,
+            "from": self.spec.src,
+            "to": self.spec.dst,
+            "offered_load": self.spec.rate or None,
+            "load": f"{self.spec.rate:g} pps" if self.spec.rate else "as fast as possible",
+            "frame_size": self.spec.size,
+            "sent": self.sent,
+            "packets": self.delivered,
+            "lost": self.lost,
+            "ok": self.ok,
+            "failed_checks": list(self.failed_checks),
+            "pps": round(pps, 1) if math.isfinite(pps) else None,
+            "latency_us": None if self.latency_us is None else round(self.latency_us, 1),
+            "per_packet": {k: round(totals[k] / n, 5) for k in counters},
+            "totals": {k: totals[k] for k in counters},
+        }
+        if by_domain:
+            out["by_domain"] = self.by_domain
+        return out
+
+
+def make_kernel(spec: DomainSpec) -> Any:
+    """The guest kernel a domain of the scenario runs."""
+    if spec.kind == "py":
+        from pvio.frontends.guests import ModelGuest
+
+        return ModelGuest(spec.name, spec.ip, spec.nic.model, app=spec.app)
+    if spec.kind == "x86" and spec.app == "echo":
+        from pvio.cpu.guest import X86Guest
+
+        words = f"mode=echo ip={spec.ip} nic={spec.nic.model} {spec.cmdline}".strip()
+        return X86Guest(name=spec.name, cmdline=words)
+    from pvio.harness.bench import GUEST_KINDS
+
+    options = {"cmdline": spec.cmdline} if spec.cmdline else {}
+    return GUEST_KINDS[spec.kind](spec.name, spec.nic.model, spec.ip, options)
+
+
+async def boot(hv: Hypervisor, sc: Scenario) -> tuple[Network, dict[str, Any]]:
+    """Boot every domain of ``sc`` with its NIC on one switch; returns the network and the
+    kernels by domain name."""
+    from pvio.harness.demo import wait_x86_ready
+
+    kernels = {d.name: make_kernel(d) for d in sc.domains}
+    for d in sc.domains:
+        if d.memory_mib is not None:
+            kernels[d.name].memory_pages = d.memory_mib * MIB_PAGES
+    nics = [NicConfig(d.nic.model, d.nic.backend, d.nic.options, d.nic.mac) for d in sc.domains]
+    net = await start_network(hv, list(kernels.values()), nics=nics, settle_s=0.001, timeout_s=sc.timeout)
+    for d in sc.domains:  # an x86 echo guest says so on its console, and announces itself
+        if d.kind == "x86" and d.app == "echo":
+            await wait_x86_ready(kernels[d.name], net.switch, sc.timeout)
+    return net, kernels
+
+
+async def _quiet() -> None:
+    await trio.testing.wait_all_tasks_blocked()
+    await trio.sleep(0.001)
+    await trio.testing.wait_all_tasks_blocked()
+
+
+async def run_traffic(net: Network, sc: Scenario, t: TrafficSpec, kernels: dict[str, Any]) -> TrafficResult:
+    """Run one traffic item and measure it."""
+    src, dst = kernels[t.src], kernels[t.dst]
+    spec = sc.domain(t.src)
+    result = TrafficResult(t, spec.nic.model, spec.kind)
+    await _quiet()
+    before = net.snapshot()
+    start = time.perf_counter()
+    native = getattr(src, "native_scenario", None)
+    if native is not None:  # x86 guests make and check their traffic themselves
+        rate = t.rate or None
+        with trio.move_on_after(sc.timeout) as scope:
+            delivered, _, latency = await native(t.type, dst, t.packets, t.size, rate, 64)
+        result.sent = t.packets
+        if scope.cancelled_caught:
+            result.lost = t.packets
+        else:
+            result.delivered, result.latency_us = delivered, latency
+    elif t.type == "stream":
+        await _stream(src, dst, t, sc.timeout, result)
+    elif t.type == "pingpong":
+        await _pingpong(src, dst, t, sc.timeout, result)
+    else:
+        await _probes(net, src, dst, sc.timeout, result)
+    result.seconds = time.perf_counter() - start
+    await _quiet()
+    result.diff = net.snapshot().diff(before)
+    names = net.domain_names()
+    result.by_domain = {
+        names.get(owner, owner): {k: c.get(k, 0) for k in ("interrupts", "exits", "hypercalls")}
+        for owner, c in result.diff.domains().items()
+    }
+    return result
+
+
+async def _stream(src: Any, dst: Any, t: TrafficSpec, timeout: float, result: TrafficResult) -> None:
+    frames = make_frames(src, dst, t.packets, t.size, STREAM_PORTS)
+    received: list[bytes] = []
+
+    async def receive() -> None:
+        while len(received) < t.packets:
+            received.extend(await dst.nic.recv_batch(t.packets - len(received)))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(receive)
+        t0 = trio.current_time()
+        for k in range(0, t.packets, 64 if not t.rate else 1):
+            if t.rate:
+                await trio.sleep_until(t0 + k / t.rate)
+            await src.nic.send_batch(frames[k : k + (64 if not t.rate else 1)])
+        result.sent = t.packets
+        with trio.move_on_after(timeout):
+            while len(received) < t.packets:
+                await trio.sleep(0.001)
+        nursery.cancel_scope.cancel()
+    seqs = [seq_of(f) for f in received]
+    result.delivered = len(received)
+    result.lost = t.packets - len(set(seqs) & set(range(t.packets)))
+    if seqs != sorted(seqs) or len(set(seqs)) != len(seqs):
+        result.failed_checks.append("stream frames arrived out of order or twice")
+
+
+async def _pingpong(src: Any, dst: Any, t: TrafficSpec, timeout: float, result: TrafficResult) -> None:
+    requests = make_frames(src, dst, t.packets, t.size, PINGPONG_PORTS)
+    rtts: list[float] = []
+
+    async def echo() -> None:
+        while True:
+            frames = await dst.nic.recv_batch()
+            await dst.nic.send_batch([f[6:12] + f[0:6] + f[12:] for f in frames])
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(echo)
+        t0 = trio.current_time()
+        for k, request in enumerate(requests):
+            if t.rate:
+                await trio.sleep_until(t0 + k / t.rate)
+            sent_at = time.perf_counter()
+            await src.nic.send(request)
+            result.sent += 1
+            answer = None
+            with trio.move_on_after(timeout):
+                answer = await src.nic.recv()
+            if answer is None:
+                result.lost += 2
+                continue
+            result.delivered += 2
+            rtts.append(time.perf_counter() - sent_at)
+            if answer[12:] != request[12:] or answer[0:6] != request[6:12]:
+                result.failed_checks.append(f"trip {k}: the answer is not the echo of the request")
+        nursery.cancel_scope.cancel()
+    if rtts:
+        rtts.sort()
+        result.latency_us = rtts[len(rtts) // 2] * 1e6
+
+
+async def _probes(net: Network, src: Any, dst: Any, timeout: float, result: TrafficResult) -> None:
+    from pvio.harness.demo import DemoResult, build_traffic, exchange, x86_mac
+
+    demo = DemoResult()
+    dst_mac = dst.nic.mac if getattr(dst, "nic", None) is not None else x86_mac(dst)
+    dst_ip = getattr(dst, "ip", None) or _cmdline_ip(dst)
+    probes = build_traffic(src.nic.mac, dst_mac, src.ip, dst_ip)
+    await exchange(net.hv, src, probes, demo, timeout)
+    result.sent = demo.sent
+    result.delivered = demo.delivered
+    result.lost = 2 * demo.lost
+    result.failed_checks += [f"probe {name!r}: wrong answer" for name, _, ok in demo.checked if not ok]
+    result.spec.size = max((size for _, size, _ in demo.checked), default=0)
+
+
+def _cmdline_ip(kernel: Any) -> str:
+    words = dict(w.split("=", 1) for w in str(getattr(kernel, "cmdline", "")).split() if "=" in w)
+    return words.get("ip", "")
+
+
+@dataclass
+class RunResult:
+    """A whole scenario run."""
+
+    scenario: Scenario
+    traffic: list[TrafficResult]
+    domains: list[dict[str, Any]]
+
+    @property
+    def ok(self) -> bool:
+        return all(t.ok for t in self.traffic)
+
+    def as_json(self) -> dict[str, Any]:
+        sc = self.scenario
+        return {
+            "scenario": sc.name,
+            "file": sc.path,
+            "clock": sc.clock,
+            "ok": self.ok,
+            "domains": self.domains,
+            "rows": [t.row(sc.report_counters, sc.report_by_domain) for t in self.traffic],
+        }
+
+
+def domain_table(hv: Hypervisor) -> list[dict[str, Any]]:
+    """Every domain: id, name, state, memory, vifs (what ``pvio list`` shows)."""
+    rows = []
+    for dom in sorted(hv.domains.values(), key=lambda d: d.domid):
+        vifs = []
+        base = f"/local/domain/{dom.domid}/device/vif"
+        try:
+            for devid in hv.toolstack.directory(base):
+                state = hv.toolstack.read(f"{base}/{devid}/state").decode()
+                mac = hv.toolstack.read(f"{base}/{devid}/mac").decode()
+                vifs.append({"devid": int(devid), "mac": mac, "state": int(state)})
+        except Exception:  # no vif directory (or a guest's half-written one): none to show
+            pass
+        rows.append(
+            {
+                "domid": dom.domid,
+                "name": dom.name,
+                "state": domain_state(dom),
+                "memory_mib": round(dom.mem.nr_pages / MIB_PAGES, 2),
+                "kernel": type(dom.kernel).__name__,
+                "vifs": vifs,
+            }
+        )
+    return rows
+
+
+def domain_state(dom: Any) -> str:
+    """The domain's state in xl's words: running, paused, crashed, shutdown (or created, dying)."""
+    if dom.crash_reason:
+        return "crashed"
+    return {"dead": "shutdown"}.get(dom.state, dom.state)
+
+
+async def run(
+    sc: Scenario,
+    *,
+    control: str | None = None,
+    hold: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> RunResult:
+    """Boot ``sc``, run its traffic, return the result; serve ``control`` (a socket path)
+    while it runs, and after the traffic too when ``hold``."""
+    from pvio.harness.control import ControlServer
+
+    async with Hypervisor(seed=sc.seed) as hv, trio.open_nursery() as nursery:
+        server = None
+        if control is not None:
+            server = ControlServer(hv, control)
+            await nursery.start(server.serve)
+        if progress:
+            progress(f"booting {len(sc.domains)} domain(s)")
+        net, kernels = await boot(hv, sc)
+        if server is not None:
+            server.network = net
+        results = []
+        for i, t in enumerate(sc.traffic):
+            if progress:
+                progress(f"traffic {i + 1}/{len(sc.traffic)}: {t.type} {t.src} -> {t.dst}")
+            results.append(await run_traffic(net, sc, t, kernels))
+        result = RunResult(sc, results, domain_table(hv))
+        if hold and server is not None:
+            if progress:
+                progress(f"holding: control socket {control} (pvio shutdown to stop)")
+            await server.shutdown_requested.wait()
+        nursery.cancel_scope.cancel()
+    return result
