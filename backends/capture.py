@@ -1,0 +1,220 @@
+"""Packet capture: mirror a switch port, a vif or the whole switch to a pcap file.
+
+Design rationale
+----------------
+A capture is a *mirror* on the switch's data path, not a port: a port only sees what the
+switch decides to send it (floods and frames addressed to it), so a capture port misses
+every frame forwarded between two other ports.  A :class:`Capture` instead registers a
+tap with :meth:`Switch.add_tap`; the switch hands every tap each batch it takes in
+(``ingress``: the frames a port handed into the switch) and each batch it delivered
+(``egress``: the frames a port's ``transmit`` accepted).
+
+- **what is mirrored.**  A port (or a vif, which is the netback's port) is captured in
+  both directions: its ingress and its egress, in the order the switch saw them.  The
+  whole switch is captured at ingress only, so each frame appears once, however many
+  ports a flood reached.  The capture's frame count therefore equals the port's
+  ``packets.rx + packets.tx`` (or, for the whole switch, the sum of every port's
+  ``packets.rx``) for the time it ran, and its bytes the matching ``bytes.*``.
+- **frame bytes, not objects.**  Each record is a 16-byte header packed with one
+  :class:`struct.Struct` and the frame's bytes; a batch is written with one ``write`` on
+  a buffered file.  No parsing, no scapy.
+- **nothing when off.**  With no tap registered the switch's only cost is one test of an
+  empty list per batch; a capture that stops (or fails) unregisters itself.
+- **a capture never stops the traffic.**  A write that fails (a full disk, a closed
+  file) stops the capture, records why in :attr:`Capture.error`, counts the frames it
+  could not write and logs one line; the switch goes on forwarding.
+
+File format: classic libpcap with nanosecond timestamps (magic ``0xa1b23c4d``, version
+2.4), link type 1 (Ethernet), little-endian.  tcpdump, tshark, Wireshark and scapy read
+it.  Frames longer than ``snaplen`` are truncated in the file (``orig_len`` keeps their
+real length), as tcpdump does.
+
+Counters, owner ``capture/<name>``: ``packets``/``bytes`` (frames and their original
+bytes written), ``truncated`` (frames cut to ``snaplen``), ``drops.write_error``
+(frames lost once a write failed), ``errors`` (failed writes: 0 or 1).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import struct
+import time
+from collections.abc import Callable
+from typing import IO, TYPE_CHECKING
+
+from pvio.core.counters import CounterRegistry, Counters
+
+if TYPE_CHECKING:
+    from pvio.backends.switch import Switch, SwitchPort
+
+log = logging.getLogger("pvio.capture")
+
+PCAP_MAGIC_NS = 0xA1B23C4D  # libpcap, timestamps in nanoseconds
+PCAP_VERSION = (2, 4)
+LINKTYPE_ETHERNET = 1
+DEFAULT_SNAPLEN = 262144  # tcpdump's default
+PCAP_HEADER = struct.Struct("<IHHiIII")  # magic, major, minor, thiszone, sigfigs, snaplen, linktype
+PCAP_RECORD = struct.Struct("<IIII")  # ts_sec, ts_nsec, incl_len, orig_len
+
+INGRESS = "ingress"  # a port handed the frames into the switch
+EGRESS = "egress"  # the switch handed the frames to a port
+
+
+def pcap_header(snaplen: int = DEFAULT_SNAPLEN, linktype: int = LINKTYPE_ETHERNET) -> bytes:
+    """The 24-byte global header of a nanosecond pcap file."""
+    return PCAP_HEADER.pack(PCAP_MAGIC_NS, *PCAP_VERSION, 0, 0, snaplen, linktype)
+
+
+def pcap_records(frames: list[bytes], ts_ns: int, snaplen: int = DEFAULT_SNAPLEN) -> bytes:
+    """The pcap records of ``frames``, all stamped ``ts_ns`` (nanoseconds since the epoch)."""
+    sec, nsec = divmod(ts_ns, 1_000_000_000)
+    sec &= 0xFFFFFFFF
+    pack = PCAP_RECORD.pack
+    parts: list[bytes] = []
+    for frame in frames:
+        size = len(frame)
+        if size > snaplen:
+            parts += (pack(sec, nsec, snaplen, size), frame[:snaplen])
+        else:
+            parts += (pack(sec, nsec, size, size), frame)
+    return b"".join(parts)
+
+
+def write_pcap(path: str | os.PathLike[str], frames: list[bytes], ts_ns: int | None = None) -> int:
+    """Write ``frames`` (already kept somewhere) to a new pcap file at ``path``; return how many."""
+    with open(path, "wb") as f:
+        f.write(pcap_header())
+        f.write(pcap_records(frames, time.time_ns() if ts_ns is None else ts_ns))
+    return len(frames)
+
+
+class Capture:
+    """A mirror of one port (both directions) or of the whole switch (ingress) to a pcap file.
+
+    ``Capture(switch, path)`` captures the whole switch; ``Capture(switch, path, port)``
+    one port (a :class:`SwitchPort`, e.g. a netback vif, or its name).  The capture runs
+    from :meth:`start` (or entering ``with``) to :meth:`stop`; the file is complete and
+    flushed once stopped.  ``clock`` gives the timestamps (nanoseconds since the epoch).
+    """
+
+    def __init__(
+        self,
+        switch: Switch,
+        path: str | os.PathLike[str],
+        port: SwitchPort | str | None = None,
+        *,
+        snaplen: int = DEFAULT_SNAPLEN,
+        name: str | None = None,
+        counters: CounterRegistry | None = None,
+        clock: Callable[[], int] = time.time_ns,
+    ) -> None:
+        if snaplen < 1:
+            raise ValueError(f"capture: snaplen must be >= 1, got {snaplen}")
+        if isinstance(port, str):
+            found = [p for p in switch.ports if p.name == port]
+            if not found:
+                raise ValueError(f"capture: switch {switch.name} has no port named {port!r}")
+            port = found[0]
+        self.switch = switch
+        self.path = os.fspath(path)
+        self.port = port
+        self.snaplen = snaplen
+        self.clock = clock
+        self.name = name or (port.name if port is not None else switch.name)
+        owner = f"capture/{self.name}"
+        self.counters: Counters = (
+            counters.new(owner, "device") if counters is not None else Counters(owner, "device")
+        )
+        self.error: str | None = None
+        self._file: IO[bytes] | None = None
+
+    @property
+    def running(self) -> bool:
+        """True between :meth:`start` and :meth:`stop` (or a failed write)."""
+        return self._file is not None
+
+    def start(self) -> Capture:
+        """Create the file, write its header and start mirroring (OSError if it cannot be created)."""
+        if self._file is not None:
+            raise RuntimeError(f"capture {self.name} is already running")
+        f = open(self.path, "wb", buffering=1 << 16)  # noqa: SIM115 - closed by stop()
+        try:
+            f.write(pcap_header(self.snaplen))
+        except OSError:
+            f.close()
+            raise
+        self._file = f
+        self.error = None
+        self.switch.add_tap(self._tap)
+        return self
+
+    def stop(self) -> None:
+        """Stop mirroring, flush and close the file (never raises; a failure lands in :attr:`error`)."""
+        f = self._file
+        if f is None:
+            return
+        self._file = None
+        self.switch.remove_tap(self._tap)
+        try:
+            f.close()
+        except OSError as e:
+            self._fail(e, 0)
+
+    def flush(self) -> None:
+        """Push what is buffered to the file (so a reader sees it while the capture runs)."""
+        f = self._file
+        if f is not None:
+            try:
+                f.flush()
+            except OSError as e:
+                self._stop_on_error(e, 0)
+
+    def __enter__(self) -> Capture:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- the tap: called by the switch for every batch ----------------------------------
+
+    def _tap(self, port: SwitchPort, direction: str, frames: list[bytes]) -> None:
+        """Write ``frames`` if they belong to this capture (never raises)."""
+        mine = self.port
+        if mine is None:
+            if direction is not INGRESS:
+                return
+        elif port is not mine:
+            return
+        f = self._file
+        if f is None or not frames:
+            return
+        snaplen = self.snaplen
+        try:
+            f.write(pcap_records(frames, self.clock(), snaplen))
+        except (OSError, ValueError) as e:
+            self._stop_on_error(e, len(frames))
+            return
+        c = self.counters
+        c["packets"] += len(frames)
+        c["bytes"] += sum(map(len, frames))
+        truncated = sum(1 for frame in frames if len(frame) > snaplen)
+        if truncated:
+            c["truncated"] += truncated
+
+    def _stop_on_error(self, e: Exception, lost: int) -> None:
+        f, self._file = self._file, None
+        self.switch.remove_tap(self._tap)
+        if f is not None:
+            with contextlib.suppress(OSError, ValueError):  # the error that matters is the first
+                f.close()
+        self._fail(e, lost)
+
+    def _fail(self, e: Exception, lost: int) -> None:
+        self.error = f"{self.path}: {e.strerror if isinstance(e, OSError) and e.strerror else e}"
+        c = self.counters
+        c["errors"] += 1
+        if lost:
+            c["drops.write_error"] += lost
+        log.error("capture %s stopped: %s (traffic continues)", self.name, self.error)
