@@ -34,6 +34,7 @@ down), ``drops.tx_error`` (any other write error), ``errors.read``.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import logging
@@ -177,10 +178,8 @@ class TapPort(SwitchPort):
         if self in self.switch.ports:
             self.switch.detach(self)
         if fd is not None:
-            try:
+            with contextlib.suppress(RuntimeError):  # outside trio.run nobody can be waiting
                 trio.lowlevel.notify_closing(fd)  # wakes a reader blocked on it
-            except RuntimeError:
-                pass  # not inside trio.run: nobody can be waiting
             os.close(fd)
 
     def __enter__(self) -> TapPort:
