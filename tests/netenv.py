@@ -205,6 +205,7 @@ async def net_env(
     before_guests: Callable[[Hypervisor], None] | None = None,
     wait_ready: Sequence[Any] | None = None,
     timeout_s: float = 10.0,
+    macs: Sequence[str | None] = (),
 ) -> AsyncIterator[NetEnv]:
     """Boot dom0 (netback + switch) and ``guests`` (each with vif 0), connected.
 
@@ -212,7 +213,9 @@ async def net_env(
     sizes dom0 (each connected vif takes 512 of its pages for staging).
     ``before_guests(hv)`` runs once dom0 and netback are up and before any guest or vif
     exists (to arm xenstore watches, say).  ``wait_ready`` lists the guests whose
-    ``ready`` event to wait for (default: every :class:`NicGuest`).
+    ``ready`` event to wait for (default: every :class:`NicGuest`).  ``macs`` gives the
+    first guests' vif MACs ("aa:bb:..."; None or absent: the toolstack's default, which
+    derives from the domid, so two separate pvio instances joined by a tunnel need them).
     """
     async with Hypervisor(dom0_pages=dom0_pages) as hv:
         assert hv.dom0 is not None
@@ -228,9 +231,9 @@ async def net_env(
         dom0.spawn(netback.run, name="netback")  # type: ignore[attr-defined]
         if before_guests is not None:
             before_guests(hv)
-        for guest in guests:
+        for i, guest in enumerate(guests):
             dom = hv.create_domain(guest, name=guest.name)
-            add_vif(hv, dom)
+            add_vif(hv, dom, mac=macs[i] if i < len(macs) else None)
             await hv.start(dom)
         ready = [g for g in guests if isinstance(g, NicGuest)] if wait_ready is None else list(wait_ready)
         with trio.fail_after(timeout_s):

@@ -8,10 +8,13 @@ test cannot run here (not root, no ``/dev/net/tun``, no ``ip``).
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import os
 import shutil
+import socket
 import subprocess
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -65,3 +68,38 @@ def netns(prefix: str = "pvns") -> Iterator[str]:
         yield name
     finally:
         subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+CLONE_NEWNET = 0x40000000
+
+
+def udp_socket_in(ns: str, address: tuple[str, int]) -> socket.socket:
+    """A UDP socket bound to ``address`` inside namespace ``ns`` (a socket keeps its namespace).
+
+    The calling process stays where it is: a helper thread enters the namespace
+    (``setns`` affects one thread), creates and binds the socket, and ends.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    result: list[socket.socket | BaseException] = []
+
+    def create() -> None:
+        try:
+            fd = os.open(f"/var/run/netns/{ns}", os.O_RDONLY)
+            try:
+                if libc.setns(fd, CLONE_NEWNET) != 0:
+                    raise OSError(ctypes.get_errno(), f"setns into {ns} failed")
+            finally:
+                os.close(fd)
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sock.bind(address)
+            result.append(sock)
+        except BaseException as e:  # handed to the caller
+            result.append(e)
+
+    thread = threading.Thread(target=create)
+    thread.start()
+    thread.join()
+    (outcome,) = result
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome
