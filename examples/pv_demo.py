@@ -16,15 +16,18 @@ The run uses trio's MockClock, so the counters are the same on every run.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 import trio.testing
+from pvio.backends.capture import Capture
 from pvio.backends.netback import NetBack
 from pvio.backends.switch import Switch
 from pvio.frontends.netfront import Netfront
@@ -212,17 +215,31 @@ async def exchange(
     result.counters = hv.snapshot().diff(before)
 
 
-async def run_demo(timeout_s: float = 5.0) -> DemoResult:
-    """Boot dom0 + A + B, exchange the traffic, return what was measured."""
+@contextmanager
+def capturing(hv: Hypervisor, switch: Switch, pcap: str | None) -> Iterator[Capture | None]:
+    """A whole-switch capture to ``pcap`` for the block (none when ``pcap`` is None)."""
+    if pcap is None:
+        yield None
+        return
+    with Capture(switch, pcap, counters=hv.counters) as capture:
+        yield capture
+
+
+async def run_demo(timeout_s: float = 5.0, pcap: str | None = None) -> DemoResult:
+    """Boot dom0 + A + B, exchange the traffic, return what was measured.
+
+    With ``pcap``, every frame the switch sees is written to that pcap file.
+    """
     result = DemoResult()
     async with Hypervisor() as hv:
-        start_network(hv)
-        a, b = NicGuest("guest-a", IP_A), EchoGuest("guest-b", IP_B)
-        await start_guests(hv, a, b)
-        with trio.fail_after(timeout_s):
-            await a.ready.wait()
-            await b.ready.wait()
-        await exchange(hv, a, build_traffic(a.nic.mac, b.nic.mac), result, timeout_s)
+        switch = start_network(hv)
+        with capturing(hv, switch, pcap):
+            a, b = NicGuest("guest-a", IP_A), EchoGuest("guest-b", IP_B)
+            await start_guests(hv, a, b)
+            with trio.fail_after(timeout_s):
+                await a.ready.wait()
+                await b.ready.wait()
+            await exchange(hv, a, build_traffic(a.nic.mac, b.nic.mac), result, timeout_s)
     return result
 
 
@@ -258,18 +275,21 @@ def format_table(r: DemoResult) -> str:
 def run_main(
     argv: list[str] | None,
     prog: str,
-    run: Callable[[], Awaitable[DemoResult]],
+    run: Callable[..., Awaitable[DemoResult]],
     table: Callable[[DemoResult], str],
 ) -> int:
     """A demo's command line: run it under MockClock, print the table or ``--json``.
 
-    Exit status 1 if an answer was lost or wrong.
+    ``--pcap PATH`` captures every frame the switch sees to a pcap file (tcpdump,
+    Wireshark).  Exit status 1 if an answer was lost or wrong.
     """
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    parser.add_argument("--pcap", metavar="PATH", help="capture the switch's traffic to a pcap file")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    result = trio.run(run, clock=trio.testing.MockClock(autojump_threshold=0))
+    clock = trio.testing.MockClock(autojump_threshold=0)
+    result = trio.run(functools.partial(run, pcap=args.pcap), clock=clock)
     if args.json:
         print(json.dumps(result.as_json(), indent=2, sort_keys=True))
     else:

@@ -27,6 +27,7 @@ from examples.pv_demo import (
     DemoResult,
     NicGuest,
     build_traffic,
+    capturing,
     exchange,
     format_table,
     run_main,
@@ -74,18 +75,22 @@ async def wait_x86_ready(guest: X86Guest, switch: Switch, timeout_s: float = 10.
     return mac
 
 
-async def run_demo(timeout_s: float = 5.0) -> X86DemoResult:
-    """Boot dom0 + PyGuest A + x86 guest B, exchange the traffic, return what was measured."""
+async def run_demo(timeout_s: float = 5.0, pcap: str | None = None) -> X86DemoResult:
+    """Boot dom0 + PyGuest A + x86 guest B, exchange the traffic, return what was measured.
+
+    With ``pcap``, every frame the switch sees is written to that pcap file.
+    """
     result = X86DemoResult()
     async with Hypervisor() as hv:
         switch = start_network(hv)
-        a = NicGuest("guest-a", IP_A)
-        b = X86Guest(name="guest-b-x86", cmdline=f"mode=echo ip={IP_B}")
-        await start_guests(hv, a, b)
-        with trio.fail_after(timeout_s):
-            await a.ready.wait()
-        mac_b = await wait_x86_ready(b, switch, timeout_s)
-        await exchange(hv, a, build_traffic(a.nic.mac, mac_b), result, timeout_s)
+        with capturing(hv, switch, pcap):
+            a = NicGuest("guest-a", IP_A)
+            b = X86Guest(name="guest-b-x86", cmdline=f"mode=echo ip={IP_B}")
+            await start_guests(hv, a, b)
+            with trio.fail_after(timeout_s):
+                await a.ready.wait()
+            mac_b = await wait_x86_ready(b, switch, timeout_s)
+            await exchange(hv, a, build_traffic(a.nic.mac, mac_b), result, timeout_s)
     return result
 
 

@@ -6,6 +6,7 @@ counts are compared with the switch's own port counters over the same interval.
 
 from __future__ import annotations
 
+import json
 import shutil
 import struct
 import subprocess
@@ -156,3 +157,14 @@ async def test_vif_and_switch_captures_match_the_counters_in_scapy_and_tshark(
     assert (len(lengths), sum(lengths)) == (frames, nbytes)
     lengths = tshark_frames(tmp_path / "switch.pcap")
     assert (len(lengths), sum(lengths)) == (frames, nbytes)
+
+
+def test_the_demo_command_captures_its_exchange(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from examples import pv_demo
+
+    path = tmp_path / "demo.pcap"
+    assert pv_demo.main(["--json", "--pcap", str(path)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    packets = rdpcap(str(path))
+    assert len(packets) == result["frames_delivered"] == 18  # every request and every answer, once
+    assert packets[0].haslayer("ARP")

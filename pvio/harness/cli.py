@@ -1,6 +1,6 @@
 """The ``pvio`` command line.
 
-``pvio demo [--json]`` runs the main example (``examples/pv_demo.py``): two PyGuests
+``pvio demo [--json] [--pcap PATH]`` runs the main example (``examples/pv_demo.py``): two PyGuests
 exchange scapy-built traffic through the PV split-driver NIC and the counters per packet
 are printed; ``pvio demo --guest x86`` runs it with guest B an x86 guest kernel on the
 emulated vCPU (``examples/x86_demo.py``), same table and ``--json`` schema.
