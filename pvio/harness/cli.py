@@ -4,6 +4,8 @@
 exchange scapy-built traffic through the PV split-driver NIC and the counters per packet
 are printed; ``pvio demo --guest x86`` runs it with guest B an x86 guest kernel on the
 emulated vCPU (``examples/x86_demo.py``), same table and ``--json`` schema.
+``pvio net`` runs guests until interrupted and connects them to the host: a TAP device, a
+VXLAN tunnel, a pcap capture, the xenstore on a Unix socket (``examples/host_net.py``).
 ``pvio ring-demo`` runs the bare ring example.  ``pvio bench [--json] [--chart PATH]``
 compares the device models (emulated NIC, PV vif, smart NIC) on stream and ping-pong
 traffic (:mod:`pvio.harness.bench`).
@@ -21,6 +23,7 @@ def main(argv: list[str] | None = None) -> None:
         "demo": "the PV NIC demo (--json for JSON; --guest x86 for an x86 guest B)",
         "ring-demo": "the shared-ring example",
         "bench": "compare the device models (--json, --chart PATH, --help)",
+        "net": "guests on the host's network: --tap, --vxlan, --pcap, --xenstore-socket (--help)",
     }
     if not args or args[0] in ("-h", "--help") or args[0] not in commands:
         print("usage: pvio COMMAND [options]\n\ncommands:")
@@ -32,6 +35,10 @@ def main(argv: list[str] | None = None) -> None:
         from pvio.harness import bench
 
         sys.exit(bench.main(rest))
+    if command == "net":
+        from examples import host_net
+
+        sys.exit(host_net.main(rest))
     if command == "demo":
         guest, rest = _take_option(rest, "--guest", "py")
         if guest == "x86":
