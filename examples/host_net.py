@@ -75,7 +75,9 @@ async def run(args: argparse.Namespace) -> int:
         ]
         if args.x86:
             ip = f"10.0.0.{args.first_ip + args.guests}"
-            guests.append(X86Guest(name="guest-x86", cmdline=f"mode=echo ip={ip}"))
+            x86 = X86Guest(name="guest-x86", cmdline=f"mode=echo ip={ip}")
+            x86.ip = ip  # type: ignore[attr-defined]
+            guests.append(x86)
         for i, guest in enumerate(guests):
             # The MAC follows the address (00:16:3e:00:00:N for 10.0.0.N), so pvio instances
             # on several hosts joined by VXLAN never share one as long as their addresses differ.
@@ -86,7 +88,7 @@ async def run(args: argparse.Namespace) -> int:
             for g in guests:
                 if isinstance(g, X86Guest):
                     mac = await wait_x86_ready(g, switch, 30)
-                    print(f"guest {g.name} x86 mac {mac.hex(':')}", flush=True)
+                    print(f"guest {g.name} {g.ip} mac {mac.hex(':')} (x86)", flush=True)
                 else:
                     await g.ready.wait()
                     print(f"guest {g.name} {g.ip} mac {g.nic.mac.hex(':')}", flush=True)

@@ -7,6 +7,10 @@ free-running u32 indices: requests guest -> xenstored, replies and watch events 
 16-byte ``xsd_sockmsg`` header and at most 4096 payload bytes, so one message can be four times the
 ring: both sides must stream, and messages span the wrap point.
 
+* :class:`XsConnection` is the request handling of one client, whatever carries its bytes:
+  parse (bounded :class:`MessageReader`), execute on the store, queue replies and watch events.
+  Two transports use it: a guest's ring page (:class:`RingConnection`, below) and a Unix
+  socket for dom0's tools (:mod:`pvio.xenstore.unix_socket`).
 * :class:`RingConnection` is xenstored's end for one guest.  It trusts nothing on the page: it keeps
   its own copies of the indices it owns (req_cons, rsp_prod), reads the guest's index once per pass
   and bounds it (prod - cons > 1024 is an impossible index, error 2), copies bytes out before parsing
