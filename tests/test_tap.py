@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -69,6 +70,22 @@ def test_each_failure_has_a_one_line_reason() -> None:
     ]:
         text = _reason(OSError(code, os.strerror(code)), "pvtap0")
         assert words in text and "\n" not in text
+
+
+@needs_netns
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs util-linux's setpriv")
+def test_without_cap_net_admin_the_reason_is_no_permission() -> None:
+    script = "from pvio.backends.tap import TapError, open_tap\ntry:\n    open_tap('pvnoperm0')\n"
+    script += "except TapError as e:\n    print(e)\n"
+    done = subprocess.run(
+        ["setpriv", "--inh-caps=-net_admin", "--bounding-set=-net_admin", sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.stdout == "tap pvnoperm0: no permission (creating a TAP device needs CAP_NET_ADMIN)\n", (
+        done.stderr
+    )
 
 
 @needs_netns

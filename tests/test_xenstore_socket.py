@@ -136,3 +136,62 @@ async def test_a_second_server_on_a_live_socket_says_address_in_use(tmp_path: Pa
         second = XenstoreSocketServer(env.hv.store, tmp_path / "xenstored.sock")
         with pytest.raises(OSError, match="address in use"):
             await second.serve()
+
+
+async def test_a_client_that_never_reads_is_held_back_and_others_are_served(tmp_path: Path) -> None:
+    async with served(tmp_path) as (env, server, _):
+        path = str(tmp_path / "xenstored.sock")
+        conn = env.hv.store.connect(0)
+        conn.write("/big", b"v" * 4000)  # each READ of it answers with 4000 bytes
+        flooder = await trio.open_unix_socket(path)
+        request = encode_message(XsType.READ, 1, 0, b"/big\0")
+        sent = 0
+        with trio.move_on_after(1):  # the server stops reading, the socket buffers fill, send blocks
+            while sent < 100_000:
+                await flooder.send_all(request * 64)
+                sent += 64
+        assert sent < 100_000  # held back long before every request was taken
+        good = await trio.open_unix_socket(path)
+        await good.send_all(encode_message(XsType.READ, 9, 0, b"/big\0"))
+        with trio.fail_after(10):
+            header = await good.receive_some(16)
+        assert struct.unpack("<IIII", header)[:2] == (XsType.READ, 9)
+        await flooder.aclose()
+        await good.aclose()
+        with trio.fail_after(10):
+            while server.clients:
+                await trio.sleep(0.01)
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        struct.pack("<IIII", 20, 1, 0, 0),  # XS_RESTRICT: removed from the protocol
+        struct.pack("<IIII", 0xFFFF, 1, 0, 4) + b"abcd",  # XS_INVALID
+        b"\xff" * 16,
+    ],
+    ids=["removed-type", "invalid-type", "all-ones"],
+)
+async def test_an_invalid_message_type_disconnects_that_client(tmp_path: Path, garbage: bytes) -> None:
+    async with served(tmp_path) as (env, server, _):
+        client = await trio.open_unix_socket(str(tmp_path / "xenstored.sock"))
+        await client.send_all(garbage)
+        with trio.fail_after(10):
+            assert await client.receive_some() == b""
+        await client.aclose()
+        assert env.hv.store.counters(0)["disconnects"]["protocol"] == 1
+        with trio.fail_after(10):
+            while server.clients:
+                await trio.sleep(0.01)
+
+
+async def test_a_client_leaving_mid_message_is_forgotten(tmp_path: Path) -> None:
+    async with served(tmp_path) as (env, server, _):
+        client = await trio.open_unix_socket(str(tmp_path / "xenstored.sock"))
+        await client.send_all(encode_message(XsType.WATCH, 1, 0, b"/x\0tok\0")[:10])
+        await client.aclose()
+        with trio.fail_after(10):
+            while server.clients:
+                await trio.sleep(0.01)
+        assert server.accepted == 1
+        assert env.hv.store.counters(0)["disconnects"].get("protocol", 0) == 0

@@ -53,7 +53,8 @@ class SocketConnection(XsConnection):
     def __init__(self, store: Store, sock: trio.socket.SocketType, domid: int = 0) -> None:
         super().__init__(store, domid)
         self._sock = sock
-        self._wake = trio.Event()
+        self._wake = trio.Event()  # set: output is queued for the sender
+        self._room = trio.Event()  # set: output fell below the high-water mark
 
     def _output_queued(self) -> None:
         self._wake.set()
@@ -79,9 +80,14 @@ class SocketConnection(XsConnection):
                 return
             self._reader.feed(data)
             try:
-                while True:
-                    while self._out_bytes >= OUTPUT_HIGH_WATER and not self._closed:
-                        await self._drained()  # back-pressure: stop reading until replies leave
+                while not self._closed:
+                    if self._out_bytes >= OUTPUT_HIGH_WATER:
+                        # Back-pressure: the client is not reading its replies; read no more
+                        # requests until the sender has drained below the mark.
+                        self._room = trio.Event()
+                        self._wake.set()
+                        await self._room.wait()
+                        continue
                     message = self._reader.next()
                     if message is None:
                         break
@@ -90,12 +96,6 @@ class SocketConnection(XsConnection):
             except RingFault as fault:
                 self._disconnect(fault.reason)
                 return
-
-    async def _drained(self) -> None:
-        self._wake.set()
-        await trio.sleep(0)  # let the sender run
-        while self._out_bytes >= OUTPUT_HIGH_WATER and not self._closed:
-            await trio.sleep(0.001)
 
     async def _send_loop(self, scope: trio.CancelScope) -> None:
         while True:
@@ -110,6 +110,8 @@ class SocketConnection(XsConnection):
                     logger.debug("xenstore socket: client gone: %s", e)
                     scope.cancel()
                     return
+                if self._out_bytes < OUTPUT_HIGH_WATER:
+                    self._room.set()
 
     def _disconnect(self, reason: str) -> None:
         logger.warning("xenstore socket: disconnecting a client: %s", reason)
