@@ -10,6 +10,7 @@ so all the traffic stays in namespaces the test created.  Real clock; nothing as
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -138,6 +139,17 @@ def test_a_port_in_use_says_so_in_one_line_and_the_switch_runs_on() -> None:
     assert b.frames == [frame(0xFF, 1)]
     assert [p.name for p in sw.ports] == ["a", "b"]
     assert VXLAN_OVERHEAD == 14 + 20 + 8 + 8
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs util-linux's setpriv")
+def test_a_privileged_port_without_the_capability_says_no_permission() -> None:
+    script = "from pvio.backends.vxlan import VxlanError, open_vxlan_socket\ntry:\n"
+    script += "    open_vxlan_socket(('127.0.0.1', 789))\nexcept VxlanError as e:\n    print(e)\n"
+    drop = ["--inh-caps=-net_bind_service", "--bounding-set=-net_bind_service", "--reuid=65534"]
+    done = subprocess.run(["setpriv", *drop, sys.executable, "-c", script], capture_output=True, text=True)
+    if "Permission denied" in done.stderr and "python" in done.stderr:
+        pytest.skip("the interpreter is not readable by an unprivileged user here")
+    assert done.stdout.startswith("vxlan 127.0.0.1:789: no permission"), done.stderr
 
 
 async def ping_guest(a: NicGuest, dst_ip: str, count: int) -> int:
