@@ -13,6 +13,7 @@ import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -195,3 +196,34 @@ async def test_a_client_leaving_mid_message_is_forgotten(tmp_path: Path) -> None
                 await trio.sleep(0.01)
         assert server.accepted == 1
         assert env.hv.store.counters(0)["disconnects"].get("protocol", 0) == 0
+
+
+async def test_pyxs_lists_reads_writes_and_watches(tmp_path: Path) -> None:
+    pyxs = pytest.importorskip("pyxs")
+    async with served(tmp_path) as (env, _, _):
+        domid = env.guests[0].domain.domid
+        vif = f"/local/domain/{domid}/device/vif/0".encode()
+        conn = env.hv.store.connect(0)
+        conn.write("/pyxs", b"")
+
+        def client() -> tuple[list[bytes], bytes, Any]:
+            # pyxs blocks: it runs in a thread while trio serves the socket.
+            with pyxs.Client(unix_socket_path=str(tmp_path / "xenstored.sock")) as c:
+                listing = c.list(vif)
+                c[b"/pyxs/from-pyxs"] = b"written by pyxs"
+                mac = c[vif + b"/mac"]
+                monitor = c.monitor()
+                monitor.watch(b"/pyxs", b"token")
+                events = monitor.wait()
+                first = next(events)  # a new watch fires once at once
+                trio.from_thread.run_sync(conn.write, "/pyxs/from-pvio", b"1")
+                second = next(events)
+                return listing, mac, (first, second)
+
+        with trio.fail_after(30):
+            listing, mac, (first, second) = await trio.to_thread.run_sync(client)
+        assert {b"backend", b"mac", b"state", b"tx-ring-ref", b"rx-ring-ref"} <= set(listing)
+        assert mac == conn.read(f"{vif.decode()}/mac")
+        assert conn.read("/pyxs/from-pyxs") == b"written by pyxs"
+        assert (first.path, first.token) == (b"/pyxs", b"token")
+        assert (second.path, second.token) == (b"/pyxs/from-pvio", b"token")
