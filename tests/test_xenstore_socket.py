@@ -227,3 +227,25 @@ async def test_pyxs_lists_reads_writes_and_watches(tmp_path: Path) -> None:
         assert conn.read("/pyxs/from-pyxs") == b"written by pyxs"
         assert (first.path, first.token) == (b"/pyxs", b"token")
         assert (second.path, second.token) == (b"/pyxs/from-pvio", b"token")
+
+
+async def test_clients_beyond_the_limit_are_refused_and_a_stale_socket_is_replaced(tmp_path: Path) -> None:
+    path = tmp_path / "xenstored.sock"
+    stale = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    await stale.bind(str(path))  # a socket file nobody listens on: left by a server that died
+    stale.close()
+    async with net_env(NicGuest("guest", "10.0.0.1"), timeout_s=30) as env:
+        server = XenstoreSocketServer(env.hv.store, path, max_clients=1)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve)
+            assert path.stat().st_mode & 0o777 == 0o600
+            first = await trio.open_unix_socket(str(path))
+            await first.send_all(encode_message(XsType.READ, 1, 0, b"/local/domain/0/name\0"))
+            await first.receive_some(16)  # served
+            second = await trio.open_unix_socket(str(path))
+            with trio.fail_after(10):
+                assert await second.receive_some() == b""
+            assert (server.accepted, server.refused) == (1, 1)
+            await first.aclose()
+            await second.aclose()
+            nursery.cancel_scope.cancel()

@@ -162,9 +162,10 @@ class XenstoreSocketServer:
             finally:
                 probe.close()
         sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
-        old = os.umask(0o077)  # the socket file is born 0600: dom0's powers for its owner only
+        old = os.umask(0o077)  # the socket file is born owner-only: dom0's powers for its owner
         try:
             await sock.bind(self.path)
+            os.chmod(self.path, 0o600)
         except OSError:
             sock.close()
             raise
