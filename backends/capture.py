@@ -24,10 +24,19 @@ tap with :meth:`Switch.add_tap`; the switch hands every tap each batch it takes 
   file) stops the capture, records why in :attr:`Capture.error`, counts the frames it
   could not write and logs one line; the switch goes on forwarding.
 
-File format: classic libpcap with nanosecond timestamps (magic ``0xa1b23c4d``, version
-2.4), link type 1 (Ethernet), little-endian.  tcpdump, tshark, Wireshark and scapy read
-it.  Frames longer than ``snaplen`` are truncated in the file (``orig_len`` keeps their
-real length), as tcpdump does.
+File formats (``format=``):
+
+- ``"pcap"`` (the default): classic libpcap with nanosecond timestamps (magic
+  ``0xa1b23c4d``, version 2.4), link type 1 (Ethernet), little-endian.  tcpdump,
+  tshark, Wireshark and scapy read it.
+- ``"pcapng"``: one interface description per switch port (named after the port,
+  nanosecond resolution, Ethernet), declared when the port's first frame is written, and
+  one enhanced packet block per frame with its direction in ``epb_flags``: *inbound*
+  for frames the port handed into the switch, *outbound* for frames the switch
+  delivered to it.  Wireshark then shows which port each frame crossed and which way.
+
+Frames longer than ``snaplen`` are truncated in the file (the original length is kept),
+as tcpdump does.
 
 Counters, owner ``capture/<name>``: ``packets``/``bytes`` (frames and their original
 bytes written), ``truncated`` (frames cut to ``snaplen``), ``drops.write_error``
@@ -61,6 +70,21 @@ PCAP_RECORD = struct.Struct("<IIII")  # ts_sec, ts_nsec, incl_len, orig_len
 INGRESS = "ingress"  # a port handed the frames into the switch
 EGRESS = "egress"  # the switch handed the frames to a port
 
+# pcapng (the IETF pcapng draft): block types, options, and the layouts used here.
+PCAPNG_SHB = 0x0A0D0D0A  # section header block
+PCAPNG_IDB = 0x00000001  # interface description block
+PCAPNG_EPB = 0x00000006  # enhanced packet block
+PCAPNG_BYTE_ORDER_MAGIC = 0x1A2B3C4D
+OPT_ENDOFOPT = 0
+IF_NAME = 2
+IF_TSRESOL = 9
+EPB_FLAGS = 2
+EPB_INBOUND, EPB_OUTBOUND = 0b01, 0b10  # epb_flags bits 0-1: the direction
+_EPB_HEAD = struct.Struct("<IIIIIII")  # type, total length, interface, ts high, ts low, caplen, len
+_EPB_TAIL = struct.Struct("<HHII")  # epb_flags option (code, length, value), end of options...
+_EPB_END = struct.Struct("<I")  # ... and the trailing total length
+_PADS = [b"", b"\0\0\0", b"\0\0", b"\0"]  # pads[len % 4]: to a 32-bit boundary
+
 
 def pcap_header(snaplen: int = DEFAULT_SNAPLEN, linktype: int = LINKTYPE_ETHERNET) -> bytes:
     """The 24-byte global header of a nanosecond pcap file."""
@@ -82,6 +106,43 @@ def pcap_records(frames: list[bytes], ts_ns: int, snaplen: int = DEFAULT_SNAPLEN
     return b"".join(parts)
 
 
+def _option(code: int, value: bytes) -> bytes:
+    return struct.pack("<HH", code, len(value)) + value + _PADS[len(value) % 4]
+
+
+def _block(block_type: int, body: bytes) -> bytes:
+    total = 12 + len(body)
+    return struct.pack("<II", block_type, total) + body + struct.pack("<I", total)
+
+
+def pcapng_section_header() -> bytes:
+    """A pcapng section header block (version 1.0, section length unknown)."""
+    return _block(PCAPNG_SHB, struct.pack("<IHHq", PCAPNG_BYTE_ORDER_MAGIC, 1, 0, -1) + _option(0, b""))
+
+
+def pcapng_interface(name: str, snaplen: int = DEFAULT_SNAPLEN) -> bytes:
+    """An interface description block: Ethernet, nanosecond timestamps, named ``name``."""
+    options = _option(IF_NAME, name.encode("utf-8", "replace")) + _option(IF_TSRESOL, b"\x09")
+    return _block(PCAPNG_IDB, struct.pack("<HHI", LINKTYPE_ETHERNET, 0, snaplen) + options + _option(0, b""))
+
+
+def pcapng_packets(
+    frames: list[bytes], interface: int, inbound: bool, ts_ns: int, snaplen: int = DEFAULT_SNAPLEN
+) -> bytes:
+    """Enhanced packet blocks for ``frames`` on ``interface``, all stamped ``ts_ns``."""
+    high, low = (ts_ns >> 32) & 0xFFFFFFFF, ts_ns & 0xFFFFFFFF
+    tail = _EPB_TAIL.pack(EPB_FLAGS, 4, EPB_INBOUND if inbound else EPB_OUTBOUND, OPT_ENDOFOPT)
+    head, end = _EPB_HEAD.pack, _EPB_END.pack
+    parts: list[bytes] = []
+    for frame in frames:
+        size = len(frame)
+        data = frame if size <= snaplen else frame[:snaplen]
+        pad = _PADS[len(data) % 4]
+        total = 28 + len(data) + len(pad) + _EPB_TAIL.size + 4
+        parts += (head(PCAPNG_EPB, total, interface, high, low, len(data), size), data, pad, tail, end(total))
+    return b"".join(parts)
+
+
 def write_pcap(path: str | os.PathLike[str], frames: list[bytes], ts_ns: int | None = None) -> int:
     """Write ``frames`` (already kept somewhere) to a new pcap file at ``path``; return how many."""
     with open(path, "wb") as f:
@@ -90,11 +151,17 @@ def write_pcap(path: str | os.PathLike[str], frames: list[bytes], ts_ns: int | N
     return len(frames)
 
 
+def format_for(path: str | os.PathLike[str]) -> str:
+    """The format a file name asks for: ``"pcapng"`` for ``*.pcapng``, else ``"pcap"``."""
+    return "pcapng" if os.fspath(path).lower().endswith(".pcapng") else "pcap"
+
+
 class Capture:
     """A mirror of one port (both directions) or of the whole switch (ingress) to a pcap file.
 
     ``Capture(switch, path)`` captures the whole switch; ``Capture(switch, path, port)``
-    one port (a :class:`SwitchPort`, e.g. a netback vif, or its name).  The capture runs
+    one port (a :class:`SwitchPort`, e.g. a netback vif, or its name); ``format`` is
+    ``"pcap"`` or ``"pcapng"`` (see the module notes).  The capture runs
     from :meth:`start` (or entering ``with``) to :meth:`stop`; the file is complete and
     flushed once stopped.  ``clock`` gives the timestamps (nanoseconds since the epoch).
     """
@@ -109,9 +176,12 @@ class Capture:
         name: str | None = None,
         counters: CounterRegistry | None = None,
         clock: Callable[[], int] = time.time_ns,
+        format: str = "pcap",
     ) -> None:
         if snaplen < 1:
             raise ValueError(f"capture: snaplen must be >= 1, got {snaplen}")
+        if format not in ("pcap", "pcapng"):
+            raise ValueError(f"capture: format must be 'pcap' or 'pcapng', not {format!r}")
         if isinstance(port, str):
             found = [p for p in switch.ports if p.name == port]
             if not found:
@@ -122,6 +192,8 @@ class Capture:
         self.port = port
         self.snaplen = snaplen
         self.clock = clock
+        self.format = format
+        self._interfaces: dict[SwitchPort, int] = {}  # pcapng: port -> interface id
         self.name = name or (port.name if port is not None else switch.name)
         owner = f"capture/{self.name}"
         self.counters: Counters = (
@@ -140,8 +212,9 @@ class Capture:
         if self._file is not None:
             raise RuntimeError(f"capture {self.name} is already running")
         f = open(self.path, "wb", buffering=1 << 16)  # noqa: SIM115 - closed by stop()
+        self._interfaces = {}
         try:
-            f.write(pcap_header(self.snaplen))
+            f.write(pcap_header(self.snaplen) if self.format == "pcap" else pcapng_section_header())
         except OSError:
             f.close()
             raise
@@ -183,7 +256,7 @@ class Capture:
         """Write ``frames`` if they belong to this capture (never raises)."""
         mine = self.port
         if mine is None:
-            if direction is not INGRESS:
+            if direction != INGRESS:
                 return
         elif port is not mine:
             return
@@ -192,7 +265,14 @@ class Capture:
             return
         snaplen = self.snaplen
         try:
-            f.write(pcap_records(frames, self.clock(), snaplen))
+            if self.format == "pcap":
+                f.write(pcap_records(frames, self.clock(), snaplen))
+            else:
+                interface = self._interfaces.get(port)
+                if interface is None:
+                    interface = self._interfaces[port] = len(self._interfaces)
+                    f.write(pcapng_interface(port.name, snaplen))
+                f.write(pcapng_packets(frames, interface, direction == INGRESS, self.clock(), snaplen))
         except (OSError, ValueError) as e:
             self._stop_on_error(e, len(frames))
             return

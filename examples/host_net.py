@@ -10,7 +10,7 @@ then attaches what was asked for:
   (``ip addr add 10.0.0.254/24 dev IFNAME; ip link set IFNAME up``) and ``ping 10.0.0.1``;
 - ``--vxlan VNI --local HOST:PORT --remote HOST:PORT``: a VXLAN port to another pvio or
   a Linux ``vxlan`` device (``--remote`` may repeat);
-- ``--pcap PATH``: a capture of the whole switch;
+- ``--pcap PATH``: a capture of the whole switch (pcapng if PATH ends in ``.pcapng``);
 - ``--xenstore-socket PATH``: the live store for ``XENSTORED_PATH=PATH xenstore-ls``.
 
 A port that cannot be created is reported in one line and the rest runs on.  It prints
@@ -27,7 +27,7 @@ import sys
 from typing import Any
 
 import trio
-from pvio.backends.capture import Capture
+from pvio.backends.capture import Capture, format_for
 from pvio.backends.tap import TapError, TapPort
 from pvio.backends.vxlan import VXLAN_PORT, VxlanError, VxlanPort
 from pvio.cpu.guest import X86Guest
@@ -116,7 +116,8 @@ async def run(args: argparse.Namespace) -> int:
         capture = None
         if args.pcap:
             try:
-                capture = Capture(switch, args.pcap, counters=hv.counters).start()
+                fmt = format_for(args.pcap)
+                capture = Capture(switch, args.pcap, counters=hv.counters, format=fmt).start()
                 print(f"capture to {args.pcap}", flush=True)
             except OSError as e:
                 print(f"error: capture {args.pcap}: {e.strerror or e}; running without it", flush=True)

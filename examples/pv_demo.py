@@ -27,7 +27,7 @@ from typing import Any
 
 import trio
 import trio.testing
-from pvio.backends.capture import Capture
+from pvio.backends.capture import Capture, format_for
 from pvio.backends.netback import NetBack
 from pvio.backends.switch import Switch
 from pvio.frontends.netfront import Netfront
@@ -217,11 +217,12 @@ async def exchange(
 
 @contextmanager
 def capturing(hv: Hypervisor, switch: Switch, pcap: str | None) -> Iterator[Capture | None]:
-    """A whole-switch capture to ``pcap`` for the block (none when ``pcap`` is None)."""
+    """A whole-switch capture to ``pcap`` for the block (none when ``pcap`` is None; pcapng
+    when the name ends in ``.pcapng``)."""
     if pcap is None:
         yield None
         return
-    with Capture(switch, pcap, counters=hv.counters) as capture:
+    with Capture(switch, pcap, counters=hv.counters, format=format_for(pcap)) as capture:
         yield capture
 
 

@@ -168,3 +168,41 @@ def test_the_demo_command_captures_its_exchange(tmp_path: Path, capsys: pytest.C
     packets = rdpcap(str(path))
     assert len(packets) == result["frames_delivered"] == 18  # every request and every answer, once
     assert packets[0].haslayer("ARP")
+
+
+def test_pcapng_names_each_port_and_marks_each_direction(tmp_path: Path) -> None:
+    sw = Switch()
+    a, b, c = Sink("vif1.0"), Sink("vif2.0"), Sink("tap-x")
+    for p in (a, b, c):
+        sw.attach(p)
+    sw.input(b, [eth(9, 2)])
+    ts = 1_700_000_000_123_456_789
+    whole, port = tmp_path / "all.pcapng", tmp_path / "vif1.pcapng"
+    with Capture(sw, whole, format="pcapng", clock=lambda: ts), Capture(sw, port, a, format="pcapng"):
+        sw.input(a, [eth(2, 1, b"x" * 47)])  # a -> b: odd length, padded in the file
+        sw.input(b, [eth(1, 2, b"y" * 46), eth(0xFF, 2, bytes(3))])  # b -> a, then a short flood
+    expected = [eth(2, 1, b"x" * 47), eth(1, 2, b"y" * 46), eth(0xFF, 2, bytes(3))]
+    assert [bytes(p) for p in rdpcap(str(whole))] == expected
+    assert [bytes(p) for p in rdpcap(str(port))] == expected  # ingress, egress, egress (flood)
+    assert float(rdpcap(str(whole))[0].time) == pytest.approx(ts / 1e9)
+    if shutil.which("tshark") is None:
+        pytest.skip("tshark is not installed (Debian package tshark)")
+    fields = ["-e", "frame.interface_name", "-e", "frame.packet_flags_direction", "-e", "frame.len"]
+
+    def rows(path: Path) -> list[list[str]]:
+        out = subprocess.run(
+            ["tshark", "-n", "-r", str(path), "-T", "fields", *fields],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        return [line.split("\t") for line in out.splitlines()]
+
+    inbound, outbound = "0x00000001", "0x00000002"
+    assert rows(whole) == [["vif1.0", inbound, "61"], ["vif2.0", inbound, "60"], ["vif2.0", inbound, "17"]]
+    assert rows(port) == [["vif1.0", inbound, "61"], ["vif1.0", outbound, "60"], ["vif1.0", outbound, "17"]]
+
+
+def test_an_unknown_format_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="format must be 'pcap' or 'pcapng'"):
+        Capture(Switch(), tmp_path / "x", format="erf")
