@@ -262,3 +262,23 @@ async def test_the_linux_vxlan_device_in_a_namespace_pings_a_pvio_guest() -> Non
                 assert vx.counters["datagrams.rx"] >= 6  # ARP + 5 echo requests
                 assert dict(vx.fdb) == {kernel_mac(kernel_ns, "vx0"): "10.99.0.1"}  # learned from the tunnel
                 assert not any(k.startswith("drops.") for k in vx.counters)
+
+
+def test_an_ipv6_underlay_carries_frames_both_ways() -> None:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    sw = Switch()
+    sink = Sink("guest")
+    sw.attach(sink)
+    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as remote:
+        remote.bind(("::1", 0))
+        remote.settimeout(5)
+        with VxlanPort(sw, VNI, local=("::1", 0), remotes=[remote.getsockname()[:2]]) as vx:
+            sw.input(sink, [frame(0xFF, 1)])
+            data, peer = remote.recvfrom(2048)
+            assert data == vxlan_header(VNI) + frame(0xFF, 1)
+            assert vx.decapsulate([(vxlan_header(VNI) + frame(1, 6), peer[0])]) == [frame(1, 6)]
+            assert dict(vx.fdb) == {frame(1, 6)[6:12]: "::1"}
