@@ -32,9 +32,9 @@ interoperates with them.
 
 MTU: the encapsulation adds 50 bytes on an IPv4 underlay (outer Ethernet 14, IPv4 20,
 UDP 8, VXLAN 8), so on a 1500-byte underlay the guests' MTU should be 1450, as Linux
-sets it on a ``vxlan`` device (an IPv6 underlay adds 70).  Larger frames are sent and fragmented by the underlay's IP
-layer (Linux's vxlan device instead drops them); frames whose datagram would exceed
-UDP's 65507-byte limit are dropped (``drops.oversize``).
+sets it on a ``vxlan`` device (an IPv6 underlay adds 70).  Larger frames are sent and
+fragmented by the underlay's IP layer (Linux's vxlan device instead drops them); frames
+whose datagram would exceed UDP's 65507-byte limit are dropped (``drops.oversize``).
 
 Counters, owner ``switch/<port name>`` (besides the switch's ``packets.*``/``bytes.*``):
 ``datagrams.rx``/``datagrams.tx`` (including replicated copies), the ``drops.*`` above,

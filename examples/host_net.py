@@ -40,10 +40,14 @@ from pvio.xenstore.unix_socket import XenstoreSocketServer
 
 
 def _address(text: str, default_port: int = VXLAN_PORT) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep:
+    """``HOST``, ``HOST:PORT``, ``IPV6`` or ``[IPV6]:PORT`` as (host, port)."""
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        return host, int(rest[1:]) if rest.startswith(":") else default_port
+    if text.count(":") > 1:  # a bare IPv6 address
         return text, default_port
-    return host, int(port)
+    host, sep, port = text.rpartition(":")
+    return (host, int(port)) if sep else (text, default_port)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -55,8 +59,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--tap", metavar="IFNAME", help="attach a TAP device")
     parser.add_argument("--vxlan", type=int, metavar="VNI", help="attach a VXLAN port for network VNI")
-    parser.add_argument("--local", default=f"0.0.0.0:{VXLAN_PORT}", help="the VXLAN port's HOST:PORT")
-    parser.add_argument("--remote", action="append", default=[], help="a remote VTEP HOST[:PORT]")
+    parser.add_argument(
+        "--local", default=f"0.0.0.0:{VXLAN_PORT}", help="the VXLAN port's HOST:PORT ([IPV6]:PORT)"
+    )
+    parser.add_argument(
+        "--remote", action="append", default=[], help="a remote VTEP HOST[:PORT] (repeatable)"
+    )
     parser.add_argument("--pcap", metavar="PATH", help="capture the whole switch")
     parser.add_argument("--xenstore-socket", metavar="PATH", help="serve the store on a Unix socket")
     parser.add_argument("--duration", type=float, help="stop after this many seconds")
