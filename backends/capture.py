@@ -96,13 +96,14 @@ def pcap_records(frames: list[bytes], ts_ns: int, snaplen: int = DEFAULT_SNAPLEN
     sec, nsec = divmod(ts_ns, 1_000_000_000)
     sec &= 0xFFFFFFFF
     pack = PCAP_RECORD.pack
+    headers: dict[int, bytes] = {}  # one batch shares its timestamp: one header per frame size
     parts: list[bytes] = []
     for frame in frames:
         size = len(frame)
-        if size > snaplen:
-            parts += (pack(sec, nsec, snaplen, size), frame[:snaplen])
-        else:
-            parts += (pack(sec, nsec, size, size), frame)
+        header = headers.get(size)
+        if header is None:
+            header = headers[size] = pack(sec, nsec, min(size, snaplen), size)
+        parts += (header, frame if size <= snaplen else frame[:snaplen])
     return b"".join(parts)
 
 
@@ -277,11 +278,11 @@ class Capture:
             self._stop_on_error(e, len(frames))
             return
         c = self.counters
-        c["packets"] += len(frames)
-        c["bytes"] += sum(map(len, frames))
-        truncated = sum(1 for frame in frames if len(frame) > snaplen)
-        if truncated:
-            c["truncated"] += truncated
+        sizes = list(map(len, frames))
+        c["packets"] += len(sizes)
+        c["bytes"] += sum(sizes)
+        if max(sizes) > snaplen:
+            c["truncated"] += sum(1 for size in sizes if size > snaplen)
 
     def _stop_on_error(self, e: Exception, lost: int) -> None:
         f, self._file = self._file, None
