@@ -3,7 +3,7 @@
 Design rationale
 ----------------
 Every device model (PV vif, emulated NIC, smart NIC) and every host-side port (TAP,
-pcap capture, a test's capture port) attaches to one :class:`Switch`, so any guest can
+VXLAN, pcap capture, a test's capture port) attaches to one :class:`Switch`, so any guest can
 reach any other whatever its NIC (docs/devices.md).  The switch is on the data path
 of every frame, so it is written for Python's per-packet budget (docs/architecture.md, "Performance"):
 
@@ -13,6 +13,9 @@ of every frame, so it is written for Python's per-packet budget (docs/architectu
   netback) can push all its frames onto its RX ring and notify the guest once.
 - **bytes and dicts only.**  The destination and source MAC are two slices, learning and
   forwarding are dict look-ups; no scapy, no parsing beyond the Ethernet header.
+- **mirrors cost nothing when off.**  Packet capture (:mod:`pvio.backends.capture`)
+  registers a tap that sees each batch in and each batch delivered; with no tap, the
+  cost is one test of an empty list per batch.
 - **a port never stops the switch.**  A port whose ``transmit`` raises is counted and
   logged and the other ports still get their frames (never crash dom0 for one
   device's mistake).
@@ -40,6 +43,7 @@ Switch, owner ``switch/<switch name>`` — every input frame lands in exactly on
 ``mac_evictions``      entries evicted because the table was full
 ``port_errors``        ``transmit`` calls that raised (the port's frames are counted as
                        ``drops.port_error`` on the port)
+``tap_errors``         mirror taps (capture) that raised; the traffic is unaffected
 ``drops.runt``         frames shorter than an Ethernet header (14 bytes)
 ``drops.oversize``     frames longer than 65535 + 14 bytes
 ``drops.same_port``    unicast frames whose destination was learned on the ingress port
@@ -68,19 +72,16 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict, deque
-from collections.abc import Mapping
-from pathlib import Path
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
-from typing import TYPE_CHECKING
 
 import trio
 
 from pvio.core.counters import CounterRegistry, Counters
 
-if TYPE_CHECKING:
-    from os import PathLike
-
 log = logging.getLogger("pvio.switch")
+
+Tap = Callable[["SwitchPort", str, list[bytes]], None]
 
 ETH_HEADER_LEN = 14
 MAX_FRAME_LEN = 65535 + ETH_HEADER_LEN  # the largest frame a netif packet (u16 size) can carry
@@ -137,6 +138,9 @@ class Switch:
         self._ports: dict[SwitchPort, None] = {}
         self._names: set[str] = set()
         self._failed_once: set[str] = set()  # ports whose first transmit error was logged in full
+        # Mirror taps (packet capture, pvio.backends.capture): called with (port, direction,
+        # frames) for every batch in and every batch delivered.  Empty: one test per batch.
+        self._taps: list[Tap] = []
 
     # -- topology ---------------------------------------------------------------------
 
@@ -182,6 +186,14 @@ class Switch:
         for mac in [mac for mac, owner in self._table.items() if owner is port]:
             del self._table[mac]
 
+    def add_tap(self, tap: Tap) -> None:
+        """Mirror traffic to ``tap(port, "ingress" | "egress", frames)`` (must not block or keep the list)."""
+        self._taps = [*self._taps, tap]
+
+    def remove_tap(self, tap: Tap) -> None:
+        """Stop mirroring to ``tap`` (no error if it is not registered)."""
+        self._taps = [t for t in self._taps if t != tap]  # == : bound methods are made anew
+
     # -- data path --------------------------------------------------------------------
 
     def input(self, port: SwitchPort, frames: list[bytes]) -> None:
@@ -199,6 +211,8 @@ class Switch:
         if port not in self._ports:
             sc["drops.port_detached"] += n_in
             return
+        if self._taps:
+            self._mirror(port, "ingress", frames)
 
         table = self._table
         lookup = table.get
@@ -284,6 +298,7 @@ class Switch:
         pc = port.counters
         n = len(frames)
         nbytes = sum(map(len, frames))
+        mirrored = list(frames) if self._taps else None  # the port owns `frames` once handed over
         try:
             port.transmit(frames)
         except Exception:
@@ -307,15 +322,27 @@ class Switch:
         pc["bytes.tx"] += nbytes
         if n_flooded:
             pc["flooded"] += n_flooded
+        if mirrored is not None:
+            self._mirror(port, "egress", mirrored)
+
+    def _mirror(self, port: SwitchPort, direction: str, frames: list[bytes]) -> None:
+        """Hand ``frames`` to every tap; a tap that raises is counted, never propagated."""
+        for tap in self._taps:
+            try:
+                tap(port, direction, frames)
+            except Exception:
+                self.counters["tap_errors"] += 1
+                log.debug("switch %s: a tap raised", self.name, exc_info=True)
 
 
 class CapturePort(SwitchPort):
     """A port that keeps what it receives: the last ``maxlen`` frames, and optionally a channel.
 
-    For tests and for pcap capture.  ``frames`` is a bounded deque (oldest frames fall out,
-    counted ``capture.evicted``).  With ``channel``, every frame is also sent with
-    ``send_nowait`` (never blocking the switch): a full channel counts
-    ``drops.channel_full``, a closed one ``drops.channel_closed``.
+    For tests (a mirror of the traffic to a file is :mod:`pvio.backends.capture`).
+    ``frames`` is a bounded deque (oldest frames fall out, counted ``capture.evicted``).
+    With ``channel``, every frame is also sent with ``send_nowait`` (never blocking the
+    switch): a full channel counts ``drops.channel_full``, a closed one
+    ``drops.channel_closed``.
     """
 
     def __init__(
@@ -354,15 +381,3 @@ class CapturePort(SwitchPort):
     def clear(self) -> None:
         """Forget the captured frames."""
         self.frames.clear()
-
-    def write_pcap(self, path: str | PathLike[str]) -> int:
-        """Write the captured frames to a pcap file (Ethernet link type); return how many.
-
-        scapy is imported here, not at module level: capture stays off the data path.
-        """
-        from scapy.layers.l2 import Ether
-        from scapy.utils import wrpcap
-
-        packets = [Ether(frame) for frame in self.frames]
-        wrpcap(str(Path(path)), packets, linktype=1)
-        return len(packets)

@@ -115,6 +115,13 @@ class Network:
     guests: list[Any]
     netback: NetBack | None = None
     devices: list[Any] = field(default_factory=list)
+    captures: list[Any] = field(default_factory=list)
+
+    def close(self) -> None:
+        """End the network's captures (their files are complete after this)."""
+        for capture in self.captures:
+            capture.stop()
+        self.captures.clear()
 
     def vif(self, guest: Any, devid: int = 0) -> BackendVif:
         """The netback side of ``guest``'s vif."""
@@ -165,12 +172,15 @@ async def start_network(
     settle_s: float = 0.0,
     timeout_s: float = 10.0,
     nics: Sequence[NicConfig | None] | None = None,
+    pcap: str | None = None,
 ) -> Network:
     """Bring up dom0's switch (and netback for PV vifs) on a running hypervisor, then create
     and boot one domain per guest kernel, each with one NIC of ``model``.
 
     ``nics[i]`` (a :class:`NicConfig`) overrides guest ``i``'s NIC: its own model, its own
-    backend (PV: this vif's backend, by entry-point name, and options) and MAC.
+    backend (PV: this vif's backend, by entry-point name, and options) and MAC.  ``pcap``
+    mirrors every frame the switch sees, from the first one, to that file (pcapng when the
+    name ends in ``.pcapng``); :meth:`Network.close` (or leaving :func:`boot_network`) ends it.
 
     Returns once every guest in ``wait_ready`` (default: every guest with a ``ready`` event)
     is ready, the switch knows each guest's MAC (``announce``) and the system is quiet:
@@ -199,6 +209,10 @@ async def start_network(
         raise RuntimeError("the hypervisor has no dom0 to run the switch and the backends")
     switch = Switch(hv.counters)
     net = Network(hv, switch, model, [])
+    if pcap is not None:
+        from pvio.backends.capture import Capture, format_for
+
+        net.captures.append(Capture(switch, pcap, counters=hv.counters, format=format_for(pcap)).start())
     if any(cfg.model == "pv" for cfg in configs):
         dom0 = hv.dom0.kernel
         net.netback = NetBack(
@@ -250,4 +264,8 @@ async def boot_network(
     from pvio.core.hypervisor import DEFAULT_DOM0_PAGES, Hypervisor
 
     async with Hypervisor(dom0_pages=DEFAULT_DOM0_PAGES if dom0_pages is None else dom0_pages) as hv:
-        yield await start_network(hv, guests, **options)
+        net = await start_network(hv, guests, **options)
+        try:
+            yield net
+        finally:
+            net.close()

@@ -36,7 +36,7 @@ from pvio.core.hypervisor import DEFAULT_DOM0_PAGES
 from pvio.frontends.guests import EchoGuest, NicGuest
 from pvio.frontends.netfront import Netfront
 from pvio.frontends.netstack import udp_packet
-from pvio.toolstack import ANNOUNCE_ETHERTYPE, Network, boot_network
+from pvio.toolstack import ANNOUNCE_ETHERTYPE, Network, NicConfig, boot_network
 
 __all__ = [
     "ANNOUNCE_ETHERTYPE",
@@ -175,13 +175,16 @@ async def net_env(
     before_guests: Callable[[Hypervisor], None] | None = None,
     wait_ready: Sequence[Any] | None = None,
     timeout_s: float = 10.0,
+    macs: Sequence[str | None] = (),
 ) -> AsyncIterator[Network]:
     """Boot dom0 (netback + switch) and ``guests`` (each with vif 0), connected: the
     toolstack's :func:`~pvio.toolstack.boot_network` with the PV model.
 
     ``dom0_pages`` sizes dom0 (each connected vif takes 512 of its pages for staging);
     ``wait_ready`` lists the guests whose ``ready`` event to wait for (default: every guest
-    that has one).
+    that has one).  ``macs`` gives the first guests' vif MACs ("aa:bb:..."; None or absent:
+    the toolstack's default, which derives from the domid, so two separate pvio instances
+    joined by a tunnel need them).
     """
     async with boot_network(
         guests,
@@ -194,5 +197,6 @@ async def net_env(
         before_guests=before_guests,
         wait_ready=wait_ready,
         timeout_s=timeout_s,
+        nics=[NicConfig(mac=macs[i] if i < len(macs) else None) for i in range(len(guests))],
     ) as net:
         yield net

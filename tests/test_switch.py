@@ -10,6 +10,7 @@ import trio
 from scapy.layers.l2 import Ether
 from scapy.utils import rdpcap
 
+from pvio.backends.capture import write_pcap
 from pvio.backends.switch import MAX_FRAME_LEN, CapturePort, Switch, SwitchPort
 from pvio.core.counters import CounterRegistry
 
@@ -309,12 +310,12 @@ async def test_capture_port_sends_on_its_channel_without_blocking() -> None:
     assert len(cap.frames) == 6
 
 
-def test_capture_port_writes_a_pcap_scapy_reads_back(tmp_path: Path) -> None:
+def test_capture_port_frames_write_to_a_pcap_scapy_reads_back(tmp_path: Path) -> None:
     cap = CapturePort("cap")
     frames = [eth(B, A, b"hello world " * 4), eth(BCAST, C, b"\x00" * 46)]
     cap.transmit(frames)
     path = tmp_path / "cap.pcap"
-    assert cap.write_pcap(path) == 2
+    assert write_pcap(path, list(cap.frames)) == 2
     packets = rdpcap(str(path))
     assert [bytes(p) for p in packets] == frames
     assert isinstance(packets[0], Ether)

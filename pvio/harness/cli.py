@@ -65,18 +65,22 @@ def build_parser() -> OneLineParser:
     d = sub.add_parser("demo", help="two guests exchange scapy-built traffic over the PV NIC")
     d.add_argument("--guest", choices=("py", "x86"), default="py", help="guest B's kind (default: py)")
     d.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    d.add_argument("--pcap", metavar="PATH", help="capture the switch's traffic (pcap; .pcapng for pcapng)")
 
     sub.add_parser("ring-demo", help="a frontend and a backend on one shared ring page")
 
     b = sub.add_parser("bench", help="compare the device models (pvio bench --help)", add_help=False)
     b.add_argument("rest", nargs=argparse.REMAINDER)
+    n = sub.add_parser("net", help="guests on the host's network: TAP, VXLAN, capture (pvio net --help)",
+                       add_help=False)  # fmt: skip
+    n.add_argument("rest", nargs=argparse.REMAINDER)
 
     def control(name: str, what: str, dom: bool = False) -> OneLineParser:
         c = sub.add_parser(name, help=what)
         c.add_argument("--socket", default=None, help="the control socket of the running pvio")
         if dom:
             c.add_argument("dom", help="a domain, by name or id")
-        return c  # type: ignore[return-value]
+        return c
 
     control("list", "the domains of the running pvio: id, name, state, memory, vifs")
     c = control("console", "a domain's console (like xl console)", dom=True)
@@ -107,6 +111,8 @@ def build_parser() -> OneLineParser:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``pvio`` command."""
     args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list and args_list[0] in DELEGATED:  # commands with their own option parsers
+        sys.exit(DELEGATED[args_list[0]](args_list[1:]))
     parser = build_parser()
     args = parser.parse_args(args_list)
     if args.command is None:
@@ -126,6 +132,23 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
 
 
+def _bench(argv: list[str]) -> int:
+    from pvio.harness import bench
+
+    return bench.main(argv)
+
+
+def _net(argv: list[str]) -> int:
+    from pvio.harness import net
+
+    return net.main(argv)
+
+
+#: Subcommands that parse their own options (argparse cannot hand them a remainder that
+#: starts with an option).
+DELEGATED = {"bench": _bench, "net": _net}
+
+
 def _leaf(exc: BaseException) -> BaseException:
     while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
         exc = exc.exceptions[0]
@@ -140,17 +163,13 @@ def dispatch(args: argparse.Namespace) -> int:
     if cmd == "demo":
         from pvio.harness import demo
 
-        argv = ["--json"] if args.json else []
+        argv = (["--json"] if args.json else []) + (["--pcap", args.pcap] if args.pcap else [])
         return demo.x86_main(argv) if args.guest == "x86" else demo.main(argv)
     if cmd == "ring-demo":
         from pvio.harness import ring_demo
 
         ring_demo.main()
         return 0
-    if cmd == "bench":
-        from pvio.harness import bench
-
-        return bench.main(args.rest)
     if cmd == "run":
         return _run(args)
     try:

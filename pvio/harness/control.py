@@ -282,35 +282,36 @@ async def _send(stream: trio.SocketStream, obj: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------- the client
-def _connect(path: str) -> socket.socket:
+def _connect(sock: str) -> socket.socket:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        s.connect(path)
-    except FileNotFoundError:
+        s.connect(sock)
+    except (FileNotFoundError, ConnectionRefusedError):
         s.close()
-        raise ControlError(f"no pvio running at {path} (start one with `pvio run FILE --hold`)") from None
+        raise ControlError(f"no pvio running at {sock} (start one with `pvio run FILE --hold`)") from None
     except OSError as e:
         s.close()
-        raise ControlError(f"cannot reach pvio at {path}: {e.strerror}") from None
+        raise ControlError(f"cannot reach pvio at {sock}: {e.strerror}") from None
     return s
 
 
-def request(path: str, cmd: str, **args: Any) -> Any:
-    """Send one command, return its result (ControlError with the server's reason)."""
-    with _connect(path) as s:
+def request(sock: str, cmd: str, **args: Any) -> Any:
+    """Send one command to the pvio serving ``sock``, return its result (ControlError with
+    the server's reason)."""
+    with _connect(sock) as s:
         s.sendall(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
         reply = _lines(s)
         answer = next(reply, None)
     if answer is None:
-        raise ControlError(f"pvio at {path} closed the connection without an answer")
+        raise ControlError(f"pvio at {sock} closed the connection without an answer")
     if not answer.get("ok"):
         raise ControlError(answer.get("error", "refused"))
     return answer.get("result")
 
 
-def stream(path: str, cmd: str, **args: Any) -> Iterator[dict[str, Any]]:
+def stream(sock: str, cmd: str, **args: Any) -> Iterator[dict[str, Any]]:
     """Send a streaming command; yields its items until the server closes."""
-    with _connect(path) as s:
+    with _connect(sock) as s:
         s.sendall(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
         for item in _lines(s):
             if not item.get("ok"):

@@ -15,6 +15,7 @@ The run uses trio's MockClock, so the counters are the same on every run.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -163,11 +164,12 @@ async def exchange(
     result.counters = hv.snapshot().diff(before)
 
 
-async def run_demo(timeout_s: float = 5.0) -> DemoResult:
-    """Boot dom0 + A + B, exchange the traffic, return what was measured."""
+async def run_demo(timeout_s: float = 5.0, pcap: str | None = None) -> DemoResult:
+    """Boot dom0 + A + B, exchange the traffic, return what was measured; with ``pcap``,
+    every frame the switch sees is written to that pcap file."""
     result = DemoResult()
     a, b = NicGuest("guest-a", IP_A), EchoGuest("guest-b", IP_B)
-    async with boot_network([a, b], announce=False, timeout_s=timeout_s) as net:
+    async with boot_network([a, b], announce=False, timeout_s=timeout_s, pcap=pcap) as net:
         await exchange(net.hv, a, build_traffic(a.nic.mac, b.nic.mac), result, timeout_s)
     return result
 
@@ -204,7 +206,7 @@ def format_table(r: DemoResult) -> str:
 def run_main(
     argv: list[str] | None,
     prog: str,
-    run: Callable[[], Awaitable[DemoResult]],
+    run: Callable[..., Awaitable[DemoResult]],
     table: Callable[[DemoResult], str],
 ) -> int:
     """A demo's command line: run it under MockClock, print the table or ``--json``.
@@ -215,9 +217,11 @@ def run_main(
 
     parser = OneLineParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    parser.add_argument("--pcap", metavar="PATH", help="capture the switch's traffic to a pcap file")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    result = trio.run(run, clock=trio.testing.MockClock(autojump_threshold=0))
+    clock = trio.testing.MockClock(autojump_threshold=0)
+    result = trio.run(functools.partial(run, pcap=args.pcap), clock=clock)
     if args.json:
         print(json.dumps(result.as_json(), indent=2, sort_keys=True))
     else:
@@ -270,14 +274,14 @@ async def wait_x86_ready(guest: Any, switch: Switch, timeout_s: float = 10.0) ->
     return mac
 
 
-async def run_x86_demo(timeout_s: float = 5.0) -> X86DemoResult:
+async def run_x86_demo(timeout_s: float = 5.0, pcap: str | None = None) -> X86DemoResult:
     """Boot dom0 + PyGuest A + x86 guest B, exchange the traffic, return what was measured."""
     result = X86DemoResult()
     from pvio.cpu.guest import X86Guest
 
     a = NicGuest("guest-a", IP_A)
     b = X86Guest(name="guest-b-x86", cmdline=f"mode=echo ip={IP_B}")
-    async with boot_network([a, b], announce=False, timeout_s=timeout_s) as net:
+    async with boot_network([a, b], announce=False, timeout_s=timeout_s, pcap=pcap) as net:
         mac_b = await wait_x86_ready(b, net.switch, timeout_s)
         await exchange(net.hv, a, build_traffic(a.nic.mac, mac_b), result, timeout_s)
     return result

@@ -4,7 +4,10 @@
   and quotas (:class:`Store`, :class:`XenstoreError`);
 - :mod:`pvio.xenstore.wire` — the xs_wire protocol both ends share: message types, the
   16-byte header, the ring page and its byte rings (:class:`XsType`, :class:`XenbusState`);
-- :mod:`pvio.xenstore.server` — xenstored's end of one guest's ring page (:class:`RingConnection`);
+- :mod:`pvio.xenstore.server` — xenstored's request handling (:class:`XsConnection`) and its
+  ring transport, one guest's ring page (:class:`RingConnection`);
+- :mod:`pvio.xenstore.unix_socket` — the same handling on a Unix socket, for dom0 tools
+  such as ``xenstore-ls`` (:class:`XenstoreSocketServer`);
 - :mod:`pvio.xenstore.client` — the guest's end (:class:`XenbusClient`, :func:`loopback`).
 """
 

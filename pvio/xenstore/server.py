@@ -7,6 +7,10 @@ free-running u32 indices: requests guest -> xenstored, replies and watch events 
 16-byte ``xsd_sockmsg`` header and at most 4096 payload bytes, so one message can be four times the
 ring: both sides must stream, and messages span the wrap point.
 
+* :class:`XsConnection` is the request handling of one client, whatever carries its bytes:
+  parse (bounded :class:`MessageReader`), execute on the store, queue replies and watch events.
+  Two transports use it: a guest's ring page (:class:`RingConnection`, below) and a Unix
+  socket for dom0's tools (:mod:`pvio.xenstore.unix_socket`).
 * :class:`RingConnection` is xenstored's end for one guest.  It trusts nothing on the page: it keeps
   its own copies of the indices it owns (req_cons, rsp_prod), reads the guest's index once per pass
   and bounds it (prod - cons > 1024 is an impossible index, error 2), copies bytes out before parsing
@@ -117,34 +121,26 @@ def _strings(items: Sequence[str]) -> bytes:
 Handler = Callable[[int, bytes], bytes]
 
 
-class RingConnection:
-    """xenstored's end of one guest's xenstore ring page.
+class XsConnection:
+    """One client's xenstore session, whatever carries its bytes: parse requests, run them on the
+    store, queue replies and watch events.
 
-    ``page`` is the guest's interface page (writable, at least 2080 bytes), ``notify()`` signals the
-    guest's store event channel.  Call :meth:`process` whenever the guest kicks its store port.
+    The transport (a guest's ring page: :class:`RingConnection`; a Unix socket:
+    :mod:`pvio.xenstore.unix_socket`) feeds request bytes to :attr:`_reader`, calls
+    :meth:`_handle` for each complete message while :attr:`_out_bytes` is below
+    ``OUTPUT_HIGH_WATER``, and drains :attr:`_out`.  Watch events are queued from the store's
+    callback, then :meth:`_output_queued` tells the transport there is something to send.
     """
 
-    def __init__(
-        self, store: Store, domid: int, page: memoryview | bytearray, notify: Callable[[], None]
-    ) -> None:
+    def __init__(self, store: Store, domid: int) -> None:
         self.domid = domid
         self.disconnect_reason: str | None = None
-        self._page = as_page(page)
-        self._notify = notify
-        self._req = ByteRing(self._page, OFFSET_REQ, OFFSET_REQ_CONS, OFFSET_REQ_PROD)
-        self._rsp = ByteRing(self._page, OFFSET_RSP, OFFSET_RSP_CONS, OFFSET_RSP_PROD)
-        # The indices we own live here; the page only gets copies (a guest may scribble on them).
-        self._req_cons = self._req.load_cons()
-        self._rsp_prod = self._rsp.load_prod()
-        U32.pack_into(self._page, OFFSET_SERVER_FEATURES, XENSTORE_SERVER_FEATURE_ERROR)
         self._reader = MessageReader()
         self._out: deque[bytes] = deque()
         self._out_offset = 0  # bytes of _out[0] already written
         self._out_bytes = 0
         self._deferred: list[bytes] = []  # own watch events raised while answering a request
         self._handling = False
-        self._busy = False
-        self._again = False
         self._closed = False
         self._warned_drop = False
         self._store = store
@@ -171,98 +167,15 @@ class RingConnection:
     def closed(self) -> bool:
         return self._closed
 
-    def process(self) -> None:
-        """Serve the ring: execute every complete request, write replies and queued watch events,
-        and notify the guest once if anything was written or consumed.  Never raises."""
-        if self._closed:
-            return
-        if self._session.closed:  # the store released the domain
-            self._closed = True
-            return
-        if self._busy:
-            self._again = True
-            return
-        self._busy = True
-        try:
-            while True:
-                self._again = False
-                progressed = self._consume_requests()
-                progressed = self._write_output() or progressed
-                if progressed:
-                    self._notify()
-                if not self._again or self._closed:
-                    break
-        except RingFault as fault:
-            self._disconnect(fault.code, fault.reason)
-        except Exception:
-            logger.exception("xenstore: internal error serving dom%d", self.domid)
-            self._disconnect(XENSTORE_ERROR_COMMS, "internal error (see the traceback above)")
-        finally:
-            self._busy = False
-
     def close(self) -> None:
-        """Stop serving (domain teardown): the store drops this connection's watches and transactions."""
+        """Stop serving: the store drops this connection's watches and transactions."""
         self._closed = True
         self._out.clear()
         self._session.close()
 
-    # -- the rings -----------------------------------------------------------------------------
-
-    def _consume_requests(self) -> bool:
-        consumed = False
-        while self._out_bytes < OUTPUT_HIGH_WATER and not self._closed:
-            message = self._reader.next()
-            if message is None:
-                if not self._pull():
-                    break
-                consumed = True
-                continue
-            self._handle(*message)
-        return consumed
-
-    def _pull(self) -> bool:
-        prod = self._req.load_prod()  # read once; everything below uses this copy
-        avail = (prod - self._req_cons) & MASK32
-        if avail > XENSTORE_RING_SIZE:
-            raise RingFault(
-                XENSTORE_ERROR_RINGIDX,
-                f"impossible request ring indices req_prod={prod:#x} req_cons={self._req_cons:#x}",
-            )
-        if not avail:
-            return False
-        data = self._req.copy_out(self._req_cons, avail)
-        self._req_cons = (self._req_cons + avail) & MASK32
-        self._req.store_cons(self._req_cons)
-        self._reader.feed(data)
-        return True
-
-    def _write_output(self) -> bool:
-        if not self._out or self._closed:
-            return False
-        cons = self._rsp.load_cons()
-        used = (self._rsp_prod - cons) & MASK32
-        if used > XENSTORE_RING_SIZE:
-            raise RingFault(
-                XENSTORE_ERROR_RINGIDX,
-                f"impossible response ring indices rsp_prod={self._rsp_prod:#x} rsp_cons={cons:#x}",
-            )
-        free = XENSTORE_RING_SIZE - used
-        written = 0
-        while self._out and free:
-            head = self._out[0]
-            chunk = head[self._out_offset : self._out_offset + free]
-            self._rsp.copy_in(self._rsp_prod + written, chunk)
-            written += len(chunk)
-            free -= len(chunk)
-            self._out_offset += len(chunk)
-            if self._out_offset == len(head):
-                self._out.popleft()
-                self._out_offset = 0
-        if written:
-            self._out_bytes -= written
-            self._rsp_prod = (self._rsp_prod + written) & MASK32
-            self._rsp.store_prod(self._rsp_prod)  # after the data
-        return written > 0
+    def _output_queued(self) -> None:
+        """A watch event was queued outside a request: the transport should send it."""
+        raise NotImplementedError
 
     def _queue(self, message: bytes) -> None:
         self._out.append(message)
@@ -283,7 +196,7 @@ class RingConnection:
             self._deferred.append(message)  # after the reply to the request that caused it
             return
         self._queue_event(message)
-        self.process()
+        self._output_queued()
 
     def _queue_event(self, message: bytes) -> None:
         if self._out_bytes + len(message) > OUTPUT_LIMIT:
@@ -297,17 +210,6 @@ class RingConnection:
                 )
             return
         self._queue(message)
-
-    def _disconnect(self, code: int, reason: str) -> None:
-        logger.warning("xenstore: disconnecting dom%d: %s (error %d)", self.domid, reason, code)
-        self.disconnect_reason = reason
-        self._store.count_disconnect(self.domid, _DISCONNECT_KEYS.get(code, "comms"))
-        U32.pack_into(self._page, OFFSET_ERROR, code)
-        self.close()
-        try:
-            self._notify()
-        except Exception:
-            logger.exception("xenstore: notifying dom%d of its disconnection failed", self.domid)
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -422,6 +324,130 @@ class RingConnection:
     def _is_domain_introduced(self, tx: int, payload: bytes) -> bytes:
         (domid,) = _args(payload, 1)
         return b"T\0" if self._session.is_domain_introduced(_decimal(domid, 0xFFFF)) else b"F\0"
+
+
+class RingConnection(XsConnection):
+    """xenstored's end of one guest's xenstore ring page.
+
+    ``page`` is the guest's interface page (writable, at least 2080 bytes), ``notify()`` signals the
+    guest's store event channel.  Call :meth:`process` whenever the guest kicks its store port.
+    """
+
+    def __init__(
+        self, store: Store, domid: int, page: memoryview | bytearray, notify: Callable[[], None]
+    ) -> None:
+        self._page = as_page(page)
+        self._notify = notify
+        self._req = ByteRing(self._page, OFFSET_REQ, OFFSET_REQ_CONS, OFFSET_REQ_PROD)
+        self._rsp = ByteRing(self._page, OFFSET_RSP, OFFSET_RSP_CONS, OFFSET_RSP_PROD)
+        # The indices we own live here; the page only gets copies (a guest may scribble on them).
+        self._req_cons = self._req.load_cons()
+        self._rsp_prod = self._rsp.load_prod()
+        U32.pack_into(self._page, OFFSET_SERVER_FEATURES, XENSTORE_SERVER_FEATURE_ERROR)
+        self._busy = False
+        self._again = False
+        super().__init__(store, domid)
+
+    def _output_queued(self) -> None:
+        self.process()
+
+    def process(self) -> None:
+        """Serve the ring: execute every complete request, write replies and queued watch events,
+        and notify the guest once if anything was written or consumed.  Never raises."""
+        if self._closed:
+            return
+        if self._session.closed:  # the store released the domain
+            self._closed = True
+            return
+        if self._busy:
+            self._again = True
+            return
+        self._busy = True
+        try:
+            while True:
+                self._again = False
+                progressed = self._consume_requests()
+                progressed = self._write_output() or progressed
+                if progressed:
+                    self._notify()
+                if not self._again or self._closed:
+                    break
+        except RingFault as fault:
+            self._disconnect(fault.code, fault.reason)
+        except Exception:
+            logger.exception("xenstore: internal error serving dom%d", self.domid)
+            self._disconnect(XENSTORE_ERROR_COMMS, "internal error (see the traceback above)")
+        finally:
+            self._busy = False
+
+    # -- the rings -----------------------------------------------------------------------------
+
+    def _consume_requests(self) -> bool:
+        consumed = False
+        while self._out_bytes < OUTPUT_HIGH_WATER and not self._closed:
+            message = self._reader.next()
+            if message is None:
+                if not self._pull():
+                    break
+                consumed = True
+                continue
+            self._handle(*message)
+        return consumed
+
+    def _pull(self) -> bool:
+        prod = self._req.load_prod()  # read once; everything below uses this copy
+        avail = (prod - self._req_cons) & MASK32
+        if avail > XENSTORE_RING_SIZE:
+            raise RingFault(
+                XENSTORE_ERROR_RINGIDX,
+                f"impossible request ring indices req_prod={prod:#x} req_cons={self._req_cons:#x}",
+            )
+        if not avail:
+            return False
+        data = self._req.copy_out(self._req_cons, avail)
+        self._req_cons = (self._req_cons + avail) & MASK32
+        self._req.store_cons(self._req_cons)
+        self._reader.feed(data)
+        return True
+
+    def _write_output(self) -> bool:
+        if not self._out or self._closed:
+            return False
+        cons = self._rsp.load_cons()
+        used = (self._rsp_prod - cons) & MASK32
+        if used > XENSTORE_RING_SIZE:
+            raise RingFault(
+                XENSTORE_ERROR_RINGIDX,
+                f"impossible response ring indices rsp_prod={self._rsp_prod:#x} rsp_cons={cons:#x}",
+            )
+        free = XENSTORE_RING_SIZE - used
+        written = 0
+        while self._out and free:
+            head = self._out[0]
+            chunk = head[self._out_offset : self._out_offset + free]
+            self._rsp.copy_in(self._rsp_prod + written, chunk)
+            written += len(chunk)
+            free -= len(chunk)
+            self._out_offset += len(chunk)
+            if self._out_offset == len(head):
+                self._out.popleft()
+                self._out_offset = 0
+        if written:
+            self._out_bytes -= written
+            self._rsp_prod = (self._rsp_prod + written) & MASK32
+            self._rsp.store_prod(self._rsp_prod)  # after the data
+        return written > 0
+
+    def _disconnect(self, code: int, reason: str) -> None:
+        logger.warning("xenstore: disconnecting dom%d: %s (error %d)", self.domid, reason, code)
+        self.disconnect_reason = reason
+        self._store.count_disconnect(self.domid, _DISCONNECT_KEYS.get(code, "comms"))
+        U32.pack_into(self._page, OFFSET_ERROR, code)
+        self.close()
+        try:
+            self._notify()
+        except Exception:
+            logger.exception("xenstore: notifying dom%d of its disconnection failed", self.domid)
 
 
 _DISCONNECT_KEYS = {
