@@ -116,12 +116,17 @@ class Network:
     netback: NetBack | None = None
     devices: list[Any] = field(default_factory=list)
     captures: list[Any] = field(default_factory=list)
+    edges: list[Any] = field(default_factory=list)  # TAP, VXLAN ports: the switch's way out
 
     def close(self) -> None:
-        """End the network's captures (their files are complete after this)."""
+        """End the network's captures (their files are complete after this) and close its
+        TAP and VXLAN ports."""
         for capture in self.captures:
             capture.stop()
         self.captures.clear()
+        for edge in self.edges:
+            edge.close()
+        self.edges.clear()
 
     def vif(self, guest: Any, devid: int = 0) -> BackendVif:
         """The netback side of ``guest``'s vif."""

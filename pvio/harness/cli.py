@@ -99,12 +99,20 @@ def build_parser() -> OneLineParser:
     control("shutdown", "stop a pvio run --hold")
     x = control("xenstore", "browse and change the running pvio's xenstore")
     xs = x.add_subparsers(dest="op", metavar="OP", parser_class=OneLineParser, required=True)
-    xs.add_parser("ls", help="the tree under PATH").add_argument("path", nargs="?", default="/")
-    xs.add_parser("read", help="one node's value").add_argument("path")
-    w = xs.add_parser("write", help="set a node")
-    w.add_argument("path")
-    w.add_argument("value")
-    xs.add_parser("watch", help="print paths as they change").add_argument("path")
+    ops: dict[str, tuple[str, list[tuple[str, str | None]]]] = {
+        "ls": ("the tree under PATH", [("path", "?")]),
+        "read": ("one node's value", [("path", None)]),
+        "write": ("set a node", [("path", None), ("value", None)]),
+        "watch": ("print paths as they change", [("path", None)]),
+    }
+    for op, (what, positionals) in ops.items():
+        o = xs.add_parser(op, help=what)
+        for name, nargs in positionals:
+            if nargs:
+                o.add_argument(name, nargs=nargs, default="/")
+            else:
+                o.add_argument(name)
+        o.add_argument("--socket", default=argparse.SUPPRESS, help="the control socket of the running pvio")
     return p
 
 
@@ -318,7 +326,7 @@ def prometheus(stats: dict[str, Any]) -> str:
 
     def add(key: str, labels: dict[str, str], value: int) -> None:
         name = "pvio_" + "".join(ch if ch.isalnum() else "_" for ch in key) + "_total"
-        text = ",".join(f'{k}="{v}"' for k, v in labels.items())
+        text = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
         families.setdefault(name, []).append(f"{name}{{{text}}} {value}")
 
     base = {"domain": str(stats["domain"]), "domid": str(stats["domid"])}

@@ -31,7 +31,7 @@ import trio.testing
 from pvio.core.counters import Snapshot
 from pvio.core.hypervisor import Hypervisor
 from pvio.harness.bench import COST_KEYS, PINGPONG_PORTS, STREAM_PORTS, costs, make_frames, seq_of
-from pvio.harness.scenario import DomainSpec, Scenario, TrafficSpec
+from pvio.harness.scenario import DomainSpec, PortSpec, Scenario, TrafficSpec
 from pvio.toolstack import Network, NicConfig, start_network
 
 MIB_PAGES = 256  # 4 KiB pages per MiB
@@ -103,9 +103,9 @@ def make_kernel(spec: DomainSpec) -> Any:
     return GUEST_KINDS[spec.kind](spec.name, spec.nic.model, spec.ip, options)
 
 
-async def boot(hv: Hypervisor, sc: Scenario) -> tuple[Network, dict[str, Any]]:
-    """Boot every domain of ``sc`` with its NIC on one switch; returns the network and the
-    kernels by domain name."""
+async def boot(hv: Hypervisor, sc: Scenario, nursery: trio.Nursery) -> tuple[Network, dict[str, Any]]:
+    """Boot every domain of ``sc`` with its NIC on one switch, and its ports (their tasks in
+    ``nursery``); returns the network and the kernels by domain name."""
     from pvio.harness.demo import wait_x86_ready
 
     kernels = {d.name: make_kernel(d) for d in sc.domains}
@@ -117,7 +117,63 @@ async def boot(hv: Hypervisor, sc: Scenario) -> tuple[Network, dict[str, Any]]:
     for d in sc.domains:  # an x86 echo guest says so on its console, and announces itself
         if d.kind == "x86" and d.app == "echo":
             await wait_x86_ready(kernels[d.name], net.switch, sc.timeout)
+    for port in sc.ports:
+        add_port(net, port, kernels, nursery)
     return net, kernels
+
+
+def switch_port_of(net: Network, kernel: Any) -> Any:
+    """The switch port of a guest's NIC (its vif in netback, or its device model)."""
+    domid = kernel.domain.domid
+    for port in net.switch.ports:
+        if port.name in (f"vif{domid}.0", f"emu{domid}.0", f"snic{domid}.0"):
+            return port
+    raise ValueError(f"{kernel.name} has no NIC on the switch")
+
+
+def add_port(net: Network, spec: PortSpec, kernels: dict[str, Any], nursery: trio.Nursery) -> None:
+    """Create a ``[[port]]``: a capture starts now; a TAP or VXLAN port that cannot be created
+    is reported in one line (why: permission, busy, address in use) and the network runs on."""
+    import logging
+
+    from pvio.backends.capture import Capture, format_for
+
+    hv = net.hv
+    if spec.type == "capture":
+        port = None if spec.of == "switch" else switch_port_of(net, kernels[spec.of])
+        net.captures.append(
+            Capture(net.switch, spec.file, port, counters=hv.counters, format=format_for(spec.file)).start()
+        )
+        return
+    try:
+        if spec.type == "tap":
+            from pvio.backends.tap import TapError, TapPort
+
+            try:
+                edge: Any = TapPort(net.switch, spec.ifname, counters=hv.counters)
+            except TapError as e:
+                raise _PortError(str(e)) from None
+        else:
+            from pvio.backends.vxlan import VXLAN_PORT, VxlanError, VxlanPort
+            from pvio.harness.net import _address
+
+            try:
+                remotes = [_address(r) for r in spec.remotes]
+                edge = VxlanPort(
+                    net.switch, spec.vni, local=_address(spec.local, VXLAN_PORT), remotes=remotes,
+                    counters=hv.counters,
+                )  # fmt: skip
+            except (VxlanError, ValueError) as e:
+                raise _PortError(str(e)) from None
+    except _PortError as e:
+        logging.getLogger("pvio.run").error("%s; running without it", e)
+        return
+    nursery.start_soon(edge.run, name=edge.name)
+    net.edges.append(edge)
+
+
+class _PortError(Exception):
+    pass
 
 
 async def _quiet() -> None:
@@ -317,7 +373,7 @@ async def run(
             await nursery.start(server.serve)
         if progress:
             progress(f"booting {len(sc.domains)} domain(s)")
-        net, kernels = await boot(hv, sc)
+        net, kernels = await boot(hv, sc, nursery)
         if server is not None:
             server.network = net
         results = []
@@ -325,10 +381,12 @@ async def run(
             if progress:
                 progress(f"traffic {i + 1}/{len(sc.traffic)}: {t.type} {t.src} -> {t.dst}")
             results.append(await run_traffic(net, sc, t, kernels))
+        net.close()  # the captures' files are complete from here on
         result = RunResult(sc, results, domain_table(hv))
         if hold and server is not None:
             if progress:
                 progress(f"holding: control socket {control} (pvio shutdown to stop)")
             await server.shutdown_requested.wait()
         nursery.cancel_scope.cancel()
+    net.close()  # TAP and VXLAN ports let go of their device and socket
     return result

@@ -23,6 +23,10 @@ Schema (``docs/scenarios.md`` has it with examples)::
     backend = "lossy"          # pv: a backend by entry-point name, for this vif
     options = { every = 10 }   # the backend's options
 
+    [[port]]                   # more switch ports
+    type = "capture"           # capture (file, of = "switch" or a domain), tap (ifname),
+    file = "out.pcap"          #   vxlan (vni, local = "HOST:PORT", remote = ["HOST[:PORT]"])
+
     [[traffic]]
     type = "stream"            # stream, pingpong or probes
     from = "a"
@@ -54,6 +58,11 @@ DOMAIN_KEYS = {"name", "kind", "ip", "app", "cmdline", "nic", "memory"}
 NIC_KEYS = {"model", "backend", "options", "mac"}
 TRAFFIC_KEYS = {"type", "from", "to", "packets", "size", "rate"}
 REPORT_KEYS = {"counters", "by_domain"}
+PORT_KEYS = {
+    "capture": {"type", "file", "of"},
+    "tap": {"type", "ifname"},
+    "vxlan": {"type", "vni", "local", "remote"},
+}
 CLOCKS = ("mock", "real")
 APPS = ("nic", "echo")
 TRAFFIC_TYPES = ("stream", "pingpong", "probes")
@@ -102,6 +111,19 @@ class TrafficSpec:
 
 
 @dataclass
+class PortSpec:
+    """A switch port beyond the domains' NICs: a capture mirror, a TAP device, a VXLAN tunnel."""
+
+    type: str
+    file: str = ""  # capture: the pcap (.pcapng: pcapng) file
+    of: str = "switch"  # capture: "switch", or a domain whose NIC's port to mirror
+    ifname: str = ""  # tap
+    vni: int = 0  # vxlan
+    local: str = "0.0.0.0:4789"  # vxlan: HOST:PORT
+    remotes: list[str] = field(default_factory=list)  # vxlan: static remote VTEPs, HOST[:PORT]
+
+
+@dataclass
 class Scenario:
     """A validated scenario file."""
 
@@ -112,6 +134,7 @@ class Scenario:
     timeout: float = 60.0
     domains: list[DomainSpec] = field(default_factory=list)
     traffic: list[TrafficSpec] = field(default_factory=list)
+    ports: list[PortSpec] = field(default_factory=list)
     report_counters: tuple[str, ...] = COUNTERS
     report_by_domain: bool = True
 
@@ -310,6 +333,32 @@ def parse(text: str, path: str = "<scenario>") -> Scenario:
             raise chk.fail(at, "probes are a fixed set (ARP, ICMP, UDP): no size or packets")
         _check_pair(chk, at, kind, src, dst)
         sc.traffic.append(spec_t)
+    for i, p in enumerate(data.get("port", [])):
+        at = ("port", i)
+        if not isinstance(p, dict):
+            raise chk.fail(at, "must be a table ([[port]])")
+        kind = chk.choice(p.get("type"), sorted(PORT_KEYS), (*at, "type"))
+        chk.keys(p, PORT_KEYS[kind], at)
+        port = PortSpec(kind)
+        if kind == "capture":
+            if "file" not in p:
+                raise chk.fail(at, "a capture needs a file (a .pcap or .pcapng path)")
+            port.file = chk.string(p["file"], (*at, "file"))
+            port.of = chk.choice(p.get("of", "switch"), ["switch", *names], (*at, "of"))
+        elif kind == "tap":
+            port.ifname = chk.string(p.get("ifname", ""), (*at, "ifname"))
+            if not 1 <= len(port.ifname.encode()) <= 15 or "/" in port.ifname or " " in port.ifname:
+                raise chk.fail((*at, "ifname"), f"{port.ifname!r} is not an interface name (1-15 bytes)")
+        else:
+            port.vni = chk.integer(p.get("vni"), (*at, "vni"), 0, (1 << 24) - 1)
+            port.local = chk.string(p.get("local", port.local), (*at, "local"))
+            remotes = p.get("remote", [])
+            if isinstance(remotes, str):
+                remotes = [remotes]
+            if not isinstance(remotes, list):
+                raise chk.fail((*at, "remote"), "a HOST[:PORT] string or a list of them")
+            port.remotes = [chk.string(r, (*at, "remote")) for r in remotes]
+        sc.ports.append(port)
     report = data.get("report", {})
     if not isinstance(report, dict):
         raise chk.fail(("report",), "must be a table ([report])")
