@@ -173,7 +173,7 @@ class Tracer:
         for owner in self.registry:
             c = self.registry[owner]
             if type(c) is self._class:
-                c.__class__ = Counters
+                _set_class(c, Counters)
         self._class = None
         self._note_names()
 
@@ -185,7 +185,7 @@ class Tracer:
             self._tracks.append((c.owner, c.kind))
         if c:
             self._log.append((c, None, dict(c), math.nan))
-        c.__class__ = self._class
+        _set_class(c, self._class)
         self._note_names()
 
     def _note_names(self) -> None:
@@ -331,6 +331,11 @@ class Tracer:
 def _group(owner: str, kind: str) -> str:
     """The process a track belongs to: the domain itself, or the device's kind."""
     return owner if kind == "domain" else owner.partition("/")[0]
+
+
+def _set_class(c: Counters, cls: type[Counters]) -> None:
+    """Switch ``c`` to ``cls`` in place (the classes differ only in ``__setitem__``)."""
+    c.__class__ = cls
 
 
 def _dumps(value: Any) -> str:
