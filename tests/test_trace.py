@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -207,6 +210,21 @@ def test_a_fixed_scenario_gives_a_byte_identical_trace_on_every_run() -> None:
     ts = [e["ts"] for e in json.loads(first)["traceEvents"] if e["ph"] == "i"]
     assert len(set(ts)) == len(ts), "every bump has its own timestamp"
     assert ts[-1] >= 1000.0, "the second burst is at least 1 ms (1000 µs) later"
+
+
+def test_the_trace_is_the_same_in_another_process_with_another_hash_seed() -> None:
+    # The child imports hypothesis as pytest-trio does here: with it imported or not, the
+    # boot before the traced phase takes a different (each time the same) number of
+    # hypercalls, which shows in the events' running totals.
+    script = (
+        "import sys, hypothesis; from tests.test_trace import run_fixed_scenario as r; sys.stdout.write(r())"
+    )
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    root = Path(__file__).resolve().parent.parent
+    other = subprocess.run(
+        [sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True, check=True
+    ).stdout
+    assert other == run_fixed_scenario()
 
 
 async def test_tracing_off_leaves_the_counter_classes_untouched(autojump_clock: Any) -> None:
