@@ -283,3 +283,16 @@ async def test_the_file_holds_exactly_the_events(autojump_clock: Any) -> None:
     assert json.loads(text)["traceEvents"] == tracer.events()
     expected = [json.dumps(e, sort_keys=True, separators=(",", ":")) for e in tracer.events()]
     assert [line.rstrip(",") for line in text.splitlines()[1:-1]] == expected
+
+
+async def test_with_the_real_clock_the_events_are_stamped_as_they_happen() -> None:
+    registry = CounterRegistry()
+    dom = registry.new("dom1")
+    with Tracer(registry) as tracer:
+        dom["exits"] += 1
+        await trio.sleep(0.001)
+        dom["exits"] += 1
+    trace = json.loads(tracer.to_json())
+    validate(trace)
+    first, second = (e["ts"] for e in trace["traceEvents"] if e["ph"] == "i")
+    assert second > first + 0.001  # more than the 1 ns spacing of bumps at one clock reading

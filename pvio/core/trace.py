@@ -64,6 +64,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -107,6 +108,22 @@ def _traced_class(log: Log, now: Callable[[], float]) -> type[TracedCounters]:
 
     Traced.__name__ = Traced.__qualname__ = "TracedCounters"
     return Traced
+
+
+def _clock_reader() -> Callable[[], float]:
+    """How to read the current trio run's clock as cheaply as possible.
+
+    trio's real clock is ``perf_counter()`` plus a constant offset, and timestamps are
+    relative to the tracer's start, so ``perf_counter`` itself will do; any other clock
+    (MockClock, a custom one) is read through its ``current_time``.
+    """
+    try:
+        clock = trio.lowlevel.current_clock()
+    except RuntimeError:
+        return _trio_time_or_nan
+    if type(clock).__name__ == "SystemClock" and type(clock).__module__.startswith("trio."):
+        return time.perf_counter
+    return clock.current_time
 
 
 def _trio_time_or_nan() -> float:
@@ -154,10 +171,7 @@ class Tracer:
             raise RuntimeError("the tracer is running already")
         if any(isinstance(self.registry[o], TracedCounters) for o in self.registry):
             raise RuntimeError("these counters are being traced by another tracer")
-        try:
-            now: Callable[[], float] = trio.lowlevel.current_clock().current_time
-        except RuntimeError:
-            now = _trio_time_or_nan
+        now = _clock_reader()
         if self._t0 is None and not math.isnan(t := now()):
             self._t0 = t
         self._class = _traced_class(self._log, now)
