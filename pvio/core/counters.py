@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from types import MappingProxyType
 from typing import Any
 
@@ -121,15 +121,19 @@ class Snapshot(Mapping[str, Mapping[str, int]]):
 
 
 class CounterRegistry:
-    """Every :class:`Counters` of one hypervisor, by owner name."""
+    """Every :class:`Counters` of one hypervisor, by owner name (iterates in registration order)."""
 
     def __init__(self) -> None:
         self._all: dict[str, Counters] = {}
+        #: Called with each :class:`Counters` created from now on (the tracer adopts them).
+        self.on_new: list[Callable[[Counters], None]] = []
 
     def new(self, owner: str, kind: str = "domain") -> Counters:
         """Create (or return the existing) counters of ``owner``."""
         if owner not in self._all:
-            self._all[owner] = Counters(owner, kind)
+            counters = self._all[owner] = Counters(owner, kind)
+            for callback in self.on_new:
+                callback(counters)
         return self._all[owner]
 
     def __getitem__(self, owner: str) -> Counters:
@@ -137,6 +141,9 @@ class CounterRegistry:
 
     def __contains__(self, owner: object) -> bool:
         return owner in self._all
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._all)
 
     def snapshot(self) -> Snapshot:
         """Freeze every owner's counters."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any, ClassVar
@@ -34,6 +35,7 @@ from pvio.core.fastpath import NativeDomains
 from pvio.core.grant_table import unmap_grant
 from pvio.core.hypercall import HypercallTable
 from pvio.core.iobus import IoBus
+from pvio.core.trace import Tracer
 from pvio.xenstore.server import RingConnection
 from pvio.xenstore.store import Store
 
@@ -298,3 +300,8 @@ class Hypervisor:
     def snapshot(self) -> Snapshot:
         """Every domain's and device's counters, frozen (see :mod:`pvio.core.counters`)."""
         return self.counters.snapshot()
+
+    def trace(self, path: str | os.PathLike[str] | None = None) -> Tracer:
+        """An event timeline of every counted event (see :mod:`pvio.core.trace`):
+        ``with hv.trace("run.json"):`` records while the block runs, then writes the file."""
+        return Tracer(self, path)
