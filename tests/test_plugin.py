@@ -38,20 +38,67 @@ def project(pytester: pytest.Pytester) -> pytest.Pytester:
     return pytester
 
 
-def test_the_fixtures_run_scenarios_and_the_run_ends_with_the_cost_table(project: pytest.Pytester) -> None:
+def test_under_mockclock_the_run_ends_with_one_labelled_line(project: pytest.Pytester) -> None:
     project.makepyfile(test_user=USER_TESTS)
     result = project.runpytest_subprocess("-p", "no:cacheprovider")
     result.assert_outcomes(passed=4)
     result.stdout.fnmatch_lines(
+        ["pvio: 4 scenario(s) ran under MockClock; their exact counts are what the tests*"]
+    )
+    assert "pvio device models" not in result.stdout.str()
+
+
+REAL_CLOCK_TESTS = """
+import pytest
+
+@pytest.mark.parametrize("model", ["emulated", "pv", "smartnic"])
+async def test_stream(pvio_env, run_scenario, model):
+    async with pvio_env(model, guest="py") as env:
+        result = await run_scenario(env, "stream", packets=40)
+    assert result.packets == 40 and result.per_packet["copies"] == 2
+"""
+
+
+def test_under_the_real_clock_the_run_ends_with_the_cost_table(project: pytest.Pytester) -> None:
+    project.makepyfile(test_user=REAL_CLOCK_TESTS)
+    result = project.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=3)
+    result.stdout.fnmatch_lines(
         [
-            "*pvio device models: cost per packet delivered end to end*",
+            "*pvio device models: cost per packet delivered end to end (real clock)*",
             "model*guest*scenario*load*packets*int/pkt*exits/pkt*hcalls/pkt*copies/pkt*pps*",
-            "smartnic*py*pingpong*back-to-back*20*",
-            "emulated*py*stream*1000 pps*40*2.00*43.00*",
-            "pv*py*stream*1000 pps*40*3.00*8.00*8.00*2.00*",
-            "smartnic*py*stream*1000 pps*40*1.00*2.00*1.00*2.00*",
+            "emulated*py*stream*saturation*40*",
+            "pv*py*stream*saturation*40*",
+            "smartnic*py*stream*saturation*40*",
         ]
     )
+
+
+OPTION_TESTS = r"""
+import pytest
+
+async def test_unknown_option(pvio_env):
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['bogus_option'\]; valid: backend, "):
+        async with pvio_env("pv", bogus_option=123):
+            pass
+
+async def test_backend(pvio_env, run_scenario, autojump_clock):
+    async with pvio_env("pv", backend="lossy", backend_options={"drop_every": 1000}) as env:
+        result = await run_scenario(env, "stream", packets=20)
+    assert result.packets == 20 and env.netback.vifs
+    assert env.hv.counters["backend/vif1.0"] is not None
+
+async def test_no_backend_for_smartnic(pvio_env):
+    with pytest.raises(ValueError, match="a backend serves PV vifs; smartnic NICs have none"):
+        async with pvio_env("smartnic", backend="lossy"):
+            pass
+"""
+
+
+def test_the_env_takes_a_backend_and_refuses_unknown_options(project: pytest.Pytester) -> None:
+    project.makepyfile(test_options=OPTION_TESTS)
+    result = project.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=3)
 
 
 def test_the_summary_can_be_turned_off(project: pytest.Pytester) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import pty
+import re
 import select
 import shutil
 import subprocess
@@ -221,6 +222,44 @@ def test_console_pause_unpause(running: str) -> None:
     assert unknown.returncode == 1 and "no domain 'zz'" in unknown.stderr
 
 
+def test_capture_and_trace_against_the_running_pvio(running: str, tmp_path: Path) -> None:
+    from scapy.utils import rdpcap
+
+    done = pvio("capture", "switch", str(tmp_path / "c.pcap"), "--seconds", "0.3", "--socket", running)
+    assert done.returncode == 0 and done.stdout == f"{tmp_path / 'c.pcap'}: 0 frames\n"  # a quiet network
+    assert len(rdpcap(str(tmp_path / "c.pcap"))) == 0
+    bad = pvio("capture", "nobody", str(tmp_path / "d.pcap"), "--socket", running)
+    assert bad.returncode == 1 and "no domain 'nobody'" in bad.stderr
+    done = pvio("trace", str(tmp_path / "t.json"), "--seconds", "0.3", "--socket", running)
+    assert done.returncode == 0, done.stderr
+    trace = json.loads((tmp_path / "t.json").read_text())
+    assert trace["displayTimeUnit"] == "ns" and any(e["ph"] == "M" for e in trace["traceEvents"])
+
+
+def test_destroy_then_list(running: str) -> None:
+    assert pvio("destroy", "dom0", "--socket", running).returncode == 1
+    done = pvio("destroy", "b", "--socket", running)
+    assert done.returncode == 0
+    assert "b" not in [
+        line.split()[0] for line in pvio("list", "--socket", running).stdout.splitlines()[1:]
+    ] or ("dying" in done.stdout or "dead" in done.stdout)
+
+
+def test_the_trace_of_a_fixed_scenario_is_byte_identical_and_matches_the_counters(tmp_path: Path) -> None:
+    runs = []
+    for i in range(2):
+        path = tmp_path / f"t{i}.json"
+        done = pvio("run", "-q", "--json", "--trace", str(path), str(SCENARIOS / "pv.toml"), cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        runs.append((path.read_bytes(), json.loads(done.stdout)))
+    assert runs[0][0] == runs[1][0]
+    events = json.loads(runs[0][0])["traceEvents"]
+    interrupts = sum(e["args"]["delta"] for e in events if e["ph"] == "i" and e["name"] == "interrupts")
+    rows = runs[0][1]["rows"]
+    in_traffic = sum(r["totals"]["interrupts"] for r in rows)
+    assert interrupts >= in_traffic > 0  # the trace has the boot too
+
+
 @pytest.mark.skipif(shutil.which("sh") is None, reason="needs a POSIX shell")
 def test_top_draws_a_screen_in_a_terminal(running: str) -> None:
     pid, fd = pty.fork()
@@ -241,5 +280,5 @@ def test_top_draws_a_screen_in_a_terminal(running: str) -> None:
     _, status = os.waitpid(pid, 0)
     text = out.decode(errors="replace")
     assert os.waitstatus_to_exitcode(status) == 0
-    assert text.count("pvio top - 3 domains") == 2 and "\x1b[2J" in text
+    assert len(re.findall(r"pvio top - \d domains, interval", text)) == 2 and "\x1b[2J" in text
     assert "INTR/s" in text and "netback/vif1.0" in text

@@ -97,11 +97,15 @@ class BenchGuest(Protocol):
 #: A guest kind: (name, model, ip, options) -> a guest kernel with one NIC of that model.
 GuestFactory = Callable[[str, str, str, dict[str, Any]], Any]
 GUEST_KINDS: dict[str, GuestFactory] = {}
+#: The options each guest kind's factory takes (None: the kind did not say; not checked).
+GUEST_OPTIONS: dict[str, frozenset[str] | None] = {}
 
 
-def register_guest_kind(kind: str, factory: GuestFactory) -> None:
-    """Make ``kind`` available to :func:`model_env` (the x86 guest kernel registers ``"x86"``)."""
+def register_guest_kind(kind: str, factory: GuestFactory, options: Sequence[str] | None = None) -> None:
+    """Make ``kind`` available to :func:`model_env` (the x86 guest kernel registers ``"x86"``);
+    ``options`` names the options its factory takes, so a misspelt one is refused."""
     GUEST_KINDS[kind] = factory
+    GUEST_OPTIONS[kind] = None if options is None else frozenset(options)
 
 
 def _py_guest(name: str, model: str, ip: str, options: dict[str, Any]) -> Any:
@@ -110,7 +114,7 @@ def _py_guest(name: str, model: str, ip: str, options: dict[str, Any]) -> Any:
     return ModelGuest(name, ip, model, **options)
 
 
-register_guest_kind("py", _py_guest)
+register_guest_kind("py", _py_guest, ("use_mmio", "moderation"))
 
 
 def _x86_guest(name: str, model: str, ip: str, options: dict[str, Any]) -> Any:
@@ -120,7 +124,7 @@ def _x86_guest(name: str, model: str, ip: str, options: dict[str, Any]) -> Any:
     return x86_bench_guest(name, model, ip, options)
 
 
-register_guest_kind("x86", _x86_guest)
+register_guest_kind("x86", _x86_guest, ("use_mmio", "moderation", "spin", "cmdline"))
 
 
 @dataclass
@@ -155,6 +159,9 @@ async def model_env(
     *,
     n_guests: int = 2,
     timeout_s: float = 10.0,
+    backend: str | None = None,
+    backend_options: dict[str, Any] | None = None,
+    trace: str | None = None,
     **options: Any,
 ) -> AsyncIterator[ModelEnv]:
     """Boot a hypervisor whose ``n_guests`` guests (``a``, ``b``, ...) each have one NIC of ``model``.
@@ -162,7 +169,10 @@ async def model_env(
     The guests are connected and their MACs learned by the switch (each sends one frame to
     itself, which the switch learns from and drops), and the system is quiet when this
     yields.  ``options`` go to the guest kind (``moderation=(mode, frames, usecs)`` for
-    the smart NIC driver, ``use_mmio=True`` for the emulated NIC driver).
+    the smart NIC driver, ``use_mmio=True`` for the emulated NIC driver); an option the kind
+    does not take is refused (TypeError).  ``backend``/``backend_options`` give the PV vifs
+    a custom backend (a ``pvio.backends`` entry point); ``trace`` records the whole run,
+    boot included, as a Perfetto trace file (:mod:`pvio.core.trace`).
     """
     if model not in MODELS:
         raise ValueError(f"unknown device model {model!r}: choose one of {', '.join(MODELS)}")
@@ -173,12 +183,25 @@ async def model_env(
             "x86 guests register themselves once the x86 guest kernel and its NIC drivers exist "
             "(docs/devices.md)"
         )
+    allowed = GUEST_OPTIONS.get(guest)
+    unknown = sorted(set(options) - allowed) if allowed is not None else []
+    if unknown:
+        valid = ", ".join(sorted(allowed | {"backend", "backend_options", "n_guests", "timeout_s", "trace"}))
+        raise TypeError(f"pvio_env({model!r}, guest={guest!r}): unknown option(s) {unknown}; valid: {valid}")
+    if (backend is not None or backend_options is not None) and model != "pv":
+        raise ValueError(f"a backend serves PV vifs; {model} NICs have none (backend={backend!r})")
+    from contextlib import nullcontext
+
     from pvio.toolstack import start_network
 
     async with Hypervisor() as hv:
-        kernels = [factory(chr(ord("a") + i), model, _ip(i), options) for i in range(n_guests)]
-        net = await start_network(hv, kernels, model=model, settle_s=0.001, timeout_s=timeout_s)
-        yield ModelEnv(hv, net.switch, model, guest, net.guests, net.devices, net.netback)
+        with hv.trace(trace) if trace is not None else nullcontext():
+            kernels = [factory(chr(ord("a") + i), model, _ip(i), options) for i in range(n_guests)]
+            net = await start_network(
+                hv, kernels, model=model, backend=backend, backend_options=backend_options,
+                settle_s=0.001, timeout_s=timeout_s,
+            )  # fmt: skip
+            yield ModelEnv(hv, net.switch, model, guest, net.guests, net.devices, net.netback)
 
 
 async def _settle() -> None:

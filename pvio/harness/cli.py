@@ -61,6 +61,7 @@ def build_parser() -> OneLineParser:
     r.add_argument("--check", action="store_true", help="validate the file and exit")
     r.add_argument("--clock", choices=("mock", "real"), help="override the scenario's clock")
     r.add_argument("--quiet", "-q", action="store_true", help="no progress lines")
+    r.add_argument("--trace", metavar="FILE", help="record a Perfetto trace of the run (docs/trace.md)")
 
     d = sub.add_parser("demo", help="two guests exchange scapy-built traffic over the PV NIC")
     d.add_argument("--guest", choices=("py", "x86"), default="py", help="guest B's kind (default: py)")
@@ -97,6 +98,13 @@ def build_parser() -> OneLineParser:
                        ("destroy", "destroy a domain")):  # fmt: skip
         control(name, what, dom=True)
     control("shutdown", "stop a pvio run --hold")
+    cap = control("capture", "mirror a switch port (or the whole switch) to a pcap file")
+    cap.add_argument("port", help="'switch', a domain (its NIC's port), or a port name (vif1.0, tap-x)")
+    cap.add_argument("file", help="the pcap file (.pcapng: pcapng), written by the running pvio")
+    cap.add_argument("--seconds", type=float, default=5.0, help="how long to capture (default 5)")
+    tr = control("trace", "record a Perfetto trace of the running pvio (docs/trace.md)")
+    tr.add_argument("file", help="the trace file, written by the running pvio")
+    tr.add_argument("--seconds", type=float, default=2.0, help="how long to record (default 2)")
     x = control("xenstore", "browse and change the running pvio's xenstore")
     xs = x.add_subparsers(dest="op", metavar="OP", parser_class=OneLineParser, required=True)
     ops: dict[str, tuple[str, list[tuple[str, str | None]]]] = {
@@ -212,8 +220,12 @@ def _run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     progress = None if args.quiet or args.json else (lambda what: print(f"  {what} ...", file=sys.stderr))
     clock = trio.testing.MockClock(autojump_threshold=0) if sc.clock == "mock" else None
-    sock = args.socket or default_socket()
-    result = trio.run(lambda: run(sc, control=sock, hold=args.hold, progress=progress), clock=clock)
+    # Under the mock clock a run takes no wall time and must be reproducible, so it serves no
+    # control socket (a socket's readiness would make its schedule depend on the host).
+    sock = (args.socket or default_socket()) if sc.clock == "real" else None
+    result = trio.run(
+        lambda: run(sc, control=sock, hold=args.hold, progress=progress, trace=args.trace), clock=clock
+    )
     if args.json:
         print(json.dumps(result.as_json(), indent=2, sort_keys=True))
     else:
@@ -289,6 +301,15 @@ def _control(args: argparse.Namespace) -> int:
         return 0
     if cmd == "top":
         return _top(sock, args.delay, args.iterations)
+    if cmd in ("capture", "trace"):
+        import os
+
+        args_ = {"file": os.path.abspath(args.file), "seconds": args.seconds}
+        if cmd == "capture":
+            args_["port"] = args.port
+        done = request(sock, cmd, **args_)
+        print(f"{done['file']}: {done['events']} {'frames' if cmd == 'capture' else 'events'}")
+        return 0
     if cmd == "xenstore":
         if args.op == "ls":
             for path, value in request(sock, "xenstore-ls", path=args.path):

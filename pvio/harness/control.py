@@ -19,6 +19,9 @@ Commands (a domain is named by its name or its domid):
 ``xenstore-ls``     ``path``: the subtree, as (path, value) pairs
 ``xenstore-read``   ``path``; ``xenstore-write``: ``path``, ``value``
 ``xenstore-watch``  ``path``: one line per event
+``capture``         ``port`` (``switch``, a domain, a port name), ``file``, ``seconds``:
+                    mirror it to a pcap file, then answer with the frame count
+``trace``           ``file``, ``seconds``: a Perfetto trace of that long, then the count
 ``shutdown``        end ``pvio run --hold``
 ==================  =================================================================
 
@@ -123,6 +126,14 @@ class ControlServer:
         if cmd == "xenstore-watch":
             await self._watch(stream, req)
             return False
+        if cmd in ("capture", "trace"):
+            try:
+                result = await (self._capture(**req) if cmd == "capture" else self._trace(**req))
+            except (ControlError, ValueError, OSError, TypeError) as e:
+                await _send(stream, {"ok": False, "error": f"{cmd}: {e}"})
+                return True
+            await _send(stream, {"ok": True, "result": result})
+            return True
         handler = getattr(self, "cmd_" + cmd.replace("-", "_"), None)
         if handler is None:
             await _send(stream, {"ok": False, "error": f"unknown command {cmd!r}"})
@@ -262,6 +273,39 @@ class ControlServer:
                     p, _ = events.pop(0)
                     await _send(stream, {"ok": True, "path": p})
         conn.close()
+
+    async def _capture(self, port: str, file: str, seconds: float = 5.0) -> dict[str, Any]:
+        from pvio.backends.capture import Capture, format_for
+
+        if self.network is None:
+            raise ControlError("the network is not up yet")
+        switch = self.network.switch
+        target: Any = None
+        if port != "switch":
+            names = {p.name: p for p in switch.ports}
+            if port in names:
+                target = names[port]
+            else:
+                d = self._domain(port)
+                mine = [
+                    p
+                    for p in switch.ports
+                    if p.name in (f"vif{d.domid}.0", f"emu{d.domid}.0", f"snic{d.domid}.0")
+                ]
+                if not mine:
+                    raise ControlError(f"{d.name} has no port on the switch; ports: {', '.join(names)}")
+                target = mine[0]
+        capture = Capture(switch, file, target, counters=self.hv.counters, format=format_for(file)).start()
+        try:
+            await trio.sleep(max(0.0, min(seconds, 3600.0)))
+        finally:
+            capture.stop()
+        return {"file": file, "events": capture.counters["packets"]}
+
+    async def _trace(self, file: str, seconds: float = 2.0) -> dict[str, Any]:
+        with self.hv.trace(file) as tracer:
+            await trio.sleep(max(0.0, min(seconds, 3600.0)))
+        return {"file": file, "events": len(tracer)}
 
     def cmd_shutdown(self) -> str:
         self.shutdown_requested.set()

@@ -6,14 +6,17 @@ installed gets, in its tests:
 ``pvio_env``
     A factory of booted environments (:func:`pvio.harness.bench.model_env`)::
 
+        @pytest.mark.trio  # or trio_mode = true in the project's pytest configuration
         async def test_smartnic_stream(pvio_env, run_scenario, autojump_clock):
             async with pvio_env("smartnic", guest="py") as env:
                 result = await run_scenario(env, "stream", packets=2000)
             assert result.per_packet["interrupts"] <= 0.005
 
     ``model`` is ``"emulated"``, ``"pv"`` or ``"smartnic"``; ``guest`` is ``"py"`` or
-    ``"x86"`` (pvio's C guest kernel; saturation and back-to-back scenarios only).  Use pytest-trio's
-    ``autojump_clock`` fixture for exactly reproducible counts.
+    ``"x86"`` (pvio's C guest kernel).  ``backend="lossy", backend_options={...}`` puts a
+    custom backend on the PV vifs; an unknown option is refused.  Use pytest-trio's
+    ``autojump_clock`` fixture for exactly reproducible counts.  ``--pvio-trace DIR`` writes
+    one Perfetto trace per environment into DIR.
 
 ``run_scenario``
     :func:`pvio.harness.bench.run_scenario` (``"stream"`` or ``"pingpong"``, ``packets=``,
@@ -27,8 +30,10 @@ installed gets, in its tests:
     clock), puts the per-packet counters, pps and latency into ``benchmark.extra_info``
     and records the last round for the summary.
 
-At the end of the run, if any scenario ran, a table: model x scenario x load with
-interrupts, exits, hypercalls and copies per packet, and pps (``--pvio-no-summary`` hides it).
+At the end of the run, a table of the scenarios that ran under the real clock (where pps
+means something): model x scenario x load with interrupts, exits, hypercalls and copies per
+packet, and pps (``--pvio-no-summary`` hides it).  Scenarios under MockClock are counted in
+one line: their counts are what the tests assert.
 
 The module imports nothing heavy at collection time: pytest loads it for every run.
 """
@@ -56,6 +61,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=False,
         help="do not print the pvio device-model cost table at the end of the run",
     )
+    group.addoption(
+        "--pvio-trace",
+        metavar="DIR",
+        default=None,
+        help="write a Perfetto trace of every pvio_env environment into DIR",
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -63,10 +74,13 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[_RESULTS] = []
 
 
-def record_result(config: pytest.Config, result: ScenarioResult, nodeid: str = "") -> None:
-    """Add ``result`` to the end-of-run summary."""
+def record_result(
+    config: pytest.Config, result: ScenarioResult, nodeid: str = "", mock: bool = False
+) -> None:
+    """Add ``result`` to the end-of-run summary (``mock``: it ran under trio's MockClock)."""
     row = result.row()
     row["test"] = nodeid
+    row["mock_clock"] = mock
     config.stash.setdefault(_RESULTS, []).append(row)
 
 
@@ -91,11 +105,27 @@ def extra_info(result: ScenarioResult) -> dict[str, Any]:
 
 
 @pytest.fixture
-def pvio_env() -> Callable[..., Any]:
-    """``async with pvio_env(model, guest="py", n_guests=2, **options) as env:`` (see the module doc)."""
+def pvio_env(request: pytest.FixtureRequest) -> Callable[..., Any]:
+    """``async with pvio_env(model, guest="py", n_guests=2, backend=None, **options) as env:``
+    (see the module doc)."""
     from pvio.harness.bench import model_env
 
-    return model_env
+    trace_dir = request.config.getoption("pvio_trace")
+    if trace_dir is None:
+        return model_env
+    made = [0]
+
+    def traced(*args: Any, **kwargs: Any) -> Any:
+        import pathlib
+        import re
+
+        made[0] += 1
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", request.node.nodeid) + f"-{made[0]}.json"
+        pathlib.Path(trace_dir).mkdir(parents=True, exist_ok=True)
+        kwargs.setdefault("trace", str(pathlib.Path(trace_dir) / name))
+        return model_env(*args, **kwargs)
+
+    return traced
 
 
 @pytest.fixture
@@ -104,8 +134,11 @@ def run_scenario(request: pytest.FixtureRequest) -> Callable[..., Awaitable[Scen
     from pvio.harness import bench
 
     async def run(env: bench.ModelEnv, scenario: str, **kwargs: Any) -> ScenarioResult:
+        import trio.testing
+
         result = await bench.run_scenario(env, scenario, **kwargs)
-        record_result(request.config, result, request.node.nodeid)
+        mock = isinstance(trio.lowlevel.current_clock(), trio.testing.MockClock)
+        record_result(request.config, result, request.node.nodeid, mock=mock)
         return result
 
     return run
@@ -151,15 +184,23 @@ def pvio_bench(request: pytest.FixtureRequest, benchmark: Any) -> Callable[..., 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
     """The device-model cost table of every scenario the run recorded."""
-    rows = config.stash.get(_RESULTS, [])
-    if not rows or config.getoption("pvio_no_summary"):
+    recorded = config.stash.get(_RESULTS, [])
+    if not recorded or config.getoption("pvio_no_summary"):
         return
     from pvio.harness.bench import MODELS, format_table
 
+    rows = [r for r in recorded if not r.get("mock_clock")]
+    mocked = len(recorded) - len(rows)
+    if not rows:
+        terminalreporter.write_line(
+            f"pvio: {mocked} scenario(s) ran under MockClock; their exact counts are what the tests "
+            "assert (no pps table: wall-clock rates mean nothing there)"
+        )
+        return
     order = {m: i for i, m in enumerate(MODELS)}
     rows = sorted(
         rows, key=lambda r: (r["scenario"], r["offered_load"] or float("inf"), order.get(r["model"], 99))
     )
-    terminalreporter.write_sep("=", "pvio device models: cost per packet delivered end to end")
+    terminalreporter.write_sep("=", "pvio device models: cost per packet delivered end to end (real clock)")
     for line in format_table(rows).splitlines():
         terminalreporter.write_line(line)

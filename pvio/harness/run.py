@@ -8,9 +8,11 @@ schema of ``pvio bench --json`` (one row per traffic item, plus ``from``, ``to``
 ``lost`` and ``ok``).  Traffic that was lost, or a probe whose answer was wrong, makes the
 run fail (exit status 1).
 
-While it runs, the hypervisor answers the control socket (:mod:`pvio.harness.control`),
-so ``pvio list``, ``pvio console``, ``pvio stats`` ... work against it; ``--hold`` keeps it
-running (and serving) after the traffic until ``pvio shutdown`` or Ctrl-C.
+With the real clock, while it runs, the hypervisor answers the control socket
+(:mod:`pvio.harness.control`), so ``pvio list``, ``pvio console``, ``pvio stats`` ... work
+against it; ``--hold`` (which implies the real clock) keeps it running and serving after the
+traffic until ``pvio shutdown`` or Ctrl-C.  A mock-clock run takes no wall time and must be
+reproducible, so it serves no socket.
 
 Loss is detected without waiting for wall time under the mock clock: a receiver waits at
 most ``timeout`` of the scenario's clock for each item, and virtual time jumps there as
@@ -361,32 +363,36 @@ async def run(
     control: str | None = None,
     hold: bool = False,
     progress: Callable[[str], None] | None = None,
+    trace: str | None = None,
 ) -> RunResult:
     """Boot ``sc``, run its traffic, return the result; serve ``control`` (a socket path)
-    while it runs, and after the traffic too when ``hold``."""
+    while it runs, and after the traffic too when ``hold``; ``trace`` records the whole run,
+    boot included, as a Perfetto trace file."""
+    from contextlib import nullcontext
+
     from pvio.harness.control import ControlServer
 
     async with Hypervisor(seed=sc.seed) as hv, trio.open_nursery() as nursery:
-        server = None
-        if control is not None:
-            server = ControlServer(hv, control)
-            await nursery.start(server.serve)
-        if progress:
-            progress(f"booting {len(sc.domains)} domain(s)")
-        net, kernels = await boot(hv, sc, nursery)
-        if server is not None:
-            server.network = net
-        results = []
-        for i, t in enumerate(sc.traffic):
+        with hv.trace(trace) if trace is not None else nullcontext():
+            server = None
+            if control is not None:
+                server = ControlServer(hv, control)
+                await nursery.start(server.serve)
             if progress:
-                progress(f"traffic {i + 1}/{len(sc.traffic)}: {t.type} {t.src} -> {t.dst}")
-            results.append(await run_traffic(net, sc, t, kernels))
-        net.close()  # the captures' files are complete from here on
-        result = RunResult(sc, results, domain_table(hv))
-        if hold and server is not None:
-            if progress:
-                progress(f"holding: control socket {control} (pvio shutdown to stop)")
-            await server.shutdown_requested.wait()
-        nursery.cancel_scope.cancel()
-    net.close()  # TAP and VXLAN ports let go of their device and socket
+                progress(f"booting {len(sc.domains)} domain(s)")
+            net, kernels = await boot(hv, sc, nursery)
+            if server is not None:
+                server.network = net
+            results = []
+            for i, t in enumerate(sc.traffic):
+                if progress:
+                    progress(f"traffic {i + 1}/{len(sc.traffic)}: {t.type} {t.src} -> {t.dst}")
+                results.append(await run_traffic(net, sc, t, kernels))
+            result = RunResult(sc, results, domain_table(hv))
+            if hold and server is not None:
+                if progress:
+                    progress(f"holding: control socket {control} (pvio shutdown to stop)")
+                await server.shutdown_requested.wait()
+            net.close()  # captures complete their files; TAP and VXLAN ports let go
+            nursery.cancel_scope.cancel()
     return result
