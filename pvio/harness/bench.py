@@ -185,7 +185,7 @@ async def model_env(
         )
     allowed = GUEST_OPTIONS.get(guest)
     unknown = sorted(set(options) - allowed) if allowed is not None else []
-    if unknown:
+    if allowed is not None and unknown:
         valid = ", ".join(sorted(allowed | {"backend", "backend_options", "n_guests", "timeout_s", "trace"}))
         raise TypeError(f"pvio_env({model!r}, guest={guest!r}): unknown option(s) {unknown}; valid: {valid}")
     if (backend is not None or backend_options is not None) and model != "pv":
