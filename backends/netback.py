@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from pvio.abi import DOMID_SELF, GNTTAB_COPY, PAGE_SIZE, GNTCOPY_dest_gref, GNTCOPY_source_gref, GntSt
-from pvio.backend_api import Backend, BackendContext, BackendHost, load_backend
+from pvio.backend_api import Backend, BackendContext, BackendError, BackendHost, load_backend
 from pvio.backends.switch import Switch, SwitchPort
 from pvio.ringbuf import NETIF_RX, NETIF_TX, BackRing, RingOverflowError
 from pvio.ringbuf.netif import (
@@ -216,7 +216,10 @@ class BackendVif(SwitchPort):
                 options=options,
                 scheduler=self._schedule_later,
             )
-            self.host = BackendHost(backend, ctx)
+            try:
+                self.host = BackendHost(backend, ctx)
+            except BackendError as e:  # the user's backend refused its options: not netback's fault
+                raise VifFatal(str(e)) from None
         await self.dom0.xenbus.write(f"{self.path}/state", str(int(XenbusState.CONNECTED)))
         self.connected = True
         self.netback.switch.attach(self)
@@ -561,6 +564,9 @@ class BackendVif(SwitchPort):
         log.error("%s disabled: %s", self.vif_name, reason, exc_info=exc)
         await self._teardown(reason)
         xb = self.dom0.xenbus
+        # The reason, where the frontend (which may read the backend directory) and the
+        # toolstack find it, as Linux's xenbus_dev_fatal leaves an ``error`` node.
+        await xb.write(f"{self.path}/error", reason[:1024])
         await xb.write(f"{self.path}/state", str(int(XenbusState.CLOSING)))
         await xb.write(f"{self.path}/state", str(int(XenbusState.CLOSED)))
 

@@ -53,6 +53,7 @@ from pvio.ringbuf.netif import (
     XEN_NETIF_MAX_TX_SIZE,
     XEN_NETIF_NR_SLOTS_MIN,
 )
+from pvio.xenstore.store import XenstoreError
 from pvio.xenstore.wire import XenbusState
 
 if TYPE_CHECKING:
@@ -97,7 +98,12 @@ class Netfront(GuestNic):
         self.backend_id = int(await xb.read(f"{self.dir}/backend-id"))
         mac_text = await xb.read(f"{self.dir}/mac")
         self.mac = parse_mac(mac_text)
-        await xb.wait_for_state(f"{self.backend}/state", {XenbusState.INIT_WAIT, XenbusState.CONNECTED})
+        refused = {XenbusState.CLOSING, XenbusState.CLOSED}
+        state = await xb.wait_for_state(
+            f"{self.backend}/state", {XenbusState.INIT_WAIT, XenbusState.CONNECTED, *refused}
+        )
+        if state in refused:
+            await self._refused()
         if (await xb.read(f"{self.backend}/feature-rx-copy")).strip() != "1":
             raise NetfrontError(f"{self.name}: backend lacks feature-rx-copy")
         self._setup_rings()
@@ -112,9 +118,18 @@ class Netfront(GuestNic):
             await t.write(f"{self.dir}/state", str(int(XenbusState.CONNECTED)))
 
         await xb.retry_transaction(write_keys)
-        await xb.wait_for_state(f"{self.backend}/state", {XenbusState.CONNECTED})
+        if await xb.wait_for_state(f"{self.backend}/state", {XenbusState.CONNECTED, *refused}) in refused:
+            await self._refused()
         self.connected = True
         g.spawn(self._service, name=f"{self.name}-service")
+
+    async def _refused(self) -> None:
+        """The backend closed the device instead of connecting: raise with its reason."""
+        try:
+            reason = (await self.guest.xenbus.read(f"{self.backend}/error")).strip()
+        except XenstoreError:
+            reason = "no reason given"
+        raise NetfrontError(f"{self.name}: the backend ({self.backend}) refused the vif: {reason}")
 
     def _setup_rings(self) -> None:
         g = self.guest

@@ -90,6 +90,10 @@ def add_vif(
 #: Device models a guest's NIC can have (``model=``): the PV split driver (a vif served by
 #: netback in dom0), the register-level emulated NIC, the monitor's DMA smart NIC.
 MODELS: tuple[str, ...] = ("emulated", "pv", "smartnic")
+#: The frame sizes each model carries, Ethernet header included (no FCS): the emulated card's
+#: 1518-byte buffer, the smart NIC driver's 2048-byte buffers, netif's 16-bit size (PV frames
+#: span up to 18 pages).  The low end is a minimal IPv4 frame the scenarios build.
+FRAME_LIMITS: dict[str, tuple[int, int]] = {"pv": (46, 65535), "emulated": (46, 1518), "smartnic": (46, 2048)}
 ANNOUNCE_ETHERTYPE = 0x88B5  # IEEE "local experimental": a frame to self, so the switch learns a MAC
 
 
@@ -248,9 +252,19 @@ async def start_network(
         net.guests.append(guest)
     ready = [g for g in guests if isinstance(getattr(g, "ready", None), trio.Event)]
     ready = ready if wait_ready is None else list(wait_ready)
-    with trio.fail_after(timeout_s):
-        for guest in ready:
-            await guest.ready.wait()
+    try:
+        with trio.fail_after(timeout_s):
+            for guest in ready:
+                await guest.ready.wait()
+    except trio.TooSlowError:
+        for guest in ready:  # a guest that died on the way says why; otherwise it is slow
+            gdom: Any = getattr(guest, "domain", None)
+            if not guest.ready.is_set() and gdom is not None and not gdom.alive:
+                raise RuntimeError(
+                    f"guest {guest.name} stopped while connecting: {gdom.crash_reason}"
+                ) from None
+        late = [g.name for g in ready if not g.ready.is_set()]
+        raise trio.TooSlowError(f"guests {late} were not ready within {timeout_s} s") from None
     if announce:
         await net.announce(ready, timeout_s)
     await trio.testing.wait_all_tasks_blocked()

@@ -30,6 +30,8 @@ from typing import Any
 
 import pytest
 
+from pvio.harness import bench
+
 MODELS = ("emulated", "pv", "smartnic")
 
 # (scenario, offered_load, packets) -> model -> (totals, per-domain interrupts/exits/hypercalls)
@@ -196,3 +198,16 @@ async def test_unknown_models_scenarios_and_guest_kinds_are_refused_with_a_reaso
     async with pvio_env("smartnic") as env:
         with pytest.raises(ValueError, match="unknown scenario 'flood'"):
             await run_scenario(env, "flood")
+
+
+@pytest.mark.parametrize(
+    ("model", "size", "limit"), [("pv", 100_000, "46..65535"), ("emulated", 1600, "46..1518")]
+)
+async def test_a_frame_size_the_model_cannot_carry_is_a_clear_error(
+    autojump_clock: Any, model: str, size: int, limit: str
+) -> None:
+    async with bench.model_env(model) as env:
+        with pytest.raises(
+            ValueError, match=f"frame_size={size}: {model} NICs carry frames of {limit} bytes"
+        ):
+            await bench.run_scenario(env, "stream", packets=1, frame_size=size)

@@ -329,3 +329,22 @@ async def test_an_internal_error_in_netback_disables_that_vif_only(
 
     monkeypatch.setattr(netback.BackendVif, "_tx_work", buggy)
     await _attack_disables_the_vif(caplog, attack, "internal error: RuntimeError('simulated netback bug')")
+
+
+async def test_a_frontend_refused_by_its_backend_is_told_why(autojump_clock: Any) -> None:
+    """The backend's reason reaches the frontend (netback leaves it in the backend's ``error``
+    node, as xenbus_dev_fatal does): the guest's connect fails naming it, not with ENOSYS."""
+    from pvio.frontends.guests import NicGuest
+    from pvio.toolstack import NicConfig, boot_network
+
+    a, b = NicGuest("a", "10.0.0.1"), NicGuest("b", "10.0.0.2")
+    refused = NicConfig(backend="lossy", options={"bogus": 1})
+    with pytest.raises(RuntimeError) as info:
+        async with boot_network([a, b], nics=[refused, None]):
+            pass
+    message = str(info.value)
+    assert message.startswith(
+        "guest a stopped while connecting: kernel raised NetfrontError: vif1.0: the backend"
+    )
+    assert "refused the vif: backend 'lossy' on vif1.0 (dom1): on_attach failed" in message
+    assert "unknown options ['bogus']" in message

@@ -472,7 +472,11 @@ async def test_a_vif_dom0_has_no_memory_for_is_refused_and_the_others_keep_runni
         reason = "dom0 has 100 of the 512 staging pages a vif needs"
         assert vif.error == reason and not vif.connected
         errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
-        assert errors == [f"vif3.0 disabled: {reason}"]
+        assert errors == [  # netback's reason, and c's netfront giving up with it
+            f"vif3.0 disabled: {reason}",
+            f"dom3 stopped: kernel raised NetfrontError: vif3.0: the backend "
+            f"(/local/domain/0/backend/vif/3/0) refused the vif: {reason}",
+        ]
         assert env.hv.dom0 is not None and env.hv.dom0.state == "running"
         assert len(env.hv.dom0.kernel._page_free) == 100  # type: ignore[attr-defined]  # given back
         await a.nic.send_batch(udp_stream(a, b, 50))

@@ -113,7 +113,14 @@ class Hypervisor:
         for dom in sorted(self.domains.values(), key=lambda d: -d.domid):
             self.destroy(dom, reason="hypervisor shutting down")
         assert self._nursery_cm is not None
-        return bool(await self._nursery_cm.__aexit__(exc_type, exc, tb))
+        try:
+            return bool(await self._nursery_cm.__aexit__(exc_type, exc, tb))
+        except BaseExceptionGroup as group:
+            # The body's own error, wrapped by the hypervisor's nursery and nothing else with
+            # it: give the caller that error, not a group it never asked for.
+            if exc is not None and len(group.exceptions) == 1 and group.exceptions[0] is exc:
+                raise exc from None
+            raise
 
     def _require_nursery(self) -> trio.Nursery:
         if self.nursery is None:
@@ -195,8 +202,11 @@ class Hypervisor:
         if not dom.alive:
             log.debug("dom%d: error while being torn down: %r", dom.domid, exc)
             return
-        log.error("dom%d crashed: %r", dom.domid, exc, exc_info=exc)
-        self.crash_domain(dom, f"kernel raised {exc!r}")
+        leaf: BaseException = exc
+        while isinstance(leaf, BaseExceptionGroup) and len(leaf.exceptions) == 1:
+            leaf = leaf.exceptions[0]  # the kernel's own error, not its nursery's wrapping
+        log.debug("dom%d crashed", dom.domid, exc_info=exc)  # the traceback, for whoever asks
+        self.crash_domain(dom, f"kernel raised {type(leaf).__name__}: {leaf}")
 
     def pause(self, dom: Domain) -> None:
         """Stop delivering upcalls to the domain until unpaused."""

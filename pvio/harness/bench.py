@@ -56,7 +56,7 @@ import trio.testing
 
 from pvio.core.counters import Snapshot
 from pvio.core.hypervisor import Hypervisor
-from pvio.toolstack import MODELS
+from pvio.toolstack import FRAME_LIMITS, MODELS
 
 SCENARIOS: tuple[str, ...] = ("stream", "pingpong")
 FRAME_SIZE = 64
@@ -314,6 +314,9 @@ async def run_scenario(
         raise ValueError(f"unknown scenario {scenario!r}: choose one of {', '.join(SCENARIOS)}")
     if packets < 1 or (offered_load is not None and offered_load <= 0):
         raise ValueError(f"packets must be >= 1 and offered_load > 0 (got {packets}, {offered_load})")
+    low, high = FRAME_LIMITS[env.model]
+    if not low <= frame_size <= high:
+        raise ValueError(f"frame_size={frame_size}: {env.model} NICs carry frames of {low}..{high} bytes")
     a, b = env.guests[0], env.guests[1]
     await _settle()
     before = env.snapshot()

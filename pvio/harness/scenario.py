@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pvio.toolstack import MODELS
+from pvio.toolstack import FRAME_LIMITS, MODELS
 
 SCENARIO_KEYS = {"name", "seed", "clock", "timeout", "domain", "traffic", "port", "report"}
 DOMAIN_KEYS = {"name", "kind", "ip", "app", "cmdline", "nic", "memory"}
@@ -67,8 +67,6 @@ CLOCKS = ("mock", "real")
 APPS = ("nic", "echo")
 TRAFFIC_TYPES = ("stream", "pingpong", "probes")
 COUNTERS = ("interrupts", "exits", "hypercalls", "copies")
-#: Frame sizes each device model carries (Ethernet header included, no FCS).
-FRAME_LIMITS = {"pv": (46, 65535), "emulated": (46, 1518), "smartnic": (46, 2048)}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,31}$")
 
 
