@@ -351,43 +351,65 @@ async def run_scenario(
     )
 
 
-async def _stream(
-    a: Any, b: Any, packets: int, size: int, offered_load: float | None, batch: int
-) -> tuple[int, float]:
-    frames = make_frames(a, b, packets, size, STREAM_PORTS)
+async def stream_frames(
+    a: Any, b: Any, frames: list[bytes], offered_load: float | None, batch: int, wait_s: float = math.inf
+) -> list[bytes]:
+    """A sends ``frames`` to B (in batches of ``batch`` at saturation, or paced at
+    ``offered_load`` frames per second: at each wake-up every frame whose time has come);
+    returns what B received, waiting at most ``wait_s`` (of trio's clock) for the rest."""
+    packets = len(frames)
     received: list[bytes] = []
 
     async def receive() -> None:
         while len(received) < packets:
             received.extend(await b.nic.recv_batch(packets - len(received)))
 
+    with trio.move_on_after(wait_s):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(receive)
+            if offered_load is None:
+                for i in range(0, packets, batch):
+                    await a.nic.send_batch(frames[i : i + batch])
+            else:
+                t0 = trio.current_time()
+                sent = 0
+                while sent < packets:
+                    next_at = t0 + sent / offered_load  # when frame `sent` is due
+                    if trio.current_time() < next_at:
+                        await trio.sleep_until(next_at)
+                    due = math.floor((trio.current_time() - t0) * offered_load + 1e-9) + 1
+                    upto = min(packets, sent + batch, max(sent + 1, due))
+                    await a.nic.send_batch(frames[sent:upto])
+                    sent = upto
+    return received
+
+
+async def _stream(
+    a: Any, b: Any, packets: int, size: int, offered_load: float | None, batch: int
+) -> tuple[int, float]:
+    frames = make_frames(a, b, packets, size, STREAM_PORTS)
     start = time.perf_counter()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(receive)
-        if offered_load is None:
-            for i in range(0, packets, batch):
-                await a.nic.send_batch(frames[i : i + batch])
-        else:
-            t0 = trio.current_time()
-            sent = 0
-            while sent < packets:
-                next_at = t0 + sent / offered_load  # when frame `sent` is due
-                if trio.current_time() < next_at:
-                    await trio.sleep_until(next_at)
-                due = math.floor((trio.current_time() - t0) * offered_load + 1e-9) + 1
-                upto = min(packets, sent + batch, max(sent + 1, due))
-                await a.nic.send_batch(frames[sent:upto])
-                sent = upto
+    received = await stream_frames(a, b, frames, offered_load, batch)
     seconds = time.perf_counter() - start
     if [seq_of(f) for f in received] != list(range(packets)):
         raise AssertionError(f"stream: B received {len(received)} frames, not 0..{packets - 1} in order")
     return packets, seconds
 
 
-async def _pingpong(
-    a: Any, b: Any, trips: int, size: int, offered_load: float | None
-) -> tuple[int, float, float]:
-    requests = make_frames(a, b, trips, size, PINGPONG_PORTS)
+@dataclass
+class Trips:
+    """What a ping-pong measured: round-trip times (wall clock), trips lost, wrong answers."""
+
+    rtts: list[float] = field(default_factory=list)
+    lost: int = 0
+    wrong: list[int] = field(default_factory=list)
+
+
+async def pingpong_trips(
+    a: Any, b: Any, requests: list[bytes], offered_load: float | None, wait_s: float = math.inf
+) -> Trips:
+    """A sends each request and waits (at most ``wait_s`` of trio's clock) for B's echo (MACs
+    swapped) before the next; ``offered_load`` paces the trips per second."""
     scope = trio.CancelScope()
 
     async def echo() -> None:
@@ -397,23 +419,38 @@ async def _pingpong(
                 await b.nic.send_batch([f[6:12] + f[0:6] + f[12:] for f in frames])
 
     b.spawn(echo, name="pingpong-echo")
-    latencies: list[float] = []
+    out = Trips()
     t0 = trio.current_time()
-    start = time.perf_counter()
     try:
         for k, request in enumerate(requests):
             if offered_load is not None:
                 await trio.sleep_until(t0 + k / offered_load)
             sent_at = time.perf_counter()
             await a.nic.send(request)
-            answer = await a.nic.recv()
-            latencies.append(time.perf_counter() - sent_at)
+            answer = None
+            with trio.move_on_after(wait_s):
+                answer = await a.nic.recv()
+            if answer is None:
+                out.lost += 1
+                continue
+            out.rtts.append(time.perf_counter() - sent_at)
             if answer[12:] != request[12:] or answer[0:6] != request[6:12]:
-                raise AssertionError(f"ping-pong trip {k}: the answer is not the echo of the request")
+                out.wrong.append(k)
     finally:
         scope.cancel()
+    return out
+
+
+async def _pingpong(
+    a: Any, b: Any, trips: int, size: int, offered_load: float | None
+) -> tuple[int, float, float]:
+    requests = make_frames(a, b, trips, size, PINGPONG_PORTS)
+    start = time.perf_counter()
+    out = await pingpong_trips(a, b, requests, offered_load)
     seconds = time.perf_counter() - start
-    return 2 * trips, seconds, statistics.median(latencies) * 1e6
+    if out.wrong:
+        raise AssertionError(f"ping-pong trip {out.wrong[0]}: the answer is not the echo of the request")
+    return 2 * trips, seconds, statistics.median(out.rtts) * 1e6
 
 
 # ---------------------------------------------------------------------- the comparison table

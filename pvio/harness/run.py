@@ -22,6 +22,7 @@ soon as nothing else can happen.
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,7 +33,16 @@ import trio.testing
 
 from pvio.core.counters import Snapshot
 from pvio.core.hypervisor import Hypervisor
-from pvio.harness.bench import COST_KEYS, PINGPONG_PORTS, STREAM_PORTS, costs, make_frames, seq_of
+from pvio.harness.bench import (
+    COST_KEYS,
+    PINGPONG_PORTS,
+    STREAM_PORTS,
+    costs,
+    make_frames,
+    pingpong_trips,
+    seq_of,
+    stream_frames,
+)
 from pvio.harness.scenario import DomainSpec, PortSpec, Scenario, TrafficSpec
 from pvio.toolstack import Network, NicConfig, start_network
 
@@ -221,24 +231,8 @@ async def run_traffic(net: Network, sc: Scenario, t: TrafficSpec, kernels: dict[
 
 async def _stream(src: Any, dst: Any, t: TrafficSpec, timeout: float, result: TrafficResult) -> None:
     frames = make_frames(src, dst, t.packets, t.size, STREAM_PORTS)
-    received: list[bytes] = []
-
-    async def receive() -> None:
-        while len(received) < t.packets:
-            received.extend(await dst.nic.recv_batch(t.packets - len(received)))
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(receive)
-        t0 = trio.current_time()
-        for k in range(0, t.packets, 64 if not t.rate else 1):
-            if t.rate:
-                await trio.sleep_until(t0 + k / t.rate)
-            await src.nic.send_batch(frames[k : k + (64 if not t.rate else 1)])
-        result.sent = t.packets
-        with trio.move_on_after(timeout):
-            while len(received) < t.packets:
-                await trio.sleep(0.001)
-        nursery.cancel_scope.cancel()
+    received = await stream_frames(src, dst, frames, t.rate or None, 64, wait_s=timeout)
+    result.sent = t.packets
     seqs = [seq_of(f) for f in received]
     result.delivered = len(received)
     result.lost = t.packets - len(set(seqs) & set(range(t.packets)))
@@ -248,36 +242,13 @@ async def _stream(src: Any, dst: Any, t: TrafficSpec, timeout: float, result: Tr
 
 async def _pingpong(src: Any, dst: Any, t: TrafficSpec, timeout: float, result: TrafficResult) -> None:
     requests = make_frames(src, dst, t.packets, t.size, PINGPONG_PORTS)
-    rtts: list[float] = []
-
-    async def echo() -> None:
-        while True:
-            frames = await dst.nic.recv_batch()
-            await dst.nic.send_batch([f[6:12] + f[0:6] + f[12:] for f in frames])
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(echo)
-        t0 = trio.current_time()
-        for k, request in enumerate(requests):
-            if t.rate:
-                await trio.sleep_until(t0 + k / t.rate)
-            sent_at = time.perf_counter()
-            await src.nic.send(request)
-            result.sent += 1
-            answer = None
-            with trio.move_on_after(timeout):
-                answer = await src.nic.recv()
-            if answer is None:
-                result.lost += 2
-                continue
-            result.delivered += 2
-            rtts.append(time.perf_counter() - sent_at)
-            if answer[12:] != request[12:] or answer[0:6] != request[6:12]:
-                result.failed_checks.append(f"trip {k}: the answer is not the echo of the request")
-        nursery.cancel_scope.cancel()
-    if rtts:
-        rtts.sort()
-        result.latency_us = rtts[len(rtts) // 2] * 1e6
+    trips = await pingpong_trips(src, dst, requests, t.rate or None, wait_s=timeout)
+    result.sent = t.packets
+    result.lost = 2 * trips.lost
+    result.delivered = 2 * (t.packets - trips.lost)
+    result.failed_checks += [f"trip {k}: the answer is not the echo of the request" for k in trips.wrong]
+    if trips.rtts:
+        result.latency_us = statistics.median(trips.rtts) * 1e6
 
 
 async def _probes(net: Network, src: Any, dst: Any, timeout: float, result: TrafficResult) -> None:
