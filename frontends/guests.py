@@ -17,6 +17,7 @@ import trio
 from pvio.frontends.netfront import Netfront
 from pvio.frontends.netstack import NetStack
 from pvio.guest import PyGuest
+from pvio.xenstore.wire import XenbusState
 
 
 class NicGuest(PyGuest):
@@ -60,14 +61,26 @@ class ModelGuest(PyGuest):
     frames, usecs)`` (smart NIC).
     """
 
-    def __init__(self, name: str, ip: str, model: str = "pv", *, app: str = "nic", **options: Any) -> None:
+    def __init__(
+        self,
+        name: str,
+        ip: str,
+        model: str = "pv",
+        *,
+        app: str = "nic",
+        hotplug: bool = False,
+        **options: Any,
+    ) -> None:
         super().__init__(name)
         self.ip = ip
         self.model = model
         self.app = app
+        self.hotplug = hotplug
         self.options = options
         self.ready = trio.Event()
         self.nic: Any = None
+        #: Every connected vif by device id (``nic`` is vif 0); hot-plugged ones join it.
+        self.nics: dict[int, Any] = {}
 
     async def main(self) -> None:
         if self.model == "pv":
@@ -81,6 +94,37 @@ class ModelGuest(PyGuest):
 
             self.nic = SmartNicDriver(self, moderation=self.options.get("moderation"))
         await self.nic.connect()
+        self.nics[0] = self.nic
         self.ready.set()
+        if self.hotplug and self.model == "pv":
+            self.spawn(self._hotplug, name=f"{self.name}-hotplug")
         if self.app == "echo":
             await echo_forever(self.nic, self.ip)
+
+    async def _hotplug(self) -> None:
+        """Like Linux's xenbus frontend probe: watch ``device/vif`` and connect each vif the
+        toolstack adds (``pvio network-attach``); close a vif whose backend starts closing
+        (``pvio network-detach``)."""
+        xb = self.xenbus
+        base = f"/local/domain/{self.domain.domid}/device/vif"
+        self.spawn(self._until_unplugged, self.nic, name=f"{self.nic.name}-unplug")
+        async with await xb.watch(base) as watch:
+            async for _ in watch:
+                try:
+                    present = {int(d) for d in await xb.directory(base)}
+                except Exception:  # the directory went away with the last vif
+                    present = set()
+                for devid in sorted(present - set(self.nics)):
+                    nic = Netfront(self, devid)
+                    self.nics[devid] = nic
+                    self.spawn(self._plug, nic, name=f"{nic.name}-plug")
+
+    async def _plug(self, nic: Netfront) -> None:
+        await nic.connect()
+        await self._until_unplugged(nic)
+
+    async def _until_unplugged(self, nic: Netfront) -> None:
+        """Wait for the backend to close the vif, then close it from this side and forget it."""
+        await self.xenbus.wait_for_state(f"{nic.backend}/state", {XenbusState.CLOSING, XenbusState.CLOSED})
+        await nic.close()
+        self.nics.pop(nic.devid, None)

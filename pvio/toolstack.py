@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +26,7 @@ import trio
 import trio.testing
 
 from pvio.abi.vif import default_mac, parse_mac
+from pvio.xenstore.store import XenstoreError
 from pvio.xenstore.wire import XenbusState
 
 if TYPE_CHECKING:
@@ -84,6 +85,55 @@ def add_vif(
     }.items():
         ts.write(f"{be_path}/{key}", value)
     return VifConfig(frontend.domid, be.domid, devid, mac, fe_path, be_path)
+
+
+def vif_devids(hv: Hypervisor, dom: Domain) -> list[int]:
+    """The device ids of ``dom``'s vifs in xenstore."""
+    try:
+        return sorted(int(d) for d in hv.toolstack.directory(f"/local/domain/{dom.domid}/device/vif"))
+    except XenstoreError:
+        return []
+
+
+def attach_vif(hv: Hypervisor, dom: Domain, devid: int | None = None, mac: str | None = None) -> VifConfig:
+    """Hot-plug a vif (``xl network-attach``): its directories, state Initialising; a frontend
+    that watches its ``device/vif`` directory connects it, netback serves it."""
+    used = vif_devids(hv, dom)
+    devid = (max(used) + 1 if used else 0) if devid is None else devid
+    if devid in used:
+        raise ValueError(f"{dom.name} already has vif {devid}")
+    return add_vif(hv, dom, devid, mac)
+
+
+async def detach_vif(hv: Hypervisor, dom: Domain, devid: int, timeout_s: float = 10.0) -> None:
+    """Hot-unplug a vif (``xl network-detach``): the backend is asked to close (its state
+    Closing, ``online`` 0); the frontend closes, netback tears the vif down, both reach
+    Closed; then the toolstack removes both directories.  TimeoutError if the frontend does
+    not answer within ``timeout_s`` (the directories are removed all the same)."""
+    ts = hv.toolstack
+    fe = f"/local/domain/{dom.domid}/device/vif/{devid}"
+    try:
+        be = ts.read(f"{fe}/backend").decode()
+    except XenstoreError:
+        raise ValueError(f"{dom.name} has no vif {devid}") from None
+    ts.write(f"{be}/online", "0")
+    ts.write(f"{be}/state", str(int(XenbusState.CLOSING)))
+    try:
+        with trio.fail_after(timeout_s):
+            while True:
+                try:
+                    done = int(ts.read(f"{fe}/state")) == XenbusState.CLOSED
+                except (XenstoreError, ValueError):
+                    done = True
+                if done:
+                    break
+                await trio.sleep(0.001)
+    except trio.TooSlowError:
+        raise TimeoutError(f"{dom.name}'s vif {devid} did not close within {timeout_s} s") from None
+    finally:
+        for path in (fe, be):
+            with suppress(XenstoreError):
+                ts.rm(path)
 
 
 # ---------------------------------------------------------------------- booting a network

@@ -176,12 +176,13 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> object:
         assert time.monotonic() < deadline, "pvio run --hold did not come up"
         time.sleep(0.2)
     yield sock
-    pvio("shutdown", "--socket", sock)
+    said = pvio("shutdown", "--socket", sock)
     try:
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+        proc.wait(timeout=90)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"pvio run --hold did not stop ({said.stdout!r} {said.stderr!r}): {err[-2000:]}")
 
 
 def test_list_shows_the_domains(running: str) -> None:
@@ -211,6 +212,23 @@ def test_xenstore_ls_read_write(running: str) -> None:
     assert pvio("xenstore", "read", "/tool/test", "--socket", running).stdout == "hello\n"
     missing = pvio("xenstore", "read", "/tool/none", "--socket", running)
     assert missing.returncode == 1 and "ENOENT" in missing.stderr
+
+
+def test_network_attach_then_detach(running: str) -> None:
+    """Hot-plug through the XenbusState handshake: the guest's frontend connects the new vif
+    (state 4), and on detach both ends close and the toolstack removes the directories."""
+    done = pvio("network-attach", "a", "--socket", running)
+    assert done.stdout == "a: vif 1 (00:16:3e:00:01:01) attached\n", done.stderr
+    deadline = time.monotonic() + 30
+    while "  1  00:16:3e:00:01:01 4" not in pvio("network-list", "a", "--socket", running).stdout:
+        assert time.monotonic() < deadline, "the hot-plugged vif did not connect"
+        time.sleep(0.1)
+    assert pvio("network-detach", "a", "1", "--socket", running).stdout == "a: vif 1 detached\n"
+    assert pvio("network-list", "a", "--socket", running).stdout.splitlines()[1:] == [
+        "  0  00:16:3e:00:01:00 4"
+    ]
+    missing = pvio("network-detach", "a", "7", "--socket", running)
+    assert missing.returncode == 1 and "a has no vif 7" in missing.stderr
 
 
 def test_console_pause_unpause(running: str) -> None:

@@ -98,6 +98,11 @@ def build_parser() -> OneLineParser:
                        ("destroy", "destroy a domain")):  # fmt: skip
         control(name, what, dom=True)
     control("shutdown", "stop a pvio run --hold")
+    na = control("network-attach", "hot-plug a vif into a domain (like xl network-attach)", dom=True)
+    na.add_argument("--mac", help="its MAC (default: Xen's OUI, the domid and the device id)")
+    nd = control("network-detach", "hot-unplug a domain's vif (like xl network-detach)", dom=True)
+    nd.add_argument("devid", type=int, help="the vif's device id")
+    control("network-list", "a domain's vifs (like xl network-list)", dom=True)
     cap = control("capture", "mirror a switch port (or the whole switch) to a pcap file")
     cap.add_argument("port", help="'switch', a domain (its NIC's port), or a port name (vif1.0, tap-x)")
     cap.add_argument("file", help="the pcap file (.pcapng: pcapng), written by the running pvio")
@@ -298,6 +303,19 @@ def _control(args: argparse.Namespace) -> int:
         return 0
     if cmd == "shutdown":
         print(request(sock, "shutdown"))
+        return 0
+    if cmd == "network-attach":
+        vif = request(sock, "network-attach", dom=args.dom, mac=args.mac)
+        print(f"{vif['domain']}: vif {vif['devid']} ({vif['mac']}) attached")
+        return 0
+    if cmd == "network-detach":
+        request(sock, "network-detach", dom=args.dom, devid=args.devid)
+        print(f"{args.dom}: vif {args.devid} detached")
+        return 0
+    if cmd == "network-list":
+        print(f"{'Idx':>3}  {'MAC':<18}State")
+        for v in request(sock, "network-list", dom=args.dom):
+            print(f"{v['devid']:>3}  {v['mac']:<18}{v['state']}")
         return 0
     if cmd == "top":
         return _top(sock, args.delay, args.iterations)

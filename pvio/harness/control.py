@@ -22,6 +22,9 @@ Commands (a domain is named by its name or its domid):
 ``capture``         ``port`` (``switch``, a domain, a port name), ``file``, ``seconds``:
                     mirror it to a pcap file, then answer with the frame count
 ``trace``           ``file``, ``seconds``: a Perfetto trace of that long, then the count
+``network-attach``  ``dom``, ``mac``: hot-plug a vif (``xl network-attach``)
+``network-detach``  ``dom``, ``devid``: hot-unplug it through the XenbusState handshake
+``network-list``    ``dom``: its vifs
 ``shutdown``        end ``pvio run --hold``
 ==================  =================================================================
 
@@ -126,10 +129,11 @@ class ControlServer:
         if cmd == "xenstore-watch":
             await self._watch(stream, req)
             return False
-        if cmd in ("capture", "trace"):
+        if cmd in ("capture", "trace", "network-detach"):
+            run: Any = {"capture": self._capture, "trace": self._trace, "network-detach": self._detach}[cmd]
             try:
-                result = await (self._capture(**req) if cmd == "capture" else self._trace(**req))
-            except (ControlError, ValueError, OSError, TypeError) as e:
+                result = await run(**req)
+            except (ControlError, ValueError, OSError, TypeError, TimeoutError) as e:
                 await _send(stream, {"ok": False, "error": f"{cmd}: {e}"})
                 return True
             await _send(stream, {"ok": True, "result": result})
@@ -306,6 +310,26 @@ class ControlServer:
         with self.hv.trace(file) as tracer:
             await trio.sleep(max(0.0, min(seconds, 3600.0)))
         return {"file": file, "events": len(tracer)}
+
+    def cmd_network_attach(self, dom: str | int, mac: str | None = None) -> dict[str, Any]:
+        from pvio.toolstack import attach_vif
+
+        d = self._domain(dom)
+        cfg = attach_vif(self.hv, d, mac=mac)
+        return {"domain": d.name, "devid": cfg.devid, "mac": cfg.mac}
+
+    def cmd_network_list(self, dom: str | int) -> list[dict[str, Any]]:
+        from pvio.harness.run import domain_table
+
+        d = self._domain(dom)
+        return next(row["vifs"] for row in domain_table(self.hv) if row["domid"] == d.domid)
+
+    async def _detach(self, dom: str | int, devid: int) -> dict[str, Any]:
+        from pvio.toolstack import detach_vif
+
+        d = self._domain(dom)
+        await detach_vif(self.hv, d, int(devid))
+        return {"domain": d.name, "devid": int(devid), "state": "detached"}
 
     def cmd_shutdown(self) -> str:
         self.shutdown_requested.set()

@@ -98,12 +98,13 @@ class TrafficResult:
         return out
 
 
-def make_kernel(spec: DomainSpec) -> Any:
-    """The guest kernel a domain of the scenario runs."""
+def make_kernel(spec: DomainSpec, hotplug: bool = False) -> Any:
+    """The guest kernel a domain of the scenario runs (``hotplug``: a Python guest connects
+    vifs the toolstack adds while it runs)."""
     if spec.kind == "py":
         from pvio.frontends.guests import ModelGuest
 
-        return ModelGuest(spec.name, spec.ip, spec.nic.model, app=spec.app)
+        return ModelGuest(spec.name, spec.ip, spec.nic.model, app=spec.app, hotplug=hotplug)
     if spec.kind == "x86" and spec.app == "echo":
         from pvio.cpu.guest import X86Guest
 
@@ -115,12 +116,14 @@ def make_kernel(spec: DomainSpec) -> Any:
     return GUEST_KINDS[spec.kind](spec.name, spec.nic.model, spec.ip, options)
 
 
-async def boot(hv: Hypervisor, sc: Scenario, nursery: trio.Nursery) -> tuple[Network, dict[str, Any]]:
+async def boot(
+    hv: Hypervisor, sc: Scenario, nursery: trio.Nursery, hotplug: bool = False
+) -> tuple[Network, dict[str, Any]]:
     """Boot every domain of ``sc`` with its NIC on one switch, and its ports (their tasks in
     ``nursery``); returns the network and the kernels by domain name."""
     from pvio.harness.demo import wait_x86_ready
 
-    kernels = {d.name: make_kernel(d) for d in sc.domains}
+    kernels = {d.name: make_kernel(d, hotplug) for d in sc.domains}
     for d in sc.domains:
         if d.memory_mib is not None:
             kernels[d.name].memory_pages = d.memory_mib * MIB_PAGES
@@ -351,7 +354,7 @@ async def run(
                 await nursery.start(server.serve)
             if progress:
                 progress(f"booting {len(sc.domains)} domain(s)")
-            net, kernels = await boot(hv, sc, nursery)
+            net, kernels = await boot(hv, sc, nursery, hotplug=hold)
             if server is not None:
                 server.network = net
             results = []
