@@ -181,7 +181,7 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> object:
         proc.wait(timeout=90)
     except subprocess.TimeoutExpired:
         proc.kill()
-        out, err = proc.communicate()
+        _out, err = proc.communicate()
         pytest.fail(f"pvio run --hold did not stop ({said.stdout!r} {said.stderr!r}): {err[-2000:]}")
 
 
