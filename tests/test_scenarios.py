@@ -168,8 +168,17 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> object:
     tmp = tmp_path_factory.mktemp("hold")
     (tmp / "hold.toml").write_text(HOLD)
     sock = str(tmp / "control.sock")
-    proc = subprocess.Popen([*PVIO, "run", "--hold", "--socket", sock, str(tmp / "hold.toml")],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    cmd = [
+        *PVIO,
+        "run",
+        "--hold",
+        "--socket",
+        sock,
+        "--xenstore-socket",
+        str(tmp / "xs.sock"),
+        str(tmp / "hold.toml"),
+    ]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     while not os.path.exists(sock) or pvio("list", "--socket", sock).returncode != 0:
         assert proc.poll() is None, proc.communicate()
@@ -212,6 +221,17 @@ def test_xenstore_ls_read_write(running: str) -> None:
     assert pvio("xenstore", "read", "/tool/test", "--socket", running).stdout == "hello\n"
     missing = pvio("xenstore", "read", "/tool/none", "--socket", running)
     assert missing.returncode == 1 and "ENOENT" in missing.stderr
+
+
+@pytest.mark.skipif(
+    shutil.which("xenstore-ls") is None, reason="needs xenstore-ls: apt-get install xenstore-utils"
+)
+def test_xens_own_xenstore_ls_reads_the_running_store(running: str) -> None:
+    env = {**os.environ, "XENSTORED_PATH": str(Path(running).parent / "xs.sock")}
+    done = subprocess.run(["xenstore-ls", "/local/domain/2/device/vif/0"], env=env, capture_output=True,
+                          text=True, timeout=30)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert 'state = "4"' in done.stdout and 'mac = "00:16:3e:00:02:00"' in done.stdout
 
 
 def test_network_attach_then_detach(running: str) -> None:

@@ -62,6 +62,9 @@ def build_parser() -> OneLineParser:
     r.add_argument("--clock", choices=("mock", "real"), help="override the scenario's clock")
     r.add_argument("--quiet", "-q", action="store_true", help="no progress lines")
     r.add_argument("--trace", metavar="FILE", help="record a Perfetto trace of the run (docs/trace.md)")
+    r.add_argument(
+        "--xenstore-socket", metavar="PATH", help="serve the store to Xen's tools (XENSTORED_PATH)"
+    )
 
     d = sub.add_parser("demo", help="two guests exchange scapy-built traffic over the PV NIC")
     d.add_argument("--guest", choices=("py", "x86"), default="py", help="guest B's kind (default: py)")
@@ -228,9 +231,21 @@ def _run(args: argparse.Namespace) -> int:
     # Under the mock clock a run takes no wall time and must be reproducible, so it serves no
     # control socket (a socket's readiness would make its schedule depend on the host).
     sock = (args.socket or default_socket()) if sc.clock == "real" else None
+    live = None
+    if progress is not None and sys.stderr.isatty():  # a status line that rewrites itself
+
+        def live(line: str) -> None:
+            print(f"\r\x1b[K  {line[:150]}", end="", file=sys.stderr, flush=True)
+
     result = trio.run(
-        lambda: run(sc, control=sock, hold=args.hold, progress=progress, trace=args.trace), clock=clock
-    )
+        lambda: run(
+            sc, control=sock, hold=args.hold, progress=progress, trace=args.trace,
+            xenstore_socket=args.xenstore_socket, live=live,
+        ),
+        clock=clock,
+    )  # fmt: skip
+    if live is not None:
+        print("\r\x1b[K", end="", file=sys.stderr)
     if args.json:
         print(json.dumps(result.as_json(), indent=2, sort_keys=True))
     else:

@@ -269,6 +269,23 @@ async def _probes(net: Network, src: Any, dst: Any, timeout: float, result: Traf
     result.spec.size = max((size for _, size, _ in demo.checked), default=0)
 
 
+async def _live_status(hv: Hypervisor, show: Callable[[str], None], what: str) -> None:
+    """Every 0.5 s: the traffic item and, per guest domain, interrupts and packets so far."""
+    while True:
+        await trio.sleep(0.5)
+        snap = hv.snapshot()
+        parts = []
+        for dom in sorted(hv.domains.values(), key=lambda d: d.domid):
+            if dom.domid == 0:
+                continue
+            c = snap.get(f"dom{dom.domid}", {})
+            pkts = sum(
+                v.get("packets.rx", 0) for o, v in snap.devices().items() if o.endswith(f"vif{dom.domid}.0")
+            )
+            parts.append(f"{dom.name}: {c.get('interrupts', 0)} irq {pkts} rx")
+        show(f"[{what}] " + "  ".join(parts))
+
+
 def _cmdline_ip(kernel: Any) -> str:
     words = dict(w.split("=", 1) for w in str(getattr(kernel, "cmdline", "")).split() if "=" in w)
     return words.get("ip", "")
@@ -338,10 +355,15 @@ async def run(
     hold: bool = False,
     progress: Callable[[str], None] | None = None,
     trace: str | None = None,
+    xenstore_socket: str | None = None,
+    live: Callable[[str], None] | None = None,
 ) -> RunResult:
     """Boot ``sc``, run its traffic, return the result; serve ``control`` (a socket path)
     while it runs, and after the traffic too when ``hold``; ``trace`` records the whole run,
-    boot included, as a Perfetto trace file."""
+    boot included, as a Perfetto trace file; ``xenstore_socket`` serves the store in
+    xenstored's socket protocol for Xen's own tools (``XENSTORED_PATH=... xenstore-ls``);
+    ``live`` receives a one-line status (per-domain interrupts and packets) every 0.5 s of the
+    scenario's clock while traffic runs."""
     from contextlib import nullcontext
 
     from pvio.harness.control import ControlServer
@@ -352,6 +374,10 @@ async def run(
             if control is not None:
                 server = ControlServer(hv, control)
                 await nursery.start(server.serve)
+            if xenstore_socket is not None:
+                from pvio.xenstore.unix_socket import XenstoreSocketServer
+
+                await nursery.start(XenstoreSocketServer(hv.store, xenstore_socket).serve)
             if progress:
                 progress(f"booting {len(sc.domains)} domain(s)")
             net, kernels = await boot(hv, sc, nursery, hotplug=hold)
@@ -361,7 +387,13 @@ async def run(
             for i, t in enumerate(sc.traffic):
                 if progress:
                     progress(f"traffic {i + 1}/{len(sc.traffic)}: {t.type} {t.src} -> {t.dst}")
-                results.append(await run_traffic(net, sc, t, kernels))
+                if live is None:
+                    results.append(await run_traffic(net, sc, t, kernels))
+                    continue
+                async with trio.open_nursery() as status:
+                    status.start_soon(_live_status, hv, live, f"{i + 1}/{len(sc.traffic)} {t.type}")
+                    results.append(await run_traffic(net, sc, t, kernels))
+                    status.cancel_scope.cancel()
             result = RunResult(sc, results, domain_table(hv))
             if hold and server is not None:
                 if progress:
