@@ -9,19 +9,26 @@ The front door: ``import pvio`` gives the hypervisor, guest kernels and their se
 - :class:`XenbusClient`, :class:`XenbusState` — the guest's xenstore client and device states;
 - :class:`Backend`, :class:`BackendContext`, :func:`load_backend`, :func:`available_backends` —
   the custom-backend API (entry-point group ``pvio.backends``);
-- :func:`add_vif` — the toolstack's vif set-up.
+- :func:`boot_network`, :func:`start_network`, :class:`Network`, :class:`NicConfig` — the
+  toolstack: a hypervisor with dom0, the switch and netback, and guests connected on it;
+  :func:`add_vif` — one vif's xenstore set-up;
+- :func:`format_mac`, :func:`parse_mac` — MAC text as xenstore and scapy take it;
+- :class:`Tracer` — the event timeline (Perfetto trace JSON) of every counted event.
 
-Internals (``pvio.core.evtchn``, ``pvio.core.grant_table``, ``pvio.core.hypercall``, ``pvio.xenstore``,
-``pvio.xenstore``) are importable for tests and tools but are not the stable API.
+The rooms below the front door (``pvio.core``, ``pvio.xenstore``, ``pvio.abi``, the drivers in
+``pvio.frontends`` and ``pvio.backends``, ``pvio.cpu``, ``pvio.harness``) are importable for tests
+and tools; ``docs/architecture.md`` says what each holds.
 """
 
+from pvio.abi.vif import format_mac, parse_mac
 from pvio.backend_api import Backend, BackendContext, available_backends, load_backend
 from pvio.core.counters import Counters, Snapshot
 from pvio.core.domain import Domain
 from pvio.core.hypervisor import Hypervisor
 from pvio.core.memory import GuestFault, GuestMemory
+from pvio.core.trace import Tracer
 from pvio.guest import GrantStatusError, PyGuest, XenError
-from pvio.toolstack import add_vif
+from pvio.toolstack import Network, NicConfig, add_vif, boot_network, start_network
 from pvio.xenstore.client import XenbusClient
 from pvio.xenstore.store import XenstoreError
 from pvio.xenstore.wire import XenbusState
@@ -37,13 +44,20 @@ __all__ = [
     "GuestFault",
     "GuestMemory",
     "Hypervisor",
+    "Network",
+    "NicConfig",
     "PyGuest",
     "Snapshot",
+    "Tracer",
     "XenError",
     "XenbusClient",
     "XenbusState",
     "XenstoreError",
     "add_vif",
     "available_backends",
+    "boot_network",
+    "format_mac",
     "load_backend",
+    "parse_mac",
+    "start_network",
 ]
