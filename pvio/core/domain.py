@@ -44,7 +44,7 @@ from pvio.abi import (
 from pvio.core.counters import Counters
 from pvio.core.evtchn import Channel
 from pvio.core.grant_table import GrantMapping, GrantTable
-from pvio.core.memory import GuestMemory
+from pvio.core.memory import GuestAddressSpace, GuestMemory
 
 if TYPE_CHECKING:
     from pvio.core.hypervisor import Hypervisor
@@ -102,6 +102,10 @@ class Domain:
         self.kernel = kernel
         self.privileged = privileged
         self.mem = GuestMemory(nr_pages)
+        # Hypercall arguments are read through this: RAM itself for a PV guest, the guest's
+        # page tables for an HVM/PVH vCPU (which replaces it).
+        self.arg_mem: GuestAddressSpace = self.mem
+        self.hvm: Any = None  # pvio.core.hvm.HvmState for an HVM/PVH domain
         self.shared_info_gfn = nr_pages - 1
         self.start_info_gfn = nr_pages - 2
         self.store_gfn = nr_pages - 3
