@@ -140,6 +140,7 @@ MSR_STAR = 0xC0000081
 MSR_LSTAR = 0xC0000082
 MSR_FMASK = 0xC0000084
 EXC_UD = 6
+EXC_DF = 8
 EXC_PF = 14
 _ERROR_CODE_VECTORS = frozenset({8, 10, 11, 12, 13, 14, 17, 21, 29, 30})
 _EXCEPTION_NAMES = {0: "#DE", 1: "#DB", 3: "#BP", 6: "#UD", 8: "#DF", 13: "#GP", 14: "#PF", 18: "#MC"}
@@ -334,6 +335,7 @@ class SystemVcpu:
         self._halt_deadline: float | None = None
         self._halt_suspect = 0
         self._halt_rip = -1
+        self._df_retries = 0
 
     # ------------------------------------------------------------------ set-up
     def enter_protected_mode(self, entry: int, ebx: int, gdt_at: int) -> None:
@@ -463,7 +465,7 @@ class SystemVcpu:
 
     def _deliverable(self) -> bool:
         hvm = self.dom.hvm
-        if hvm is None or not hvm.callback_vector or not self.dom.shared_info[VCPU_UPCALL_PENDING]:
+        if hvm is None or not hvm.callback_vector or not self.dom.vcpu_info[VCPU_UPCALL_PENDING]:
             return False
         return bool(self.uc.reg_read(X.UC_X86_REG_RFLAGS) & RFLAGS_IF)
 
@@ -478,7 +480,7 @@ class SystemVcpu:
         self._tlb.clear()
         self._publish_time()
         exits_before = dom.counters["exits"]
-        rip_before = self.rip
+        state_before = self._progress_state()
         error: UcError | None = None
         try:
             uc.emu_start(self.rip, 0, count=self.slice_insns)
@@ -509,11 +511,17 @@ class SystemVcpu:
             self._no_progress = 0
         elif self._crash is None:
             self._idle_slices += 1
-            self._no_progress = self._no_progress + 1 if self.rip == rip_before else 0
+            # RIP alone is not progress: a ``rep stos`` stays at one RIP for millions of steps.
+            self._no_progress = self._no_progress + 1 if self._progress_state() == state_before else 0
             if self._no_progress >= MAX_NO_PROGRESS:
                 self._crash = f"no progress for {self._no_progress} slices (a triple fault or a lost exception)"
             elif self._idle_slices >= self.max_slices_without_exit:
                 self._crash = f"runaway guest: {self._idle_slices} slices without an exit"
+
+    def _progress_state(self) -> tuple[int, ...]:
+        uc = self.uc
+        return (self.rip, *(uc.reg_read(r) for r in (X.UC_X86_REG_RCX, X.UC_X86_REG_RSI, X.UC_X86_REG_RDI,
+                                                      X.UC_X86_REG_RSP, X.UC_X86_REG_RAX)))  # fmt: skip
 
     def _maybe_halted(self) -> None:
         """Did the slice end on ``hlt``?  Unicorn returns right after it, with no hook.
@@ -539,7 +547,7 @@ class SystemVcpu:
             return
         self._halt_suspect = self._halt_suspect + 1 if self.rip == self._halt_rip else 1
         self._halt_rip = self.rip
-        if self._halt_suspect >= MAX_NO_PROGRESS and not self.dom.shared_info[VCPU_UPCALL_PENDING]:
+        if self._halt_suspect >= MAX_NO_PROGRESS and not self.dom.vcpu_info[VCPU_UPCALL_PENDING]:
             self._count("exits.hlt")
             self._crash = "the guest halted with interrupts disabled"
 
@@ -549,7 +557,7 @@ class SystemVcpu:
         c[kind] += 1
 
     def _publish_time(self) -> None:
-        si = self.dom.shared_info
+        si = self.dom.vcpu_info
         off = VCPU_TIME_INFO
         version = (struct.unpack_from("<I", si, off)[0] + 1) | 1
         struct.pack_into("<I", si, off, version & 0xFFFF_FFFF)
@@ -562,7 +570,7 @@ class SystemVcpu:
             self._wall_set = True
             boot_ns = time.time_ns() - now
             sec, nsec = divmod(boot_ns, 1_000_000_000)
-            struct.pack_into("<IIII", si, SHARED_INFO_WC_VERSION, 2, sec & 0xFFFF_FFFF, nsec, sec >> 32)
+            struct.pack_into("<IIII", self.dom.shared_info, SHARED_INFO_WC_VERSION, 2, sec & 0xFFFF_FFFF, nsec, sec >> 32)
 
     # ------------------------------------------------------------------ context patches
     def _ctx_round_trip(self, cpl: int | None) -> int:
@@ -641,6 +649,17 @@ class SystemVcpu:
     def _exception(self, vector: int) -> None:
         software = vector == 3 or vector == 4 or vector >= 32
         error_code = self._ctx_round_trip(None)
+        if vector == EXC_DF:
+            # The vCPU delivers every exception itself, so qemu never nests one: a #DF is
+            # qemu's stale "exception in progress" record (it is also set by faults qemu
+            # handles internally, without the hook) turning a fault into a double fault.
+            # The record is now clear: run the instruction again to see the real fault.
+            self._df_retries += 1
+            self.dom.counters["exits.df_retry"] += 1
+            if self._df_retries > MAX_NO_PROGRESS:
+                self._crash = f"double fault at {self.rip:#x}"
+            return
+        self._df_retries = 0
         self._count("exits.page_fault" if vector == EXC_PF else "exits.exception")
         self._deliver(vector, error_code if vector in _ERROR_CODE_VECTORS and not software else None)
 

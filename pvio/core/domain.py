@@ -39,6 +39,7 @@ from pvio.abi import (
     SIF_INITDOMAIN,
     SIF_PRIVILEGED,
     START_INFO_MAGIC,
+    VCPU_INFO_SIZE,
     VCPU_UPCALL_MASK,
 )
 from pvio.core.counters import Counters
@@ -116,6 +117,8 @@ class Domain:
         self.free_end_gfn = self.hypercall_page_gfn
         self.shared_info = self.mem.page(self.shared_info_gfn)
         self.shared_info[VCPU_UPCALL_MASK] = 1  # a vCPU boots with events masked, like Xen's
+        # vCPU 0's vcpu_info: in shared_info, unless the guest registers another place for it.
+        self.vcpu_info = self.shared_info[:VCPU_INFO_SIZE]
         self.max_ports = max_ports
         self.ports: dict[int, Channel] = {}
         self.virqs: dict[int, int] = {}

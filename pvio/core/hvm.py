@@ -32,7 +32,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from pvio.abi import PAGE_SHIFT, PAGE_SIZE, Errno
+from pvio.abi import PAGE_SHIFT, PAGE_SIZE, VCPU_INFO_SIZE, Errno
 from pvio.abi.xen import (
     E820_ENTRY,
     EVTCHN_BIND_IPI,
@@ -118,6 +118,7 @@ class HvmState:
     console: ConsoleRing | None = None
     runstate_area: int = 0  # guest address the guest registered (never written: no steal time)
     ballooned: int = 0  # pages the guest handed back with decrease_reservation
+    vcpu_info_placed: bool = False
     compat: bool = False  # the current hypercall comes from 32-bit code (i386 argument layouts)
 
 
@@ -302,7 +303,7 @@ _MEMOP_NAMES = {
 
 # --------------------------------------------------------------------------- vcpu_op
 def vcpu_op(table: HypercallTable, dom: Domain, cmd: int, vcpuid: int, arg: int) -> int:
-    """vcpu_op for vCPU 0: the singleshot timer, runstate, is_up; vcpu_info stays in shared_info."""
+    """vcpu_op for vCPU 0: vcpu_info placement, the singleshot timer, runstate, is_up."""
     state = _state(dom)
     dom.counters[f"hypercalls.vcpu_op.{_VCPUOP_NAMES.get(cmd, 'unknown')}"] += 1
     if vcpuid != 0:
@@ -329,9 +330,16 @@ def vcpu_op(table: HypercallTable, dom: Domain, cmd: int, vcpuid: int, arg: int)
         mem.write(arg, bytes(VCPU_RUNSTATE_INFO_SIZE))
         return 0
     if cmd == VCPUOP_register_vcpu_info:
-        # Refused as by a Xen without placement: the guest keeps vcpu_info[0] in shared_info.
-        VCPU_REGISTER_VCPU_INFO.unpack(mem.read(arg, VCPU_REGISTER_VCPU_INFO.size))
-        raise _fail(Errno.ENOSYS, "vcpu_info placement")
+        mfn, offset, _ = VCPU_REGISTER_VCPU_INFO.unpack(mem.read(arg, VCPU_REGISTER_VCPU_INFO.size))
+        if offset + VCPU_INFO_SIZE > PAGE_SIZE or not 0 <= mfn < dom.hypercall_page_gfn:
+            raise _fail(Errno.EINVAL, f"vcpu_info at frame {mfn:#x} + {offset:#x}")
+        if state.vcpu_info_placed:
+            raise _fail(Errno.EINVAL, "vcpu_info is already placed")
+        new = dom.mem.page(mfn)[offset : offset + VCPU_INFO_SIZE]
+        new[:] = dom.vcpu_info  # as Xen: the current contents move with it
+        dom.vcpu_info = new
+        state.vcpu_info_placed = True
+        return 0
     raise _fail(Errno.ENOSYS, f"vcpu_op {cmd}")
 
 
