@@ -31,6 +31,7 @@ import struct
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import trio
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
@@ -204,6 +205,15 @@ class PvhGuest:
         data = text.encode() if isinstance(text, str) else text
         console = self.hvm.console
         return console.feed(data) if console is not None else 0
+
+    async def wait_for(self, text: str, timeout: float, start: int = 0) -> bool:
+        """Poll the console until ``text`` appears after character ``start`` (False: timeout or death)."""
+        with trio.move_on_after(timeout):
+            while self.domain.alive:
+                if text in self.domain.console[start:]:
+                    return True
+                await trio.sleep(0.05)
+        return text in self.domain.console[start:]
 
     async def run(self) -> None:
         """Run the vCPU until the domain stops."""

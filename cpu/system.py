@@ -561,14 +561,15 @@ class SystemVcpu:
         off = VCPU_TIME_INFO
         version = (struct.unpack_from("<I", si, off)[0] + 1) | 1
         struct.pack_into("<I", si, off, version & 0xFFFF_FFFF)
-        now = self.hv.now_ns()
+        hvm = self.dom.hvm
+        now = self.hv.now_ns() - (hvm.time_offset_ns if hvm is not None else 0)  # from boot, as Xen's
         VCPU_TIME_INFO_STRUCT.pack_into(
             si, off, version & 0xFFFF_FFFF, self._helper.rdtsc(), now, self.tsc_mul, self.tsc_shift, 0
         )
         struct.pack_into("<I", si, off, (version + 1) & 0xFFFF_FFFF)
         if not self._wall_set:  # wall clock at system time 0
             self._wall_set = True
-            boot_ns = time.time_ns() - now
+            boot_ns = time.time_ns() - now  # wall clock at the guest's system time 0
             sec, nsec = divmod(boot_ns, 1_000_000_000)
             struct.pack_into("<IIII", self.dom.shared_info, SHARED_INFO_WC_VERSION, 2, sec & 0xFFFF_FFFF, nsec, sec >> 32)
 

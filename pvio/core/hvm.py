@@ -118,6 +118,7 @@ class HvmState:
     console: ConsoleRing | None = None
     runstate_area: int = 0  # guest address the guest registered (never written: no steal time)
     ballooned: int = 0  # pages the guest handed back with decrease_reservation
+    time_offset_ns: int = 0  # hypervisor time at the guest's system time 0 (its boot)
     vcpu_info_placed: bool = False
     compat: bool = False  # the current hypercall comes from 32-bit code (i386 argument layouts)
 
@@ -173,7 +174,7 @@ class ConsoleRing:
 
 def setup_domain(table: HypercallTable, dom: Domain, e820: list[tuple[int, int, int]]) -> HvmState:
     """Make ``dom`` an HVM domain: its params, its console service and port."""
-    state = HvmState(e820=e820)
+    state = HvmState(e820=e820, time_offset_ns=table.hv.now_ns())
     port = table.free_port(dom)
     console = ConsoleRing(dom, dom.console_gfn, port)
     dom.ports[port] = Channel(SERVICE, remote_dom=0, service=console.drain)
@@ -311,7 +312,7 @@ def vcpu_op(table: HypercallTable, dom: Domain, cmd: int, vcpuid: int, arg: int)
     mem = dom.arg_mem
     if cmd == VCPUOP_set_singleshot_timer:
         deadline, _flags = VCPU_SET_SINGLESHOT_TIMER.unpack(mem.read(arg, VCPU_SET_SINGLESHOT_TIMER.size))
-        table.hv.set_timer(dom, max(deadline, 1))  # a deadline in the past fires at once
+        table.hv.set_timer(dom, max(deadline + state.time_offset_ns, 1))  # the past fires at once
         dom.counters["timer.singleshot"] += 1
         return 0
     if cmd == VCPUOP_stop_singleshot_timer:
