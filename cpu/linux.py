@@ -15,7 +15,7 @@ from __future__ import annotations
 from pvio.cpu import debian
 from pvio.cpu.pvh import PvhGuest
 
-BASE_CMDLINE = "console=hvc0 earlyprintk=xen mitigations=off loglevel=4"
+BASE_CMDLINE = "console=hvc0 earlyprintk=xen mitigations=off loglevel=4 ipv6.disable=1"
 LINUX_MEMORY_PAGES = 32768  # 128 MiB
 GRUB_MEMORY_PAGES = 8192  # 32 MiB
 
