@@ -78,7 +78,9 @@ def _show(package: str) -> dict[str, str]:
         except DebianUnavailable:
             text = ""
     if not text.strip():
-        raise DebianUnavailable(f"Debian package {package} is not available: add a Debian 12 (bookworm) apt source")
+        raise DebianUnavailable(
+            f"Debian package {package} is not available: add a Debian 12 (bookworm) apt source"
+        )
     record: dict[str, str] = {}
     for line in text.splitlines():
         if ":" in line and not line.startswith(" "):
@@ -140,7 +142,9 @@ def grub_pvh_image() -> Path:
     """Debian's GRUB for Xen PVH (an ELF with a PHYS32 entry note)."""
     path = extract(fetch("grub-xen-host")) / "usr/lib/grub-xen/grub-i386-xen_pvh.bin"
     if not path.is_file():
-        raise DebianUnavailable("grub-xen-host has no grub-i386-xen_pvh.bin: install grub-xen-host (bookworm)")
+        raise DebianUnavailable(
+            "grub-xen-host has no grub-i386-xen_pvh.bin: install grub-xen-host (bookworm)"
+        )
     return path
 
 
@@ -189,7 +193,9 @@ def busybox() -> bytes:
 
 
 # --------------------------------------------------------------------------- initramfs
-def _cpio_entry(name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0), ino: int = 0) -> bytes:
+def _cpio_entry(
+    name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0), ino: int = 0
+) -> bytes:
     name_b = name.encode() + b"\0"
     fields = (ino, mode, 0, 0, 1, 0, len(data), 0, 0, rdev[0], rdev[1], len(name_b), 0)
     header = b"070701" + b"".join(f"{f:08x}".encode() for f in fields)

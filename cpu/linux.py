@@ -33,7 +33,9 @@ class LinuxGuest(PvhGuest):
         memory_pages: int = LINUX_MEMORY_PAGES,
         with_netfront: bool = True,
     ) -> None:
-        cmdline = BASE_CMDLINE + (f" pvio.ip={ip}" if ip else "") + (f" {extra_cmdline}" if extra_cmdline else "")
+        cmdline = (
+            BASE_CMDLINE + (f" pvio.ip={ip}" if ip else "") + (f" {extra_cmdline}" if extra_cmdline else "")
+        )
         super().__init__(
             debian.linux_kernel(),
             name=name,

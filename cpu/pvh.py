@@ -29,11 +29,13 @@ import io
 import logging
 import struct
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
+from pvio.cpu.loader import ImageError
+from pvio.cpu.system import DEFAULT_MAX_SLICES_WITHOUT_EXIT, DEFAULT_SLICE_INSNS, LAPIC_BASE, SystemVcpu
 
 from pvio.abi import PAGE_SIZE
 from pvio.abi.xen import (
@@ -44,8 +46,6 @@ from pvio.abi.xen import (
     XEN_ELFNOTE_PHYS32_ENTRY,
 )
 from pvio.core import hvm
-from pvio.cpu.loader import ImageError
-from pvio.cpu.system import DEFAULT_MAX_SLICES_WITHOUT_EXIT, DEFAULT_SLICE_INSNS, LAPIC_BASE, SystemVcpu
 
 if TYPE_CHECKING:
     from pvio.core.domain import Domain
@@ -74,8 +74,22 @@ def mp_table() -> tuple[bytes, bytes]:
     cpu = struct.pack("<BBBBII8x", 0, 0, 0x14, 0x3, 0x600, 0x201)  # type 0, id 0, ver, enabled|BSP
     length = 44 + len(cpu)
     header = bytearray(
-        struct.pack("<4sHBB8s12sIHHIHBB", b"PCMP", length, 4, 0, b"PVIO    ", b"PVH         ", 0, 0, 1,
-                    LAPIC_BASE, 0, 0, 0)  # fmt: skip
+        struct.pack(
+            "<4sHBB8s12sIHHIHBB",
+            b"PCMP",
+            length,
+            4,
+            0,
+            b"PVIO    ",
+            b"PVH         ",
+            0,
+            0,
+            1,
+            LAPIC_BASE,
+            0,
+            0,
+            0,
+        )
     )
     table = bytearray(header + cpu)
     table[7] = _checksum(bytes(table))
@@ -91,10 +105,17 @@ def pvh_entry(image: bytes, what: str) -> int:
         for seg in elf.iter_segments():
             if seg["p_type"] != "PT_NOTE":
                 continue
-            for note in seg.iter_notes():
+            notes: Any = seg  # a NoteSegment
+            for note in notes.iter_notes():
                 if note["n_name"] == "Xen" and note["n_type"] == XEN_ELFNOTE_PHYS32_ENTRY:
                     desc = note["n_desc"]
-                    raw = desc if isinstance(desc, bytes) else bytes.fromhex(desc) if isinstance(desc, str) else b""
+                    raw = (
+                        desc
+                        if isinstance(desc, bytes)
+                        else bytes.fromhex(desc)
+                        if isinstance(desc, str)
+                        else b""
+                    )
                     if len(raw) < 4:
                         raise ImageError(f"{what}: PHYS32_ENTRY note too short")
                     return int(struct.unpack_from("<I", raw)[0])
@@ -115,7 +136,9 @@ def load_segments(dom: Domain, image: bytes, what: str, limit: int) -> int:
                 continue
             paddr, filesz, memsz = seg["p_paddr"], seg["p_filesz"], seg["p_memsz"]
             if filesz > memsz or paddr < IMAGE_FLOOR or paddr + memsz > limit:
-                raise ImageError(f"{what}: segment {paddr:#x}+{memsz:#x} outside [{IMAGE_FLOOR:#x}, {limit:#x})")
+                raise ImageError(
+                    f"{what}: segment {paddr:#x}+{memsz:#x} outside [{IMAGE_FLOOR:#x}, {limit:#x})"
+                )
             data = seg.data()
             dom.mem.write(paddr, data)
             dom.mem.write(paddr + filesz, bytes(memsz - filesz))
@@ -191,9 +214,17 @@ class PvhGuest:
         dom.mem.write(
             START_INFO_AT,
             HVM_START_INFO.pack(
-                HVM_START_MAGIC, 1, 0, len(placed), MODLIST_AT if placed else 0, CMDLINE_AT, 0, MEMMAP_AT,
-                len(e820), 0,
-            ),  # fmt: skip
+                HVM_START_MAGIC,
+                1,
+                0,
+                len(placed),
+                MODLIST_AT if placed else 0,
+                CMDLINE_AT,
+                0,
+                MEMMAP_AT,
+                len(e820),
+                0,
+            ),
         )
         floating, table = mp_table()
         dom.mem.write(MP_FLOATING_AT, floating)

@@ -227,10 +227,11 @@ class _Helper:
             uc.reg_write(X.UC_X86_REG_RAX, leaf)
             uc.reg_write(X.UC_X86_REG_RCX, sub)
             uc.emu_start(0x1002, 0, count=1)
-            self._cpuid[key] = tuple(  # type: ignore[assignment]
+            a, b, c, d = (
                 uc.reg_read(r) & 0xFFFF_FFFF
                 for r in (X.UC_X86_REG_RAX, X.UC_X86_REG_RBX, X.UC_X86_REG_RCX, X.UC_X86_REG_RDX)
             )
+            self._cpuid[key] = (a, b, c, d)
         return self._cpuid[key]
 
 
@@ -490,7 +491,12 @@ class SystemVcpu:
         self.rip = uc.reg_read(X.UC_X86_REG_RIP)
         event = self._event
         self._event = None
-        if event is not None and event[0] == _EV_INVALID and error is not None and error.errno == UC_ERR_INSN_INVALID:
+        if (
+            event is not None
+            and event[0] == _EV_INVALID
+            and error is not None
+            and error.errno == UC_ERR_INSN_INVALID
+        ):
             self._invalid_instruction()
         elif error is not None:
             self._crash = f"engine error: {error} at rip={self.rip:#x}"
@@ -514,7 +520,9 @@ class SystemVcpu:
             # RIP alone is not progress: a ``rep stos`` stays at one RIP for millions of steps.
             self._no_progress = self._no_progress + 1 if self._progress_state() == state_before else 0
             if self._no_progress >= MAX_NO_PROGRESS:
-                self._crash = f"no progress for {self._no_progress} slices (a triple fault or a lost exception)"
+                self._crash = (
+                    f"no progress for {self._no_progress} slices (a triple fault or a lost exception)"
+                )
             elif self._idle_slices >= self.max_slices_without_exit:
                 self._crash = f"runaway guest: {self._idle_slices} slices without an exit"
 
@@ -571,7 +579,9 @@ class SystemVcpu:
             self._wall_set = True
             boot_ns = time.time_ns() - now  # wall clock at the guest's system time 0
             sec, nsec = divmod(boot_ns, 1_000_000_000)
-            struct.pack_into("<IIII", self.dom.shared_info, SHARED_INFO_WC_VERSION, 2, sec & 0xFFFF_FFFF, nsec, sec >> 32)
+            struct.pack_into(
+                "<IIII", self.dom.shared_info, SHARED_INFO_WC_VERSION, 2, sec & 0xFFFF_FFFF, nsec, sec >> 32
+            )
 
     # ------------------------------------------------------------------ context patches
     def _ctx_round_trip(self, cpl: int | None) -> int:
@@ -810,7 +820,9 @@ class SystemVcpu:
             return
         if insn != b"\x0f\x30" or uc.reg_read(X.UC_X86_REG_ECX) & 0xFFFF_FFFF != XEN_HYPERCALL_MSR:
             return
-        gpa = (uc.reg_read(X.UC_X86_REG_EDX) & 0xFFFF_FFFF) << 32 | uc.reg_read(X.UC_X86_REG_EAX) & 0xFFFF_FFFF
+        gpa = (uc.reg_read(X.UC_X86_REG_EDX) & 0xFFFF_FFFF) << 32 | uc.reg_read(
+            X.UC_X86_REG_EAX
+        ) & 0xFFFF_FFFF
         self.write_hypercall_page(gpa & ~(PAGE_SIZE - 1))
         self._event = (_EV_WRMSR, 0)
         uc.emu_stop()
@@ -881,7 +893,8 @@ class SystemVcpu:
                 values[name] = -1
         values["rip"] = self.rip
         lines = [
-            "  " + "  ".join(f"{n:>6}={values[n] & 0xFFFF_FFFF_FFFF_FFFF:016x}" for n in _DUMP_REGS[i : i + 3])
+            "  "
+            + "  ".join(f"{n:>6}={values[n] & 0xFFFF_FFFF_FFFF_FFFF:016x}" for n in _DUMP_REGS[i : i + 3])
             for i in range(0, len(_DUMP_REGS), 3)
         ]
         try:

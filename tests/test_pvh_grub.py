@@ -7,8 +7,9 @@ the memory map, the grant table, xenstore and the console ring in both direction
 
 from __future__ import annotations
 
-import pvio
 from pvio.cpu.linux import GrubGuest
+
+import pvio
 from tests.pvh_support import require
 
 

@@ -16,10 +16,10 @@ import re
 
 import pytest
 import trio
+from pvio.cpu.linux import GrubGuest, LinuxGuest
 from scapy.layers.inet import ICMP, IP, UDP
 from scapy.layers.l2 import ARP, Ether
 
-from pvio.cpu.linux import GrubGuest, LinuxGuest
 from tests.netenv import IP_A, IP_B, EchoGuest, NicGuest, net_env, recv_n
 from tests.pvh_support import require
 
@@ -85,7 +85,9 @@ async def test_linux_netfront_connects_pings_and_answers_probes() -> None:
         # Linux's own counters agree with pvio's.
         await trio.sleep(0.5)  # let the last frames settle in both ends
         delivered = env.vif(linux).dev["packets.rx"]
-        text = await linux.run_command("cat /sys/class/net/eth0/statistics/rx_packets; grep HYP /proc/interrupts")
+        text = await linux.run_command(
+            "cat /sys/class/net/eth0/statistics/rx_packets; grep HYP /proc/interrupts"
+        )
         upcalls = linux.domain.counters["interrupts"]
         assert text is not None
         numbers = [ln.strip() for ln in text.splitlines() if ln.strip().isdigit()]

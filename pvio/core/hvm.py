@@ -43,20 +43,9 @@ from pvio.abi.xen import (
     HVM_PARAM_CONSOLE_PFN,
     HVM_PARAM_STORE_EVTCHN,
     HVM_PARAM_STORE_PFN,
-    HVMOP_get_param,
-    HVMOP_pagetable_dying,
-    HVMOP_set_param,
     VCPU_REGISTER_VCPU_INFO,
     VCPU_RUNSTATE_INFO_SIZE,
     VCPU_SET_SINGLESHOT_TIMER,
-    VCPUOP_get_runstate_info,
-    VCPUOP_is_up,
-    VCPUOP_register_runstate_memory_area,
-    VCPUOP_register_vcpu_info,
-    VCPUOP_set_periodic_timer,
-    VCPUOP_set_singleshot_timer,
-    VCPUOP_stop_periodic_timer,
-    VCPUOP_stop_singleshot_timer,
     XEN_ADD_TO_PHYSMAP,
     XEN_FEATURE_INFO,
     XEN_HVM_PARAM,
@@ -68,6 +57,17 @@ from pvio.abi.xen import (
     XENCONS_INDICES,
     XENCONS_OUT,
     XENCONS_OUT_SIZE,
+    HVMOP_get_param,
+    HVMOP_pagetable_dying,
+    HVMOP_set_param,
+    VCPUOP_get_runstate_info,
+    VCPUOP_is_up,
+    VCPUOP_register_runstate_memory_area,
+    VCPUOP_register_vcpu_info,
+    VCPUOP_set_periodic_timer,
+    VCPUOP_set_singleshot_timer,
+    VCPUOP_stop_periodic_timer,
+    VCPUOP_stop_singleshot_timer,
     XENFEAT_auto_translated_physmap,
     XENFEAT_hvm_callback_vector,
     XENFEAT_hvm_safe_pvclock,
@@ -98,7 +98,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("pvio.hvm")
 
 HVM_FEATURES = (
-    (1 << XENFEAT_auto_translated_physmap) | (1 << XENFEAT_hvm_callback_vector) | (1 << XENFEAT_hvm_safe_pvclock)
+    (1 << XENFEAT_auto_translated_physmap)
+    | (1 << XENFEAT_hvm_callback_vector)
+    | (1 << XENFEAT_hvm_safe_pvclock)
 )
 MAX_MEMMAP_ENTRIES = 128
 # The i386 layouts (a 32-bit guest's xen_ulong_t, xen_pfn_t and guest handles are 32-bit).
@@ -231,13 +233,22 @@ def hvm_op(table: HypercallTable, dom: Domain, cmd: int, arg: int) -> int:
         state.params[index] = value
         dom.kick()  # events may already wait
         return 0
-    if index in (HVM_PARAM_STORE_PFN, HVM_PARAM_STORE_EVTCHN, HVM_PARAM_CONSOLE_PFN, HVM_PARAM_CONSOLE_EVTCHN):
+    if index in (
+        HVM_PARAM_STORE_PFN,
+        HVM_PARAM_STORE_EVTCHN,
+        HVM_PARAM_CONSOLE_PFN,
+        HVM_PARAM_CONSOLE_EVTCHN,
+    ):
         raise _fail(Errno.EPERM, f"HVM param {index} is the toolstack's")
     state.params[index] = value
     return 0
 
 
-_HVMOP_NAMES = {HVMOP_set_param: "set_param", HVMOP_get_param: "get_param", HVMOP_pagetable_dying: "pagetable_dying"}
+_HVMOP_NAMES = {
+    HVMOP_set_param: "set_param",
+    HVMOP_get_param: "get_param",
+    HVMOP_pagetable_dying: "pagetable_dying",
+}
 
 
 # --------------------------------------------------------------------------- memory_op
