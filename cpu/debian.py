@@ -67,6 +67,11 @@ def _apt_updated() -> bool:
 
 def _show(package: str) -> dict[str, str]:
     """The apt-cache record of ``package`` (runs ``apt-get update`` once if apt does not know it)."""
+    for tool in ("apt-get", "apt-cache", "dpkg-deb"):
+        if shutil.which(tool) is None:
+            raise DebianUnavailable(
+                f"{tool} not found: install apt and dpkg (a Debian or Ubuntu system) to fetch {package}"
+            )
     try:
         text = _run(["apt-cache", "show", "--no-all-versions", package])
     except DebianUnavailable:
