@@ -10,6 +10,8 @@ import struct
 
 import pytest
 import trio
+from pvio.cpu import debian
+from pvio.cpu.system import SystemVcpu, self_test
 from unicorn import x86_const as X
 
 import pvio
@@ -25,8 +27,6 @@ from pvio.abi.xen import (
 from pvio.core import hvm
 from pvio.core.hypercall import XEN_VERSION
 from pvio.core.memory import GuestFault
-from pvio.cpu import debian
-from pvio.cpu.system import SystemVcpu, self_test
 
 CODE = 0x10000
 STACK_TOP = 0x20000
