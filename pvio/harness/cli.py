@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``pvio`` command."""
     args = list(sys.argv[1:] if argv is None else argv)
     commands = {
-        "demo": "the PV NIC demo (--json for JSON; --guest x86 for an x86 guest B)",
+        "demo": "the PV NIC demo (--json for JSON; --guest x86 or linux for another guest B)",
         "ring-demo": "the shared-ring example",
         "bench": "compare the device models (--json, --chart PATH, --help)",
     }
@@ -38,8 +38,12 @@ def main(argv: list[str] | None = None) -> None:
             from examples import x86_demo
 
             sys.exit(x86_demo.main(rest))
+        if guest == "linux":
+            from pvio.harness import linux_demo
+
+            sys.exit(linux_demo.main(rest))
         if guest != "py":
-            print(f"pvio demo: --guest must be py or x86, not {guest!r}", file=sys.stderr)
+            print(f"pvio demo: --guest must be py, x86 or linux, not {guest!r}", file=sys.stderr)
             sys.exit(2)
         from examples import pv_demo
 
