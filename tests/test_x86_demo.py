@@ -38,4 +38,4 @@ def test_an_unknown_guest_kind_is_a_clear_error(capsys: pytest.CaptureFixture[st
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["demo", "--guest", "arm"])
     assert exit_info.value.code == 2
-    assert "--guest must be py or x86, not 'arm'" in capsys.readouterr().err
+    assert "--guest must be py, x86 or linux, not 'arm'" in capsys.readouterr().err
