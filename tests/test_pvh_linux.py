@@ -102,6 +102,19 @@ async def test_linux_netfront_connects_pings_and_answers_probes() -> None:
         assert c["exits.syscall"] > 0 and c["exits.page_fault"] > 0
         assert c["crashes"] == 0 and c["hypercall_internal_errors"] == 0
 
+        # A guest that corrupts its grant table: netback's grant operations fail and are
+        # counted; nothing raises in dom0 and every other domain goes on.
+        vif = env.vif(linux)
+        gt = linux.domain.grant_table
+        linux.domain.mem.write(gt.first_gfn * 4096, bytes([0xA5]) * (gt.nr_frames * 4096))
+        for _ in range(3):
+            await nic.send(bytes(ping))
+            await trio.sleep(0.2)
+        assert vif.dev["drops.rx_bad_grant"] == 3  # each frame for Linux met a corrupted grant
+        assert env.count("dom0", "hypercall_errors.permission_denied") == 3  # refused, per element
+        assert env.hv.dom0 is not None and env.hv.dom0.alive and echo.domain.alive and prober.domain.alive
+        assert env.count("dom0", "hypercall_internal_errors") == 0
+
 
 @pytest.mark.slow
 async def test_a_panicking_kernel_stops_only_its_domain(caplog: pytest.LogCaptureFixture) -> None:
