@@ -12,6 +12,9 @@ packages cannot be had.
 
 from __future__ import annotations
 
+from typing import Any
+
+import trio
 from pvio.cpu import debian
 from pvio.cpu.pvh import PvhGuest
 
@@ -71,3 +74,66 @@ class GrubGuest(PvhGuest):
 
     def __init__(self, *, name: str | None = "grub", memory_pages: int = GRUB_MEMORY_PAGES) -> None:
         super().__init__(debian.grub_pvh_image(), name=name, memory_pages=memory_pages)
+
+
+class LinuxNic:
+    """What the bench harness reads of a Linux guest's NIC: its MAC (Linux moves the frames)."""
+
+    def __init__(self, guest: LinuxBenchGuest) -> None:
+        self.guest = guest
+
+    @property
+    def mac(self) -> bytes:
+        """The MAC the toolstack gave vif 0 (Linux's eth0)."""
+        from pvio.toolstack import parse_mac
+
+        dom = self.guest.domain
+        return parse_mac(dom.hv.toolstack.read(f"/local/domain/{dom.domid}/device/vif/0/mac").decode())
+
+    async def send(self, frame: bytes) -> None:
+        """Frames are Linux's to send: drive it through its console (``run_command``)."""
+        raise NotImplementedError("a Linux guest's traffic is made by Linux: use LinuxGuest.run_command")
+
+    async def recv(self) -> bytes:
+        """See :meth:`send`."""
+        raise NotImplementedError("a Linux guest's traffic is made by Linux: use LinuxGuest.run_command")
+
+
+class LinuxBenchGuest(LinuxGuest):
+    """The ``"linux"`` guest kind of :mod:`pvio.harness.bench` (PV NIC only).
+
+    ``ready`` is set once ``eth0`` is up; Linux then announces itself with one gratuitous
+    ARP, which is how the switch learns its MAC (``announces_itself``).  Its traffic is
+    Linux's own: drive it with :meth:`LinuxGuest.run_command` (the harness's Python
+    scenarios, which move frames through ``nic.send``/``recv``, do not apply).
+    """
+
+    announces_itself = True
+
+    def __init__(self, name: str, ip: str, **kwargs: Any) -> None:
+        super().__init__(name=name, ip=f"{ip}/24", scenario=f"arping -U -c 1 -I eth0 {ip}\n", **kwargs)
+        self.ip = ip
+        self.ready = trio.Event()
+        self.nic = LinuxNic(self)
+
+    async def run(self) -> None:
+        """Run the vCPU; set ``ready`` when the scenario (the announcement) has run."""
+
+        async def watch() -> None:
+            if await self.wait_for(debian.END_MARKER, BOOT_TIMEOUT_S):
+                self.ready.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch)
+            await super().run()
+            nursery.cancel_scope.cancel()
+
+
+BOOT_TIMEOUT_S = 600.0
+
+
+def linux_bench_guest(name: str, model: str, ip: str, options: dict[str, Any]) -> LinuxBenchGuest:
+    """The bench factory for ``"linux"``: Debian's Linux with its xen-netfront (model ``pv`` only)."""
+    if model != "pv":
+        raise ValueError(f"the linux guest kind has a PV NIC only (xen-netfront), not {model!r}")
+    return LinuxBenchGuest(name, ip, extra_cmdline=str(options.get("cmdline", "")))
