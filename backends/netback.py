@@ -27,6 +27,13 @@ broken or hostile — an impossible req_prod, an id outside the ring, more than
 ``fatal_slots`` slots in a packet — disables the vif: it leaves the switch, its rings
 are unmapped and its state goes Closed, with the reason logged and counted.  Other vifs
 are untouched.
+
+Reconnect: a frontend that closes cleanly (Closing/Closed) is torn down and the backend
+goes Closed; if the frontend then comes back in Initialising (Linux's xen-netfront after
+an unbind and bind), the vif prepares for reconnect as Linux netback does: features
+again, InitWait, a fresh handshake (``reconnects``).  Netback offers neither split event
+channels nor multi-queue, so a frontend that can use them (Linux) falls back to one
+event channel and one queue.
 """
 
 from __future__ import annotations
@@ -129,7 +136,24 @@ class BackendVif(SwitchPort):
                 log.exception("%s: could not disable cleanly", self.vif_name)
 
     async def _run(self) -> None:
-        """Probe, wait for the frontend, connect, then serve until closed or disabled."""
+        """Serve connection after connection: a frontend that closed cleanly may come back.
+
+        As Linux netback ("prepare for reconnect"): once the frontend has closed and the
+        backend is Closed, a frontend state of Initialising starts a fresh handshake
+        (features, InitWait).  A vif disabled for an error stays Closed.
+        """
+        xb = self.dom0.xenbus
+        while await self._serve_once():
+            await xb.wait_for_state(f"{self.frontend}/state", XenbusState.INITIALISING)
+            self.error = None
+            self._tx_carry = []
+            self._rx_held = []
+            self.host = None
+            self.dev["reconnects"] += 1
+            log.info("%s: frontend back in Initialising: preparing for reconnect", self.vif_name)
+
+    async def _serve_once(self) -> bool:
+        """Probe, wait for the frontend, connect, serve; True when the frontend closed cleanly."""
         xb = self.dom0.xenbus
         for key, value in BACKEND_FEATURES.items():
             await xb.write(f"{self.path}/{key}", value)
@@ -140,13 +164,15 @@ class BackendVif(SwitchPort):
             await self._connect()
         except VifFatal as e:
             await self._disable(str(e))
-            return
+            return False
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watch_frontend, nursery.cancel_scope)
             await self._service()
             nursery.cancel_scope.cancel()
         if self.error is not None:
             await self._disable(self.error)
+            return False
+        return not self.connected
 
     async def _connect(self) -> None:
         xb = self.dom0.xenbus
