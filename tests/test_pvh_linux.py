@@ -56,6 +56,7 @@ async def test_linux_netfront_connects_pings_and_answers_probes() -> None:
         assert out is not None
         # xen-netfront reached Connected with netback and the interface is up.
         assert "eth0" in out and "LOWER_UP" in out
+        assert env.vif(linux).dev["split_event_channels"] == 1  # Linux took the offered TX/RX channels
         # Linux pinged the PyGuest with no loss.
         assert f"{PINGS} packets transmitted, {PINGS} packets received, 0% packet loss" in out
         assert "PVIO-END rc=0" in linux.domain.console
@@ -118,6 +119,7 @@ async def test_linux_netfront_connects_pings_and_answers_probes() -> None:
         )
         assert out is not None and "Connected" in out and "2 packets received" in out, out
         assert vif.connected and vif.dev["reconnects"] == 1
+        assert vif.dev["split_event_channels"] == 1
 
         # A guest that corrupts its grant table: netback's grant operations fail and are
         # counted; nothing raises in dom0 and every other domain goes on.
