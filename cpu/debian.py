@@ -293,3 +293,20 @@ __all__ = [
     "netfront_module",
     "scenario_output",
 ]
+
+
+def main() -> int:
+    """``python -m pvio.cpu.debian``: fetch, verify and unpack everything the real-guest tests use."""
+    try:
+        print(f"grub:    {grub_pvh_image()}")
+        print(f"linux:   {linux_kernel()}")
+        print(f"netfront: {len(netfront_module())} bytes")
+        print(f"busybox: {len(busybox())} bytes")
+    except DebianUnavailable as e:
+        print(f"pvio: {e}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
