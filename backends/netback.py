@@ -27,6 +27,13 @@ broken or hostile — an impossible req_prod, an id outside the ring, more than
 ``fatal_slots`` slots in a packet — disables the vif: it leaves the switch, its rings
 are unmapped and its state goes Closed, with the reason logged and counted.  Other vifs
 are untouched.
+
+Reconnect: a frontend that closes cleanly (Closing/Closed) is torn down and the backend
+goes Closed; if the frontend then comes back in Initialising (Linux's xen-netfront after
+an unbind and bind), the vif prepares for reconnect as Linux netback does: features
+again, InitWait, a fresh handshake (``reconnects``).  Split event channels are offered
+(``event-channel-tx``/``-rx``; a frontend that writes ``event-channel`` gets one), and
+multi-queue is not (no ``multi-queue-max-queues``), so Linux falls back to one queue.
 """
 
 from __future__ import annotations
@@ -79,7 +86,7 @@ BACKEND_FEATURES = {
     "feature-gso-tcpv4": "0",
     "feature-gso-tcpv6": "0",
     "feature-ipv6-csum-offload": "0",
-    "feature-split-event-channels": "0",
+    "feature-split-event-channels": "1",
     "feature-multicast-control": "0",
 }
 
@@ -111,7 +118,8 @@ class BackendVif(SwitchPort):
         self._rings: list[BackRing] = []
         self._stage_pages: list[int] = []
         self.host: BackendHost | None = None
-        self.port = 0
+        self.port = 0  # the event channel (TX's, when the frontend split them)
+        self.rx_port = 0  # RX's own event channel, when split (0: RX uses ``port``)
 
     # ------------------------------------------------------------------ handshake
     async def run(self) -> None:
@@ -129,7 +137,24 @@ class BackendVif(SwitchPort):
                 log.exception("%s: could not disable cleanly", self.vif_name)
 
     async def _run(self) -> None:
-        """Probe, wait for the frontend, connect, then serve until closed or disabled."""
+        """Serve connection after connection: a frontend that closed cleanly may come back.
+
+        As Linux netback ("prepare for reconnect"): once the frontend has closed and the
+        backend is Closed, a frontend state of Initialising starts a fresh handshake
+        (features, InitWait).  A vif disabled for an error stays Closed.
+        """
+        xb = self.dom0.xenbus
+        while await self._serve_once():
+            await xb.wait_for_state(f"{self.frontend}/state", XenbusState.INITIALISING)
+            self.error = None
+            self._tx_carry = []
+            self._rx_held = []
+            self.host = None
+            self.dev["reconnects"] += 1
+            log.info("%s: frontend back in Initialising: preparing for reconnect", self.vif_name)
+
+    async def _serve_once(self) -> bool:
+        """Probe, wait for the frontend, connect, serve; True when the frontend closed cleanly."""
         xb = self.dom0.xenbus
         for key, value in BACKEND_FEATURES.items():
             await xb.write(f"{self.path}/{key}", value)
@@ -140,13 +165,15 @@ class BackendVif(SwitchPort):
             await self._connect()
         except VifFatal as e:
             await self._disable(str(e))
-            return
+            return False
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watch_frontend, nursery.cancel_scope)
             await self._service()
             nursery.cancel_scope.cancel()
         if self.error is not None:
             await self._disable(self.error)
+            return False
+        return not self.connected
 
     async def _connect(self) -> None:
         xb = self.dom0.xenbus
@@ -175,7 +202,11 @@ class BackendVif(SwitchPort):
             raise VifFatal("frontend did not set request-rx-copy=1 (page flipping is not supported)")
         tx_ref = await read_int("tx-ring-ref")
         rx_ref = await read_int("rx-ring-ref")
-        evtchn = await read_int("event-channel")
+        # Split event channels (offered): the frontend writes event-channel-tx and -rx
+        # instead of event-channel; Linux netback takes either.
+        split = await read_key("event-channel-tx") is not None
+        evtchn = await read_int("event-channel-tx" if split else "event-channel")
+        rx_evtchn = await read_int("event-channel-rx") if split else 0
         g = self.dom0
         try:
             tx_map = g.grant_map(self.fe_domid, tx_ref)
@@ -183,6 +214,8 @@ class BackendVif(SwitchPort):
             rx_map = g.grant_map(self.fe_domid, rx_ref)
             self._mappings.append(rx_map)
             self.port = g.evtchn_bind_interdomain(self.fe_domid, evtchn)
+            if split:
+                self.rx_port = g.evtchn_bind_interdomain(self.fe_domid, rx_evtchn)
         except Exception as e:  # GrantStatusError / XenError from the frontend's bad keys
             raise VifFatal(f"cannot map the rings or bind the event channel: {e}") from None
         self.tx = BackRing(NETIF_TX, tx_map.view)
@@ -192,6 +225,8 @@ class BackendVif(SwitchPort):
         # with an export in a garbage cycle crashes CPython < 3.12's collector (gh-77894).
         g.domain.on_destroy.append(lambda _dom: self._release_rings())
         g.bind_handler(self.port, self._on_event)
+        if self.rx_port:
+            g.bind_handler(self.rx_port, self._on_event)
         # Staging pages in dom0: grant-copy targets for TX, sources for RX.  Kept in
         # _stage_pages as they come, so that teardown gives every one back; a dom0 out of
         # memory refuses this vif instead of crashing.
@@ -224,8 +259,11 @@ class BackendVif(SwitchPort):
         self.connected = True
         self.netback.switch.attach(self)
         log.info(
-            "%s connected (tx-ring-ref %d, rx-ring-ref %d, port %d)", self.vif_name, tx_ref, rx_ref, evtchn
-        )
+            "%s connected (tx-ring-ref %d, rx-ring-ref %d, port %d%s)", self.vif_name, tx_ref, rx_ref, evtchn,
+            f", rx port {rx_evtchn}" if split else "",
+        )  # fmt: skip
+        if split:
+            self.dev["split_event_channels"] = 1
 
     async def _watch_frontend(self, scope: trio.CancelScope) -> None:
         xb = self.dom0.xenbus
@@ -289,10 +327,10 @@ class BackendVif(SwitchPort):
             f"req_cons {bad.req_cons}, rsp_prod_pvt {bad.rsp_prod_pvt}, {bad.nr_ents} slots)"
         )
 
-    def _notify(self, notify: bool) -> None:
+    def _notify(self, notify: bool, rx: bool = False) -> None:
         if notify:
             self.dev["notifications.sent"] += 1
-            self.dom0.evtchn_send(self.port)
+            self.dom0.evtchn_send(self.rx_port if rx and self.rx_port else self.port)
         else:
             self.dev["notifications.suppressed"] += 1
 
@@ -521,7 +559,7 @@ class BackendVif(SwitchPort):
             self.dev["packets.rx"] += delivered
             self.dev["bytes.rx"] += delivered_bytes
         _, notify = self.rx.send(b"".join(rsps))
-        self._notify(notify)
+        self._notify(notify, rx=True)
         return len(batch)
 
     # ------------------------------------------------------------------ teardown
@@ -539,6 +577,11 @@ class BackendVif(SwitchPort):
             with contextlib.suppress(OSError):
                 g.evtchn_close(self.port)
             self.port = 0
+        if self.rx_port:
+            g.unbind_handler(self.rx_port)
+            with contextlib.suppress(OSError):
+                g.evtchn_close(self.rx_port)
+            self.rx_port = 0
         self._release_rings()  # before the unmap, which then revokes the page views for good
         for m in self._mappings:
             with contextlib.suppress(Exception):

@@ -38,4 +38,4 @@ def test_an_unknown_guest_kind_is_a_clear_error(capsys: pytest.CaptureFixture[st
         cli.main(["demo", "--guest", "arm"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "--guest: invalid choice: 'arm' (choose from 'py', 'x86')" in err
+    assert err.count("\n") == 1 and "--guest: invalid choice: 'arm' (choose from 'py', 'x86', 'linux')" in err

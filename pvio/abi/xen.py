@@ -402,3 +402,118 @@ class XenbusState(IntEnum):
     CLOSED = 6
     RECONFIGURING = 7
     RECONFIGURED = 8
+
+
+# --------------------------------------------------------------------------- HVM / PVH guests
+# Hypercall numbers an HVM/PVH guest uses besides the PV ones above (xen.h).
+HYPERCALL_HVM_OP = 34
+HYPERCALL_PHYSDEV_OP = 33
+
+# hvm_op commands (hvm/hvm_op.h) and xen_hvm_param: domid u16 @0, index u32 @4, value u64 @8: 16 B.
+HVMOP_set_param = 0
+HVMOP_get_param = 1
+HVMOP_pagetable_dying = 9
+XEN_HVM_PARAM = struct.Struct("<H2xIQ")
+HVM_PARAM_CALLBACK_IRQ = 0
+HVM_PARAM_STORE_PFN = 1
+HVM_PARAM_STORE_EVTCHN = 2
+HVM_PARAM_CONSOLE_PFN = 17
+HVM_PARAM_CONSOLE_EVTCHN = 18
+HVM_NR_PARAMS = 39
+HVM_PARAM_CALLBACK_TYPE_VECTOR = 2  # in bits 63:56 of CALLBACK_IRQ; the vector in bits 7:0
+
+# memory_op commands (memory.h).
+XENMEM_increase_reservation = 0
+XENMEM_decrease_reservation = 1
+XENMEM_maximum_ram_page = 2
+XENMEM_current_reservation = 3
+XENMEM_maximum_reservation = 4
+XENMEM_populate_physmap = 6
+XENMEM_add_to_physmap = 7
+XENMEM_memory_map = 9
+XENMEM_get_sharing_freed_pages = 18
+XENMAPSPACE_shared_info = 0
+XENMAPSPACE_grant_table = 1
+XENMAPIDX_grant_table_status = 0x80000000
+# xen_add_to_physmap: domid u16 @0, size u16 @2, space u32 @4, idx u64 @8, gpfn u64 @16: 24 B
+XEN_ADD_TO_PHYSMAP = struct.Struct("<HHIQQ")
+# xen_memory_map: nr_entries u32 @0, buffer (guest handle) u64 @8: 16 B
+XEN_MEMORY_MAP = struct.Struct("<I4xQ")
+# xen_memory_reservation: extent_start u64 @0, nr_extents u64 @8, extent_order u32 @16,
+# mem_flags u32 @20, domid u16 @24: 32 B
+XEN_MEMORY_RESERVATION = struct.Struct("<QQIIH6x")
+E820_ENTRY = struct.Struct("<QQI")  # addr, size, type: 20 B, packed
+E820_RAM = 1
+E820_RESERVED = 2
+
+# vcpu_op commands (vcpu.h).
+VCPUOP_initialise = 0
+VCPUOP_up = 1
+VCPUOP_down = 2
+VCPUOP_is_up = 3
+VCPUOP_get_runstate_info = 4
+VCPUOP_register_runstate_memory_area = 5
+VCPUOP_set_periodic_timer = 6
+VCPUOP_stop_periodic_timer = 7
+VCPUOP_set_singleshot_timer = 8
+VCPUOP_stop_singleshot_timer = 9
+VCPUOP_register_vcpu_info = 10
+VCPUOP_get_physid = 12
+# vcpu_set_singleshot_timer: timeout_abs_ns u64 @0, flags u32 @8: 16 B
+VCPU_SET_SINGLESHOT_TIMER = struct.Struct("<QI4x")
+# vcpu_register_vcpu_info: mfn u64 @0, offset u32 @8, rsvd u32 @12: 16 B
+VCPU_REGISTER_VCPU_INFO = struct.Struct("<QII")
+VCPU_RUNSTATE_INFO_SIZE = 48  # state i32, pad, state_entry_time u64, time[4] u64
+
+# xen_version commands (version.h) and XENFEAT_* bits (features.h).
+XENVER_version = 0
+XENVER_extraversion = 1
+XENVER_compile_info = 2
+XENVER_capabilities = 3
+XENVER_changeset = 4
+XENVER_platform_parameters = 5
+XENVER_get_features = 6
+XENVER_pagesize = 7
+XENFEAT_writable_page_tables = 0
+XENFEAT_auto_translated_physmap = 2
+XENFEAT_supervisor_mode_kernel = 3
+XENFEAT_hvm_callback_vector = 8
+XENFEAT_hvm_safe_pvclock = 9
+XENFEAT_hvm_pirqs = 10
+XEN_FEATURE_INFO = struct.Struct("<II")  # submap_idx u32 @0, submap u32 @4 (out)
+
+# EVTCHNOP_bind_ipi: vcpu u32 @0, port(out) u32 @4: 8 B.
+EVTCHN_BIND_IPI = struct.Struct("<II")
+EVTCHNOP_init_control = 11
+
+# vcpu_time_info (32 B, in vcpu_info at +32): version u32 @0, pad, tsc_timestamp u64 @8,
+# system_time u64 @16, tsc_to_system_mul u32 @24, tsc_shift i8 @28, flags u8 @29.
+VCPU_TIME_INFO_STRUCT = struct.Struct("<I4xQQIbB2x")
+XEN_PVCLOCK_TSC_STABLE_BIT = 1
+
+# The console ring page (io/console.h, xencons_interface): in[1024] @0, out[2048] @1024,
+# in_cons @3072, in_prod @3076, out_cons @3080, out_prod @3084 (u32 each).
+XENCONS_IN = 0
+XENCONS_IN_SIZE = 1024
+XENCONS_OUT = 1024
+XENCONS_OUT_SIZE = 2048
+XENCONS_INDICES = 3072
+XENCONS_INDEX_STRUCT = struct.Struct("<IIII")  # in_cons, in_prod, out_cons, out_prod
+
+# PVH boot (arch/x86/hvm/start_info.h, elfnote.h).
+XEN_ELFNOTE_PHYS32_ENTRY = 18
+HVM_START_MAGIC = 0x336EC578
+# hvm_start_info: magic u32 @0, version u32 @4, flags u32 @8, nr_modules u32 @12,
+# modlist_paddr u64 @16, cmdline_paddr u64 @24, rsdp_paddr u64 @32, memmap_paddr u64 @40,
+# memmap_entries u32 @48, reserved u32 @52: 56 B
+HVM_START_INFO = struct.Struct("<IIIIQQQQII")
+HVM_MODLIST_ENTRY = struct.Struct("<QQQQ")  # paddr, size, cmdline_paddr, reserved: 32 B
+HVM_MEMMAP_ENTRY = struct.Struct("<QQII")  # addr, size, type, reserved: 24 B
+
+# The Xen CPUID leaves (arch-x86/cpuid.h), at the base 0x40000000.
+XEN_CPUID_BASE = 0x40000000
+XEN_CPUID_SIGNATURE = b"XenVMMXenVMM"
+XEN_CPUID_MAX_LEAF = 5  # base + 0 .. base + 5
+XEN_HYPERCALL_MSR = 0x40000000  # the MSR a guest writes its hypercall page's address to
+XEN_HVM_CPUID_VCPU_ID_PRESENT = 1 << 3
+XEN_HVM_CPUID_DOMID_PRESENT = 1 << 4

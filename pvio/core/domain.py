@@ -39,12 +39,13 @@ from pvio.abi import (
     SIF_INITDOMAIN,
     SIF_PRIVILEGED,
     START_INFO_MAGIC,
+    VCPU_INFO_SIZE,
     VCPU_UPCALL_MASK,
 )
 from pvio.core.counters import Counters
 from pvio.core.evtchn import Channel
 from pvio.core.grant_table import GrantMapping, GrantTable
-from pvio.core.memory import GuestMemory
+from pvio.core.memory import GuestAddressSpace, GuestMemory
 
 if TYPE_CHECKING:
     from pvio.core.hypervisor import Hypervisor
@@ -102,6 +103,10 @@ class Domain:
         self.kernel = kernel
         self.privileged = privileged
         self.mem = GuestMemory(nr_pages)
+        # Hypercall arguments are read through this: RAM itself for a PV guest, the guest's
+        # page tables for an HVM/PVH vCPU (which replaces it).
+        self.arg_mem: GuestAddressSpace = self.mem
+        self.hvm: Any = None  # pvio.core.hvm.HvmState for an HVM/PVH domain
         self.shared_info_gfn = nr_pages - 1
         self.start_info_gfn = nr_pages - 2
         self.store_gfn = nr_pages - 3
@@ -112,6 +117,8 @@ class Domain:
         self.free_end_gfn = self.hypercall_page_gfn
         self.shared_info = self.mem.page(self.shared_info_gfn)
         self.shared_info[VCPU_UPCALL_MASK] = 1  # a vCPU boots with events masked, like Xen's
+        # vCPU 0's vcpu_info: in shared_info, unless the guest registers another place for it.
+        self.vcpu_info = self.shared_info[:VCPU_INFO_SIZE]
         self.max_ports = max_ports
         self.ports: dict[int, Channel] = {}
         self.virqs: dict[int, int] = {}

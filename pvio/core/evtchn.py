@@ -1,7 +1,8 @@
 """Event channels, 2-level ABI: ports, their bindings, and pending/mask/selector semantics.
 
 The pending and mask bitmaps and each vCPU's ``upcall_pending``/``upcall_mask``/
-``pending_sel`` live in the domain's shared_info page at Xen's offsets, so a guest
+``pending_sel`` live in the domain's shared_info page at Xen's offsets (vcpu_info[0],
+``Domain.vcpu_info``, unless an HVM guest moved it with VCPUOP_register_vcpu_info), so a guest
 (Python or x86 machine code) reads and clears them exactly as a Xen PV guest does.
 The per-port binding state (unbound, interdomain, virq, ...) is hypervisor-private.
 
@@ -76,9 +77,9 @@ def _clear(si: memoryview, off: int, bit: int) -> None:
 
 def mark_events_pending(dom: Domain) -> None:
     """vcpu_mark_events_pending: set upcall_pending; kick the vCPU if it went 0 -> 1."""
-    si = dom.shared_info
-    if si[VCPU_UPCALL_PENDING] == 0:
-        si[VCPU_UPCALL_PENDING] = 1
+    vi = dom.vcpu_info
+    if vi[VCPU_UPCALL_PENDING] == 0:
+        vi[VCPU_UPCALL_PENDING] = 1
         dom.kick()
 
 
@@ -92,7 +93,7 @@ def set_pending(dom: Domain, port: int) -> None:
     dom.counters["evtchn.raised"] += 1
     if _test(si, SHARED_INFO_EVTCHN_MASK + 8 * word, bit):
         return
-    if not _test_and_set(si, VCPU_PENDING_SEL, word):
+    if not _test_and_set(dom.vcpu_info, VCPU_PENDING_SEL, word):
         mark_events_pending(dom)
 
 
@@ -102,7 +103,7 @@ def unmask(dom: Domain, port: int) -> None:
     word, bit = divmod(port, BITS_PER_WORD)
     _clear(si, SHARED_INFO_EVTCHN_MASK + 8 * word, bit)
     if _test(si, SHARED_INFO_EVTCHN_PENDING + 8 * word, bit) and not _test_and_set(
-        si, VCPU_PENDING_SEL, word
+        dom.vcpu_info, VCPU_PENDING_SEL, word
     ):
         mark_events_pending(dom)
 
@@ -114,5 +115,5 @@ def clear_port_bits(dom: Domain, port: int) -> None:
 
 def upcall_deliverable(dom: Domain) -> bool:
     """Whether the vCPU has an upcall to take now: pending and not masked."""
-    si = dom.shared_info
-    return bool(si[VCPU_UPCALL_PENDING]) and not si[VCPU_UPCALL_MASK]
+    vi = dom.vcpu_info
+    return bool(vi[VCPU_UPCALL_PENDING]) and not vi[VCPU_UPCALL_MASK]

@@ -62,7 +62,8 @@ from pvio.abi import (
     Hypercall,
     SchedOp,
 )
-from pvio.core import evtchn, fastpath
+from pvio.abi.xen import HYPERCALL_HVM_OP
+from pvio.core import evtchn, fastpath, hvm
 from pvio.core.evtchn import SERVICE, Channel
 from pvio.core.grant_table import GrantError, copy_one, map_grant, unmap_grant
 from pvio.core.memory import GuestFault
@@ -71,7 +72,7 @@ if TYPE_CHECKING:
     from pvio.abi.cstruct import CStruct
     from pvio.core.domain import Domain
     from pvio.core.hypervisor import Hypervisor
-    from pvio.core.memory import GuestMemory
+    from pvio.core.memory import GuestAddressSpace
 
 log = logging.getLogger("pvio.hypercall")
 
@@ -112,8 +113,12 @@ class HypercallTable:
             Hypercall.event_channel_op: self.event_channel_op,
             Hypercall.grant_table_op: self.grant_table_op,
             Hypercall.iret: self.iret,
+            Hypercall.memory_op: self.memory_op,
+            Hypercall.vcpu_op: self.vcpu_op,
+            HYPERCALL_HVM_OP: self.hvm_op,
         }
         self._names = {int(h): h.name for h in Hypercall}
+        self._names[HYPERCALL_HVM_OP] = "hvm_op"
 
     def dispatch(
         self, dom: Domain, nr: int, a1: int = 0, a2: int = 0, a3: int = 0, a4: int = 0, a5: int = 0
@@ -158,7 +163,7 @@ class HypercallTable:
         ] += 1
         if cmd != CALLBACKOP_register:
             raise _fail(Errno.ENOSYS, f"callback_op {cmd}")
-        cb_type, _flags, address = CALLBACK_REGISTER.unpack(dom.mem.read(arg, CALLBACK_REGISTER.size))
+        cb_type, _flags, address = CALLBACK_REGISTER.unpack(dom.arg_mem.read(arg, CALLBACK_REGISTER.size))
         names = {CALLBACKTYPE_event: "event", 1: "failsafe", 2: "syscall"}
         if cb_type not in names:
             raise _fail(Errno.EINVAL, f"callback type {cb_type}")
@@ -173,12 +178,27 @@ class HypercallTable:
             raise _fail(Errno.ENOSYS, f"console_io {cmd}")
         if not 0 <= count <= CONSOLE_MAX:
             raise _fail(Errno.EINVAL, f"console write of {count} bytes")
-        dom.console_write(dom.mem.read(buf, count))
+        dom.console_write(dom.arg_mem.read(buf, count))
         return 0
 
-    def xen_version(self, dom: Domain, cmd: int, _a2: int, _a3: int, _a4: int, _a5: int) -> int:
-        """xen_version(XENVER_version): the Xen version pvio's ABI follows."""
-        return XEN_VERSION if cmd == 0 else -int(Errno.ENOSYS)
+    def xen_version(self, dom: Domain, cmd: int, arg: int, _a3: int, _a4: int, _a5: int) -> int:
+        """xen_version(XENVER_version): the Xen version pvio's ABI follows (HVM guests: more)."""
+        if cmd == 0:
+            return XEN_VERSION
+        result = hvm.xen_version(dom, cmd, arg)
+        return -int(Errno.ENOSYS) if result is None else result
+
+    def memory_op(self, dom: Domain, cmd: int, arg: int, _a3: int, _a4: int, _a5: int) -> int:
+        """memory_op (HVM/PVH domains: :func:`pvio.core.hvm.memory_op`)."""
+        return hvm.memory_op(self, dom, cmd, arg)
+
+    def vcpu_op(self, dom: Domain, cmd: int, vcpuid: int, arg: int, _a4: int, _a5: int) -> int:
+        """vcpu_op (HVM/PVH domains: :func:`pvio.core.hvm.vcpu_op`)."""
+        return hvm.vcpu_op(self, dom, cmd, vcpuid, arg)
+
+    def hvm_op(self, dom: Domain, cmd: int, arg: int, _a3: int, _a4: int, _a5: int) -> int:
+        """hvm_op (HVM/PVH domains: :func:`pvio.core.hvm.hvm_op`)."""
+        return hvm.hvm_op(self, dom, cmd, arg)
 
     def sched_op(self, dom: Domain, cmd: int, arg: int, _a3: int, _a4: int, _a5: int) -> int:
         """sched_op: yield, block (re-enables delivery, returns at once if events wait), shutdown."""
@@ -189,7 +209,7 @@ class HypercallTable:
             dom.vcpu_block()
             return 0
         if cmd == SchedOp.shutdown:
-            (reason,) = SCHED_SHUTDOWN.unpack(dom.mem.read(arg, SCHED_SHUTDOWN.size))
+            (reason,) = SCHED_SHUTDOWN.unpack(dom.arg_mem.read(arg, SCHED_SHUTDOWN.size))
             self.hv.shutdown_domain(dom, reason)
             return 0
         raise _fail(Errno.ENOSYS, f"sched_op {cmd}")
@@ -207,7 +227,7 @@ class HypercallTable:
 
     # ------------------------------------------------------------------ event channels
     @staticmethod
-    def _put(mem: GuestMemory, base: int, layout: CStruct, **fields: int) -> None:
+    def _put(mem: GuestAddressSpace, base: int, layout: CStruct, **fields: int) -> None:
         """Write a hypercall's out fields in place, each at its offset in ``layout``."""
         for name, value in fields.items():
             mem.write(base + layout.offset(name), layout.pack_field(name, value))
@@ -215,7 +235,7 @@ class HypercallTable:
     def event_channel_op(self, dom: Domain, cmd: int, arg: int, _a3: int, _a4: int, _a5: int) -> int:
         """event_channel_op(cmd, arg): the 2-level ABI's channel operations."""
         dom.counters["hypercalls." + _EVTCHN_NAMES.get(cmd, "event_channel_op.unknown")] += 1
-        mem = dom.mem
+        mem = dom.arg_mem
         if cmd == EvtchnOp.send:
             (port,) = EVTCHN_PORT.unpack(mem.read(arg, 4))
             self.evtchn_send(dom, port)
@@ -244,6 +264,10 @@ class HypercallTable:
             self._port(dom, port)
             evtchn.unmask(dom, port)
             return 0
+        if cmd == EvtchnOp.bind_ipi:
+            return hvm.bind_ipi(self, dom, arg)
+        if cmd == EvtchnOp.bind_vcpu:
+            return 0  # one vCPU: every port is bound to it already
         if cmd == EvtchnOp.status:
             d, port, *_ = EVTCHN_STATUS.unpack(mem.read(arg, EVTCHN_STATUS.size))
             target = self._target(dom, d)
@@ -392,8 +416,8 @@ class HypercallTable:
             if errors:
                 log.debug("dom%d: grant copy batch of %d: errors %s", dom.domid, count, errors)
             return 0
-        blob = dom.mem.read(arg, count * st.size)  # copy the batch once
-        mem = dom.mem
+        blob = dom.arg_mem.read(arg, count * st.size)  # copy the batch once
+        mem = dom.arg_mem
         domains = self.hv.domains
         c = dom.counters
         for i, (sref, sdom, soff, dref, ddom, doff, length, flags, _status) in enumerate(
@@ -419,7 +443,7 @@ class HypercallTable:
         st = GNTTAB_MAP_GRANT_REF
         for i in range(count):
             at = arg + i * st.size
-            host_addr, flags, ref, d, _s, _h, _b = st.unpack(dom.mem.read(at, st.size))
+            host_addr, flags, ref, d, _s, _h, _b = st.unpack(dom.arg_mem.read(at, st.size))
             handle = 0
             try:
                 if not flags & GNTMAP_host_map:
@@ -432,14 +456,14 @@ class HypercallTable:
                 status = 0
             except GrantError as e:
                 status = self._grant_status(dom, e)
-            self._put(dom.mem, at, GNTTAB_MAP_GRANT_REF_T, status=status, handle=handle, dev_bus_addr=0)
+            self._put(dom.arg_mem, at, GNTTAB_MAP_GRANT_REF_T, status=status, handle=handle, dev_bus_addr=0)
         return 0
 
     def _gnttab_unmap(self, dom: Domain, arg: int, count: int) -> int:
         st = GNTTAB_UNMAP_GRANT_REF
         for i in range(count):
             at = arg + i * st.size
-            _host, _bus, handle, _s = st.unpack(dom.mem.read(at, st.size))
+            _host, _bus, handle, _s = st.unpack(dom.arg_mem.read(at, st.size))
             try:
                 m = unmap_grant(dom, handle)
                 dom.counters["grant.unmaps"] += 1
@@ -448,32 +472,37 @@ class HypercallTable:
                 status = 0
             except GrantError as e:
                 status = self._grant_status(dom, e)
-            self._put(dom.mem, at, GNTTAB_UNMAP_GRANT_REF_T, status=status)
+            self._put(dom.arg_mem, at, GNTTAB_UNMAP_GRANT_REF_T, status=status)
         return 0
 
     def _gnttab_setup_table(self, dom: Domain, arg: int, count: int) -> int:
         st = GNTTAB_SETUP_TABLE
         if count != 1:
             raise _fail(Errno.EINVAL, "setup_table takes one argument")
-        d, nr_frames, _s, frame_list = st.unpack(dom.mem.read(arg, st.size))
+        d, nr_frames, _s, frame_list = st.unpack(dom.arg_mem.read(arg, st.size))
         target = self._target(dom, d)
         gt = target.grant_table
         if nr_frames > gt.nr_frames:
             status = GntSt.general_error
         else:
             frames = b"".join(_U64.pack(gt.first_gfn + i) for i in range(nr_frames))
-            dom.mem.write(frame_list, frames)
+            dom.arg_mem.write(frame_list, frames)
             status = GntSt.okay
-        self._put(dom.mem, arg, GNTTAB_SETUP_TABLE_T, status=status)
+        self._put(dom.arg_mem, arg, GNTTAB_SETUP_TABLE_T, status=status)
         return 0
 
     def _gnttab_query_size(self, dom: Domain, arg: int, count: int) -> int:
         st = GNTTAB_QUERY_SIZE
         if count != 1:
             raise _fail(Errno.EINVAL, "query_size takes one argument")
-        d, *_ = st.unpack(dom.mem.read(arg, st.size))
+        d, *_ = st.unpack(dom.arg_mem.read(arg, st.size))
         gt = self._target(dom, d).grant_table
         self._put(
-            dom.mem, arg, GNTTAB_QUERY_SIZE_T, nr_frames=gt.nr_frames, max_nr_frames=gt.nr_frames, status=0
+            dom.arg_mem,
+            arg,
+            GNTTAB_QUERY_SIZE_T,
+            nr_frames=gt.nr_frames,
+            max_nr_frames=gt.nr_frames,
+            status=0,
         )
         return 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import mmap
+from typing import Protocol
 
 from pvio.abi import PAGE_SHIFT
 
@@ -63,3 +64,13 @@ class GuestMemory:
         self.view.release()
         with contextlib.suppress(BufferError):  # a view someone still holds: freed with it
             self.mmap.close()
+
+
+class GuestAddressSpace(Protocol):
+    """Where a domain's hypercall arguments live: guest-physical RAM (PV) or its virtual space (HVM)."""
+
+    def read(self, addr: int, length: int) -> bytes:
+        """A copy of ``length`` bytes at ``addr``; GuestFault if any byte is unreachable."""
+
+    def write(self, addr: int, data: bytes) -> None:
+        """Store ``data`` at ``addr``; GuestFault if any byte is unreachable."""

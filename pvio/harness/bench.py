@@ -127,6 +127,16 @@ def _x86_guest(name: str, model: str, ip: str, options: dict[str, Any]) -> Any:
 register_guest_kind("x86", _x86_guest, ("use_mmio", "moderation", "spin", "cmdline"))
 
 
+def _linux_guest(name: str, model: str, ip: str, options: dict[str, Any]) -> Any:
+    """Debian's Linux with its own xen-netfront, PV model only (``cpu/linux.py``)."""
+    from pvio.cpu.linux import linux_bench_guest
+
+    return linux_bench_guest(name, model, ip, options)
+
+
+register_guest_kind("linux", _linux_guest)
+
+
 @dataclass
 class ModelEnv:
     """What :func:`model_env` booted: the hypervisor, the switch, the guests, the model's devices."""

@@ -67,7 +67,8 @@ def build_parser() -> OneLineParser:
     )
 
     d = sub.add_parser("demo", help="two guests exchange scapy-built traffic over the PV NIC")
-    d.add_argument("--guest", choices=("py", "x86"), default="py", help="guest B's kind (default: py)")
+    d.add_argument("--guest", choices=("py", "x86", "linux"), default="py",
+                   help="guest B: py, x86 (pvio's C kernel) or linux (Debian's, PVH)")  # fmt: skip
     d.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     d.add_argument("--pcap", metavar="PATH", help="capture the switch's traffic (pcap; .pcapng for pcapng)")
 
@@ -188,6 +189,10 @@ def dispatch(args: argparse.Namespace) -> int:
         from pvio.harness import demo
 
         argv = (["--json"] if args.json else []) + (["--pcap", args.pcap] if args.pcap else [])
+        if args.guest == "linux":
+            from pvio.harness import linux_demo
+
+            return linux_demo.main(["--json"] if args.json else [])
         return demo.x86_main(argv) if args.guest == "x86" else demo.main(argv)
     if cmd == "ring-demo":
         from pvio.harness import ring_demo
