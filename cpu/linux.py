@@ -86,7 +86,7 @@ class LinuxNic:
     @property
     def mac(self) -> bytes:
         """The MAC the toolstack gave vif 0 (Linux's eth0)."""
-        from pvio.toolstack import parse_mac
+        from pvio.abi.vif import parse_mac
 
         dom = self.guest.domain
         return parse_mac(dom.hv.toolstack.read(f"/local/domain/{dom.domid}/device/vif/0/mac").decode())

@@ -79,7 +79,7 @@ BASE = '[[domain]]\nname = "a"\n\n[[domain]]\nname = "b"\n'
     ("text", "line", "key", "problem"),
     [
         (BASE + 'kynd = "py"\n', 6, "domain[1].kynd", "unknown key; valid keys here: app, cmdline"),
-        (BASE + 'kind = "arm"\n', 6, "domain[1].kind", "'arm' is not one of: py, x86"),
+        (BASE + 'kind = "arm"\n', 6, "domain[1].kind", "'arm' is not one of: linux, py, x86"),
         (BASE + '[domain.nic]\nmodel = "pv"\nbackend = "nope"\n', 8, "domain[1].nic.backend",
          "'nope' is not one of: lossy, passthrough"),
         (BASE + '[[traffic]]\ntype = "stream"\nfrom = "a"\nto = "c"\n', 9, "traffic[0].to",

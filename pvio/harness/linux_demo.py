@@ -27,7 +27,8 @@ import trio
 import trio.testing
 
 from pvio.core.hypervisor import Hypervisor
-from pvio.toolstack import parse_mac
+from pvio.frontends.guests import EchoGuest, NicGuest
+from pvio.toolstack import parse_mac, start_network
 
 IP_C = "10.0.0.3"
 LINUX_PINGS = 5
@@ -36,9 +37,9 @@ SCENARIO = "pv: PyGuest A <-> Debian Linux B (real xen-netfront) through netback
 
 
 def _demo_base() -> Any:
-    from examples import pv_demo  # the shared demo pieces (probes, exchange, table)
+    from pvio.harness import demo  # the shared demo pieces (probes, exchange, table)
 
-    return pv_demo
+    return demo
 
 
 @dataclass
@@ -199,19 +200,16 @@ async def run_demo(boot_timeout_s: float = 240.0, timeout_s: float = 10.0) -> Li
     base_mod = _demo_base()
     result = LinuxDemoResult(base=base_mod.DemoResult())
     async with Hypervisor() as hv:
-        switch = base_mod.start_network(hv)
-        a = base_mod.NicGuest("guest-a", base_mod.IP_A)
-        c = base_mod.EchoGuest("guest-c", IP_C)
+        a = NicGuest("guest-a", base_mod.IP_A)
+        c = EchoGuest("guest-c", IP_C)
         b = LinuxGuest(
             name="guest-b-linux",
             ip=f"{base_mod.IP_B}/24",
             scenario=f"ping -c {LINUX_PINGS} -W 5 {IP_C}\n",
         )
         t0 = time.monotonic()
-        await base_mod.start_guests(hv, a, c, b)
-        with trio.fail_after(timeout_s):
-            await a.ready.wait()
-            await c.ready.wait()
+        net = await start_network(hv, [a, c, b], announce=False, wait_ready=[a, c], timeout_s=timeout_s)
+        switch = net.switch
         if not await b.wait_for("PVIO-END", boot_timeout_s):
             raise RuntimeError(f"Linux did not finish its scenario: {b.domain.crash_reason or 'timeout'}")
         result.boot_s = time.monotonic() - t0

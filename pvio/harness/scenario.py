@@ -375,6 +375,10 @@ def parse(text: str, path: str = "<scenario>") -> Scenario:
 
 def _check_pair(chk: _Checker, at: tuple[Any, ...], kind: str, src: DomainSpec, dst: DomainSpec) -> None:
     """The combinations the traffic generators support, said plainly."""
+    for side, spec in (("from", src), ("to", dst)):
+        if spec.kind not in ("py", "x86"):
+            raise chk.fail((*at, side), f"{spec.kind} guests boot and run on the network, but take no scenario "
+                           "traffic (pvio demo --guest linux exercises a Linux guest)")  # fmt: skip
     if kind == "probes":
         if src.kind != "py":
             raise chk.fail((*at, "from"), "probes are sent (and checked with scapy) by a py domain")
