@@ -377,7 +377,7 @@ def _check_pair(chk: _Checker, at: tuple[Any, ...], kind: str, src: DomainSpec, 
     """The combinations the traffic generators support, said plainly."""
     for side, spec in (("from", src), ("to", dst)):
         if spec.kind not in ("py", "x86"):
-            raise chk.fail((*at, side), f"{spec.kind} guests boot and run on the network, but take no scenario "
+            raise chk.fail((*at, side), f"{spec.kind} guests boot on the network but take no scenario "
                            "traffic (pvio demo --guest linux exercises a Linux guest)")  # fmt: skip
     if kind == "probes":
         if src.kind != "py":
