@@ -330,7 +330,10 @@ class BackendVif(SwitchPort):
     def _notify(self, notify: bool, rx: bool = False) -> None:
         if notify:
             self.dev["notifications.sent"] += 1
-            self.dom0.evtchn_send(self.rx_port if rx and self.rx_port else self.port)
+            try:
+                self.dom0.evtchn_send(self.rx_port if rx and self.rx_port else self.port)
+            except OSError as e:  # XenError: the frontend closed its end (it is going away)
+                raise VifFatal(f"the frontend's event channel is gone ({e.strerror})") from None
         else:
             self.dev["notifications.suppressed"] += 1
 

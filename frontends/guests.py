@@ -10,14 +10,18 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import trio
 
-from pvio.frontends.netfront import Netfront
+from pvio.frontends.netfront import Netfront, NetfrontError
 from pvio.frontends.netstack import NetStack
 from pvio.guest import PyGuest
+from pvio.xenstore.store import XenstoreError
 from pvio.xenstore.wire import XenbusState
+
+log = logging.getLogger("pvio.guests")
 
 
 class NicGuest(PyGuest):
@@ -107,6 +111,7 @@ class ModelGuest(PyGuest):
         (``pvio network-detach``)."""
         xb = self.xenbus
         base = f"/local/domain/{self.domain.domid}/device/vif"
+        unplugged: set[int] = set()  # closed vifs whose directories are not gone yet
         self.spawn(self._until_unplugged, self.nic, name=f"{self.nic.name}-unplug")
         async with await xb.watch(base) as watch:
             async for _ in watch:
@@ -114,14 +119,23 @@ class ModelGuest(PyGuest):
                     present = {int(d) for d in await xb.directory(base)}
                 except Exception:  # the directory went away with the last vif
                     present = set()
-                for devid in sorted(present - set(self.nics)):
+                unplugged &= present  # a device id whose directory went away may come back
+                for devid in sorted(present - set(self.nics) - unplugged):
                     nic = Netfront(self, devid)
                     self.nics[devid] = nic
-                    self.spawn(self._plug, nic, name=f"{nic.name}-plug")
+                    self.spawn(self._plug, nic, unplugged, name=f"{nic.name}-plug")
 
-    async def _plug(self, nic: Netfront) -> None:
-        await nic.connect()
-        await self._until_unplugged(nic)
+    async def _plug(self, nic: Netfront, unplugged: set[int]) -> None:
+        """Connect a hot-plugged vif and serve it until it is unplugged.  A vif the toolstack
+        takes away (or a backend refuses) while it connects is given up, logged: never a crash."""
+        try:
+            await nic.connect()
+            await self._until_unplugged(nic)
+        except (XenstoreError, NetfrontError) as e:
+            log.warning("%s: hot-plugged vif %d given up: %s", self.name, nic.devid, e)
+        finally:
+            self.nics.pop(nic.devid, None)
+            unplugged.add(nic.devid)
 
     async def _until_unplugged(self, nic: Netfront) -> None:
         """Wait for the backend to close the vif, then close it from this side and forget it."""

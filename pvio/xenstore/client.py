@@ -45,6 +45,9 @@ logger = logging.getLogger("pvio.xenstore")
 
 T = TypeVar("T")
 
+UNWATCH_TIMEOUT_S = 5.0  # how long leaving a ``with watch`` block waits for the store's answer
+UNWATCH_CANCELLED_S = 0.1  # ... when it is left because the task was cancelled
+
 
 # ----------------------------------------------------------------------------------------------
 # The guest side
@@ -197,9 +200,20 @@ class Watch:
     async def __aenter__(self) -> Watch:
         return self
 
-    async def __aexit__(self, *exc: object) -> None:
-        with trio.CancelScope(shield=True):
-            await self.unwatch()
+    async def __aexit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        # Unwatch even when cancelled, but never wait forever: when the guest is being torn
+        # down the store may not answer any more (xenstored drops a dead connection's watches).
+        cancelled = exc_type is not None and issubclass(exc_type, trio.Cancelled)
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + (UNWATCH_CANCELLED_S if cancelled else UNWATCH_TIMEOUT_S)
+            try:
+                await self.unwatch()
+            except (OSError, XenstoreError):
+                if not cancelled:
+                    raise
+                # Cancelled because the domain is going: its store channel may be closed already.
+        if scope.cancelled_caught or cancelled:
+            self.client._forget(self)
 
 
 class XenbusClient(_Operations):
