@@ -306,6 +306,8 @@ class _DomainCounters:
     errors: Counter[str] = field(default_factory=Counter)
     watch_events: int = 0
     watch_events_dropped: int = 0
+    watch_events_coalesced: int = 0
+    watch_events_shed: int = 0
     disconnects: Counter[str] = field(default_factory=Counter)
 
 
@@ -463,7 +465,7 @@ class StoreConnection:
                 raise XenstoreError("E2BIG", path, f"dom{self.domid} has too many watches")
             self._watches[key] = watch
             store._watch_count[self.domid] += 1
-            store._outbox.append((self, watch.path, token))
+            store._outbox.append((self, watch.path, token, self.domid))
         store._deliver()
 
     def unwatch(self, path: str, token: str) -> None:
@@ -555,7 +557,7 @@ class StoreConnection:
             counters.errors[err.errno] += 1
             raise
         if live is not None and live.changes:
-            store._fire(live.changes)
+            store._fire(live.changes, self.domid)
 
 
 class Store:
@@ -583,8 +585,12 @@ class Store:
         self._watch_count: Counter[int] = Counter()
         self._tx_count: Counter[int] = Counter()
         self._counters: dict[int, _DomainCounters] = {}
-        self._outbox: deque[tuple[StoreConnection, str, str]] = deque()
+        self._outbox: deque[tuple[StoreConnection, str, str, int]] = deque()
         self._delivering = False
+        #: While a watch event is being delivered: the domain whose operation raised it (the
+        #: writer, committer, or watcher registering), so a connection can account queued
+        #: events to the domain that caused them (per-cause fairness, XSA-349).
+        self.event_cause: int | None = None
 
     # -- public API ----------------------------------------------------------------------------
 
@@ -609,7 +615,7 @@ class Store:
         view.put(home, replace(node, perms=perms))
         view.changed(_Change(home, False, (perms,)))
         view.changed(_Change(INTRODUCE_DOMAIN, True, (self._special_perms[INTRODUCE_DOMAIN],)))
-        self._fire(view.changes)
+        self._fire(view.changes, 0)
 
     def release_domain(self, domid: int) -> None:
         """The domain is gone: close its connections (watches, transactions), remove its home,
@@ -623,7 +629,7 @@ class Store:
         self._rm(view, 0, domain_path(domid))
         self._disown(domid)
         view.changed(_Change(RELEASE_DOMAIN, True, (self._special_perms[RELEASE_DOMAIN],)))
-        self._fire(view.changes)
+        self._fire(view.changes, 0)
 
     def is_introduced(self, domid: int) -> bool:
         return domid in self._introduced
@@ -639,7 +645,10 @@ class Store:
         """A snapshot of ``domid``'s counters and current usage (JSON-serialisable):
 
         ``requests`` by message type name, ``errors`` by errno name, ``watch_events`` sent to it,
-        ``watch_events_dropped`` (queue full at its connection), ``disconnects`` by reason, and its
+        ``watch_events_dropped`` (queue full at its connection), ``watch_events_coalesced`` (an
+        identical event was still queued for it), ``watch_events_shed`` (events this domain
+        caused that a connection dropped because its share was used up), ``disconnects`` by
+        reason, and its
         current ``nodes`` owned, ``watches`` and ``transactions``.
         """
         c = self._counters.get(domid) or _DomainCounters()
@@ -648,6 +657,8 @@ class Store:
             "errors": dict(sorted(c.errors.items())),
             "watch_events": c.watch_events,
             "watch_events_dropped": c.watch_events_dropped,
+            "watch_events_coalesced": c.watch_events_coalesced,
+            "watch_events_shed": c.watch_events_shed,
             "disconnects": dict(sorted(c.disconnects.items())),
             "nodes": self._owned[domid],
             "watches": self._watch_count[domid],
@@ -658,8 +669,16 @@ class Store:
         """Count a connection of ``domid`` dropped for ``reason`` (a short stable key)."""
         self._stats(domid).disconnects[reason] += 1
 
-    def count_dropped_event(self, domid: int) -> None:
+    def count_dropped_event(self, domid: int, cause: int | None = None) -> None:
+        """Count a watch event for ``domid`` dropped at its connection; when the drop is the
+        causing domain's share running out, count it as shed by ``cause`` too."""
         self._stats(domid).watch_events_dropped += 1
+        if cause is not None:
+            self._stats(cause).watch_events_shed += 1
+
+    def count_coalesced_event(self, domid: int) -> None:
+        """Count a watch event for ``domid`` not queued because an identical one still is."""
+        self._stats(domid).watch_events_coalesced += 1
 
     # -- tree operations (view-agnostic) -------------------------------------------------------
 
@@ -805,7 +824,7 @@ class Store:
                 raise XenstoreError("ENOSPC", detail=f"dom{domid} would own more than {limit} nodes")
         for path, node in tx.overlay.items():
             self._put_live(path, node)
-        self._fire(list(dict.fromkeys(tx.changes)))
+        self._fire(list(dict.fromkeys(tx.changes)), domid)
 
     def _new_tx_id(self) -> int:
         while True:
@@ -823,7 +842,7 @@ class Store:
         relative_to = None if path.startswith("/") else domain_path(domid) + "/"
         return _Watch(path, absolute, token, relative_to)
 
-    def _fire(self, changes: list[_Change]) -> None:
+    def _fire(self, changes: list[_Change], cause: int) -> None:
         for change in changes:
             for conn in self._conns:
                 for watch in conn._watches.values():
@@ -832,7 +851,7 @@ class Store:
                     else:
                         hit = not watch.abs_path.startswith("@") and _at_or_below(change.path, watch.abs_path)
                     if hit and any(_access(conn.domid, perms) & PERM_READ for perms in change.perms):
-                        self._outbox.append((conn, watch.event_path(change.path), watch.token))
+                        self._outbox.append((conn, watch.event_path(change.path), watch.token, cause))
         self._deliver()
 
     def _deliver(self) -> None:
@@ -842,14 +861,17 @@ class Store:
         self._delivering = True
         try:
             while self._outbox:
-                conn, path, token = self._outbox.popleft()
+                conn, path, token, cause = self._outbox.popleft()
                 if conn.closed:
                     continue
                 self._stats(conn.domid).watch_events += 1
+                self.event_cause = cause
                 try:
                     conn._deliver(path, token)
                 except Exception:
                     logger.exception("xenstore: watch callback of dom%d failed for %r", conn.domid, path)
+                finally:
+                    self.event_cause = None
         finally:
             self._delivering = False
 
