@@ -10,13 +10,15 @@ asserted in bytes or message counts, never in time.
 from __future__ import annotations
 
 import struct
+import tracemalloc
+from collections.abc import Callable
 
 import pytest
 import trio
 
 from pvio.toolstack import add_vif
 from pvio.xenstore.server import EVENT_SHARE, OUTPUT_LIMIT, RingConnection
-from pvio.xenstore.store import Store
+from pvio.xenstore.store import Store, StoreConnection, XenstoreError
 from pvio.xenstore.wire import (
     OFFSET_RSP,
     OFFSET_RSP_CONS,
@@ -193,3 +195,80 @@ async def test_xsa349_state_flood_leaves_dom0s_handshakes_working(autojump_clock
             await closed.wait()
         assert flooder.writes >= flooder.burst * flooder.bursts
         assert hv.store.counters(0)["watch_events_dropped"] == 0
+
+
+# -- transaction memory (XSA-326 / XSA-421 class) --------------------------------------------------
+
+
+def errno_of(fn: Callable[..., object], *args: object) -> str:
+    with pytest.raises(XenstoreError) as err:
+        fn(*args)
+    return err.value.errno
+
+
+def tx_size(conn: StoreConnection, tx: int) -> int:
+    """The entries transaction ``tx`` remembers: nodes looked at, nodes written, changes."""
+    t = conn._transactions[tx]
+    return len(t.seen) + len(t.overlay) + len(t.changes)
+
+
+def test_xsa326_a_transaction_remembers_at_most_its_node_quota_of_missing_reads(store: Store) -> None:
+    guest = store.connect(1)
+    limit = store.quota_for(1).transaction_nodes
+    tx = guest.transaction_start()
+    refused = 0
+    for i in range(5 * limit):
+        try:
+            guest.read(f"missing/m{i}", tx)
+        except XenstoreError as err:
+            refused += err.errno == "ENOSPC"
+    assert refused >= 4 * limit
+    assert len(guest._transactions[tx].seen) <= limit
+    assert tx_size(guest, tx) <= 3 * limit
+    assert errno_of(guest.transaction_end, tx) == "ENOSPC"  # a refused step fails the commit
+    assert store.counters(1)["transactions"] == 0
+
+
+def test_xsa326_writes_in_a_transaction_are_bounded_and_repeats_cost_nothing(store: Store) -> None:
+    guest = store.connect(1)
+    limit = store.quota_for(1).transaction_nodes
+    tx = guest.transaction_start()
+    for _ in range(20000):  # the same node again and again: one entry, one change
+        guest.write("data/same", "x", tx)
+    assert tx_size(guest, tx) <= 10
+    for i in range(2 * limit):
+        try:
+            guest.write(f"data/n{i}", "x", tx)
+        except XenstoreError as err:
+            assert err.errno == "ENOSPC"
+    assert tx_size(guest, tx) <= 3 * limit
+    guest.transaction_end(tx, commit=False)
+    # Bystanders and later transactions are unaffected.
+    other = store.connect(2)
+    tx2 = other.transaction_start()
+    other.write("ok", "1", tx2)
+    other.transaction_end(tx2)
+    assert other.read("ok") == b"1"
+
+
+def test_xsa326_transaction_memory_per_domain_is_bounded() -> None:
+    store = Store()
+    store.introduce_domain(1)
+    guest = store.connect(1)
+    quota = store.quota_for(1)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(quota.transactions):
+            tx = guest.transaction_start()
+            for i in range(3 * quota.transaction_nodes):
+                try:
+                    guest.read(f"m{i}", tx)
+                    guest.write(f"w{i}", "v" * 64, tx)
+                except XenstoreError:
+                    pass
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    # 10 transactions x 1024 entries: a few MiB at most, however long the guest goes on.
+    assert grown < 8 * 2**20, f"{grown / 2**20:.1f} MiB"

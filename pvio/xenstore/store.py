@@ -38,8 +38,10 @@ the wire layer stay a thin parser/encoder.
   operations see a consistent tree and every connection sees events in the order changes happened.
 
 * **Quotas** per unprivileged domain: nodes owned (ENOSPC), watches (E2BIG), open transactions
-  (ENOSPC).  The value-size limit (E2BIG) applies to every domain, dom0 included, because a larger
-  value could not be read back over the wire.
+  (ENOSPC), distinct nodes one transaction remembers (ENOSPC, xenstored's
+  ``quota-transaction-nodes``; XSA-326/421: reads of missing paths count too, and repeated
+  writes of one node are one entry and one change).  The value-size limit (E2BIG) applies to
+  every domain, dom0 included, because a larger value could not be read back over the wire.
 
 * **Release** (domain death) closes the domain's connections, removes ``/local/domain/<id>`` and,
   as after XSA-322, hands any remaining node owned by the dead domid to dom0 and strips it from
@@ -154,12 +156,20 @@ def parse_perms(perms: Sequence[str | Perm]) -> tuple[Perm, ...]:
 
 @dataclass(frozen=True)
 class Quota:
-    """Per-domain limits; xenstored's defaults except the 4096-byte value size the brief asks for."""
+    """Per-domain limits; xenstored's defaults except the 4096-byte value size the brief asks for.
+
+    ``transaction_nodes`` is xenstored's ``quota-transaction-nodes``: how many distinct nodes one
+    transaction may look at or write (a read of a missing path counts: the transaction must
+    remember it to detect the node appearing).  A step that would exceed it is ENOSPC and the
+    transaction can then only fail, so its memory is bounded by this many nodes of at most
+    ``value_size`` bytes each.
+    """
 
     nodes: int = 1000
     watches: int = 128
     transactions: int = 10
     value_size: int = 4096
+    transaction_nodes: int = 1024
 
 
 def is_privileged(domid: int) -> bool:
@@ -281,10 +291,12 @@ class _View(Protocol):
 @dataclass(eq=False)
 class _Transaction:
     tx_id: int
+    node_limit: int | None = None  # distinct nodes it may remember (None: unlimited, for dom0)
     overlay: dict[str, _Node | None] = field(default_factory=dict)
     seen: dict[str, int | None] = field(default_factory=dict)
-    changes: list[_Change] = field(default_factory=list)
+    changes: dict[_Change, None] = field(default_factory=dict)  # ordered, each change once
     owned_delta: Counter[int] = field(default_factory=Counter)
+    failed: str | None = None  # why a step was refused: the commit then fails with ENOSPC
 
 
 @dataclass(frozen=True, slots=True)
@@ -339,7 +351,11 @@ class _TxView:
         if path in tx.overlay:
             return tx.overlay[path]
         node = self._store._nodes.get(path)
-        tx.seen.setdefault(path, None if node is None else node.generation)
+        if path not in tx.seen:
+            if tx.node_limit is not None and len(tx.seen) >= tx.node_limit:
+                tx.failed = f"transaction {tx.tx_id} would remember more than {tx.node_limit} nodes"
+                raise XenstoreError("ENOSPC", _short(path), tx.failed)
+            tx.seen[path] = None if node is None else node.generation
         return node
 
     def put(self, path: str, node: _Node | None) -> None:
@@ -354,7 +370,7 @@ class _TxView:
         return self._store._owned[domid] + self._tx.owned_delta[domid]
 
     def changed(self, change: _Change) -> None:
-        self._tx.changes.append(change)
+        self._tx.changes[change] = None
 
 
 WatchCallback = Callable[[str, str], None]
@@ -434,7 +450,8 @@ class StoreConnection:
             ):
                 raise XenstoreError("ENOSPC", detail=f"dom{self.domid} has too many open transactions")
             tx_id = store._new_tx_id()
-            self._transactions[tx_id] = _Transaction(tx_id)
+            limit = None if is_privileged(self.domid) else store.quota_for(self.domid).transaction_nodes
+            self._transactions[tx_id] = _Transaction(tx_id, limit)
             store._tx_count[self.domid] += 1
             return tx_id
 
@@ -445,6 +462,8 @@ class StoreConnection:
             if transaction is None:
                 raise XenstoreError("ENOENT", detail=f"no transaction {tx} on this connection")
             self._store._tx_count[self.domid] -= 1
+            if commit and transaction.failed is not None:
+                raise XenstoreError("ENOSPC", detail=transaction.failed)
             if commit:
                 self._store._commit(self.domid, transaction)
 
@@ -824,7 +843,7 @@ class Store:
                 raise XenstoreError("ENOSPC", detail=f"dom{domid} would own more than {limit} nodes")
         for path, node in tx.overlay.items():
             self._put_live(path, node)
-        self._fire(list(dict.fromkeys(tx.changes)), domid)
+        self._fire(list(tx.changes), domid)
 
     def _new_tx_id(self) -> int:
         while True:
