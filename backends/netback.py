@@ -6,7 +6,9 @@ One :class:`NetBack` runs in the backend domain (dom0).  It watches
 write the features (``feature-sg``, ``feature-rx-copy``, ...) and go InitWait; when the
 frontend is Connected (or Initialised), read its keys, refuse it without
 ``request-rx-copy = 1``, map both ring pages, bind the event channel, go Connected and
-join the switch.
+join the switch, locked to the ``mac`` the toolstack configured in the backend directory (a
+frame with another source MAC is dropped, ``drops.spoofed_mac``; see
+:mod:`pvio.backends.switch`).
 
 TX (guest -> switch), per batch: take every published request (each copied out of the
 shared page once), group them into packets (first slot's size is the total, more_data
@@ -39,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from pvio.abi import DOMID_SELF, GNTTAB_COPY, PAGE_SIZE, GNTCOPY_dest_gref, GNTCOPY_source_gref, GntSt
+from pvio.abi.vif import parse_mac
 from pvio.backend_api import Backend, BackendContext, BackendHost, load_backend
 from pvio.backends.switch import Switch, SwitchPort
 from pvio.ringbuf import NETIF_RX, NETIF_TX, BackRing, RingOverflowError
@@ -217,12 +220,23 @@ class BackendVif(SwitchPort):
                 scheduler=self._schedule_later,
             )
             self.host = BackendHost(backend, ctx)
+        self.locked_macs = await self._mac_policy()
         await self.dom0.xenbus.write(f"{self.path}/state", str(int(XenbusState.CONNECTED)))
         self.connected = True
         self.netback.switch.attach(self)
         log.info(
             "%s connected (tx-ring-ref %d, rx-ring-ref %d, port %d)", self.vif_name, tx_ref, rx_ref, evtchn
         )
+
+    async def _mac_policy(self) -> frozenset[bytes] | None:
+        """The source MACs this vif may send from: the ``mac`` the toolstack wrote in the
+        backend's own directory (trusted, unlike the frontend's), unless netback learns."""
+        if not self.netback.lock_macs:
+            return None
+        try:
+            return frozenset({parse_mac(await self.dom0.xenbus.read(f"{self.path}/mac"))})
+        except (XenstoreError, ValueError) as e:
+            raise VifFatal(f"no usable mac in the backend directory to lock the vif to: {e}") from None
 
     async def _watch_frontend(self, scope: trio.CancelScope) -> None:
         xb = self.dom0.xenbus
@@ -576,8 +590,11 @@ class NetBack:
         backend: str | type[Backend] | None = None,
         backend_options: dict[str, Any] | None = None,
         rx_queue_max: int = RX_QUEUE_MAX,
+        lock_macs: bool = True,
     ) -> None:
         self.guest = guest
+        #: Lock each vif to its configured MAC (spoofed sources dropped); False: vifs learn.
+        self.lock_macs = lock_macs
         self.switch = switch
         self.base = f"/local/domain/{guest.domain.domid}/backend/vif"
         self.vifs: dict[tuple[int, int], BackendVif] = {}
