@@ -74,6 +74,7 @@ NR_RX = NET_RX_RING_SIZE
 _TX_REQ, _TX_RSP, _RX_REQ, _RX_RSP = TX_REQUEST, TX_RESPONSE, RX_REQUEST, RX_RESPONSE
 FATAL_SLOTS = 20  # Linux netback's fatal_skb_slots default
 RX_QUEUE_MAX = 1024  # frames waiting for guest buffers, per vif
+ENDED_KEPT = 64  # ended vifs kept for inspection (NetBack.ended)
 
 BACKEND_FEATURES = {
     "feature-sg": "1",
@@ -115,6 +116,7 @@ class BackendVif(SwitchPort):
         self._stage_pages: list[int] = []
         self.host: BackendHost | None = None
         self.port = 0
+        self._on_dom0_destroy: Any = None
 
     # ------------------------------------------------------------------ handshake
     async def run(self) -> None:
@@ -193,7 +195,8 @@ class BackendVif(SwitchPort):
         self._rings = [self.tx, self.rx]
         # Released at teardown, or when dom0 dies with the vif connected: a memoryview left
         # with an export in a garbage cycle crashes CPython < 3.12's collector (gh-77894).
-        g.domain.on_destroy.append(lambda _dom: self._release_rings())
+        self._on_dom0_destroy = lambda _dom: self._release_rings()
+        g.domain.on_destroy.append(self._on_dom0_destroy)
         g.bind_handler(self.port, self._on_event)
         # Staging pages in dom0: grant-copy targets for TX, sources for RX.  Kept in
         # _stage_pages as they come, so that teardown gives every one back; a dom0 out of
@@ -551,6 +554,8 @@ class BackendVif(SwitchPort):
                 g.evtchn_close(self.port)
             self.port = 0
         self._release_rings()  # before the unmap, which then revokes the page views for good
+        with contextlib.suppress(ValueError):
+            g.domain.on_destroy.remove(self._on_dom0_destroy)
         for m in self._mappings:
             with contextlib.suppress(Exception):
                 g.grant_unmap(m)
@@ -598,6 +603,9 @@ class NetBack:
         self.switch = switch
         self.base = f"/local/domain/{guest.domain.domid}/backend/vif"
         self.vifs: dict[tuple[int, int], BackendVif] = {}
+        #: The last vifs that ended (closed, disabled, guest gone), for inspection: their
+        #: counters and ``error``; they hold no ring, mapping or page of their guest.
+        self.ended: deque[BackendVif] = deque(maxlen=ENDED_KEPT)
         self.backend_cls = load_backend(backend) if isinstance(backend, str) else backend
         self.backend_options = backend_options or {}
         self.rx_queue_max = rx_queue_max
@@ -652,4 +660,14 @@ class NetBack:
                     continue
                 vif = BackendVif(self, *key)
                 self.vifs[key] = vif
-                self.guest.spawn(vif.run, name=f"netback-{vif.vif_name}")
+                self.guest.spawn(self._serve, vif, name=f"netback-{vif.vif_name}")
+
+    async def _serve(self, vif: BackendVif) -> None:
+        """Run one vif; when it ends (closed, disabled, its guest gone) forget it, so nothing of
+        the guest stays referenced and the device id can connect again."""
+        try:
+            await vif.run()
+        finally:
+            if self.vifs.get((vif.fe_domid, vif.devid)) is vif:
+                del self.vifs[(vif.fe_domid, vif.devid)]
+            self.ended.append(vif)
