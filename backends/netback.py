@@ -44,6 +44,7 @@ from pvio.abi import DOMID_SELF, GNTTAB_COPY, PAGE_SIZE, GNTCOPY_dest_gref, GNTC
 from pvio.abi.vif import parse_mac
 from pvio.backend_api import Backend, BackendContext, BackendHost, load_backend
 from pvio.backends.switch import Switch, SwitchPort
+from pvio.core.ratelimit import LogLimiter
 from pvio.ringbuf import NETIF_RX, NETIF_TX, BackRing, RingOverflowError
 from pvio.ringbuf.netif import (
     NET_RX_RING_SIZE,
@@ -103,6 +104,8 @@ class BackendVif(SwitchPort):
         self.vif_name = f"vif{fe_domid}.{devid}"
         super().__init__(self.vif_name, netback.guest.hv.counters)
         self.dev = netback.guest.hv.counters.new(f"netback/{self.vif_name}", "device")
+        # What this vif's guest can trigger per packet is logged through a rate limit.
+        self._warn = LogLimiter(log, self.dev).warning
         self.path = f"{netback.base}/{fe_domid}/{devid}"
         self.connected = False
         self.error: str | None = None
@@ -395,7 +398,7 @@ class BackendVif(SwitchPort):
                 bad = next((s for s in statuses[first_op : first_op + nslots] if s != GntSt.okay), 0)
                 if bad:
                     reason = "bad_grant"
-                    log.warning("%s: TX grant copy failed: %s", self.vif_name, GntSt(bad).name)
+                    self._warn("%s: TX grant copy failed: %s", self.vif_name, GntSt(bad).name)
                 elif nslots == 1:
                     frames.append(views[first_op][: lens[first_op]].tobytes())
                 else:
@@ -422,21 +425,21 @@ class BackendVif(SwitchPort):
     def _check_packet(self, slots: list[tuple[int, int, int, int, int]]) -> str | None:
         """Why a packet must be dropped (a drop reason), or None if it is well formed."""
         if len(slots) > XEN_NETIF_NR_SLOTS_MIN:
-            log.warning(
+            self._warn(
                 "%s: TX packet of %d slots (max %d)", self.vif_name, len(slots), XEN_NETIF_NR_SLOTS_MIN
             )
             return "too_many_slots"
         for _gref, offset, _flags, _id, size in slots[1:]:
             if size == 0 or offset + size > PAGE_SIZE:
-                log.warning("%s: TX slot offset %d + size %d crosses the page", self.vif_name, offset, size)
+                self._warn("%s: TX slot offset %d + size %d crosses the page", self.vif_name, offset, size)
                 return "bad_offset"
         total = slots[0][4]
         first_len = total - sum(s[4] for s in slots[1:])
         if first_len <= 0:
-            log.warning("%s: TX packet size %d smaller than its fragments", self.vif_name, total)
+            self._warn("%s: TX packet size %d smaller than its fragments", self.vif_name, total)
             return "bad_size"
         if slots[0][1] + first_len > PAGE_SIZE:
-            log.warning(
+            self._warn(
                 "%s: TX slot offset %d + size %d crosses the page", self.vif_name, slots[0][1], first_len
             )
             return "bad_offset"
@@ -526,7 +529,7 @@ class BackendVif(SwitchPort):
                 )
             else:
                 self.dev["drops.rx_bad_grant"] += 1
-                log.warning("%s: RX grant copy into the guest's buffer failed", self.vif_name)
+                self._warn("%s: RX grant copy into the guest's buffer failed", self.vif_name)
                 rsps.extend(
                     rsp_pack(rid, 0, 0, NETIF_RSP_ERROR) for rid, _, _ in slot_info[pos : pos + nslots]
                 )

@@ -28,6 +28,7 @@ import trio
 import trio.testing
 
 from pvio import XenbusState
+from pvio.core.ratelimit import LOG_BURST, LOG_INTERVAL_S
 from pvio.frontends.netstack import udp_packet
 from pvio.ringbuf import NETIF_TX
 from pvio.ringbuf.netif import NETIF_RSP_ERROR, NETTXF_MORE_DATA
@@ -329,3 +330,34 @@ async def test_an_internal_error_in_netback_disables_that_vif_only(
 
     monkeypatch.setattr(netback.BackendVif, "_tx_work", buggy)
     await _attack_disables_the_vif(caplog, attack, "internal error: RuntimeError('simulated netback bug')")
+
+
+async def test_a_flood_of_malformed_packets_logs_a_bounded_number_of_lines(
+    autojump_clock: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with three_guests() as (env, a, b, h):
+        await exchange(a, b, 0)
+        rounds, per_round = 50, 40
+        for _ in range(rounds):  # within one window of the limiter: virtual time barely moves
+            reqs = []
+            for _ in range(per_round):
+                sid = claim(h)
+                reqs.append({"gref": h.nic.tx_refs[sid], "offset": 4000, "flags": 0, "id": sid, "size": 200})
+            push_raw(h, reqs)
+            await trio.testing.wait_all_tasks_blocked()
+        total = rounds * per_round
+        assert drops(env, f"netback/{HOSTILE}") == {"drops.bad_offset": total}
+        lines = netback_log(caplog, logging.WARNING)
+        assert len(lines) == LOG_BURST
+        assert env.count(f"netback/{HOSTILE}", "log.suppressed") == total - LOG_BURST
+        assert env.vif(h).connected
+        await exchange(a, b, K)
+        assert_pair_unharmed(env, a, b, 2)
+        # The next window says how many were suppressed, in its first line.
+        await trio.sleep(LOG_INTERVAL_S)
+        sid = claim(h)
+        push_raw(h, [{"gref": h.nic.tx_refs[sid], "offset": 4000, "flags": 0, "id": sid, "size": 200}])
+        await trio.testing.wait_all_tasks_blocked()
+        assert netback_log(caplog, logging.WARNING)[-1].endswith(
+            f"({total - LOG_BURST} similar messages suppressed)"
+        )
