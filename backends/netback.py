@@ -61,6 +61,7 @@ from pvio.ringbuf.netif import (
     TX_RESPONSE,
     XEN_NETIF_EXTRA_FLAG_MORE,
     XEN_NETIF_NR_SLOTS_MIN,
+    tx_slot_problem,
 )
 from pvio.xenstore.store import XenstoreError
 from pvio.xenstore.wire import XenbusState
@@ -330,15 +331,12 @@ class BackendVif(SwitchPort):
             j = i + 1
             # Extra-info slots follow the first slot while EXTRA_FLAG_MORE chains them.
             extras = 0
-            if first[2] & NETTXF_EXTRA_INFO:
-                while True:
-                    if j >= n:
-                        break
-                    extras += 1
-                    ex_flags = (reqs[j][0] >> 8) & 0xFF
-                    j += 1
-                    if not ex_flags & XEN_NETIF_EXTRA_FLAG_MORE:
-                        break
+            extras_pending = bool(first[2] & NETTXF_EXTRA_INFO)  # another extra slot is due
+            while extras_pending and j < n:
+                extras += 1
+                ex_flags = (reqs[j][0] >> 8) & 0xFF
+                j += 1
+                extras_pending = bool(ex_flags & XEN_NETIF_EXTRA_FLAG_MORE)
             slots = [first]
             flags = first[2]
             while flags & NETTXF_MORE_DATA and j < n:
@@ -347,7 +345,7 @@ class BackendVif(SwitchPort):
                 j += 1
                 if len(slots) + extras > FATAL_SLOTS:
                     raise VifFatal(f"TX packet of more than {FATAL_SLOTS} slots (fatal_skb_slots)")
-            if flags & NETTXF_MORE_DATA or (first[2] & NETTXF_EXTRA_INFO and j > n):
+            if flags & NETTXF_MORE_DATA or extras_pending:
                 # The rest of the packet is not published yet: keep its slots for the next batch.
                 if j - start > FATAL_SLOTS:
                     raise VifFatal(f"TX packet of more than {FATAL_SLOTS} slots (fatal_skb_slots)")
@@ -430,8 +428,9 @@ class BackendVif(SwitchPort):
             )
             return "too_many_slots"
         for _gref, offset, _flags, _id, size in slots[1:]:
-            if size == 0 or offset + size > PAGE_SIZE:
-                self._warn("%s: TX slot offset %d + size %d crosses the page", self.vif_name, offset, size)
+            problem = tx_slot_problem(offset, size)
+            if problem is not None:
+                self._warn("%s: %s", self.vif_name, problem)
                 return "bad_offset"
         total = slots[0][4]
         first_len = total - sum(s[4] for s in slots[1:])

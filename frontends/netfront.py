@@ -14,8 +14,10 @@ Protocol (netif.h over two rings, one event channel), following Linux netfront:
   first slot's size being the whole frame's.  The request id is the pool slot's index,
   so a response's id is range-checked and must name an outstanding slot.
 * RX: one granted page per posted buffer, id = buffer index; responses are copied out
-  of the ring once, their id, offset and status range-checked, data copied out of the
-  buffer once, and the buffer re-posted.
+  of the ring once; each must name a buffer that is posted (a second response for one
+  buffer is a lie: bookkeeping is per id), carry 1..4096 bytes inside its page
+  (:func:`pvio.ringbuf.netif.rx_slot_problem`, shared with the C netfront's rules), a packet
+  at most 18 slots; data is copied out of the buffer once, and the buffer re-posted.
 * Notifications: a push notifies only when the backend's event index asks for it; before
   sleeping the driver runs the final checks, with the TX response event moved ahead to
   half the outstanding requests (notify me when half are done, as Linux does), the RX
@@ -46,12 +48,14 @@ from pvio.ringbuf.netif import (
     NETIF_RSP_OKAY,
     NETRXF_MORE_DATA,
     NETTXF_MORE_DATA,
+    RX_PACKET_MAX_SLOTS,
     RX_REQUEST,
     RX_RESPONSE,
     TX_REQUEST,
     TX_RESPONSE,
     XEN_NETIF_MAX_TX_SIZE,
     XEN_NETIF_NR_SLOTS_MIN,
+    rx_slot_problem,
 )
 from pvio.xenstore.wire import XenbusState
 
@@ -142,6 +146,7 @@ class Netfront(GuestNic):
         self.rx_views = [g.page(p) for p in self.rx_pages]
         self.rx_refs = [g.grant_access(be, p) for p in self.rx_pages]
         self._rx_req_bytes = [_RX_REQ.pack(i, 0, self.rx_refs[i]) for i in range(NR_RX)]  # re-posted as is
+        self.rx_posted = [True] * NR_RX  # which buffers the backend holds (may answer once)
         self.rx.send(b"".join(self._rx_req_bytes))
 
     def _release_rings(self) -> None:
@@ -201,6 +206,8 @@ class Netfront(GuestNic):
         outstanding = self.tx_outstanding
         n = 0
         for rid, status in _TX_RSP.iter_unpack(data):
+            if status == NETIF_RSP_NULL:  # an extra-info slot's answer: no buffer, no id (as Linux)
+                continue
             if rid >= NR_TX or not outstanding[rid]:
                 self._fail(f"TX response id {rid} is not an outstanding request")
                 return n
@@ -217,26 +224,32 @@ class Netfront(GuestNic):
         if not data:
             return 0
         views = self.rx_views
-        repost = []
+        repost: list[int] = []
         frames = self._rx_frames
         parts = self._partial_rx
         n = received = received_bytes = 0
+        posted = self.rx_posted
         for rid, offset, flags, status in _RX_RSP.iter_unpack(data):
-            if rid >= NR_RX:
-                self._fail(f"RX response id {rid} out of range")
+            if rid >= NR_RX or not posted[rid]:
+                self._fail(f"RX response id {rid} is not a posted buffer")
+                self._repost(repost)
                 return n
+            posted[rid] = False  # back with us: a second response for it is a lie
             repost.append(rid)
             if status < 0:
                 self.counters[f"drops.rx_status_{status}"] += 1
                 parts.clear()
                 continue
-            if offset + status > PAGE_SIZE:
-                self._fail(f"RX response offset {offset} + size {status} crosses the page")
+            problem = rx_slot_problem(offset, status)
+            if problem is not None:
+                self._fail(problem)
+                self._repost(repost)
                 return n
             parts.append(views[rid][offset : offset + status].tobytes())  # copy once, then re-post
             if flags & NETRXF_MORE_DATA:
-                if len(parts) > XEN_NETIF_NR_SLOTS_MIN:
-                    self._fail(f"RX packet of more than {XEN_NETIF_NR_SLOTS_MIN} slots")
+                if len(parts) >= RX_PACKET_MAX_SLOTS:
+                    self._fail(f"RX packet of more than {RX_PACKET_MAX_SLOTS} slots")
+                    self._repost(repost)
                     return n
                 continue
             frame = parts[0] if len(parts) == 1 else b"".join(parts)
@@ -251,12 +264,21 @@ class Netfront(GuestNic):
         if received:
             self.counters["packets.rx"] += received
             self.counters["bytes.rx"] += received_bytes
-        reqs = self._rx_req_bytes
-        _, notify = self.rx.send(b"".join([reqs[i] for i in repost]))
-        self._notify(notify)
+        self._repost(repost)
         if n:
             self._rx_ready.set()
         return n or len(repost)
+
+    def _repost(self, ids: list[int]) -> None:
+        """Give the buffers ``ids`` back to the backend (each at most once: it was not posted),
+        unless the device has failed."""
+        if not ids or self.error is not None:
+            return
+        for i in ids:
+            self.rx_posted[i] = True
+        reqs = self._rx_req_bytes
+        _, notify = self.rx.send(b"".join([reqs[i] for i in ids]))
+        self._notify(notify)
 
     # ------------------------------------------------------------------ application API
     async def send_batch(self, frames: list[Any]) -> None:

@@ -31,7 +31,12 @@ from pvio import XenbusState
 from pvio.core.ratelimit import LOG_BURST, LOG_INTERVAL_S
 from pvio.frontends.netstack import udp_packet
 from pvio.ringbuf import NETIF_TX
-from pvio.ringbuf.netif import NETIF_RSP_ERROR, NETTXF_MORE_DATA
+from pvio.ringbuf.netif import (
+    NETIF_RSP_ERROR,
+    NETTXF_EXTRA_INFO,
+    NETTXF_MORE_DATA,
+    XEN_NETIF_EXTRA_TYPE_GSO,
+)
 from tests.netenv import (
     HandmadeFrontend,
     NetEnv,
@@ -361,3 +366,26 @@ async def test_a_flood_of_malformed_packets_logs_a_bounded_number_of_lines(
         assert netback_log(caplog, logging.WARNING)[-1].endswith(
             f"({total - LOG_BURST} similar messages suppressed)"
         )
+
+
+async def test_an_extra_info_chain_split_across_two_pushes_is_read_as_one_packet(
+    autojump_clock: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with three_guests() as (env, a, b, h):
+        frame = udp_stream(h, a, 1, start=4242)[0]
+        sid = claim(h)
+        h.nic.tx_views[sid][: len(frame)] = frame
+        first = {"gref": h.nic.tx_refs[sid], "offset": 0, "flags": NETTXF_EXTRA_INFO, "id": sid}
+        push_raw(h, [{**first, "size": len(frame)}])  # the extra-info slot is not published yet
+        await trio.testing.wait_all_tasks_blocked()
+        extra = struct.pack("<BB", XEN_NETIF_EXTRA_TYPE_GSO, 0) + bytes(NETIF_TX.req_size - 2)
+        sent, _ = h.nic.tx.send(extra)
+        assert sent == 1
+        h.evtchn_send(h.nic.port)
+        [got] = await recv_n(a.nic, 1)
+        await trio.testing.wait_all_tasks_blocked()
+        assert got == frame
+        assert env.vif(h).connected and drops(env, f"netback/{HOSTILE}") == {}
+        assert h.nic.error is None and len(h.nic.tx_free) == 256
+        assert netback_log(caplog, logging.ERROR) == []
+        await exchange(a, b, 0)
