@@ -124,10 +124,17 @@ class BackendVif(SwitchPort):
 
     # ------------------------------------------------------------------ handshake
     async def run(self) -> None:
-        """Serve the vif; a bug or unexpected error here disables this vif only, never dom0."""
+        """Serve the vif; a bug or unexpected error here disables this vif only, never dom0.
+
+        A vif the frontend closed waits for it to come back (Initialising: connect again, as
+        Linux's netback does for a frontend that reconnects) or go away (its guest died)."""
         try:
-            await self._run()
+            while await self._run():
+                self._reset()
         except Exception as exc:
+            if not self.dom0.domain.alive:  # dom0 itself is going down: nothing went wrong here
+                log.debug("%s: ended with dom0: %r", self.vif_name, exc)
+                return
             leaf: BaseException = exc
             while isinstance(leaf, BaseExceptionGroup) and len(leaf.exceptions) == 1:
                 leaf = leaf.exceptions[0]
@@ -137,25 +144,46 @@ class BackendVif(SwitchPort):
             except Exception:
                 log.exception("%s: could not disable cleanly", self.vif_name)
 
-    async def _run(self) -> None:
-        """Probe, wait for the frontend, connect, then serve until closed or disabled."""
+    async def _run(self) -> bool:
+        """Probe, wait for the frontend, connect, then serve until closed or disabled; True if
+        the frontend closed and came back to connect again."""
         xb = self.dom0.xenbus
         for key, value in BACKEND_FEATURES.items():
             await xb.write(f"{self.path}/{key}", value)
         await xb.write(f"{self.path}/state", str(int(XenbusState.INIT_WAIT)))
         self.frontend = await xb.read(f"{self.path}/frontend")
-        await xb.wait_for_state(f"{self.frontend}/state", {XenbusState.INITIALISED, XenbusState.CONNECTED})
+        state = await xb.wait_for_state(
+            f"{self.frontend}/state",
+            {XenbusState.INITIALISED, XenbusState.CONNECTED, XenbusState.CLOSED, XenbusState.UNKNOWN},
+        )
+        if state not in (XenbusState.INITIALISED, XenbusState.CONNECTED):
+            log.info("%s: the frontend went away before connecting (%s)", self.vif_name, state.name)
+            await xb.write(f"{self.path}/state", str(int(XenbusState.CLOSED)))
+            return False
         try:
             await self._connect()
         except VifFatal as e:
             await self._disable(str(e))
-            return
+            return False
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watch_frontend, nursery.cancel_scope)
             await self._service()
             nursery.cancel_scope.cancel()
         if self.error is not None:
             await self._disable(self.error)
+            return False
+        state = await xb.wait_for_state(
+            f"{self.frontend}/state", {XenbusState.INITIALISING, XenbusState.UNKNOWN}
+        )
+        return state == XenbusState.INITIALISING
+
+    def _reset(self) -> None:
+        """Forget the last connection (already torn down) before connecting again."""
+        self._rx_queue.clear()
+        self._tx_carry = []
+        self._rx_held = []
+        self._wake = trio.Event()
+        self.host = None
 
     async def _connect(self) -> None:
         xb = self.dom0.xenbus
@@ -631,9 +659,20 @@ class NetBack:
         return (self.backend_cls(), dict(self.backend_options)) if self.backend_cls is not None else None
 
     async def run(self) -> None:
-        """Watch the backend directory and serve each new vif."""
+        """Watch the backend directory and serve each new vif.  A second netback in the same
+        domain refuses to start (one logged line); dom0 and the first one go on."""
         xb = self.guest.xenbus
-        watch = await xb.watch(self.base, "netback")
+        try:
+            watch = await xb.watch(self.base, "netback")
+        except XenstoreError as e:
+            if e.errno != "EEXIST":
+                raise
+            log.error(
+                "dom%d already runs a netback on %s; this one does not start",
+                self.guest.domain.domid,
+                self.base,
+            )
+            return
         async for _event in watch:
             await self._scan()
 

@@ -31,6 +31,7 @@ Protocol (netif.h over two rings, one event channel), following Linux netfront:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -91,6 +92,8 @@ class Netfront(GuestNic):
         super().__init__()
         self._wake = trio.Event()
         self._partial_rx: list[bytes] = []
+        self._closed = False
+        self._on_destroy: Any = None
 
     # ------------------------------------------------------------------ handshake
     async def connect(self) -> None:
@@ -99,6 +102,8 @@ class Netfront(GuestNic):
         xb = g.xenbus
         self.backend = await xb.read(f"{self.dir}/backend")
         self.backend_id = int(await xb.read(f"{self.dir}/backend-id"))
+        if await xb.read_state(self.dir) == XenbusState.CLOSED:  # a reconnect: tell the backend
+            await xb.write(f"{self.dir}/state", str(int(XenbusState.INITIALISING)))
         mac_text = await xb.read(f"{self.dir}/mac")
         self.mac = parse_mac(mac_text)
         await xb.wait_for_state(f"{self.backend}/state", {XenbusState.INIT_WAIT, XenbusState.CONNECTED})
@@ -130,7 +135,8 @@ class Netfront(GuestNic):
         # The rings export their page views to C.  Let go of them when the domain dies: a
         # memoryview left with an export in a garbage cycle crashes CPython < 3.12's
         # collector (gh-77894: tp_clear drops its buffer, the later release dereferences NULL).
-        g.domain.on_destroy.append(lambda _dom: self._release_rings())
+        self._on_destroy = lambda _dom: self._release_rings()
+        g.domain.on_destroy.append(self._on_destroy)
         self.tx_ref = g.grant_access(be, self.tx_gfn)
         self.rx_ref = g.grant_access(be, self.rx_gfn)
         self.port = g.evtchn_alloc_unbound(be)
@@ -167,7 +173,7 @@ class Netfront(GuestNic):
 
     async def _service(self) -> None:
         """Reap TX responses and receive frames whenever the backend signals."""
-        while self.error is None:
+        while self.error is None and not self._closed:
             self._wake = trio.Event()
             progress = self._poll()
             if self.error is not None:
@@ -337,8 +343,27 @@ class Netfront(GuestNic):
         await xb.write(f"{self.dir}/state", str(int(XenbusState.CLOSING)))
         await xb.wait_for_state(f"{self.backend}/state", {XenbusState.CLOSING, XenbusState.CLOSED})
         self.connected = False
-        refs = [self.tx_ref, self.rx_ref, *self.tx_refs, *self.rx_refs]
-        kept = sum(not self.guest.end_access(r) for r in refs)
+        self._closed = True
+        self._wake.set()  # the service task ends
+        g = self.guest
+        g.unbind_handler(self.port)
+        with contextlib.suppress(OSError):
+            g.evtchn_close(self.port)
+        self._release_rings()
+        with contextlib.suppress(ValueError):
+            g.domain.on_destroy.remove(self._on_destroy)
+        pages = [
+            (self.tx_ref, self.tx_gfn),
+            (self.rx_ref, self.rx_gfn),
+            *zip(self.tx_refs, self.tx_pages, strict=True),
+            *zip(self.rx_refs, self.rx_pages, strict=True),
+        ]
+        kept = 0
+        for ref, gfn in pages:  # a page whose grant the backend still maps is never reused
+            if g.end_access(ref):
+                g.free_page(gfn)
+            else:
+                kept += 1
         if kept:
             self.counters["grants_still_mapped"] += kept
             log.warning("%s: %d grants still in use by the backend; pages not reused", self.name, kept)
