@@ -640,6 +640,7 @@ class NetBack:
         self.backend_options = backend_options or {}
         self.rx_queue_max = rx_queue_max
         self.backend_overrides: dict[tuple[int, int], tuple[type[Backend], dict[str, Any]]] = {}
+        self._scope: trio.CancelScope | None = None
 
     def set_vif_backend(
         self, fe_domid: int, devid: int, backend: str | type[Backend], options: dict[str, Any] | None = None
@@ -659,22 +660,32 @@ class NetBack:
         return (self.backend_cls(), dict(self.backend_options)) if self.backend_cls is not None else None
 
     async def run(self) -> None:
-        """Watch the backend directory and serve each new vif.  A second netback in the same
-        domain refuses to start (one logged line); dom0 and the first one go on."""
+        """Watch the backend directory and serve each new vif, until :meth:`stop`.  A second
+        netback in the same domain refuses to start (one logged line); dom0 and the first one
+        go on.  The watch is removed when this returns, so a new netback can take over."""
         xb = self.guest.xenbus
-        try:
-            watch = await xb.watch(self.base, "netback")
-        except XenstoreError as e:
-            if e.errno != "EEXIST":
-                raise
-            log.error(
-                "dom%d already runs a netback on %s; this one does not start",
-                self.guest.domain.domid,
-                self.base,
-            )
-            return
-        async for _event in watch:
-            await self._scan()
+        self._scope = trio.CancelScope()
+        with self._scope:
+            try:
+                watch = await xb.watch(self.base, "netback")
+            except XenstoreError as e:
+                if e.errno != "EEXIST":
+                    raise
+                log.error(
+                    "dom%d already runs a netback on %s; this one does not start",
+                    self.guest.domain.domid,
+                    self.base,
+                )
+                return
+            async with watch:
+                async for _event in watch:
+                    await self._scan()
+
+    def stop(self) -> None:
+        """Stop taking new vifs and release the backend directory's watch (another netback
+        may then run); the vifs already connected keep being served until they close."""
+        if self._scope is not None:
+            self._scope.cancel()
 
     async def _scan(self) -> None:
         xb = self.guest.xenbus

@@ -79,3 +79,30 @@ async def test_a_vif_whose_guest_died_before_connecting_ends_quietly(
         assert (dom.domid, 0) not in netback.vifs
         assert env.count(f"netback/vif{dom.domid}.0", "internal_errors") == 0
     assert records(caplog, logging.ERROR) == []
+
+
+async def test_netback_stops_and_a_new_one_serves_new_vifs(
+    autojump_clock: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    a, b = NicGuest("a", ip_of(0)), NicGuest("b", ip_of(1))
+    async with net_env(a, b) as env:
+        hv, first = env.hv, env.netback
+        assert first is not None and hv.dom0 is not None
+        first.stop()
+        await trio.testing.wait_all_tasks_blocked()
+        dom0 = hv.dom0.kernel
+        second = NetBack(dom0, env.switch)  # type: ignore[arg-type]
+        dom0.spawn(second.run, name="netback-restarted")  # type: ignore[attr-defined]
+        await trio.testing.wait_all_tasks_blocked()
+        late = NicGuest("late", ip_of(2))
+        dom = hv.create_domain(late, name="late")
+        add_vif(hv, dom)
+        await hv.start(dom)
+        with trio.fail_after(5):
+            await late.ready.wait()
+        assert (dom.domid, 0) in second.vifs
+        await env.announce([late])
+        await late.nic.send_batch(udp_stream(late, a, 5))
+        await b.nic.send_batch(udp_stream(b, a, 5, start=5))  # the first netback's vifs go on
+        assert sorted(seq_of(f) for f in await recv_n(a.nic, 10)) == list(range(10))
+        assert records(caplog, logging.ERROR) == []
