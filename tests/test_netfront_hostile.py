@@ -9,25 +9,31 @@ and nothing wrong is delivered.  B is unaffected.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import trio
 import trio.testing
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from pvio.ringbuf.netif import NETRXF_MORE_DATA, RX_REQUEST, RX_RESPONSE, XEN_NETIF_NR_SLOTS_MIN
 from tests.netenv import NetEnv, NicGuest, ip_of, net_env, recv_n, seq_of, udp_stream
+
+FUZZ = os.environ.get("PVIO_FUZZ") == "1"
 
 
 async def lie(
     env: NetEnv, a: NicGuest, responses: list[tuple[int, int, int, int]] | None, take: int
 ) -> list[int]:
     """Take ``take`` of A's posted RX requests in dom0 and answer with ``responses``
-    (id, offset, flags, status; an id of -1 means "the k-th id taken")."""
+    (id, offset, flags, status; an id of -k means "the k-th id taken", modulo how many)."""
     vif = env.vif(a)
     ids = [rid for rid, _pad, _gref in RX_REQUEST.iter_unpack(vif.rx.take_requests(take))]
     assert len(ids) == take
     out = [
-        (ids[-rid - 1] if rid < 0 else rid, off, flags, status) for rid, off, flags, status in responses or []
+        (ids[(-rid - 1) % len(ids)] if rid < 0 else rid, off, flags, status)
+        for rid, off, flags, status in responses or []
     ]
     vif.rx.send(b"".join(RX_RESPONSE.pack(*r) for r in out))
     vif.dom0.evtchn_send(vif.port)
@@ -80,3 +86,37 @@ async def test_an_rx_packet_of_18_slots_is_accepted(autojump_clock: Any) -> None
         assert len(frame) == 1800
         await b.nic.send_batch(udp_stream(b, a, 5))
         assert [seq_of(f) for f in await recv_n(a.nic, 5)] == list(range(5))
+
+
+RESPONSE = st.tuples(
+    st.one_of(st.integers(-4, -1), st.integers(0, 300)),  # id: -k = the k-th buffer taken
+    st.sampled_from([0, 0, 1, 100, 4000, 4095, 4096]),  # offset
+    st.sampled_from([0, 0, NETRXF_MORE_DATA, 0xFF]),  # flags
+    st.sampled_from([-2, -1, 0, 1, 14, 60, 100, 4096, 4097, 32767]),  # status
+)
+
+
+@settings(
+    max_examples=300 if FUZZ else 12,
+    deadline=None,
+    derandomize=not FUZZ,
+    suppress_health_check=list(HealthCheck),
+)
+@given(responses=st.lists(RESPONSE, min_size=1, max_size=24))
+def test_fuzz_lying_backend_against_netfront(responses: list[tuple[int, int, int, int]]) -> None:
+    """Whatever RX responses a backend writes: nothing escapes the guest, A either stays up or
+    disconnects with a reason, A never holds more frames than responses, B loses nothing."""
+
+    async def scenario() -> None:
+        a, b = NicGuest("a", ip_of(0)), NicGuest("b", ip_of(1))
+        async with net_env(a, b) as env:
+            before = a.nic.pending()
+            await lie(env, a, responses, take=len(responses))
+            assert a.nic.pending() - before <= len(responses)
+            if a.nic.error is None:
+                assert all(len(f) > 0 for f in a.nic._rx_frames)
+            assert env.hv.domains[a.domain.domid].state == "running"
+            await b.nic.send_batch(udp_stream(b, b, 0))
+            assert b.nic.error is None and env.hv.dom0 is not None and env.hv.dom0.state == "running"
+
+    trio.run(scenario, clock=trio.testing.MockClock(autojump_threshold=0))
