@@ -6,7 +6,9 @@ One :class:`NetBack` runs in the backend domain (dom0).  It watches
 write the features (``feature-sg``, ``feature-rx-copy``, ...) and go InitWait; when the
 frontend is Connected (or Initialised), read its keys, refuse it without
 ``request-rx-copy = 1``, map both ring pages, bind the event channel, go Connected and
-join the switch.
+join the switch, locked to the ``mac`` the toolstack configured in the backend directory (a
+frame with another source MAC is dropped, ``drops.spoofed_mac``; see
+:mod:`pvio.backends.switch`).
 
 TX (guest -> switch), per batch: take every published request (each copied out of the
 shared page once), group them into packets (first slot's size is the total, more_data
@@ -46,8 +48,10 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from pvio.abi import DOMID_SELF, GNTTAB_COPY, PAGE_SIZE, GNTCOPY_dest_gref, GNTCOPY_source_gref, GntSt
+from pvio.abi.vif import parse_mac
 from pvio.backend_api import Backend, BackendContext, BackendError, BackendHost, load_backend
 from pvio.backends.switch import Switch, SwitchPort
+from pvio.core.ratelimit import LogLimiter
 from pvio.ringbuf import NETIF_RX, NETIF_TX, BackRing, RingOverflowError
 from pvio.ringbuf.netif import (
     NET_RX_RING_SIZE,
@@ -64,6 +68,7 @@ from pvio.ringbuf.netif import (
     TX_RESPONSE,
     XEN_NETIF_EXTRA_FLAG_MORE,
     XEN_NETIF_NR_SLOTS_MIN,
+    tx_slot_problem,
 )
 from pvio.xenstore.store import XenstoreError
 from pvio.xenstore.wire import XenbusState
@@ -78,6 +83,7 @@ NR_RX = NET_RX_RING_SIZE
 _TX_REQ, _TX_RSP, _RX_REQ, _RX_RSP = TX_REQUEST, TX_RESPONSE, RX_REQUEST, RX_RESPONSE
 FATAL_SLOTS = 20  # Linux netback's fatal_skb_slots default
 RX_QUEUE_MAX = 1024  # frames waiting for guest buffers, per vif
+ENDED_KEPT = 64  # ended vifs kept for inspection (NetBack.ended)
 
 BACKEND_FEATURES = {
     "feature-sg": "1",
@@ -106,6 +112,8 @@ class BackendVif(SwitchPort):
         self.vif_name = f"vif{fe_domid}.{devid}"
         super().__init__(self.vif_name, netback.guest.hv.counters)
         self.dev = netback.guest.hv.counters.new(f"netback/{self.vif_name}", "device")
+        # What this vif's guest can trigger per packet is logged through a rate limit.
+        self._warn = LogLimiter(log, self.dev).warning
         self.path = f"{netback.base}/{fe_domid}/{devid}"
         self.connected = False
         self.error: str | None = None
@@ -120,13 +128,21 @@ class BackendVif(SwitchPort):
         self.host: BackendHost | None = None
         self.port = 0  # the event channel (TX's, when the frontend split them)
         self.rx_port = 0  # RX's own event channel, when split (0: RX uses ``port``)
+        self._on_dom0_destroy: Any = None
 
     # ------------------------------------------------------------------ handshake
     async def run(self) -> None:
-        """Serve the vif; a bug or unexpected error here disables this vif only, never dom0."""
+        """Serve the vif; a bug or unexpected error here disables this vif only, never dom0.
+
+        A vif the frontend closed waits for it to come back (Initialising: connect again, as
+        Linux's netback does for a frontend that reconnects) or go away (its guest died)."""
         try:
-            await self._run()
+            while await self._run():
+                self._reset()
         except Exception as exc:
+            if not self.dom0.domain.alive:  # dom0 itself is going down: nothing went wrong here
+                log.debug("%s: ended with dom0: %r", self.vif_name, exc)
+                return
             leaf: BaseException = exc
             while isinstance(leaf, BaseExceptionGroup) and len(leaf.exceptions) == 1:
                 leaf = leaf.exceptions[0]
@@ -136,31 +152,22 @@ class BackendVif(SwitchPort):
             except Exception:
                 log.exception("%s: could not disable cleanly", self.vif_name)
 
-    async def _run(self) -> None:
-        """Serve connection after connection: a frontend that closed cleanly may come back.
-
-        As Linux netback ("prepare for reconnect"): once the frontend has closed and the
-        backend is Closed, a frontend state of Initialising starts a fresh handshake
-        (features, InitWait).  A vif disabled for an error stays Closed.
-        """
-        xb = self.dom0.xenbus
-        while await self._serve_once():
-            await xb.wait_for_state(f"{self.frontend}/state", XenbusState.INITIALISING)
-            self.error = None
-            self._tx_carry = []
-            self._rx_held = []
-            self.host = None
-            self.dev["reconnects"] += 1
-            log.info("%s: frontend back in Initialising: preparing for reconnect", self.vif_name)
-
-    async def _serve_once(self) -> bool:
-        """Probe, wait for the frontend, connect, serve; True when the frontend closed cleanly."""
+    async def _run(self) -> bool:
+        """Probe, wait for the frontend, connect, then serve until closed or disabled; True if
+        the frontend closed and came back to connect again."""
         xb = self.dom0.xenbus
         for key, value in BACKEND_FEATURES.items():
             await xb.write(f"{self.path}/{key}", value)
         await xb.write(f"{self.path}/state", str(int(XenbusState.INIT_WAIT)))
         self.frontend = await xb.read(f"{self.path}/frontend")
-        await xb.wait_for_state(f"{self.frontend}/state", {XenbusState.INITIALISED, XenbusState.CONNECTED})
+        state = await xb.wait_for_state(
+            f"{self.frontend}/state",
+            {XenbusState.INITIALISED, XenbusState.CONNECTED, XenbusState.CLOSED, XenbusState.UNKNOWN},
+        )
+        if state not in (XenbusState.INITIALISED, XenbusState.CONNECTED):
+            log.info("%s: the frontend went away before connecting (%s)", self.vif_name, state.name)
+            await xb.write(f"{self.path}/state", str(int(XenbusState.CLOSED)))
+            return False
         try:
             await self._connect()
         except VifFatal as e:
@@ -172,8 +179,23 @@ class BackendVif(SwitchPort):
             nursery.cancel_scope.cancel()
         if self.error is not None:
             await self._disable(self.error)
-            return False
-        return not self.connected
+            return False  # a vif disabled for an error stays Closed
+        state = await xb.wait_for_state(
+            f"{self.frontend}/state", {XenbusState.INITIALISING, XenbusState.UNKNOWN}
+        )
+        return state == XenbusState.INITIALISING
+
+    def _reset(self) -> None:
+        """Forget the last connection (already torn down) before connecting again, as Linux's
+        netback prepares for a frontend that reconnects."""
+        self._rx_queue.clear()
+        self._tx_carry = []
+        self._rx_held = []
+        self._wake = trio.Event()
+        self.host = None
+        self.error = None
+        self.dev["reconnects"] += 1
+        log.info("%s: frontend back in Initialising: preparing for reconnect", self.vif_name)
 
     async def _connect(self) -> None:
         xb = self.dom0.xenbus
@@ -223,7 +245,8 @@ class BackendVif(SwitchPort):
         self._rings = [self.tx, self.rx]
         # Released at teardown, or when dom0 dies with the vif connected: a memoryview left
         # with an export in a garbage cycle crashes CPython < 3.12's collector (gh-77894).
-        g.domain.on_destroy.append(lambda _dom: self._release_rings())
+        self._on_dom0_destroy = lambda _dom: self._release_rings()
+        g.domain.on_destroy.append(self._on_dom0_destroy)
         g.bind_handler(self.port, self._on_event)
         if self.rx_port:
             g.bind_handler(self.rx_port, self._on_event)
@@ -255,6 +278,7 @@ class BackendVif(SwitchPort):
                 self.host = BackendHost(backend, ctx)
             except BackendError as e:  # the user's backend refused its options: not netback's fault
                 raise VifFatal(str(e)) from None
+        self.locked_macs = await self._mac_policy()
         await self.dom0.xenbus.write(f"{self.path}/state", str(int(XenbusState.CONNECTED)))
         self.connected = True
         self.netback.switch.attach(self)
@@ -264,6 +288,16 @@ class BackendVif(SwitchPort):
         )  # fmt: skip
         if split:
             self.dev["split_event_channels"] = 1
+
+    async def _mac_policy(self) -> frozenset[bytes] | None:
+        """The source MACs this vif may send from: the ``mac`` the toolstack wrote in the
+        backend's own directory (trusted, unlike the frontend's), unless netback learns."""
+        if not self.netback.lock_macs:
+            return None
+        try:
+            return frozenset({parse_mac(await self.dom0.xenbus.read(f"{self.path}/mac"))})
+        except (XenstoreError, ValueError) as e:
+            raise VifFatal(f"no usable mac in the backend directory to lock the vif to: {e}") from None
 
     async def _watch_frontend(self, scope: trio.CancelScope) -> None:
         xb = self.dom0.xenbus
@@ -354,15 +388,12 @@ class BackendVif(SwitchPort):
             j = i + 1
             # Extra-info slots follow the first slot while EXTRA_FLAG_MORE chains them.
             extras = 0
-            if first[2] & NETTXF_EXTRA_INFO:
-                while True:
-                    if j >= n:
-                        break
-                    extras += 1
-                    ex_flags = (reqs[j][0] >> 8) & 0xFF
-                    j += 1
-                    if not ex_flags & XEN_NETIF_EXTRA_FLAG_MORE:
-                        break
+            extras_pending = bool(first[2] & NETTXF_EXTRA_INFO)  # another extra slot is due
+            while extras_pending and j < n:
+                extras += 1
+                ex_flags = (reqs[j][0] >> 8) & 0xFF
+                j += 1
+                extras_pending = bool(ex_flags & XEN_NETIF_EXTRA_FLAG_MORE)
             slots = [first]
             flags = first[2]
             while flags & NETTXF_MORE_DATA and j < n:
@@ -371,7 +402,7 @@ class BackendVif(SwitchPort):
                 j += 1
                 if len(slots) + extras > FATAL_SLOTS:
                     raise VifFatal(f"TX packet of more than {FATAL_SLOTS} slots (fatal_skb_slots)")
-            if flags & NETTXF_MORE_DATA or (first[2] & NETTXF_EXTRA_INFO and j > n):
+            if flags & NETTXF_MORE_DATA or extras_pending:
                 # The rest of the packet is not published yet: keep its slots for the next batch.
                 if j - start > FATAL_SLOTS:
                     raise VifFatal(f"TX packet of more than {FATAL_SLOTS} slots (fatal_skb_slots)")
@@ -422,7 +453,7 @@ class BackendVif(SwitchPort):
                 bad = next((s for s in statuses[first_op : first_op + nslots] if s != GntSt.okay), 0)
                 if bad:
                     reason = "bad_grant"
-                    log.warning("%s: TX grant copy failed: %s", self.vif_name, GntSt(bad).name)
+                    self._warn("%s: TX grant copy failed: %s", self.vif_name, GntSt(bad).name)
                 elif nslots == 1:
                     frames.append(views[first_op][: lens[first_op]].tobytes())
                 else:
@@ -449,21 +480,22 @@ class BackendVif(SwitchPort):
     def _check_packet(self, slots: list[tuple[int, int, int, int, int]]) -> str | None:
         """Why a packet must be dropped (a drop reason), or None if it is well formed."""
         if len(slots) > XEN_NETIF_NR_SLOTS_MIN:
-            log.warning(
+            self._warn(
                 "%s: TX packet of %d slots (max %d)", self.vif_name, len(slots), XEN_NETIF_NR_SLOTS_MIN
             )
             return "too_many_slots"
         for _gref, offset, _flags, _id, size in slots[1:]:
-            if size == 0 or offset + size > PAGE_SIZE:
-                log.warning("%s: TX slot offset %d + size %d crosses the page", self.vif_name, offset, size)
+            problem = tx_slot_problem(offset, size)
+            if problem is not None:
+                self._warn("%s: %s", self.vif_name, problem)
                 return "bad_offset"
         total = slots[0][4]
         first_len = total - sum(s[4] for s in slots[1:])
         if first_len <= 0:
-            log.warning("%s: TX packet size %d smaller than its fragments", self.vif_name, total)
+            self._warn("%s: TX packet size %d smaller than its fragments", self.vif_name, total)
             return "bad_size"
         if slots[0][1] + first_len > PAGE_SIZE:
-            log.warning(
+            self._warn(
                 "%s: TX slot offset %d + size %d crosses the page", self.vif_name, slots[0][1], first_len
             )
             return "bad_offset"
@@ -553,7 +585,7 @@ class BackendVif(SwitchPort):
                 )
             else:
                 self.dev["drops.rx_bad_grant"] += 1
-                log.warning("%s: RX grant copy into the guest's buffer failed", self.vif_name)
+                self._warn("%s: RX grant copy into the guest's buffer failed", self.vif_name)
                 rsps.extend(
                     rsp_pack(rid, 0, 0, NETIF_RSP_ERROR) for rid, _, _ in slot_info[pos : pos + nslots]
                 )
@@ -586,6 +618,8 @@ class BackendVif(SwitchPort):
                 g.evtchn_close(self.rx_port)
             self.rx_port = 0
         self._release_rings()  # before the unmap, which then revokes the page views for good
+        with contextlib.suppress(ValueError):
+            g.domain.on_destroy.remove(self._on_dom0_destroy)
         for m in self._mappings:
             with contextlib.suppress(Exception):
                 g.grant_unmap(m)
@@ -628,15 +662,22 @@ class NetBack:
         backend: str | type[Backend] | None = None,
         backend_options: dict[str, Any] | None = None,
         rx_queue_max: int = RX_QUEUE_MAX,
+        lock_macs: bool = True,
     ) -> None:
         self.guest = guest
+        #: Lock each vif to its configured MAC (spoofed sources dropped); False: vifs learn.
+        self.lock_macs = lock_macs
         self.switch = switch
         self.base = f"/local/domain/{guest.domain.domid}/backend/vif"
         self.vifs: dict[tuple[int, int], BackendVif] = {}
+        #: The last vifs that ended (closed, disabled, guest gone), for inspection: their
+        #: counters and ``error``; they hold no ring, mapping or page of their guest.
+        self.ended: deque[BackendVif] = deque(maxlen=ENDED_KEPT)
         self.backend_cls = load_backend(backend) if isinstance(backend, str) else backend
         self.backend_options = backend_options or {}
         self.rx_queue_max = rx_queue_max
         self.backend_overrides: dict[tuple[int, int], tuple[type[Backend], dict[str, Any]]] = {}
+        self._scope: trio.CancelScope | None = None
 
     def set_vif_backend(
         self, fe_domid: int, devid: int, backend: str | type[Backend], options: dict[str, Any] | None = None
@@ -656,11 +697,32 @@ class NetBack:
         return (self.backend_cls(), dict(self.backend_options)) if self.backend_cls is not None else None
 
     async def run(self) -> None:
-        """Watch the backend directory and serve each new vif."""
+        """Watch the backend directory and serve each new vif, until :meth:`stop`.  A second
+        netback in the same domain refuses to start (one logged line); dom0 and the first one
+        go on.  The watch is removed when this returns, so a new netback can take over."""
         xb = self.guest.xenbus
-        watch = await xb.watch(self.base, "netback")
-        async for _event in watch:
-            await self._scan()
+        self._scope = trio.CancelScope()
+        with self._scope:
+            try:
+                watch = await xb.watch(self.base, "netback")
+            except XenstoreError as e:
+                if e.errno != "EEXIST":
+                    raise
+                log.error(
+                    "dom%d already runs a netback on %s; this one does not start",
+                    self.guest.domain.domid,
+                    self.base,
+                )
+                return
+            async with watch:
+                async for _event in watch:
+                    await self._scan()
+
+    def stop(self) -> None:
+        """Stop taking new vifs and release the backend directory's watch (another netback
+        may then run); the vifs already connected keep being served until they close."""
+        if self._scope is not None:
+            self._scope.cancel()
 
     async def _scan(self) -> None:
         xb = self.guest.xenbus
@@ -687,4 +749,14 @@ class NetBack:
                     continue
                 vif = BackendVif(self, *key)
                 self.vifs[key] = vif
-                self.guest.spawn(vif.run, name=f"netback-{vif.vif_name}")
+                self.guest.spawn(self._serve, vif, name=f"netback-{vif.vif_name}")
+
+    async def _serve(self, vif: BackendVif) -> None:
+        """Run one vif; when it ends (closed, disabled, its guest gone) forget it, so nothing of
+        the guest stays referenced and the device id can connect again."""
+        try:
+            await vif.run()
+        finally:
+            if self.vifs.get((vif.fe_domid, vif.devid)) is vif:
+                del self.vifs[(vif.fe_domid, vif.devid)]
+            self.ended.append(vif)

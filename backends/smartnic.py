@@ -172,6 +172,7 @@ from pvio.abi.smartnic import (
 from pvio.abi.xen import DOMID_IO
 from pvio.backends.switch import ETH_HEADER_LEN, MAX_FRAME_LEN, Switch, SwitchPort
 from pvio.core.grant_table import GrantError
+from pvio.core.ratelimit import LogLimiter
 from pvio.ringbuf import BackRing, RingOverflowError
 
 if TYPE_CHECKING:
@@ -220,6 +221,7 @@ class SmartNic(SwitchPort):
             raise ValueError(f"dom{dom.domid}: smart NIC MAC must be 6 bytes, not {len(self.mac)}")
         self.virq = SNIC_IRQ_BASE + devid
         self.dev = hv.counters.new(f"smartnic/{self.name}", "device")
+        self._warn = LogLimiter(log, self.dev).warning  # the guest can write ENABLE at will
         self.regs: dict[int, int] = dict.fromkeys(
             (REG_TX_RING_LO, REG_TX_RING_HI, REG_RX_RING_LO, REG_RX_RING_HI, REG_POOL_LO, REG_POOL_HI), 0
         )
@@ -316,7 +318,7 @@ class SmartNic(SwitchPort):
         if problem is not None:
             self.error = True
             self.dev["errors.bad_config"] += 1
-            log.warning("%s: ENABLE refused: %s", self.name, problem)
+            self._warn("%s: ENABLE refused: %s", self.name, problem)
             return
         self._tx = BackRing(SNIC_RING, mem.page(tx >> PAGE_SHIFT))
         self._rx = BackRing(SNIC_RING, mem.page(rx >> PAGE_SHIFT))

@@ -23,7 +23,17 @@ of every frame, so it is written for Python's per-packet budget (docs/architectu
 Learning follows a classic bridge (802.1D, Linux ``br_fdb``): the source MAC of each
 frame is learned on its ingress port, a MAC seen on another port moves there, group
 (multicast/broadcast) source addresses are never learned.  The table is bounded
-(``mac_table_size``); when full, the *oldest learned* entry is evicted.  Entries are not
+(``mac_table_size``); when full, the oldest entry learned on the port holding the most
+learned entries is evicted, so one port flooding random source MACs only evicts its own.
+
+MAC policy (a peer is hostile input).  A port with ``locked_macs`` (netback locks each vif
+to the MAC the toolstack configured, as Xen's vif scripts and Linux bridge ports with
+``locked`` do) may only send from those MACs; any other source is ``drops.spoofed_mac``.
+Its MACs are static entries: installed at attach, never moved by another port's frame (such
+a frame is ``drops.spoofed_mac`` too) and never evicted.  A learning port learns at most
+``learn_limit`` MACs (default: the switch's ``port_learn_limit``, a quarter of the table);
+beyond it, new sources are not learned (``learn_limit_drops``) but their frames still go
+through, as Linux's ``br_fdb_max_learned``.  Entries are not
 refreshed per frame: that would cost a reordering on every packet, and an evicted but
 active station is simply re-learned from its next frame (its traffic is flooded
 meanwhile).  There is no ageing timer: ports detach explicitly and take their MACs with
@@ -41,6 +51,7 @@ Switch, owner ``switch/<switch name>`` — every input frame lands in exactly on
 ``learned``            MAC table insertions, including a MAC re-learned on a new port
 ``mac_moves``          of those, MACs that moved from one port to another
 ``mac_evictions``      entries evicted because the table was full
+``learn_limit_drops``  source MACs not learned because their port reached its learn limit
 ``port_errors``        ``transmit`` calls that raised (the port's frames are counted as
                        ``drops.port_error`` on the port)
 ``tap_errors``         mirror taps (capture) that raised; the traffic is unaffected
@@ -50,6 +61,8 @@ Switch, owner ``switch/<switch name>`` — every input frame lands in exactly on
                        (no hairpin)
 ``drops.no_egress``    frames to flood with no other port attached
 ``drops.port_detached``  frames handed in by a port that is not attached (a racing detach)
+``drops.spoofed_mac``  frames whose source MAC the ingress port may not use (also counted on
+                       the port)
 =====================  ================================================================
 
 Port, owner ``switch/<port name>``:
@@ -95,6 +108,11 @@ class SwitchPort:
     keys (e.g. ``drops.<reason>`` for frames it could not queue).
     """
 
+    #: The only source MACs this port may send from (static entries); None: it learns.
+    locked_macs: frozenset[bytes] | None = None
+    #: At most this many learned MACs for this port; None: the switch's ``port_learn_limit``.
+    learn_limit: int | None = None
+
     def __init__(self, name: str, counters: CounterRegistry | None = None) -> None:
         if not name:
             raise ValueError("a switch port needs a non-empty name")
@@ -121,12 +139,22 @@ class Switch:
     """An L2 learning bridge: learn source MACs, forward known unicast, flood the rest."""
 
     def __init__(
-        self, counters: CounterRegistry | None = None, name: str = "switch0", mac_table_size: int = 4096
+        self,
+        counters: CounterRegistry | None = None,
+        name: str = "switch0",
+        mac_table_size: int = 4096,
+        port_learn_limit: int | None = None,
     ) -> None:
         if mac_table_size < 1:
             raise ValueError(f"switch {name}: mac_table_size must be >= 1, got {mac_table_size}")
         self.name = name
         self.mac_table_size = mac_table_size
+        if port_learn_limit is None:  # a quarter of the table; small tables: up to 64, all of it
+            port_learn_limit = max(mac_table_size // 4, min(mac_table_size, 64))
+        self.port_learn_limit = port_learn_limit
+        # Learned (not static) MACs per port, oldest first: the eviction and limit bookkeeping.
+        self._learned: dict[SwitchPort, OrderedDict[bytes, None]] = {}
+        self._static: dict[bytes, SwitchPort] = {}
         self._registry = counters
         owner = f"switch/{name}"
         self.counters: Counters = (
@@ -175,6 +203,13 @@ class Switch:
                 port.counters = registered
         self._ports[port] = None
         self._names.add(port.name)
+        self._learned[port] = OrderedDict()
+        for mac in port.locked_macs or ():
+            self._forget(mac)
+            if len(self._table) >= self.mac_table_size:
+                self._evict()
+            self._table[mac] = port
+            self._static[mac] = port
 
     def detach(self, port: SwitchPort) -> None:
         """Disconnect ``port`` and forget every MAC learned on it."""
@@ -183,8 +218,10 @@ class Switch:
         del self._ports[port]
         self._names.discard(port.name)
         self._failed_once.discard(port.name)
+        self._learned.pop(port, None)
         for mac in [mac for mac, owner in self._table.items() if owner is port]:
             del self._table[mac]
+            self._static.pop(mac, None)
 
     def add_tap(self, tap: Tap) -> None:
         """Mirror traffic to ``tap(port, "ingress" | "egress", frames)`` (must not block or keep the list)."""
@@ -219,8 +256,10 @@ class Switch:
         ports = self._ports
         out: dict[SwitchPort, list[bytes]] = {}
         flooded_to: dict[SwitchPort, int] = {}
-        forwarded = flooded = runt = oversize = same_port = no_egress = 0
+        forwarded = flooded = runt = oversize = same_port = no_egress = spoofed = 0
         others: list[SwitchPort] | None = None  # flood targets, computed on first flood
+        locked = port.locked_macs
+        static = self._static
 
         for frame in frames:
             size = len(frame)
@@ -230,10 +269,20 @@ class Switch:
             if size > MAX_FRAME_LEN:
                 oversize += 1
                 continue
-            # Learn the source (bit 0 of the first octet set = group address: never learned).
+            # The source: a locked port's must be its own; a learning port's is learned
+            # (bit 0 of the first octet set = group address: never learned), unless it is
+            # another port's static MAC.
             src = frame[6:12]
-            if not src[0] & 1 and lookup(src) is not port:
-                self._learn(src, port)
+            if locked is not None:
+                if src not in locked:
+                    spoofed += 1
+                    continue
+            elif lookup(src) is not port:
+                if src in static:
+                    spoofed += 1
+                    continue
+                if not src[0] & 1:
+                    self._learn(src, port)
             dst = frame[0:6]
             if not dst[0] & 1:
                 egress = lookup(dst)
@@ -275,23 +324,49 @@ class Switch:
             sc["drops.same_port"] += same_port
         if no_egress:
             sc["drops.no_egress"] += no_egress
+        if spoofed:
+            sc["drops.spoofed_mac"] += spoofed
+            pc["drops.spoofed_mac"] += spoofed
 
         for egress, batch in out.items():
             self._transmit(egress, batch, flooded_to.get(egress, 0))
 
     def _learn(self, mac: bytes, port: SwitchPort) -> None:
-        """Record that ``mac`` lives behind ``port`` (new, or moved from another port)."""
+        """Record that ``mac`` lives behind the learning ``port`` (new, or moved from another
+        port), within the port's learn limit."""
         table = self._table
         sc = self.counters
+        mine = self._learned[port]
+        limit = self.port_learn_limit if port.learn_limit is None else port.learn_limit
+        if len(mine) >= limit:
+            sc["learn_limit_drops"] += 1
+            return
         if mac in table:
             # Moved: re-learn as the newest entry on its new port.
-            del table[mac]
+            self._forget(mac)
             sc["mac_moves"] += 1
         elif len(table) >= self.mac_table_size:
-            table.popitem(last=False)
-            sc["mac_evictions"] += 1
+            self._evict()
         table[mac] = port
+        mine[mac] = None
         sc["learned"] += 1
+
+    def _forget(self, mac: bytes) -> None:
+        """Remove a learned ``mac`` from the table and its port's bookkeeping (if present)."""
+        owner = self._table.pop(mac, None)
+        if owner is not None:
+            learned = self._learned.get(owner)
+            if learned is not None:
+                learned.pop(mac, None)
+
+    def _evict(self) -> None:
+        """Make room: drop the oldest entry learned on the port that holds the most."""
+        hog = max(self._learned.values(), key=len, default=None)
+        if not hog:
+            return  # only static entries: the table may exceed its size by locked ports' MACs
+        mac, _ = hog.popitem(last=False)
+        del self._table[mac]
+        self.counters["mac_evictions"] += 1
 
     def _transmit(self, port: SwitchPort, frames: list[bytes], n_flooded: int) -> None:
         """Hand ``frames`` to ``port``, containing and counting whatever it raises."""

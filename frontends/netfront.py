@@ -14,8 +14,10 @@ Protocol (netif.h over two rings, one event channel), following Linux netfront:
   first slot's size being the whole frame's.  The request id is the pool slot's index,
   so a response's id is range-checked and must name an outstanding slot.
 * RX: one granted page per posted buffer, id = buffer index; responses are copied out
-  of the ring once, their id, offset and status range-checked, data copied out of the
-  buffer once, and the buffer re-posted.
+  of the ring once; each must name a buffer that is posted (a second response for one
+  buffer is a lie: bookkeeping is per id), carry 1..4096 bytes inside its page
+  (:func:`pvio.ringbuf.netif.rx_slot_problem`, shared with the C netfront's rules), a packet
+  at most 18 slots; data is copied out of the buffer once, and the buffer re-posted.
 * Notifications: a push notifies only when the backend's event index asks for it; before
   sleeping the driver runs the final checks, with the TX response event moved ahead to
   half the outstanding requests (notify me when half are done, as Linux does), the RX
@@ -29,6 +31,7 @@ Protocol (netif.h over two rings, one event channel), following Linux netfront:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -46,12 +49,14 @@ from pvio.ringbuf.netif import (
     NETIF_RSP_OKAY,
     NETRXF_MORE_DATA,
     NETTXF_MORE_DATA,
+    RX_PACKET_MAX_SLOTS,
     RX_REQUEST,
     RX_RESPONSE,
     TX_REQUEST,
     TX_RESPONSE,
     XEN_NETIF_MAX_TX_SIZE,
     XEN_NETIF_NR_SLOTS_MIN,
+    rx_slot_problem,
 )
 from pvio.xenstore.store import XenstoreError
 from pvio.xenstore.wire import XenbusState
@@ -88,6 +93,8 @@ class Netfront(GuestNic):
         super().__init__()
         self._wake = trio.Event()
         self._partial_rx: list[bytes] = []
+        self._closed = False
+        self._on_destroy: Any = None
 
     # ------------------------------------------------------------------ handshake
     async def connect(self) -> None:
@@ -96,12 +103,20 @@ class Netfront(GuestNic):
         xb = g.xenbus
         self.backend = await xb.read(f"{self.dir}/backend")
         self.backend_id = int(await xb.read(f"{self.dir}/backend-id"))
+        reconnect = await xb.read_state(self.dir) == XenbusState.CLOSED
+        if reconnect:  # tell the backend, which is still Closed from the last connection
+            await xb.write(f"{self.dir}/state", str(int(XenbusState.INITIALISING)))
         mac_text = await xb.read(f"{self.dir}/mac")
         self.mac = parse_mac(mac_text)
         refused = {XenbusState.CLOSING, XenbusState.CLOSED}
-        state = await xb.wait_for_state(
-            f"{self.backend}/state", {XenbusState.INIT_WAIT, XenbusState.CONNECTED, *refused}
-        )
+        if reconnect and await self._backend_error() is None:
+            state = await xb.wait_for_state(
+                f"{self.backend}/state", {XenbusState.INIT_WAIT, XenbusState.CONNECTED}
+            )
+        else:
+            state = await xb.wait_for_state(
+                f"{self.backend}/state", {XenbusState.INIT_WAIT, XenbusState.CONNECTED, *refused}
+            )
         if state in refused:
             await self._refused()
         if (await xb.read(f"{self.backend}/feature-rx-copy")).strip() != "1":
@@ -123,12 +138,16 @@ class Netfront(GuestNic):
         self.connected = True
         g.spawn(self._service, name=f"{self.name}-service")
 
+    async def _backend_error(self) -> str | None:
+        """The reason the backend left when it disabled the device (None: it left none)."""
+        try:
+            return (await self.guest.xenbus.read(f"{self.backend}/error")).strip()
+        except XenstoreError:
+            return None
+
     async def _refused(self) -> None:
         """The backend closed the device instead of connecting: raise with its reason."""
-        try:
-            reason = (await self.guest.xenbus.read(f"{self.backend}/error")).strip()
-        except XenstoreError:
-            reason = "no reason given"
+        reason = await self._backend_error() or "no reason given"
         raise NetfrontError(f"{self.name}: the backend ({self.backend}) refused the vif: {reason}")
 
     def _setup_rings(self) -> None:
@@ -141,7 +160,8 @@ class Netfront(GuestNic):
         # The rings export their page views to C.  Let go of them when the domain dies: a
         # memoryview left with an export in a garbage cycle crashes CPython < 3.12's
         # collector (gh-77894: tp_clear drops its buffer, the later release dereferences NULL).
-        g.domain.on_destroy.append(lambda _dom: self._release_rings())
+        self._on_destroy = lambda _dom: self._release_rings()
+        g.domain.on_destroy.append(self._on_destroy)
         self.tx_ref = g.grant_access(be, self.tx_gfn)
         self.rx_ref = g.grant_access(be, self.rx_gfn)
         self.port = g.evtchn_alloc_unbound(be)
@@ -157,6 +177,7 @@ class Netfront(GuestNic):
         self.rx_views = [g.page(p) for p in self.rx_pages]
         self.rx_refs = [g.grant_access(be, p) for p in self.rx_pages]
         self._rx_req_bytes = [_RX_REQ.pack(i, 0, self.rx_refs[i]) for i in range(NR_RX)]  # re-posted as is
+        self.rx_posted = [True] * NR_RX  # which buffers the backend holds (may answer once)
         self.rx.send(b"".join(self._rx_req_bytes))
 
     def _release_rings(self) -> None:
@@ -177,7 +198,7 @@ class Netfront(GuestNic):
 
     async def _service(self) -> None:
         """Reap TX responses and receive frames whenever the backend signals."""
-        while self.error is None:
+        while self.error is None and not self._closed:
             self._wake = trio.Event()
             progress = self._poll()
             if self.error is not None:
@@ -216,6 +237,8 @@ class Netfront(GuestNic):
         outstanding = self.tx_outstanding
         n = 0
         for rid, status in _TX_RSP.iter_unpack(data):
+            if status == NETIF_RSP_NULL:  # an extra-info slot's answer: no buffer, no id (as Linux)
+                continue
             if rid >= NR_TX or not outstanding[rid]:
                 self._fail(f"TX response id {rid} is not an outstanding request")
                 return n
@@ -232,26 +255,32 @@ class Netfront(GuestNic):
         if not data:
             return 0
         views = self.rx_views
-        repost = []
+        repost: list[int] = []
         frames = self._rx_frames
         parts = self._partial_rx
         n = received = received_bytes = 0
+        posted = self.rx_posted
         for rid, offset, flags, status in _RX_RSP.iter_unpack(data):
-            if rid >= NR_RX:
-                self._fail(f"RX response id {rid} out of range")
+            if rid >= NR_RX or not posted[rid]:
+                self._fail(f"RX response id {rid} is not a posted buffer")
+                self._repost(repost)
                 return n
+            posted[rid] = False  # back with us: a second response for it is a lie
             repost.append(rid)
             if status < 0:
                 self.counters[f"drops.rx_status_{status}"] += 1
                 parts.clear()
                 continue
-            if offset + status > PAGE_SIZE:
-                self._fail(f"RX response offset {offset} + size {status} crosses the page")
+            problem = rx_slot_problem(offset, status)
+            if problem is not None:
+                self._fail(problem)
+                self._repost(repost)
                 return n
             parts.append(views[rid][offset : offset + status].tobytes())  # copy once, then re-post
             if flags & NETRXF_MORE_DATA:
-                if len(parts) > XEN_NETIF_NR_SLOTS_MIN:
-                    self._fail(f"RX packet of more than {XEN_NETIF_NR_SLOTS_MIN} slots")
+                if len(parts) >= RX_PACKET_MAX_SLOTS:
+                    self._fail(f"RX packet of more than {RX_PACKET_MAX_SLOTS} slots")
+                    self._repost(repost)
                     return n
                 continue
             frame = parts[0] if len(parts) == 1 else b"".join(parts)
@@ -266,12 +295,21 @@ class Netfront(GuestNic):
         if received:
             self.counters["packets.rx"] += received
             self.counters["bytes.rx"] += received_bytes
-        reqs = self._rx_req_bytes
-        _, notify = self.rx.send(b"".join([reqs[i] for i in repost]))
-        self._notify(notify)
+        self._repost(repost)
         if n:
             self._rx_ready.set()
         return n or len(repost)
+
+    def _repost(self, ids: list[int]) -> None:
+        """Give the buffers ``ids`` back to the backend (each at most once: it was not posted),
+        unless the device has failed."""
+        if not ids or self.error is not None:
+            return
+        for i in ids:
+            self.rx_posted[i] = True
+        reqs = self._rx_req_bytes
+        _, notify = self.rx.send(b"".join([reqs[i] for i in ids]))
+        self._notify(notify)
 
     # ------------------------------------------------------------------ application API
     async def send_batch(self, frames: list[Any]) -> None:
@@ -330,8 +368,27 @@ class Netfront(GuestNic):
         await xb.write(f"{self.dir}/state", str(int(XenbusState.CLOSING)))
         await xb.wait_for_state(f"{self.backend}/state", {XenbusState.CLOSING, XenbusState.CLOSED})
         self.connected = False
-        refs = [self.tx_ref, self.rx_ref, *self.tx_refs, *self.rx_refs]
-        kept = sum(not self.guest.end_access(r) for r in refs)
+        self._closed = True
+        self._wake.set()  # the service task ends
+        g = self.guest
+        g.unbind_handler(self.port)
+        with contextlib.suppress(OSError):
+            g.evtchn_close(self.port)
+        self._release_rings()
+        with contextlib.suppress(ValueError):
+            g.domain.on_destroy.remove(self._on_destroy)
+        pages = [
+            (self.tx_ref, self.tx_gfn),
+            (self.rx_ref, self.rx_gfn),
+            *zip(self.tx_refs, self.tx_pages, strict=True),
+            *zip(self.rx_refs, self.rx_pages, strict=True),
+        ]
+        kept = 0
+        for ref, gfn in pages:  # a page whose grant the backend still maps is never reused
+            if g.end_access(ref):
+                g.free_page(gfn)
+            else:
+                kept += 1
         if kept:
             self.counters["grants_still_mapped"] += kept
             log.warning("%s: %d grants still in use by the backend; pages not reused", self.name, kept)

@@ -183,10 +183,16 @@ class Network:
         self.edges.clear()
 
     def vif(self, guest: Any, devid: int = 0) -> BackendVif:
-        """The netback side of ``guest``'s vif."""
+        """The netback side of ``guest``'s vif (the last one that ended, if none is running)."""
         if self.netback is None:
             raise ValueError(f"this network's guests have {self.model} NICs, not vifs")
-        return self.netback.vifs[(guest.domain.domid, devid)]
+        key = (guest.domain.domid, devid)
+        vif = self.netback.vifs.get(key)
+        if vif is None:  # ended (closed, disabled, guest gone): the latest one for that device
+            vif = next((v for v in reversed(self.netback.ended) if (v.fe_domid, v.devid) == key), None)
+        if vif is None:
+            raise KeyError(f"no vif {devid} of dom{key[0]}")
+        return vif
 
     def snapshot(self) -> Snapshot:
         """Every domain's and device's counters, frozen."""

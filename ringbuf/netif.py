@@ -46,3 +46,26 @@ TX_REQUEST = NETIF_TX.req_struct
 TX_RESPONSE = NETIF_TX.rsp_struct
 RX_REQUEST = NETIF_RX.req_struct
 RX_RESPONSE = NETIF_RX.rsp_struct
+
+
+# Validation every implementation applies to what its peer wrote (the C netfront applies the
+# same rules in frontends/x86/netfront.c; tests hold them equal).
+RX_PACKET_MAX_SLOTS = XEN_NETIF_NR_SLOTS_MIN  # a received packet takes at most 18 slots
+PAGE_BYTES = 4096
+
+
+def rx_slot_problem(offset: int, status: int) -> str | None:
+    """Why an RX response carrying data (``status`` >= 0 bytes at ``offset``) is impossible,
+    or None: a slot holds 1..4096 bytes inside its page (0 bytes is a protocol error)."""
+    if status == 0:
+        return "RX response of 0 bytes"
+    if offset + status > PAGE_BYTES:
+        return f"RX response offset {offset} + size {status} crosses the page"
+    return None
+
+
+def tx_slot_problem(offset: int, size: int) -> str | None:
+    """Why one TX slot's data (``size`` bytes at ``offset``) is impossible, or None."""
+    if size <= 0 or offset + size > PAGE_BYTES:
+        return f"TX slot offset {offset} + size {size} crosses the page"
+    return None

@@ -26,7 +26,7 @@ def _element(draw: st.DrawFn, refs: list[int], frames: int) -> bytes:
     def side() -> tuple[int, int, int, int]:
         is_gref = draw(st.booleans())
         if is_gref:
-            ref = draw(st.sampled_from([*refs, *refs, 0, 5, 3000, 2**40]))
+            ref = draw(st.sampled_from([*refs, *refs, 0, 5, 3000, 2**40, refs[0] | 0xDEAD << 32]))
             domid = draw(st.sampled_from([2, 2, 2, 1, 7, DOMID_SELF]))
         else:
             ref = draw(st.sampled_from([20, 21, 20, 21, frames - 1, frames, 2**40]))
@@ -88,3 +88,29 @@ async def test_fast_path_equals_reference(monkeypatch: pytest.MonkeyPatch) -> No
             assert results[0] == results[1]
 
         check()
+
+
+@pytest.mark.parametrize("native", [False, True])
+async def test_a_grant_reference_is_the_low_32_bits_of_the_union(
+    monkeypatch: pytest.MonkeyPatch, native: bool
+) -> None:
+    """Xen reads a gref side as ``u.ref`` (grant_ref_t, 32 bits of the 64-bit union): junk a
+    guest leaves in the upper bytes does not matter; a frame side uses all 64 bits."""
+    monkeypatch.setattr(fastpath, "ENABLED", native)
+    async with pvio.Hypervisor() as hv:
+        a = await boot(hv, Probe(), "a")
+        b = await boot(hv, Probe(), "b")
+        page = b.alloc_page()
+        b.page(page)[:] = b"\x5a" * 4096
+        ref = b.grant_access(1, page)
+        junk = 0xDEADBEEF << 32
+        gpa = a.arg_gpa()
+        ops = [
+            GNTTAB_COPY.pack(ref | junk, 2, 0, 20, DOMID_SELF, 0, 64, 1, 0),  # gref source: ok
+            GNTTAB_COPY.pack(20 | junk, DOMID_SELF, 0, 21, DOMID_SELF, 0, 64, 0, 0),  # gfn: bad_page
+        ]
+        a.mem[gpa : gpa + 80] = b"".join(ops)
+        assert a.hypercall(Hypercall.grant_table_op, GnttabOp.copy, gpa, 2) == 0
+        statuses = [struct.unpack_from("<h", a.mem, gpa + i * 40 + 36)[0] for i in range(2)]
+        assert statuses == [0, -9]  # GNTST_okay, GNTST_bad_page
+        assert bytes(a.page(20)[:64]) == b"\x5a" * 64

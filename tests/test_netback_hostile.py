@@ -18,6 +18,7 @@ it.  Either way A and B lose nothing, and dom0 and the hypervisor keep running.
 from __future__ import annotations
 
 import logging
+import os
 import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -26,11 +27,19 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from pvio import XenbusState
+from pvio.core.ratelimit import LOG_BURST, LOG_INTERVAL_S
 from pvio.frontends.netstack import udp_packet
 from pvio.ringbuf import NETIF_TX
-from pvio.ringbuf.netif import NETIF_RSP_ERROR, NETTXF_MORE_DATA
+from pvio.ringbuf.netif import (
+    NETIF_RSP_ERROR,
+    NETTXF_EXTRA_INFO,
+    NETTXF_MORE_DATA,
+    XEN_NETIF_EXTRA_TYPE_GSO,
+)
 from tests.netenv import (
     HandmadeFrontend,
     NetEnv,
@@ -348,3 +357,115 @@ async def test_a_frontend_refused_by_its_backend_is_told_why(autojump_clock: Any
     )
     assert "refused the vif: backend 'lossy' on vif1.0 (dom1): on_attach failed" in message
     assert "unknown options ['bogus']" in message
+
+
+async def test_a_flood_of_malformed_packets_logs_a_bounded_number_of_lines(
+    autojump_clock: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with three_guests() as (env, a, b, h):
+        await exchange(a, b, 0)
+        rounds, per_round = 50, 40
+        for _ in range(rounds):  # within one window of the limiter: virtual time barely moves
+            reqs = []
+            for _ in range(per_round):
+                sid = claim(h)
+                reqs.append({"gref": h.nic.tx_refs[sid], "offset": 4000, "flags": 0, "id": sid, "size": 200})
+            push_raw(h, reqs)
+            await trio.testing.wait_all_tasks_blocked()
+        total = rounds * per_round
+        assert drops(env, f"netback/{HOSTILE}") == {"drops.bad_offset": total}
+        lines = netback_log(caplog, logging.WARNING)
+        assert len(lines) == LOG_BURST
+        assert env.count(f"netback/{HOSTILE}", "log.suppressed") == total - LOG_BURST
+        assert env.vif(h).connected
+        await exchange(a, b, K)
+        assert_pair_unharmed(env, a, b, 2)
+        # The next window says how many were suppressed, in its first line.
+        await trio.sleep(LOG_INTERVAL_S)
+        sid = claim(h)
+        push_raw(h, [{"gref": h.nic.tx_refs[sid], "offset": 4000, "flags": 0, "id": sid, "size": 200}])
+        await trio.testing.wait_all_tasks_blocked()
+        assert netback_log(caplog, logging.WARNING)[-1].endswith(
+            f"({total - LOG_BURST} similar messages suppressed)"
+        )
+
+
+async def test_an_extra_info_chain_split_across_two_pushes_is_read_as_one_packet(
+    autojump_clock: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with three_guests() as (env, a, b, h):
+        frame = udp_stream(h, a, 1, start=4242)[0]
+        sid = claim(h)
+        h.nic.tx_views[sid][: len(frame)] = frame
+        first = {"gref": h.nic.tx_refs[sid], "offset": 0, "flags": NETTXF_EXTRA_INFO, "id": sid}
+        push_raw(h, [{**first, "size": len(frame)}])  # the extra-info slot is not published yet
+        await trio.testing.wait_all_tasks_blocked()
+        extra = struct.pack("<BB", XEN_NETIF_EXTRA_TYPE_GSO, 0) + bytes(NETIF_TX.req_size - 2)
+        sent, _ = h.nic.tx.send(extra)
+        assert sent == 1
+        h.evtchn_send(h.nic.port)
+        [got] = await recv_n(a.nic, 1)
+        await trio.testing.wait_all_tasks_blocked()
+        assert got == frame
+        assert env.vif(h).connected and drops(env, f"netback/{HOSTILE}") == {}
+        assert h.nic.error is None and len(h.nic.tx_free) == 256
+        assert netback_log(caplog, logging.ERROR) == []
+        await exchange(a, b, 0)
+
+
+FUZZ = os.environ.get("PVIO_FUZZ") == "1"
+TX_SLOT = st.fixed_dictionaries(
+    {
+        "gref": st.sampled_from([-1, -1, -1, 0, 4095, 4096, 2**32 - 1]),  # -1: one of H's own pool grants
+        "offset": st.sampled_from([0, 0, 1, 2000, 4095, 4096, 65535]),
+        "flags": st.sampled_from([0, 0, NETTXF_MORE_DATA, NETTXF_EXTRA_INFO, 0xFFFF]),
+        "id": st.sampled_from([-1, -1, 0, 255, 256, 65535]),  # -1: a claimed pool slot
+        "size": st.sampled_from([0, 1, 14, 60, 100, 4096, 4097, 65535]),
+    }
+)
+
+
+@settings(
+    max_examples=200 if FUZZ else 10,
+    deadline=None,
+    derandomize=not FUZZ,
+    suppress_health_check=list(HealthCheck),
+)
+@given(pushes=st.lists(st.lists(TX_SLOT, min_size=1, max_size=24), min_size=1, max_size=3))
+def test_fuzz_malicious_frontend_against_netback(pushes: list[list[dict[str, int]]]) -> None:
+    """Whatever H writes into its TX ring: nothing escapes dom0 (no internal error), H's vif
+    is either up or disabled with a logged reason, and the pair A/B loses nothing."""
+
+    async def scenario() -> None:
+        async with three_guests() as (env, a, b, h):
+            await exchange(a, b, 0)
+            for push in pushes:
+                reqs = []
+                for slot in push:
+                    req = dict(slot)
+                    if req["id"] == -1 and h.nic.tx_free:
+                        req["id"] = claim(h)
+                    elif req["id"] == -1:
+                        req["id"] = 0
+                    if req["gref"] == -1:
+                        req["gref"] = h.nic.tx_refs[req["id"] % len(h.nic.tx_refs)]
+                    reqs.append(req)
+                if h.nic.connected and h.nic.error is None:
+                    h.nic.tx.send(b"".join(NETIF_TX.pack_request(**r) for r in reqs))
+                    h.evtchn_send(h.nic.port)
+                await trio.testing.wait_all_tasks_blocked()
+            vif = env.vif(h)
+            assert env.count(f"netback/{HOSTILE}", "internal_errors") == 0
+            assert vif.connected or vif.error is not None
+            await exchange(a, b, K)
+            # H's own garbage may land in the switch's drops; nothing of the pair's may.
+            assert (
+                env.count("netfront/vif1.0", "packets.rx")
+                == env.count("netfront/vif2.0", "packets.rx")
+                == 2 * K
+            )
+            for owner in ("netback/vif1.0", "netback/vif2.0"):
+                assert drops(env, owner) == {}
+            assert all(dom.state == "running" for dom in env.hv.domains.values())
+
+    trio.run(scenario, clock=trio.testing.MockClock(autojump_threshold=0))

@@ -85,8 +85,8 @@ async def test_unknown_option(pvio_env):
 async def test_backend(pvio_env, run_scenario, autojump_clock):
     async with pvio_env("pv", backend="lossy", backend_options={"drop_every": 1000}) as env:
         result = await run_scenario(env, "stream", packets=20)
-    assert result.packets == 20 and env.netback.vifs
-    assert env.hv.counters["backend/vif1.0"] is not None
+    assert result.packets == 20
+    assert "backend/vif1.0" in env.hv.counters and "backend/vif2.0" in env.hv.counters
 
 async def test_no_backend_for_smartnic(pvio_env):
     with pytest.raises(ValueError, match="a backend serves PV vifs; smartnic NICs have none"):

@@ -223,6 +223,7 @@ async def _scribble_rx_response(env: Any, x86: X86Guest, rsp: bytes, advance: in
     [
         (bytes.fromhex("e703 0000 0000 3c00"), 1, "RX response id is not a posted buffer"),
         (bytes.fromhex("0000 f00f 0000 3c00"), 1, "RX response crosses its page"),
+        (bytes.fromhex("0000 0000 0000 0000"), 1, "RX response of 0 bytes"),
         (bytes(8), 1000, "impossible RX response producer index"),
     ],
 )

@@ -652,6 +652,8 @@ def test_counters_count_requests_errors_and_watch_events_exactly(store: Store) -
         "errors": {"EINVAL": 1, "ENOENT": 1},
         "watch_events": 3,
         "watch_events_dropped": 0,
+        "watch_events_coalesced": 0,
+        "watch_events_shed": 0,
         "disconnects": {},
         "nodes": 2,
         "watches": 1,

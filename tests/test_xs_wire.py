@@ -619,6 +619,8 @@ async def test_counts_over_the_wire_are_exact(store: Store) -> None:
         "errors": {"ENOENT": 1},
         "watch_events": 2,
         "watch_events_dropped": 0,
+        "watch_events_coalesced": 0,
+        "watch_events_shed": 0,
         "disconnects": {},
         "nodes": 2,
         "watches": 1,

@@ -271,6 +271,8 @@ static int reap_tx(void)
     }
     for (int i = 0; i < n; i++) {
         u16 id = tx_rsp[i].id;
+        if (tx_rsp[i].status == NETIF_RSP_NULL)
+            continue; /* an extra-info slot's answer: no buffer, no id (as Linux) */
         if (id >= NET_TX_RING_SIZE || !tx_outstanding[id]) {
             nf_fail("TX response id is not an outstanding request");
             return i;
@@ -306,6 +308,10 @@ static int receive(void)
             frame_len = frame_slots = 0;
             frame_discard = 0;
             continue;
+        }
+        if (status == 0) { /* the rules of pvio.ringbuf.netif.rx_slot_problem */
+            nf_fail("RX response of 0 bytes");
+            return n;
         }
         if ((u32)offset + (u32)status > PAGE_SIZE) {
             nf_fail("RX response crosses its page");

@@ -138,6 +138,8 @@ class Domain:
         self.crash_reason: str | None = None
         self.cancel_scope = trio.CancelScope()
         self.timer_scope: trio.CancelScope | None = None
+        self.timer_deadline_ns = 0  # the pending set_timer_op deadline (0: none)
+        self.timer_wake: trio.Event | None = None  # set when the deadline changes under the timer task
         self.on_destroy: list[Callable[[Domain], None]] = []
         # Set by the kernel once it has booted (or by the hypervisor if it stops first).
         self.booted = trio.Event()

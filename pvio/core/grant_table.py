@@ -177,10 +177,13 @@ def unmap_grant(caller: Domain, handle: int) -> GrantMapping:
 def copy_side(
     domains: dict[int, Domain], caller: Domain, is_gref: bool, ref_or_gfn: int, domid: int, write: bool
 ) -> memoryview:
-    """Resolve one side of a GNTTABOP_copy element to the page it names, after every check."""
+    """Resolve one side of a GNTTABOP_copy element to the page it names, after every check.
+
+    A gref side is the union's ``u.ref``: Xen reads a 32-bit grant_ref_t, so only the low 32
+    bits of the 64-bit field count; a frame side (``u.gmfn``) uses all 64."""
     if is_gref:
         granter = _domain(domains, caller, domid)
-        frame = granter.grant_table.acquire(caller.domid, ref_or_gfn, write=write)
+        frame = granter.grant_table.acquire(caller.domid, ref_or_gfn & 0xFFFFFFFF, write=write)
         return granter.mem.page(frame)
     if domid not in (DOMID_SELF, caller.domid):
         raise GrantError(

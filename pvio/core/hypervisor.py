@@ -277,23 +277,40 @@ class Hypervisor:
             evtchn.set_pending(dom, port)
 
     def set_timer(self, dom: Domain, deadline_ns: int) -> None:
-        """One-shot VIRQ_TIMER at system time ``deadline_ns`` (0 cancels)."""
-        if dom.timer_scope is not None:
-            dom.timer_scope.cancel()
-            dom.timer_scope = None
-        if deadline_ns <= 0:
+        """One-shot VIRQ_TIMER at system time ``deadline_ns`` (0 cancels).
+
+        The deadline is state: one pending deadline per domain, replaced by every call, and at
+        most one timer task per domain that sleeps until it and is woken when it changes.  A
+        guest calling this in a loop costs a store and an event, never a task per call.
+        """
+        dom.timer_deadline_ns = max(deadline_ns, 0)
+        wake = dom.timer_wake
+        if wake is not None:  # the domain's timer task is running: let it look again
+            wake.set()
+            return
+        if deadline_ns <= 0 or not dom.alive:
             return
         scope = trio.CancelScope()
         dom.timer_scope = scope
+        dom.timer_wake = trio.Event()
 
-        async def fire() -> None:
-            with scope:
-                await trio.sleep_until(deadline_ns / 1e9)
+        async def run_timer() -> None:
+            try:
+                with scope:
+                    while dom.timer_deadline_ns > 0:
+                        deadline = dom.timer_deadline_ns
+                        wake = dom.timer_wake = trio.Event()
+                        with trio.move_on_at(deadline / 1e9):
+                            await wake.wait()
+                        if dom.timer_deadline_ns == deadline and not wake.is_set():
+                            dom.timer_deadline_ns = 0
+                            self.send_virq(dom, VIRQ_TIMER)
+            finally:
                 if dom.timer_scope is scope:
                     dom.timer_scope = None
-                self.send_virq(dom, VIRQ_TIMER)
+                dom.timer_wake = None
 
-        self._require_nursery().start_soon(fire)
+        self._require_nursery().start_soon(run_timer)
 
     @staticmethod
     def now_ns() -> int:

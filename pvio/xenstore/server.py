@@ -19,6 +19,15 @@ ring: both sides must stream, and messages span the wrap point.
   counted; ``process()`` never raises.  Memory per guest is bounded: one partial message in, and
   output up to a high-water mark before it stops reading requests (back-pressure through the guest's
   own ring) and a limit beyond which watch events are dropped and counted (XSA-349).
+* Watch-event fairness (XSA-349).  A guest may change a node someone else watches (dom0's
+  backends watch every frontend's ``state``) as fast as it likes.  Two rules keep that from
+  costing the watcher other domains' events.  An event identical to one still queued (same path,
+  same token) is coalesced: a watch event only says "look again", and the queued one arrives after
+  the change.  And each unprivileged domain gets a share (:data:`EVENT_SHARE` bytes) of every
+  other connection's queue for the events its own operations raised; beyond it, its events are
+  dropped, counted at the watcher and as shed by the cause.  Events caused by dom0 are only
+  bounded by :data:`OUTPUT_LIMIT`.  So a bystander's event waits behind at most one share per
+  flooding domain, and the flooder pays for its own flood.
 * :class:`XenbusClient` is the guest's end (like Linux's xenbus_xs.c): requests are serialised onto
   the ring under a lock, replies matched to waiters by req_id, watch events routed to
   :class:`Watch` objects by token.  A request longer than the free space is written in pieces,
@@ -41,7 +50,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
@@ -82,6 +91,8 @@ T = TypeVar("T")
 # Server-side bounds on queued output per connection.
 OUTPUT_HIGH_WATER = 2 * (XSD_SOCKMSG.size + XENSTORE_PAYLOAD_MAX)  # stop reading requests above this
 OUTPUT_LIMIT = 16 * (XSD_SOCKMSG.size + XENSTORE_PAYLOAD_MAX)  # drop watch events above this
+#: Bytes of queued watch events one unprivileged causing domain may hold in a connection's queue.
+EVENT_SHARE = OUTPUT_LIMIT // 8
 _OK = b"OK\0"
 _UNLIMITED = sys.maxsize
 
@@ -139,10 +150,16 @@ class XsConnection:
         self._out: deque[bytes] = deque()
         self._out_offset = 0  # bytes of _out[0] already written
         self._out_bytes = 0
-        self._deferred: list[bytes] = []  # own watch events raised while answering a request
+        self._deferred: list[
+            tuple[bytes, int | None]
+        ] = []  # own watch events raised while answering a request
         self._handling = False
         self._closed = False
         self._warned_drop = False
+        self._warned_shed: set[int] = set()
+        # Queued, not yet fully sent watch events: message -> causing domid (None: privileged).
+        self._pending_events: dict[bytes, int | None] = {}
+        self._event_bytes: Counter[int] = Counter()  # queued event bytes by unprivileged cause
         self._store = store
         self._session = store.connect(domid, self._on_watch_event)
         self._handlers: dict[int, Handler] = {
@@ -171,6 +188,8 @@ class XsConnection:
         """Stop serving: the store drops this connection's watches and transactions."""
         self._closed = True
         self._out.clear()
+        self._pending_events.clear()
+        self._event_bytes.clear()
         self._session.close()
 
     def _output_queued(self) -> None:
@@ -180,6 +199,16 @@ class XsConnection:
     def _queue(self, message: bytes) -> None:
         self._out.append(message)
         self._out_bytes += len(message)
+
+    def _sent(self, message: bytes) -> None:
+        """The transport finished writing ``message`` (popped from :attr:`_out`): release its
+        accounting, so an identical later event is queued again."""
+        if message in self._pending_events:
+            cause = self._pending_events.pop(message)
+            if cause is not None:
+                self._event_bytes[cause] -= len(message)
+                if self._event_bytes[cause] <= 0:
+                    del self._event_bytes[cause]
 
     def _on_watch_event(self, path: str, token: str) -> None:
         if self._closed:
@@ -192,13 +221,33 @@ class XsConnection:
             )
             return
         message = encode_message(XsType.WATCH_EVENT, 0, 0, payload)
+        cause = self._store.event_cause
+        if cause is not None and is_privileged(cause):
+            cause = None
         if self._handling:
-            self._deferred.append(message)  # after the reply to the request that caused it
+            self._deferred.append((message, cause))  # after the reply to the request that caused it
             return
-        self._queue_event(message)
-        self._output_queued()
+        if self._queue_event(message, cause):
+            self._output_queued()
 
-    def _queue_event(self, message: bytes) -> None:
+    def _queue_event(self, message: bytes, cause: int | None) -> bool:
+        """Queue one watch event unless an identical one is still queued, its cause has used
+        up its share, or the queue is at its limit; True if queued."""
+        if message in self._pending_events:
+            self._store.count_coalesced_event(self.domid)
+            return False
+        if cause is not None and self._event_bytes[cause] + len(message) > EVENT_SHARE:
+            self._store.count_dropped_event(self.domid, cause)
+            if cause not in self._warned_shed:
+                self._warned_shed.add(cause)
+                logger.warning(
+                    "xenstore: dom%d raises watch events for dom%d faster than it reads them; "
+                    "dropping its events beyond %d queued bytes",
+                    cause,
+                    self.domid,
+                    EVENT_SHARE,
+                )
+            return False
         if self._out_bytes + len(message) > OUTPUT_LIMIT:
             self._store.count_dropped_event(self.domid)
             if not self._warned_drop:
@@ -208,8 +257,12 @@ class XsConnection:
                     self.domid,
                     OUTPUT_LIMIT,
                 )
-            return
+            return False
         self._queue(message)
+        self._pending_events[message] = cause
+        if cause is not None:
+            self._event_bytes[cause] += len(message)
+        return True
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -221,8 +274,8 @@ class XsConnection:
             self._handling = False
         self._queue(encode_message(reply_type, header.req_id, header.tx_id, reply))
         deferred, self._deferred = self._deferred, []
-        for message in deferred:
-            self._queue_event(message)
+        for message, cause in deferred:
+            self._queue_event(message, cause)
 
     def _execute(self, header: XsHeader, payload: bytes) -> tuple[int, bytes]:
         msg_type = XsType(header.type)
@@ -430,7 +483,7 @@ class RingConnection(XsConnection):
             free -= len(chunk)
             self._out_offset += len(chunk)
             if self._out_offset == len(head):
-                self._out.popleft()
+                self._sent(self._out.popleft())
                 self._out_offset = 0
         if written:
             self._out_bytes -= written

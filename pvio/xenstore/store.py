@@ -38,8 +38,10 @@ the wire layer stay a thin parser/encoder.
   operations see a consistent tree and every connection sees events in the order changes happened.
 
 * **Quotas** per unprivileged domain: nodes owned (ENOSPC), watches (E2BIG), open transactions
-  (ENOSPC).  The value-size limit (E2BIG) applies to every domain, dom0 included, because a larger
-  value could not be read back over the wire.
+  (ENOSPC), distinct nodes one transaction remembers (ENOSPC, xenstored's
+  ``quota-transaction-nodes``; XSA-326/421: reads of missing paths count too, and repeated
+  writes of one node are one entry and one change).  The value-size limit (E2BIG) applies to
+  every domain, dom0 included, because a larger value could not be read back over the wire.
 
 * **Release** (domain death) closes the domain's connections, removes ``/local/domain/<id>`` and,
   as after XSA-322, hands any remaining node owned by the dead domid to dom0 and strips it from
@@ -154,12 +156,20 @@ def parse_perms(perms: Sequence[str | Perm]) -> tuple[Perm, ...]:
 
 @dataclass(frozen=True)
 class Quota:
-    """Per-domain limits; xenstored's defaults except the 4096-byte value size the brief asks for."""
+    """Per-domain limits; xenstored's defaults except the 4096-byte value size the brief asks for.
+
+    ``transaction_nodes`` is xenstored's ``quota-transaction-nodes``: how many distinct nodes one
+    transaction may look at or write (a read of a missing path counts: the transaction must
+    remember it to detect the node appearing).  A step that would exceed it is ENOSPC and the
+    transaction can then only fail, so its memory is bounded by this many nodes of at most
+    ``value_size`` bytes each.
+    """
 
     nodes: int = 1000
     watches: int = 128
     transactions: int = 10
     value_size: int = 4096
+    transaction_nodes: int = 1024
 
 
 def is_privileged(domid: int) -> bool:
@@ -281,10 +291,12 @@ class _View(Protocol):
 @dataclass(eq=False)
 class _Transaction:
     tx_id: int
+    node_limit: int | None = None  # distinct nodes it may remember (None: unlimited, for dom0)
     overlay: dict[str, _Node | None] = field(default_factory=dict)
     seen: dict[str, int | None] = field(default_factory=dict)
-    changes: list[_Change] = field(default_factory=list)
+    changes: dict[_Change, None] = field(default_factory=dict)  # ordered, each change once
     owned_delta: Counter[int] = field(default_factory=Counter)
+    failed: str | None = None  # why a step was refused: the commit then fails with ENOSPC
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,6 +318,8 @@ class _DomainCounters:
     errors: Counter[str] = field(default_factory=Counter)
     watch_events: int = 0
     watch_events_dropped: int = 0
+    watch_events_coalesced: int = 0
+    watch_events_shed: int = 0
     disconnects: Counter[str] = field(default_factory=Counter)
 
 
@@ -337,7 +351,11 @@ class _TxView:
         if path in tx.overlay:
             return tx.overlay[path]
         node = self._store._nodes.get(path)
-        tx.seen.setdefault(path, None if node is None else node.generation)
+        if path not in tx.seen:
+            if tx.node_limit is not None and len(tx.seen) >= tx.node_limit:
+                tx.failed = f"transaction {tx.tx_id} would remember more than {tx.node_limit} nodes"
+                raise XenstoreError("ENOSPC", _short(path), tx.failed)
+            tx.seen[path] = None if node is None else node.generation
         return node
 
     def put(self, path: str, node: _Node | None) -> None:
@@ -352,7 +370,7 @@ class _TxView:
         return self._store._owned[domid] + self._tx.owned_delta[domid]
 
     def changed(self, change: _Change) -> None:
-        self._tx.changes.append(change)
+        self._tx.changes[change] = None
 
 
 WatchCallback = Callable[[str, str], None]
@@ -432,7 +450,8 @@ class StoreConnection:
             ):
                 raise XenstoreError("ENOSPC", detail=f"dom{self.domid} has too many open transactions")
             tx_id = store._new_tx_id()
-            self._transactions[tx_id] = _Transaction(tx_id)
+            limit = None if is_privileged(self.domid) else store.quota_for(self.domid).transaction_nodes
+            self._transactions[tx_id] = _Transaction(tx_id, limit)
             store._tx_count[self.domid] += 1
             return tx_id
 
@@ -443,6 +462,8 @@ class StoreConnection:
             if transaction is None:
                 raise XenstoreError("ENOENT", detail=f"no transaction {tx} on this connection")
             self._store._tx_count[self.domid] -= 1
+            if commit and transaction.failed is not None:
+                raise XenstoreError("ENOSPC", detail=transaction.failed)
             if commit:
                 self._store._commit(self.domid, transaction)
 
@@ -463,7 +484,7 @@ class StoreConnection:
                 raise XenstoreError("E2BIG", path, f"dom{self.domid} has too many watches")
             self._watches[key] = watch
             store._watch_count[self.domid] += 1
-            store._outbox.append((self, watch.path, token))
+            store._outbox.append((self, watch.path, token, self.domid))
         store._deliver()
 
     def unwatch(self, path: str, token: str) -> None:
@@ -555,7 +576,7 @@ class StoreConnection:
             counters.errors[err.errno] += 1
             raise
         if live is not None and live.changes:
-            store._fire(live.changes)
+            store._fire(live.changes, self.domid)
 
 
 class Store:
@@ -583,8 +604,12 @@ class Store:
         self._watch_count: Counter[int] = Counter()
         self._tx_count: Counter[int] = Counter()
         self._counters: dict[int, _DomainCounters] = {}
-        self._outbox: deque[tuple[StoreConnection, str, str]] = deque()
+        self._outbox: deque[tuple[StoreConnection, str, str, int]] = deque()
         self._delivering = False
+        #: While a watch event is being delivered: the domain whose operation raised it (the
+        #: writer, committer, or watcher registering), so a connection can account queued
+        #: events to the domain that caused them (per-cause fairness, XSA-349).
+        self.event_cause: int | None = None
 
     # -- public API ----------------------------------------------------------------------------
 
@@ -609,7 +634,7 @@ class Store:
         view.put(home, replace(node, perms=perms))
         view.changed(_Change(home, False, (perms,)))
         view.changed(_Change(INTRODUCE_DOMAIN, True, (self._special_perms[INTRODUCE_DOMAIN],)))
-        self._fire(view.changes)
+        self._fire(view.changes, 0)
 
     def release_domain(self, domid: int) -> None:
         """The domain is gone: close its connections (watches, transactions), remove its home,
@@ -623,7 +648,7 @@ class Store:
         self._rm(view, 0, domain_path(domid))
         self._disown(domid)
         view.changed(_Change(RELEASE_DOMAIN, True, (self._special_perms[RELEASE_DOMAIN],)))
-        self._fire(view.changes)
+        self._fire(view.changes, 0)
 
     def is_introduced(self, domid: int) -> bool:
         return domid in self._introduced
@@ -639,7 +664,10 @@ class Store:
         """A snapshot of ``domid``'s counters and current usage (JSON-serialisable):
 
         ``requests`` by message type name, ``errors`` by errno name, ``watch_events`` sent to it,
-        ``watch_events_dropped`` (queue full at its connection), ``disconnects`` by reason, and its
+        ``watch_events_dropped`` (queue full at its connection), ``watch_events_coalesced`` (an
+        identical event was still queued for it), ``watch_events_shed`` (events this domain
+        caused that a connection dropped because its share was used up), ``disconnects`` by
+        reason, and its
         current ``nodes`` owned, ``watches`` and ``transactions``.
         """
         c = self._counters.get(domid) or _DomainCounters()
@@ -648,6 +676,8 @@ class Store:
             "errors": dict(sorted(c.errors.items())),
             "watch_events": c.watch_events,
             "watch_events_dropped": c.watch_events_dropped,
+            "watch_events_coalesced": c.watch_events_coalesced,
+            "watch_events_shed": c.watch_events_shed,
             "disconnects": dict(sorted(c.disconnects.items())),
             "nodes": self._owned[domid],
             "watches": self._watch_count[domid],
@@ -658,8 +688,16 @@ class Store:
         """Count a connection of ``domid`` dropped for ``reason`` (a short stable key)."""
         self._stats(domid).disconnects[reason] += 1
 
-    def count_dropped_event(self, domid: int) -> None:
+    def count_dropped_event(self, domid: int, cause: int | None = None) -> None:
+        """Count a watch event for ``domid`` dropped at its connection; when the drop is the
+        causing domain's share running out, count it as shed by ``cause`` too."""
         self._stats(domid).watch_events_dropped += 1
+        if cause is not None:
+            self._stats(cause).watch_events_shed += 1
+
+    def count_coalesced_event(self, domid: int) -> None:
+        """Count a watch event for ``domid`` not queued because an identical one still is."""
+        self._stats(domid).watch_events_coalesced += 1
 
     # -- tree operations (view-agnostic) -------------------------------------------------------
 
@@ -805,7 +843,7 @@ class Store:
                 raise XenstoreError("ENOSPC", detail=f"dom{domid} would own more than {limit} nodes")
         for path, node in tx.overlay.items():
             self._put_live(path, node)
-        self._fire(list(dict.fromkeys(tx.changes)))
+        self._fire(list(tx.changes), domid)
 
     def _new_tx_id(self) -> int:
         while True:
@@ -823,7 +861,7 @@ class Store:
         relative_to = None if path.startswith("/") else domain_path(domid) + "/"
         return _Watch(path, absolute, token, relative_to)
 
-    def _fire(self, changes: list[_Change]) -> None:
+    def _fire(self, changes: list[_Change], cause: int) -> None:
         for change in changes:
             for conn in self._conns:
                 for watch in conn._watches.values():
@@ -832,7 +870,7 @@ class Store:
                     else:
                         hit = not watch.abs_path.startswith("@") and _at_or_below(change.path, watch.abs_path)
                     if hit and any(_access(conn.domid, perms) & PERM_READ for perms in change.perms):
-                        self._outbox.append((conn, watch.event_path(change.path), watch.token))
+                        self._outbox.append((conn, watch.event_path(change.path), watch.token, cause))
         self._deliver()
 
     def _deliver(self) -> None:
@@ -842,14 +880,17 @@ class Store:
         self._delivering = True
         try:
             while self._outbox:
-                conn, path, token = self._outbox.popleft()
+                conn, path, token, cause = self._outbox.popleft()
                 if conn.closed:
                     continue
                 self._stats(conn.domid).watch_events += 1
+                self.event_cause = cause
                 try:
                     conn._deliver(path, token)
                 except Exception:
                     logger.exception("xenstore: watch callback of dom%d failed for %r", conn.domid, path)
+                finally:
+                    self.event_cause = None
         finally:
             self._delivering = False
 

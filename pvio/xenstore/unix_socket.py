@@ -104,6 +104,7 @@ class SocketConnection(XsConnection):
             while self._out:
                 head = self._out.popleft()
                 self._out_bytes -= len(head)
+                self._sent(head)
                 try:
                     await _send_all(self._sock, head)
                 except OSError as e:  # the peer is gone: stop reading too

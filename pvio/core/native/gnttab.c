@@ -52,6 +52,7 @@ static int resolve(const struct pvio_gt_dom *doms, unsigned int n, const struct 
                    int is_gref, uint64_t ref, uint16_t domid, int write, uint8_t **page)
 {
     if (is_gref) {
+        ref = (uint32_t)ref; /* u.ref: a grant_ref_t is the low 32 bits of the union, as Xen reads it */
         const struct pvio_gt_dom *d = find_dom(doms, n, caller, domid);
         if (d == NULL)
             return GNTST_bad_domain;
