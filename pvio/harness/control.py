@@ -186,7 +186,7 @@ class ControlServer:
     def cmd_console(self, dom: str | int, input: str | None = None, follow: bool = False) -> list[str]:
         d = self._domain(dom)
         if input is not None:
-            feed = getattr(d, "console_input", None)
+            feed = getattr(d.kernel, "type", None)  # a PVH guest's console input ring (xl console)
             if feed is None:
                 raise ControlError(f"{d.name} takes no console input (its kernel reads no console ring)")
             feed(input.encode())
