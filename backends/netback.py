@@ -60,6 +60,7 @@ from pvio.ringbuf.netif import (
     NETIF_RSP_NULL,
     NETIF_RSP_OKAY,
     NETRXF_MORE_DATA,
+    NETTXF_CSUM_BLANK,
     NETTXF_EXTRA_INFO,
     NETTXF_MORE_DATA,
     RX_REQUEST,
@@ -68,6 +69,7 @@ from pvio.ringbuf.netif import (
     TX_RESPONSE,
     XEN_NETIF_EXTRA_FLAG_MORE,
     XEN_NETIF_NR_SLOTS_MIN,
+    complete_checksum,
     tx_slot_problem,
 )
 from pvio.xenstore.store import XenstoreError
@@ -454,10 +456,15 @@ class BackendVif(SwitchPort):
                 if bad:
                     reason = "bad_grant"
                     self._warn("%s: TX grant copy failed: %s", self.vif_name, GntSt(bad).name)
-                elif nslots == 1:
-                    frames.append(views[first_op][: lens[first_op]].tobytes())
                 else:
-                    frames.append(b"".join(views[first_op + k][: lens[first_op + k]] for k in range(nslots)))
+                    if nslots == 1:
+                        frame = views[first_op][: lens[first_op]].tobytes()
+                    else:
+                        frame = b"".join(views[first_op + k][: lens[first_op + k]] for k in range(nslots))
+                    if slots[0][2] & NETTXF_CSUM_BLANK:  # offloaded: the backend finishes it
+                        frame = complete_checksum(frame)
+                        self.dev["checksums_completed"] += 1
+                    frames.append(frame)
             status = NETIF_RSP_OKAY
             if reason is not None:
                 status = NETIF_RSP_ERROR

@@ -69,3 +69,34 @@ def tx_slot_problem(offset: int, size: int) -> str | None:
     if size <= 0 or offset + size > PAGE_BYTES:
         return f"TX slot offset {offset} + size {size} crosses the page"
     return None
+
+
+def complete_checksum(frame: bytes) -> bytes:
+    """Finish the TCP/UDP checksum of an IPv4 frame sent with NETTXF_CSUM_BLANK.
+
+    A frontend with checksum offload (Linux's xen-netfront always offers it for IPv4) leaves
+    the transport checksum holding only the pseudo-header sum; the backend must complete it,
+    as Linux's netback does with skb_checksum_help: sum the transport header and payload
+    (that partial value included), fold, complement.  Frames that are not IPv4 TCP/UDP, or
+    are too short to be, come back unchanged.
+    """
+    if len(frame) < 34 or frame[12:14] != b"\x08\x00":
+        return frame
+    ihl = (frame[14] & 0x0F) * 4
+    proto = frame[23]
+    l4 = 14 + ihl
+    field = {6: l4 + 16, 17: l4 + 6}.get(proto)
+    total = int.from_bytes(frame[16:18], "big")
+    end = min(len(frame), 14 + total)
+    if field is None or ihl < 20 or field + 2 > end:
+        return frame
+    data = frame[l4:end]
+    if len(data) % 2:
+        data += b"\x00"
+    s = sum(int.from_bytes(data[k : k + 2], "big") for k in range(0, len(data), 2))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    csum = ~s & 0xFFFF
+    if proto == 17 and csum == 0:
+        csum = 0xFFFF  # UDP: 0 means "no checksum"
+    return frame[:field] + csum.to_bytes(2, "big") + frame[field + 2 :]

@@ -481,3 +481,25 @@ async def test_a_vif_dom0_has_no_memory_for_is_refused_and_the_others_keep_runni
         assert len(env.hv.dom0.kernel._page_free) == 100  # type: ignore[attr-defined]  # given back
         await a.nic.send_batch(udp_stream(a, b, 50))
         assert [seq_of(f) for f in await recv_n(b.nic, 50)] == list(range(50))
+
+
+@pytest.mark.parametrize("proto", ["tcp", "udp"])
+def test_netback_completes_an_offloaded_checksum(proto: str) -> None:
+    """NETTXF_CSUM_BLANK frames carry only the pseudo-header sum; the completed frame equals
+    the one with a full checksum (what Linux's netfront relies on for TCP and UDP)."""
+    import struct as st
+
+    from scapy.layers.inet import IP, TCP, UDP
+    from scapy.layers.l2 import Ether
+
+    from pvio.ringbuf.netif import complete_checksum
+
+    l4 = TCP(sport=1, dport=2) / b"hello" if proto == "tcp" else UDP(sport=1, dport=2) / b"hello!"
+    good = bytes(Ether() / IP(src="10.0.0.1", dst="10.0.0.2") / l4)
+    partial = bytearray(good)
+    field = 14 + 20 + (16 if proto == "tcp" else 6)
+    s = sum(st.unpack("!HHHH", partial[26:34])) + partial[23] + len(good) - 34
+    s = (s & 0xFFFF) + (s >> 16)
+    partial[field : field + 2] = s.to_bytes(2, "big")
+    assert complete_checksum(bytes(partial)) == good
+    assert complete_checksum(b"\x00" * 20) == b"\x00" * 20  # not IPv4: unchanged

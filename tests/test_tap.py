@@ -144,3 +144,42 @@ async def test_a_tap_whose_link_is_down_counts_and_drops() -> None:
     with TapPort(sw, unique_name("pvd")) as tap:  # created down, never brought up
         tap.transmit([b"\xff" * 6 + b"\x02" + bytes(5) + b"\x08\x00" + bytes(46)] * 3)
         assert tap.counters["drops.link_down"] == 3
+
+
+LINUX_IP = "10.0.0.9"
+LINUX_SERVICES = (
+    "mkdir -p /www && echo pvio-http-ok > /www/index.html && httpd -p 8080 -h /www\n"
+    "nc -ll -p 7000 -e /bin/cat &\n"
+)
+
+
+@needs_netns
+@pytest.mark.slow
+async def test_the_namespace_pings_linux_and_reaches_its_tcp_services() -> None:
+    """Debian's Linux behind its own xen-netfront: the host's ping, curl (BusyBox httpd in
+    Linux) and a TCP socket (an echo service) reach it through the TAP port."""
+    from pvio.cpu.linux import LinuxGuest
+    from tests.pvh_support import require
+
+    require("linux")
+    linux = LinuxGuest(scenario=LINUX_SERVICES, ip=f"{LINUX_IP}/24")
+    async with net_env(linux, wait_ready=[], timeout_s=60) as env:
+        assert await linux.wait_for("PVIO-END", 240.0), linux.domain.console[-2000:]
+        async with tap_in_namespace(env.switch) as (_tap, ns):
+            done = await run_in(ns, "ping", "-c", "5", "-i", "0.2", "-W", "5", LINUX_IP, timeout_s=90)
+            out = done.stdout.decode()
+            assert "5 packets transmitted, 5 received, 0% packet loss" in out, out + done.stderr.decode()
+            if shutil.which("curl"):
+                page = await run_in(ns, "curl", "-s", "-m", "20", f"http://{LINUX_IP}:8080/", timeout_s=60)
+                assert page.stdout.decode() == "pvio-http-ok\n", (
+                    page.returncode,
+                    linux.domain.console[-1500:],
+                )
+            script = (
+                "import socket\n"
+                f"s = socket.create_connection(('{LINUX_IP}', 7000), timeout=20)\n"
+                "s.sendall(b'pvio-tcp\\n')\n"
+                "print(s.recv(64).decode(), end='')\n"
+            )
+            echo = await run_in(ns, sys.executable, "-c", script, timeout_s=60)
+            assert echo.stdout.decode() == "pvio-tcp\n", echo.stderr.decode()
