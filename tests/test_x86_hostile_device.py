@@ -22,7 +22,7 @@ import pytest
 from pvio.backends import emulated_nic as emu
 from pvio.backends import smartnic as snic
 from pvio.cpu.bench_guest import CMD_STREAM, BenchX86Guest
-from pvio.harness.bench import _settle
+from pvio.harness.bench import settle
 
 
 def _marker(dst: BenchX86Guest, src: BenchX86Guest) -> bytes:
@@ -104,7 +104,7 @@ async def test_smartnic_driver_refuses_a_forged_completion_and_goes_on(
             await c._until("the send", lambda: c.mailbox()["done_seq"] == seq)
         else:  # a frame arrives for c; its RX completion is the forged one
             dev.transmit([_marker(c, a)])
-        await _settle()
+        await settle()
         assert seen  # the device did write the forged completion
         assert _diff(before, c.driver_stats()) == expected
         now_posted = dev.dom.mem.read(rx_req_prod, 4)
@@ -139,7 +139,7 @@ async def test_smartnic_driver_refuses_an_rx_id_repeated_in_one_batch(
         monkeypatch.setattr(dev, "_complete", complete)
         before, posted = c.driver_stats(), dev.dom.mem.read(rx_req_prod, 4)
         dev.transmit([_marker(c, a), _marker(c, a)])
-        await _settle()
+        await settle()
         assert seen
         assert _diff(before, c.driver_stats()) == RX | {"rx_packets": 1, "bad_completions": 1}
         now_posted = dev.dom.mem.read(rx_req_prod, 4)
@@ -170,7 +170,7 @@ async def test_smartnic_driver_stops_on_an_impossible_completion_index(
         monkeypatch.setattr(dev, "_complete", complete)
         before = c.driver_stats()
         dev.transmit([_marker(c, a)])
-        await _settle()
+        await settle()
         assert "snic: stopped: impossible RX completion index" in c.domain.console_lines
         assert _diff(before, c.driver_stats()) == {}  # nothing taken from the ring
         assert c.domain.alive and c.domain.crash_reason is None
@@ -210,7 +210,7 @@ async def test_emulated_nic_driver_refuses_a_bad_rx_length_and_goes_on(
         counters = c.domain.counters
         before, pio, hcalls = c.driver_stats(), counters["exits.pio"], counters["hypercalls"]
         dev.transmit([marker])
-        await _settle()
+        await settle()
         assert lies == [rxlen]
         assert _diff(before, c.driver_stats()) == {"irqs": 1, "rx_errors": 1}
         # ports: ISR read + acknowledge, RXLEN (the lie), RX_POP, RXLEN (empty): no RXDATA read;
@@ -235,7 +235,7 @@ async def test_emulated_nic_rx_length_zero_is_an_empty_fifo_to_the_driver(
         lies = _lie_about_rxlen(monkeypatch, dev, marker, 0)
         before = c.driver_stats()
         dev.transmit([marker])
-        await _settle()
+        await settle()
         assert lies == [0]
         assert _diff(before, c.driver_stats()) == {"irqs": 1}
         assert list(dev.rx_fifo) == [marker]  # still in the card

@@ -214,7 +214,7 @@ async def model_env(
             yield ModelEnv(hv, net.switch, model, guest, net.guests, net.devices, net.netback)
 
 
-async def _settle() -> None:
+async def settle() -> None:
     """Run until the system is quiet, moderation timers included (instant under MockClock)."""
     await trio.testing.wait_all_tasks_blocked()
     await trio.sleep(0.001)
@@ -254,6 +254,14 @@ def costs(diff: Snapshot) -> dict[str, int]:
         "exits": diff.total("exits", "domain"),
         "hypercalls": diff.total("hypercalls", "domain"),
         "copies": diff.total("grant.copies", "domain") + diff.total("copies", "device"),
+    }
+
+
+def per_domain(diff: Snapshot, names: dict[str, str]) -> dict[str, dict[str, int]]:
+    """Interrupts, exits and hypercalls of each domain in ``diff``, by guest name."""
+    return {
+        names.get(owner, owner): {k: c.get(k, 0) for k in ("interrupts", "exits", "hypercalls")}
+        for owner, c in diff.domains().items()
     }
 
 
@@ -328,7 +336,7 @@ async def run_scenario(
     if not low <= frame_size <= high:
         raise ValueError(f"frame_size={frame_size}: {env.model} NICs carry frames of {low}..{high} bytes")
     a, b = env.guests[0], env.guests[1]
-    await _settle()
+    await settle()
     before = env.snapshot()
     latency: float | None = None
     native = getattr(a, "native_scenario", None)  # a guest kind whose guests make their own traffic
@@ -339,13 +347,9 @@ async def run_scenario(
             delivered, seconds = await _stream(a, b, packets, frame_size, offered_load, batch)
         else:
             delivered, seconds, latency = await _pingpong(a, b, packets, frame_size, offered_load)
-        await _settle()
+        await settle()
     diff = env.snapshot().diff(before)
-    names = env.domain_names()
-    by_domain = {
-        names.get(owner, owner): {k: c.get(k, 0) for k in ("interrupts", "exits", "hypercalls")}
-        for owner, c in diff.domains().items()
-    }
+    by_domain = per_domain(diff, env.domain_names())
     return ScenarioResult(
         env.model,
         env.guest_kind,

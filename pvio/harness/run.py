@@ -39,8 +39,10 @@ from pvio.harness.bench import (
     STREAM_PORTS,
     costs,
     make_frames,
+    per_domain,
     pingpong_trips,
     seq_of,
+    settle,
     stream_frames,
 )
 from pvio.harness.scenario import DomainSpec, PortSpec, Scenario, TrafficSpec
@@ -191,18 +193,12 @@ class _PortError(Exception):
     pass
 
 
-async def _quiet() -> None:
-    await trio.testing.wait_all_tasks_blocked()
-    await trio.sleep(0.001)
-    await trio.testing.wait_all_tasks_blocked()
-
-
 async def run_traffic(net: Network, sc: Scenario, t: TrafficSpec, kernels: dict[str, Any]) -> TrafficResult:
     """Run one traffic item and measure it."""
     src, dst = kernels[t.src], kernels[t.dst]
     spec = sc.domain(t.src)
     result = TrafficResult(t, spec.nic.model, spec.kind)
-    await _quiet()
+    await settle()
     before = net.snapshot()
     start = time.perf_counter()
     native = getattr(src, "native_scenario", None)
@@ -222,13 +218,9 @@ async def run_traffic(net: Network, sc: Scenario, t: TrafficSpec, kernels: dict[
     else:
         await _probes(net, src, dst, sc.timeout, result)
     result.seconds = time.perf_counter() - start
-    await _quiet()
+    await settle()
     result.diff = net.snapshot().diff(before)
-    names = net.domain_names()
-    result.by_domain = {
-        names.get(owner, owner): {k: c.get(k, 0) for k in ("interrupts", "exits", "hypercalls")}
-        for owner, c in result.diff.domains().items()
-    }
+    result.by_domain = per_domain(result.diff, net.domain_names())
     return result
 
 
