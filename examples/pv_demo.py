@@ -10,12 +10,9 @@ import trio
 from scapy.layers.inet import ICMP, IP, UDP
 from scapy.layers.l2 import Ether
 
+from pvio import format_mac
 from pvio.frontends.guests import EchoGuest, NicGuest
 from pvio.toolstack import boot_network
-
-
-def mac_text(mac: bytes) -> str:
-    return ":".join(f"{b:02x}" for b in mac)
 
 
 async def main() -> None:
@@ -28,7 +25,7 @@ async def main() -> None:
             IP(src=a.ip, dst=b.ip) / UDP(sport=4000, dport=7) / (b"x" * 1000),
         ]
         for probe in probes:
-            frame = Ether(src=mac_text(a.nic.mac), dst=mac_text(b.nic.mac)) / probe
+            frame = Ether(src=format_mac(a.nic.mac), dst=format_mac(b.nic.mac)) / probe
             await a.nic.send(bytes(frame))  # scapy builds the bytes; the drivers move bytes
             answer = Ether(await a.nic.recv())
             print(f"sent {probe.summary()!r}\n  got {answer.summary()!r}")

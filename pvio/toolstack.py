@@ -202,6 +202,15 @@ class Network:
         """One live counter (0 when absent)."""
         return self.hv.counters[owner][key] if owner in self.hv.counters else 0
 
+    def port_of(self, domid: int) -> Any:
+        """The switch port of domain ``domid``'s first NIC (its vif in netback, or its device
+        model's port); ValueError if it has none."""
+        own = (f"vif{domid}.0", f"emu{domid}.0", f"snic{domid}.0")
+        for port in self.switch.ports:
+            if port.name in own:
+                return port
+        raise ValueError(f"dom{domid} has no NIC on the switch")
+
     def domain_names(self) -> dict[str, str]:
         """Counter owner -> guest name (``dom1`` -> ``a``)."""
         return {f"dom{d.domid}": d.name for d in self.hv.domains.values()}

@@ -291,14 +291,12 @@ class ControlServer:
                 target = names[port]
             else:
                 d = self._domain(port)
-                mine = [
-                    p
-                    for p in switch.ports
-                    if p.name in (f"vif{d.domid}.0", f"emu{d.domid}.0", f"snic{d.domid}.0")
-                ]
-                if not mine:
-                    raise ControlError(f"{d.name} has no port on the switch; ports: {', '.join(names)}")
-                target = mine[0]
+                try:
+                    target = self.network.port_of(d.domid)
+                except ValueError:
+                    raise ControlError(
+                        f"{d.name} has no port on the switch; ports: {', '.join(names)}"
+                    ) from None
         capture = Capture(switch, file, target, counters=self.hv.counters, format=format_for(file)).start()
         try:
             await trio.sleep(max(0.0, min(seconds, 3600.0)))

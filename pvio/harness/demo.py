@@ -26,6 +26,7 @@ import trio
 import trio.testing
 
 from pvio import Hypervisor, Snapshot
+from pvio.abi.vif import format_mac
 from pvio.backends.switch import Switch
 from pvio.frontends.guests import EchoGuest, NicGuest
 from pvio.toolstack import boot_network, parse_mac
@@ -54,8 +55,7 @@ def build_traffic(mac_a: bytes, mac_b: bytes, ip_a: str = IP_A, ip_b: str = IP_B
     from scapy.layers.inet import ICMP, IP, UDP
     from scapy.layers.l2 import ARP, Ether
 
-    a = ":".join(f"{x:02x}" for x in mac_a)
-    b = ":".join(f"{x:02x}" for x in mac_b)
+    a, b = format_mac(mac_a), format_mac(mac_b)
     probes = [
         Probe(
             f"arp who-has {ip_b}",

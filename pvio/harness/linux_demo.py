@@ -26,6 +26,7 @@ from typing import Any
 import trio
 import trio.testing
 
+from pvio.abi.vif import format_mac
 from pvio.core.hypervisor import Hypervisor
 from pvio.frontends.guests import EchoGuest, NicGuest
 from pvio.toolstack import parse_mac, start_network
@@ -104,8 +105,7 @@ def linux_probes(mac_a: bytes, mac_b: bytes) -> list[Any]:
 
     base = _demo_base()
     ip_a, ip_b = base.IP_A, base.IP_B
-    a = ":".join(f"{x:02x}" for x in mac_a)
-    b = ":".join(f"{x:02x}" for x in mac_b)
+    a, b = format_mac(mac_a), format_mac(mac_b)
     probes = [
         base.Probe(
             f"arp who-has {ip_b}",
@@ -172,7 +172,7 @@ async def linux_exchange(
                     ok = answered = True
                     break
                 if ARP in answer and answer[ARP].op == 1 and answer[ARP].pdst == ip_a:
-                    mac = ":".join(f"{x:02x}" for x in sender.nic.mac)
+                    mac = format_mac(sender.nic.mac)
                     reply = Ether(src=mac, dst=answer.src) / ARP(
                         op=2, hwsrc=mac, psrc=ip_a, hwdst=answer[ARP].hwsrc, pdst=answer[ARP].psrc
                     )

@@ -139,15 +139,6 @@ async def boot(
     return net, kernels
 
 
-def switch_port_of(net: Network, kernel: Any) -> Any:
-    """The switch port of a guest's NIC (its vif in netback, or its device model)."""
-    domid = kernel.domain.domid
-    for port in net.switch.ports:
-        if port.name in (f"vif{domid}.0", f"emu{domid}.0", f"snic{domid}.0"):
-            return port
-    raise ValueError(f"{kernel.name} has no NIC on the switch")
-
-
 def add_port(net: Network, spec: PortSpec, kernels: dict[str, Any], nursery: trio.Nursery) -> None:
     """Create a ``[[port]]``: a capture starts now; a TAP or VXLAN port that cannot be created
     is reported in one line (why: permission, busy, address in use) and the network runs on."""
@@ -157,7 +148,7 @@ def add_port(net: Network, spec: PortSpec, kernels: dict[str, Any], nursery: tri
 
     hv = net.hv
     if spec.type == "capture":
-        port = None if spec.of == "switch" else switch_port_of(net, kernels[spec.of])
+        port = None if spec.of == "switch" else net.port_of(kernels[spec.of].domain.domid)
         net.captures.append(
             Capture(net.switch, spec.file, port, counters=hv.counters, format=format_for(spec.file)).start()
         )
