@@ -51,6 +51,7 @@ from pvio.abi import DOMID_SELF, GNTTAB_COPY, PAGE_SIZE, GNTCOPY_dest_gref, GNTC
 from pvio.abi.vif import parse_mac
 from pvio.backend_api import Backend, BackendContext, BackendError, BackendHost, load_backend
 from pvio.backends.switch import Switch, SwitchPort
+from pvio.core.hypervisor import own_error
 from pvio.core.ratelimit import LogLimiter
 from pvio.ringbuf import NETIF_RX, NETIF_TX, BackRing, RingOverflowError
 from pvio.ringbuf.netif import (
@@ -145,9 +146,7 @@ class BackendVif(SwitchPort):
             if not self.dom0.domain.alive:  # dom0 itself is going down: nothing went wrong here
                 log.debug("%s: ended with dom0: %r", self.vif_name, exc)
                 return
-            leaf: BaseException = exc
-            while isinstance(leaf, BaseExceptionGroup) and len(leaf.exceptions) == 1:
-                leaf = leaf.exceptions[0]
+            leaf = own_error(exc)
             self.dev["internal_errors"] += 1
             try:
                 await self._disable(f"internal error: {leaf!r}", exc)

@@ -57,6 +57,14 @@ def seed_trio_scheduler(seed: int) -> bool:
         return False
 
 
+def own_error(exc: BaseException) -> BaseException:
+    """``exc`` without the exception groups that only wrap it (one member each, as a trio
+    nursery wraps the one error of its task): what to name in a one-line reason."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
 class Hypervisor:
     """Hosts domains; the single owner of every domain, channel, grant and store node."""
 
@@ -202,9 +210,7 @@ class Hypervisor:
         if not dom.alive:
             log.debug("dom%d: error while being torn down: %r", dom.domid, exc)
             return
-        leaf: BaseException = exc
-        while isinstance(leaf, BaseExceptionGroup) and len(leaf.exceptions) == 1:
-            leaf = leaf.exceptions[0]  # the kernel's own error, not its nursery's wrapping
+        leaf = own_error(exc)  # the kernel's own error, not its nursery's wrapping
         log.debug("dom%d crashed", dom.domid, exc_info=exc)  # the traceback, for whoever asks
         self.crash_domain(dom, f"kernel raised {type(leaf).__name__}: {leaf}")
 
