@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check
 STAMP  := $(VENV)/.installed
 EXT_STAMP := .stamp-ext
-RING_SRC := ringbuf/ring.c ringbuf/ring.h ringbuf/_build.py pvio/core/native/gnttab.c pvio/core/native/gnttab.h pvio/core/_native_build.py
+RING_SRC := ringbuf/ring.c ringbuf/ring.h ringbuf/_build.py ringbuf/netif.py pvio/abi/xen.py pvio/core/native/gnttab.c pvio/core/native/gnttab.h pvio/core/native/netpath.c pvio/core/native/netpath.h pvio/core/_native_build.py
 
 .PHONY: all setup build demo test bench chart fuzz lint clean
 

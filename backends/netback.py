@@ -47,34 +47,30 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from pvio.abi import DOMID_SELF, GNTTAB_COPY, PAGE_SIZE, GNTCOPY_dest_gref, GNTCOPY_source_gref, GntSt
+from pvio.abi import GNTTAB_COPY, PAGE_SIZE, GnttabOp, GntSt, Hypercall
 from pvio.abi.vif import parse_mac
 from pvio.backend_api import Backend, BackendContext, BackendError, BackendHost, load_backend
 from pvio.backends.switch import Switch, SwitchPort
+from pvio.core import netpath
+from pvio.core._native import ffi
 from pvio.core.hypervisor import own_error
+from pvio.core.netpath import Area, FrameBatch, RxQueue
 from pvio.core.ratelimit import LogLimiter
 from pvio.ringbuf import NETIF_RX, NETIF_TX, BackRing, RingOverflowError
 from pvio.ringbuf.netif import (
     NET_RX_RING_SIZE,
     NET_TX_RING_SIZE,
-    NETIF_RSP_ERROR,
-    NETIF_RSP_NULL,
-    NETIF_RSP_OKAY,
-    NETRXF_MORE_DATA,
-    NETTXF_CSUM_BLANK,
-    NETTXF_EXTRA_INFO,
-    NETTXF_MORE_DATA,
     RX_REQUEST,
     RX_RESPONSE,
     TX_REQUEST,
     TX_RESPONSE,
-    XEN_NETIF_EXTRA_FLAG_MORE,
     XEN_NETIF_NR_SLOTS_MIN,
-    complete_checksum,
     tx_slot_problem,
 )
 from pvio.xenstore.store import XenstoreError
 from pvio.xenstore.wire import XenbusState
+
+from pvio.guest import SCRATCH_PAGES, XenError
 
 if TYPE_CHECKING:
     from pvio.guest import PyGuest
@@ -104,8 +100,44 @@ class VifFatal(Exception):
     """The frontend broke the protocol badly enough to disable the vif."""
 
 
+class _VifPath:
+    """One connection's data-path state: the TX area (the TX staging pages), the RX queue's
+    area (the RX staging pages), the batch buffers the C or Python data path fills, and where
+    the grant-copy ops go (dom0's hypercall argument area, so the hypercall reads them in place)."""
+
+    def __init__(self, vif: BackendVif) -> None:
+        g = vif.dom0
+        mem = g.domain.mem.view
+        self.stage = vif.tx_stage
+        self.tx_area = Area(mem, vif.tx_stage)
+        self.rx_area = Area(mem, vif.rx_stage)
+        if vif._rx_queue.capacity < vif.rx_queue_max:
+            vif._rx_queue = RxQueue(vif.rx_queue_max)
+        vif._rx_queue.bind(self.rx_area)
+        self.ops_gpa = g._scratch_gpa  # what PyGuest._args fills for every other hypercall
+        self.max_ops = SCRATCH_PAGES * PAGE_SIZE // GNTTAB_COPY.size
+        self.ops_c = self.tx_area.ptr(self.ops_gpa)
+        self.ops_py = mem[self.ops_gpa : self.ops_gpa + self.max_ops * GNTTAB_COPY.size]
+        self.pkts = ffi.new("struct np_tx_pkt[]", 2 * NR_TX)
+        self.frames = ffi.new("struct np_frame[]", 2 * NR_TX)
+        self.plan = ffi.new("struct np_tx_plan *")
+        self.tx_done = ffi.new("struct np_tx_done *")
+        self.tx_rsp = ffi.new("uint8_t[]", 2 * NR_TX * _TX_RSP.size)
+        self.rx_done = ffi.new("struct np_rx_done *")
+        self.rx_rsp = ffi.new("uint8_t[]", 2 * NR_RX * _RX_RSP.size)
+        self.enq_done = ffi.new("struct np_enq_done *")
+
+    def release(self) -> None:
+        """Let go of dom0's memory (at teardown, or when dom0 dies)."""
+        self.ops_py.release()
+        self.tx_area.release()
+        self.rx_area.release()
+
+
 class BackendVif(SwitchPort):
     """One vif served by netback: the two rings, the event channel, and a switch port."""
+
+    accepts_batches = True
 
     def __init__(self, netback: NetBack, fe_domid: int, devid: int) -> None:
         self.netback = netback
@@ -120,11 +152,14 @@ class BackendVif(SwitchPort):
         self.path = f"{netback.base}/{fe_domid}/{devid}"
         self.connected = False
         self.error: str | None = None
-        self._rx_queue: deque[bytes] = deque()
         self.rx_queue_max = netback.rx_queue_max
+        self._rx_queue = RxQueue(max(self.rx_queue_max, RX_QUEUE_MAX))  # in the RX staging pages
         self._wake = trio.Event()
-        self._tx_carry: list[tuple[int, int, int, int, int]] = []
-        self._rx_held: list[tuple[int, int, int]] = []  # RX requests taken, waiting for a frame that fits
+        self._tx_carry: bytes | list[Any] = b""  # requests of a packet not yet wholly published
+        self._rx_held: bytes | list[Any] = b""  # RX requests taken, waiting for a frame that fits
+        #: The per-packet work: netpath.C (native/netpath.c) or netpath.PYTHON (its reference).
+        self.datapath = netpath.default_path()
+        self._dp: _VifPath | None = None
         self._mappings: list[Any] = []
         self._rings: list[BackRing] = []
         self._stage_pages: list[int] = []
@@ -372,119 +407,93 @@ class BackendVif(SwitchPort):
         else:
             self.dev["notifications.suppressed"] += 1
 
+    def _path(self) -> _VifPath:
+        """This connection's data-path state (made on first use after each connect)."""
+        st = self._dp
+        if st is None or st.stage is not self.tx_stage:
+            st = self._dp = _VifPath(self)
+        return st
+
+    def _grant_copy(self, st: _VifPath, count: int) -> None:
+        """GNTTABOP_copy of the ``count`` ops the plan wrote in dom0's hypercall scratch area, in
+        one hypercall; the copies that succeeded are counted as this vif's ``copies``."""
+        c = self.dom0.domain.counters
+        copies, nbytes = c["grant.copies"], c["grant.copy_bytes"]
+        rc = self.dom0.hypercall(Hypercall.grant_table_op, GnttabOp.copy, st.ops_gpa, count)
+        if rc < 0:
+            raise XenError(-rc, f"dom{self.dom0.domain.domid} grant copy")
+        self.dev["copies"] += c["grant.copies"] - copies
+        self.dev["copy_bytes"] += c["grant.copy_bytes"] - nbytes
+
     def _tx_work(self) -> int:
+        """TX: take the published requests, and for every whole packet: validate, grant-copy it
+        into the TX area, answer each slot; hand the frames to the switch as one batch."""
         data = self.tx.take_requests()
-        if not data and not self._tx_carry:
+        carry = self._tx_carry
+        if not data and not carry:
             return 0
-        reqs = self._tx_carry + list(_TX_REQ.iter_unpack(data))
-        self._tx_carry = []
-        packets: list[tuple[list[tuple[int, int, int, int, int]], int]] = []  # (data slots, extras)
-        i = 0
-        n = len(reqs)
-        while i < n:
-            start = i
-            first = reqs[i]
-            if first[3] >= NR_TX:
-                raise VifFatal(f"TX request id {first[3]} outside the ring of {NR_TX}")
-            j = i + 1
-            # Extra-info slots follow the first slot while EXTRA_FLAG_MORE chains them.
-            extras = 0
-            extras_pending = bool(first[2] & NETTXF_EXTRA_INFO)  # another extra slot is due
-            while extras_pending and j < n:
-                extras += 1
-                ex_flags = (reqs[j][0] >> 8) & 0xFF
-                j += 1
-                extras_pending = bool(ex_flags & XEN_NETIF_EXTRA_FLAG_MORE)
-            slots = [first]
-            flags = first[2]
-            while flags & NETTXF_MORE_DATA and j < n:
-                slots.append(reqs[j])
-                flags = reqs[j][2]
-                j += 1
-                if len(slots) + extras > FATAL_SLOTS:
-                    raise VifFatal(f"TX packet of more than {FATAL_SLOTS} slots (fatal_skb_slots)")
-            if flags & NETTXF_MORE_DATA or extras_pending:
-                # The rest of the packet is not published yet: keep its slots for the next batch.
-                if j - start > FATAL_SLOTS:
-                    raise VifFatal(f"TX packet of more than {FATAL_SLOTS} slots (fatal_skb_slots)")
-                self._tx_carry = reqs[start:]
-                break
-            for r in reqs[start + 1 : j]:
-                if r[3] >= NR_TX:
-                    raise VifFatal(f"TX request id {r[3]} outside the ring of {NR_TX}")
-            packets.append((slots, extras))
-            i = j
-        if not packets:
+        raw = bytes(carry) + data if carry else data
+        st = self._path()
+        path = self.datapath
+        plan = st.plan
+        ops = st.ops_c if path is netpath.C else st.ops_py
+        path.tx_plan(raw, NR_TX, FATAL_SLOTS, self.fe_domid, st.tx_area, ops, st.max_ops, st.pkts, plan)
+        if plan.fatal:
+            if plan.fatal == netpath.FATAL_ID:
+                raise VifFatal(f"TX request id {plan.fatal_arg} outside the ring of {NR_TX}")
+            if plan.fatal == netpath.FATAL_SLOTS:
+                raise VifFatal(f"TX packet of more than {FATAL_SLOTS} slots (fatal_skb_slots)")
+            raise RuntimeError(f"{self.vif_name}: the TX plan did not fit its staging area")
+        self._tx_carry = raw[plan.consumed * _TX_REQ.size :]  # the rest of a packet not yet published
+        npkts = plan.npkts
+        if not npkts:
             return 0
-        # Validate, and build one grant-copy batch (packed gnttab_copy elements) for every good packet.
-        pack = GNTTAB_COPY.pack
-        blob: list[bytes] = []
-        lens: list[int] = []  # bytes copied by each element; element k lands in staging page k
-        # per packet: (slots, extras, index of its first copy element or -1, drop reason or None)
-        plan: list[tuple[list[tuple[int, int, int, int, int]], int, int, str | None]] = []
-        stage = self.tx_stage
-        fe = self.fe_domid
-        for slots, extras in packets:
-            if len(slots) == 1:  # the common case, checked inline (same rule as _check_packet)
-                _gref, offset, _flags, _id, size = slots[0]
-                reason = None if size > 0 and offset + size <= PAGE_SIZE else self._check_packet(slots)
-                first_len = size
-            else:
-                reason = self._check_packet(slots)
-                first_len = slots[0][4] - sum(s[4] for s in slots[1:])
-            if reason is not None:
-                plan.append((slots, extras, -1, reason))
-                continue
-            first_op = len(lens)
-            for k, (gref, offset, _flags, _id, size) in enumerate(slots):
-                length = first_len if k == 0 else size
-                blob.append(
-                    pack(gref, fe, offset, stage[len(lens)], DOMID_SELF, 0, length, GNTCOPY_source_gref, 0)
-                )
-                lens.append(length)
-            plan.append((slots, extras, first_op, None))
-        statuses = self.dom0.grant_copy_packed(b"".join(blob)) if blob else []
-        frames: list[bytes] = []
-        rsps: list[bytes] = []
-        rsp_pack = _TX_RSP.pack
-        views = self.tx_stage_views
-        for slots, extras, first_op, reason in plan:
-            nslots = len(slots)
-            if reason is None:
-                bad = next((s for s in statuses[first_op : first_op + nslots] if s != GntSt.okay), 0)
-                if bad:
-                    reason = "bad_grant"
-                    self._warn("%s: TX grant copy failed: %s", self.vif_name, GntSt(bad).name)
-                else:
-                    if nslots == 1:
-                        frame = views[first_op][: lens[first_op]].tobytes()
-                    else:
-                        frame = b"".join(views[first_op + k][: lens[first_op + k]] for k in range(nslots))
-                    if slots[0][2] & NETTXF_CSUM_BLANK:  # offloaded: the backend finishes it
-                        frame = complete_checksum(frame)
-                        self.dev["checksums_completed"] += 1
-                    frames.append(frame)
-            status = NETIF_RSP_OKAY
-            if reason is not None:
-                status = NETIF_RSP_ERROR
-                self.dev[f"drops.{reason}"] += 1
-            rsps.append(rsp_pack(slots[0][3], status))
-            rsps.extend(rsp_pack(0, NETIF_RSP_NULL) for _ in range(extras))
-            rsps.extend(rsp_pack(s[3], status) for s in slots[1:])
+        pkts = st.pkts
+        if plan.nbad:  # each bad packet's reason, logged (rate-limited) by the one rule set
+            reqs = list(_TX_REQ.iter_unpack(raw[: plan.consumed * _TX_REQ.size]))
+            for x in range(npkts):
+                p = pkts[x]
+                if p.reason:
+                    data0 = p.first + 1 + p.extras
+                    self._check_packet([reqs[p.first], *reqs[data0 : data0 + p.nslots - 1]])
+        if plan.nops:
+            self._grant_copy(st, plan.nops)
+        done = st.tx_done
+        path.tx_finish(raw, ops, pkts, npkts, st.tx_area, st.tx_rsp, st.frames, done)
+        drops = done.drops
+        for reason, name in netpath.REASONS.items():
+            if drops[reason]:
+                self.dev[f"drops.{name}"] += drops[reason]
+        if drops[netpath.BAD_GRANT]:
+            for x in range(npkts):
+                if pkts[x].reason == netpath.BAD_GRANT:
+                    self._warn("%s: TX grant copy failed: %s", self.vif_name, GntSt(pkts[x].bad_status).name)
+        if done.checksums:
+            self.dev["checksums_completed"] += done.checksums
         # Extras' responses carry no meaningful id (the frontend ignores them: status NULL).
-        _, notify = self.tx.send(b"".join(rsps))
+        nrsp = done.nrsp
+        _, notify = self.tx.send(ffi.buffer(st.tx_rsp, nrsp * _TX_RSP.size))
         self._notify(notify)
-        if frames:
-            self.dev["packets.tx"] += len(frames)  # from the guest's point of view: it transmitted
-            self.dev["bytes.tx"] += sum(map(len, frames))
-            if self.host is not None:
+        nframes = done.nframes
+        if nframes:
+            self.dev["packets.tx"] += nframes  # from the guest's point of view: it transmitted
+            self.dev["bytes.tx"] += done.bytes
+            batch = FrameBatch(st.tx_area, st.frames, nframes)
+            if self.host is None:
+                self.netback.switch.input_batch(self, batch)
+            else:  # a custom backend gets (and may keep) bytes: one copy each
+                frames = batch.materialize()
+                self.dev["copies"] += nframes
+                self.dev["copy_bytes"] += done.bytes
                 frames = self.host.tx(frames)
-            if frames:
-                self.netback.switch.input(self, frames)
-        return len(rsps)
+                if frames:
+                    self.netback.switch.input(self, frames)
+        return int(nrsp)
 
     def _check_packet(self, slots: list[tuple[int, int, int, int, int]]) -> str | None:
-        """Why a packet must be dropped (a drop reason), or None if it is well formed."""
+        """Why a packet must be dropped (a drop reason), or None if it is well formed; the
+        reason is logged.  The rules are :func:`pvio.core.netpath.tx_packet_problem`'s (the C
+        data path applies them too), here with the detail of what was wrong."""
         if len(slots) > XEN_NETIF_NR_SLOTS_MIN:
             self._warn(
                 "%s: TX packet of %d slots (max %d)", self.vif_name, len(slots), XEN_NETIF_NR_SLOTS_MIN
@@ -514,94 +523,78 @@ class BackendVif(SwitchPort):
             frames = self.host.rx(frames)
         self._enqueue(frames)
 
+    def transmit_batch(self, batch: FrameBatch, idx: Any, n: int) -> None:
+        """Frames ``idx[0..n)`` of a batch from the switch: copied into this vif's RX queue now
+        (the batch's area is its producer's, reused by its next batch)."""
+        if self.host is not None:
+            frames = batch.materialize(idx, n)
+            self.dev["copies"] += n
+            self.dev["copy_bytes"] += sum(map(len, frames))
+            self.transmit(frames)
+            return
+        if not self.connected:
+            self.dev["drops.vif_closed"] += n
+            return
+        st = self._path()
+        done = st.enq_done
+        self.datapath.rx_enqueue(self._rx_queue, batch.area, batch.frames, idx, n, self.rx_queue_max, done)
+        if done.dropped:
+            self.dev["drops.rx_queue_full"] += done.dropped
+        if done.queued:
+            self.dev["copies"] += done.copies
+            self.dev["copy_bytes"] += done.copy_bytes
+            self._wake.set()
+
     def _enqueue(self, frames: list[bytes]) -> None:
-        q = self._rx_queue
-        room = self.rx_queue_max - len(q)
-        if len(frames) > room:
-            dropped = len(frames) - max(room, 0)
+        if not self.connected:
+            self.dev["drops.vif_closed"] += len(frames)
+            return
+        self._path()
+        queued, dropped, copies, nbytes = netpath.enqueue_bytes(self._rx_queue, frames, self.rx_queue_max)
+        if dropped:
             self.dev["drops.rx_queue_full"] += dropped
-            frames = frames[: max(room, 0)]
-        q.extend(frames)
-        if frames:
+        if queued:
+            self.dev["copies"] += copies
+            self.dev["copy_bytes"] += nbytes
             self._wake.set()
 
     def _rx_work(self) -> int:
+        """RX: move as many queued frames as the guest has posted buffers for, in one grant
+        copy; each response goes in the slot of the request it answers."""
         q = self._rx_queue
         if not q or not self.connected:
             return 0
-        held = self._rx_held
-        avail = len(held) + self.rx.unconsumed_requests()
-        batch: list[bytes] = []
-        batch_slots: list[int] = []  # RX buffers each frame of the batch takes
-        need = 0
-        for frame in q:
-            slots = max(1, -(-len(frame) // PAGE_SIZE))
-            if need + slots > avail or len(batch) >= NR_RX:
-                break
-            batch.append(frame)
-            batch_slots.append(slots)
-            need += slots
-        if not batch:
+        st = self._path()
+        path = self.datapath
+        held = bytes(self._rx_held) if self._rx_held else b""  # RX requests taken, waiting for a frame
+        nheld = len(held) // _RX_REQ.size
+        avail = nheld + self.rx.unconsumed_requests()
+        nframes, need = path.rx_plan(q, avail, NR_RX)
+        if not nframes:
             # The first frame needs more buffers than the guest has posted.  Take the posted
             # requests now (answered when the frame goes out), so that the final check sees an
             # empty ring and arms req_event for the next buffer; left on the ring, they would
             # count as work to do and the service loop would spin without ever yielding.
-            held.extend(_RX_REQ.iter_unpack(self.rx.take_requests()))
+            self._rx_held = held + self.rx.take_requests()
             return 0
-        for _ in batch:
-            q.popleft()
-        reqs = held + list(_RX_REQ.iter_unpack(self.rx.take_requests(need - len(held))))
-        self._rx_held = []
-        # Stage each frame's pages in dom0 and grant-copy them into the guest's buffers in one batch.
-        pack = GNTTAB_COPY.pack
-        rsp_pack = _RX_RSP.pack
-        blob: list[bytes] = []
-        slot_info: list[tuple[int, int, int]] = []  # per slot: (request id, length, more_data flag)
-        stage_views = self.rx_stage_views
-        stage = self.rx_stage
-        fe = self.fe_domid
-        k = 0
-        for frame, nslots in zip(batch, batch_slots, strict=True):
-            size = len(frame)
-            if nslots == 1:  # the common case
-                stage_views[k][:size] = frame
-                rid, _pad, gref = reqs[k]
-                blob.append(pack(stage[k], DOMID_SELF, 0, gref, fe, 0, size, GNTCOPY_dest_gref, 0))
-                slot_info.append((rid, size, 0))
-                k += 1
-                continue
-            for part in range(nslots):
-                chunk = frame[part * PAGE_SIZE : (part + 1) * PAGE_SIZE]
-                stage_views[k][: len(chunk)] = chunk
-                rid, _pad, gref = reqs[k]
-                blob.append(pack(stage[k], DOMID_SELF, 0, gref, fe, 0, len(chunk), GNTCOPY_dest_gref, 0))
-                slot_info.append((rid, len(chunk), NETRXF_MORE_DATA if part + 1 < nslots else 0))
-                k += 1
-        statuses = self.dom0.grant_copy_packed(b"".join(blob))
-        rsps: list[bytes] = []
-        delivered = delivered_bytes = 0
-        pos = 0
-        for frame, nslots in zip(batch, batch_slots, strict=True):
-            ok = not any(statuses[pos : pos + nslots])
-            if ok:
-                delivered += 1
-                delivered_bytes += len(frame)
-                rsps.extend(
-                    rsp_pack(rid, 0, more, length) for rid, length, more in slot_info[pos : pos + nslots]
-                )
-            else:
-                self.dev["drops.rx_bad_grant"] += 1
+        reqs = held + self.rx.take_requests(max(0, need - nheld)) if need > nheld else held
+        self._rx_held = reqs[need * _RX_REQ.size :]
+        reqs = reqs[: need * _RX_REQ.size]
+        ops = st.ops_c if path is netpath.C else st.ops_py
+        nops = path.rx_build(q, nframes, reqs, self.fe_domid, ops)
+        self._grant_copy(st, nops)
+        done = st.rx_done
+        path.rx_finish(q, nframes, reqs, ops, st.rx_rsp, done)
+        if done.delivered:
+            self.dev["packets.rx"] += done.delivered
+            self.dev["bytes.rx"] += done.delivered_bytes
+        if done.bad_grant:
+            self.dev["drops.rx_bad_grant"] += done.bad_grant
+            for _ in range(done.bad_grant):
                 self._warn("%s: RX grant copy into the guest's buffer failed", self.vif_name)
-                rsps.extend(
-                    rsp_pack(rid, 0, 0, NETIF_RSP_ERROR) for rid, _, _ in slot_info[pos : pos + nslots]
-                )
-            pos += nslots
-        if delivered:
-            self.dev["packets.rx"] += delivered
-            self.dev["bytes.rx"] += delivered_bytes
-        _, notify = self.rx.send(b"".join(rsps))
+        _, notify = self.rx.send(ffi.buffer(st.rx_rsp, done.nrsp * _RX_RSP.size))
         self._notify(notify, rx=True)
-        return len(batch)
+        return int(nframes)
 
     # ------------------------------------------------------------------ teardown
     async def _teardown(self, reason: str) -> None:
@@ -642,6 +635,9 @@ class BackendVif(SwitchPort):
         for ring in self._rings:
             ring.release()
         self._rings.clear()
+        if self._dp is not None:
+            self._dp.release()
+            self._dp = None
 
     async def _disable(self, reason: str, exc: BaseException | None = None) -> None:
         """A fatal error: disconnect this vif only, with the reason (and traceback) logged and counted."""

@@ -87,10 +87,14 @@ import logging
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
+from typing import Any
 
 import trio
 
+from pvio.core import netpath
+from pvio.core._native import ffi, lib
 from pvio.core.counters import CounterRegistry, Counters
+from pvio.core.netpath import FrameBatch
 
 log = logging.getLogger("pvio.switch")
 
@@ -112,6 +116,9 @@ class SwitchPort:
     locked_macs: frozenset[bytes] | None = None
     #: At most this many learned MACs for this port; None: the switch's ``port_learn_limit``.
     learn_limit: int | None = None
+    #: The port takes frames of a :class:`~pvio.core.netpath.FrameBatch` in place (it implements
+    #: ``transmit_batch``); otherwise the switch hands it ``bytes`` (one counted copy each).
+    accepts_batches: bool = False
 
     def __init__(self, name: str, counters: CounterRegistry | None = None) -> None:
         if not name:
@@ -130,6 +137,12 @@ class SwitchPort:
         unaffected).  The list belongs to the port once handed over.
         """
         raise NotImplementedError(f"{type(self).__name__} must implement transmit()")
+
+    def transmit_batch(self, batch: FrameBatch, idx: Any, n: int) -> None:
+        """Take frames ``idx[0..n)`` of ``batch`` (valid only during the call: copy to keep).
+
+        Only called on ports with ``accepts_batches``; the same contract as :meth:`transmit`."""
+        raise NotImplementedError(f"{type(self).__name__} must implement transmit_batch()")
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}>"
@@ -169,6 +182,10 @@ class Switch:
         # Mirror taps (packet capture, pvio.backends.capture): called with (port, direction,
         # frames) for every batch in and every batch delivered.  Empty: one test per batch.
         self._taps: list[Tap] = []
+        #: The forwarding decision for batches: netpath.C (native/netpath.c's pvio_np_switch) or
+        #: netpath.PYTHON (the reference: :meth:`input` on the frames as ``bytes``).
+        self.datapath = netpath.default_path()
+        self._ctable: _CTable | None = None  # the C decision's copy of the table; None: stale
 
     # -- topology ---------------------------------------------------------------------
 
@@ -201,6 +218,7 @@ class Switch:
                 for key, value in port.counters.items():
                     registered[key] += value
                 port.counters = registered
+        self._ctable = None
         self._ports[port] = None
         self._names.add(port.name)
         self._learned[port] = OrderedDict()
@@ -215,6 +233,7 @@ class Switch:
         """Disconnect ``port`` and forget every MAC learned on it."""
         if port not in self._ports:
             raise ValueError(f"switch {self.name}: port {port.name!r} is not attached")
+        self._ctable = None
         del self._ports[port]
         self._names.discard(port.name)
         self._failed_once.discard(port.name)
@@ -331,6 +350,97 @@ class Switch:
         for egress, batch in out.items():
             self._transmit(egress, batch, flooded_to.get(egress, 0))
 
+    def input_batch(self, port: SwitchPort, batch: FrameBatch) -> None:
+        """Switch the frames of a :class:`~pvio.core.netpath.FrameBatch` from ``port`` in place.
+
+        The same decisions and counters as :meth:`input`.  A port with a MAC policy
+        (``locked_macs``) learns nothing, so the decision for its whole batch is one C call
+        (``pvio_np_switch``) over the frames where they lie; each egress port that accepts
+        batches takes its frames by index, others get ``bytes`` (one copy each, counted as the
+        switch's ``copies``).  A learning port, a mirror tap, or the Python data path takes
+        :meth:`input` on the frames as ``bytes`` (the readable reference of the decision).
+        """
+        n = batch.n
+        if not n:
+            return
+        locked = port.locked_macs
+        if port not in self._ports or locked is None or self._taps or self.datapath is not netpath.C:
+            frames = batch.materialize()
+            self.counters["copies"] += n
+            self.counters["copy_bytes"] += sum(map(len, frames))
+            self.input(port, frames)
+            return
+        ct = self._ctable
+        if ct is None:
+            ct = self._ctable = _CTable(self._table, tuple(self._ports))
+        plist = ct.ports
+        nports = len(plist)
+        ct.ensure(n)
+        lk = ct.locked_of(port, locked)
+        done = ct.done
+        lib.pvio_np_switch(
+            batch.area.c, batch.frames, n, ct.table, ct.index[port], nports, lk, len(locked),
+            ct.dest, ct.idx, ct.counts, ct.bytes_to, ct.flooded_to, ct.order, done,
+        )  # fmt: skip
+        pc = port.counters
+        pc["packets.rx"] += n
+        pc["bytes.rx"] += done.in_bytes
+        sc = self.counters
+        if done.forwarded:
+            sc["forwarded"] += done.forwarded
+        if done.flooded:
+            sc["flooded"] += done.flooded
+        if done.runt:
+            sc["drops.runt"] += done.runt
+        if done.oversize:
+            sc["drops.oversize"] += done.oversize
+        if done.same_port:
+            sc["drops.same_port"] += done.same_port
+        if done.no_egress:
+            sc["drops.no_egress"] += done.no_egress
+        if done.spoofed:
+            sc["drops.spoofed_mac"] += done.spoofed
+            pc["drops.spoofed_mac"] += done.spoofed
+        order, counts, idx = ct.order, ct.counts, ct.idx
+        for k in range(done.norder):
+            p = order[k]
+            self._transmit_batch(plist[p], batch, idx + p * n, counts[p], ct.bytes_to[p], ct.flooded_to[p])
+
+    def _transmit_batch(
+        self, port: SwitchPort, batch: FrameBatch, idx: Any, n: int, nbytes: int, n_flooded: int
+    ) -> None:
+        """:meth:`_transmit` for frames of a batch: in place if the port takes batches."""
+        if not port.accepts_batches:
+            frames = batch.materialize(idx, n)
+            self.counters["copies"] += n
+            self.counters["copy_bytes"] += nbytes
+            self._transmit(port, frames, n_flooded)
+            return
+        pc = port.counters
+        try:
+            port.transmit_batch(batch, idx, n)
+        except Exception:
+            pc["transmit_errors"] += 1
+            pc["drops.port_error"] += n
+            self.counters["port_errors"] += 1
+            if port.name not in self._failed_once:
+                self._failed_once.add(port.name)
+                log.error(
+                    "switch %s: port %r raised in transmit_batch(); %d frames dropped "
+                    "(further errors of this port are logged at DEBUG)",
+                    self.name,
+                    port.name,
+                    n,
+                    exc_info=True,
+                )
+            else:
+                log.debug("switch %s: port %r raised again; %d frames dropped", self.name, port.name, n)
+            return
+        pc["packets.tx"] += n
+        pc["bytes.tx"] += nbytes
+        if n_flooded:
+            pc["flooded"] += n_flooded
+
     def _learn(self, mac: bytes, port: SwitchPort) -> None:
         """Record that ``mac`` lives behind the learning ``port`` (new, or moved from another
         port), within the port's learn limit."""
@@ -350,10 +460,12 @@ class Switch:
         table[mac] = port
         mine[mac] = None
         sc["learned"] += 1
+        self._ctable = None
 
     def _forget(self, mac: bytes) -> None:
         """Remove a learned ``mac`` from the table and its port's bookkeeping (if present)."""
         owner = self._table.pop(mac, None)
+        self._ctable = None
         if owner is not None:
             learned = self._learned.get(owner)
             if learned is not None:
@@ -366,6 +478,7 @@ class Switch:
             return  # only static entries: the table may exceed its size by locked ports' MACs
         mac, _ = hog.popitem(last=False)
         del self._table[mac]
+        self._ctable = None
         self.counters["mac_evictions"] += 1
 
     def _transmit(self, port: SwitchPort, frames: list[bytes], n_flooded: int) -> None:
@@ -408,6 +521,62 @@ class Switch:
             except Exception:
                 self.counters["tap_errors"] += 1
                 log.debug("switch %s: a tap raised", self.name, exc_info=True)
+
+
+def mac_key(mac: bytes) -> int:
+    """A 6-byte MAC as the C table's key: little-endian in the low 48 bits."""
+    return int.from_bytes(mac, "little")
+
+
+class _CTable:
+    """The switch's table and ports as ``pvio_np_switch`` reads them (rebuilt when either changes)."""
+
+    def __init__(self, table: Mapping[bytes, SwitchPort], ports: tuple[SwitchPort, ...]) -> None:
+        self.ports = ports
+        self.index = {p: i for i, p in enumerate(ports)}
+        size = 16
+        while size < 2 * len(table) + 2:
+            size *= 2
+        self._key = ffi.new("uint64_t[]", size)
+        self._port = ffi.new("int32_t[]", size)
+        self.table = ffi.new("struct np_mac_table *")
+        self.table.key, self.table.port, self.table.mask = self._key, self._port, size - 1
+        for mac, owner in table.items():
+            key = mac_key(mac)
+            h = _mac_hash(key, size - 1)
+            while self._key[h]:
+                h = (h + 1) & (size - 1)
+            self._key[h] = key | (1 << 63)
+            self._port[h] = self.index[owner]
+        self._locked: dict[SwitchPort, tuple[frozenset[bytes], Any]] = {}
+        self.done = ffi.new("struct np_sw_done *")
+        nports = max(1, len(ports))
+        self.counts = ffi.new("uint32_t[]", nports)
+        self.bytes_to = ffi.new("uint64_t[]", nports)
+        self.flooded_to = ffi.new("uint32_t[]", nports)
+        self.order = ffi.new("uint32_t[]", nports)
+        self._cap = 0
+        self.ensure(256)
+
+    def ensure(self, n: int) -> None:
+        """Room for a batch of ``n`` frames."""
+        if n > self._cap:
+            self._cap = max(n, 2 * self._cap)
+            self.dest = ffi.new("int32_t[]", self._cap)
+            self.idx = ffi.new("uint32_t[]", self._cap * max(1, len(self.ports)))
+
+    def locked_of(self, port: SwitchPort, locked: frozenset[bytes]) -> Any:
+        """The port's locked MACs as a C array (cached while the set is the same)."""
+        cached = self._locked.get(port)
+        if cached is None or cached[0] is not locked:
+            cached = (locked, ffi.new("uint64_t[]", [mac_key(m) for m in locked] or [0]))
+            self._locked[port] = cached
+        return cached[1]
+
+
+def _mac_hash(key: int, mask: int) -> int:
+    """netpath.c's mac_hash: the table's probe start for a key."""
+    return ((key * 0x9E3779B97F4A7C15) & 0xFFFF_FFFF_FFFF_FFFF) >> 40 & mask
 
 
 class CapturePort(SwitchPort):
