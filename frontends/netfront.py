@@ -33,13 +33,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 import trio
 
-from pvio.abi import PAGE_SIZE
+from pvio.abi import PAGE_SHIFT, PAGE_SIZE
 from pvio.abi.vif import parse_mac
+from pvio.core._native import ffi as _ffi
+from pvio.core._native import lib as _lib
 from pvio.core.counters import Counters
+from pvio.core.netpath import DATAPATH
 from pvio.frontends.nic import GuestNic
 from pvio.ringbuf import NETIF_RX, NETIF_TX, FrontRing, RingOverflowError
 from pvio.ringbuf.netif import (
@@ -72,8 +76,41 @@ _TX_REQ, _TX_RSP, _RX_REQ, _RX_RSP = TX_REQUEST, TX_RESPONSE, RX_REQUEST, RX_RES
 RX_QUEUE_MAX = 4096  # frames received but not yet read by the application
 
 
+_NF_PART, _NF_STATUS = _lib.NF_PART, _lib.NF_STATUS
+_BYTES = {bytes}
+_BUFFERS = (bytes, bytearray, memoryview)
+_NF_ERR_ID, _NF_ERR_EMPTY, _NF_ERR_SLOTS = _lib.NF_ERR_ID, _lib.NF_ERR_EMPTY, _lib.NF_ERR_SLOTS
+
+
 class NetfrontError(Exception):
     """The device failed (handshake refused, or the backend broke the protocol)."""
+
+
+class _NetfrontPath:
+    """The C data path's buffers for one connection: the bookkeeping arrays the C reads and
+    writes in place (``tx_outstanding``, ``rx_posted``) and the per-batch outputs."""
+
+    def __init__(self, nic: Netfront) -> None:
+        self.outstanding = _ffi.from_buffer(nic.tx_outstanding)
+        self.posted = _ffi.from_buffer(nic.rx_posted)
+        self.refs = _ffi.new("uint32_t[]", nic.tx_refs)
+        self.reqs = _ffi.new("uint8_t[]", NR_TX * _TX_REQ.size)
+        self.free_ids = _ffi.new("uint16_t[]", NR_TX)
+        self.errs = _ffi.new("int16_t[]", NR_TX)
+        self.tx_done = _ffi.new("struct nf_tx_done *")
+        self.rec_id = _ffi.new("uint16_t[]", NR_RX)
+        self.rec_off = _ffi.new("uint16_t[]", NR_RX)
+        self.rec_len = _ffi.new("int32_t[]", NR_RX)
+        self.rec_kind = _ffi.new("uint8_t[]", NR_RX)
+        self.rec_start = _ffi.new("uint64_t[]", NR_RX)
+        self.rec_end = _ffi.new("uint64_t[]", NR_RX)
+        self.rx_base = _ffi.new("uint64_t[]", [p << PAGE_SHIFT for p in nic.rx_pages])
+        self.tx_base = _ffi.new("uint64_t[]", [p << PAGE_SHIFT for p in nic.tx_pages])
+        self.tx_start = _ffi.new("uint64_t[]", NR_TX)
+        self.tx_end = _ffi.new("uint64_t[]", NR_TX)
+        self.mm = nic.guest.domain.mem.mmap  # slices of it are bytes: one copy, no view object
+        self.repost = _ffi.new("uint16_t[]", NR_RX)
+        self.rx_done = _ffi.new("struct nf_rx_done *")
 
 
 class Netfront(GuestNic):
@@ -95,6 +132,8 @@ class Netfront(GuestNic):
         self._partial_rx: list[bytes] = []
         self._closed = False
         self._on_destroy: Any = None
+        #: "c" (native/netpath.c's netfront half) or "python" (the reference), from PVIO_DATAPATH.
+        self.datapath = DATAPATH
 
     # ------------------------------------------------------------------ handshake
     async def connect(self) -> None:
@@ -171,13 +210,14 @@ class Netfront(GuestNic):
         self.tx_views = [g.page(p) for p in self.tx_pages]
         self.tx_refs = [g.grant_access(be, p, readonly=True) for p in self.tx_pages]
         self.tx_free: list[int] = list(range(NR_TX - 1, -1, -1))
-        self.tx_outstanding = [False] * NR_TX
+        self.tx_outstanding = bytearray(NR_TX)  # 1: the backend holds the slot (C reads it too)
         # RX buffers: id i = page rx_pages[i], granted writable, all posted now.
         self.rx_pages = [g.alloc_page() for _ in range(NR_RX)]
         self.rx_views = [g.page(p) for p in self.rx_pages]
         self.rx_refs = [g.grant_access(be, p) for p in self.rx_pages]
         self._rx_req_bytes = [_RX_REQ.pack(i, 0, self.rx_refs[i]) for i in range(NR_RX)]  # re-posted as is
-        self.rx_posted = [True] * NR_RX  # which buffers the backend holds (may answer once)
+        self.rx_posted = bytearray(b"\x01" * NR_RX)  # which buffers the backend holds (may answer once)
+        self._nf = _NetfrontPath(self)
         self.rx.send(b"".join(self._rx_req_bytes))
 
     def _release_rings(self) -> None:
@@ -233,6 +273,23 @@ class Netfront(GuestNic):
         data = self.tx.take_responses()
         if not data:
             return 0
+        if self.datapath != "c":
+            return self._reap_tx_reference(data)
+        st = self._nf
+        n = len(data) // _TX_RSP.size
+        done = st.tx_done
+        _lib.pvio_nf_tx_reap(data, n, NR_TX, st.outstanding, st.free_ids, st.errs, done)
+        self.tx_free.extend(_ffi.unpack(st.free_ids, done.nfree))
+        for k in range(done.nerr):
+            self.counters[f"tx_errors.{st.errs[k]}"] += 1
+        if done.bad:
+            self._fail(f"TX response id {done.arg} is not an outstanding request")
+            return int(done.nfree)
+        self._tx_space.set()
+        return int(done.nfree)
+
+    def _reap_tx_reference(self, data: bytes) -> int:
+        """The readable reference of the C reaping (``pvio_nf_tx_reap``)."""
         free = self.tx_free
         outstanding = self.tx_outstanding
         n = 0
@@ -254,6 +311,86 @@ class Netfront(GuestNic):
         data = self.rx.take_responses()
         if not data:
             return 0
+        if self.datapath != "c":
+            return self._receive_reference(data)
+        st = self._nf
+        done = st.rx_done
+        _lib.pvio_nf_rx(
+            data, len(data) // _RX_RSP.size, NR_RX, st.posted, len(self._partial_rx), RX_PACKET_MAX_SLOTS,
+            st.rec_id, st.rec_off, st.rec_len, st.rec_kind, st.repost, st.rx_base, st.rec_start, st.rec_end, done,
+        )  # fmt: skip
+        nrec = done.nrec
+        repost = _ffi.unpack(st.repost, done.nrepost)
+        frames = self._rx_frames
+        lens = _ffi.unpack(st.rec_len, nrec)
+        simple = not self._partial_rx and _ffi.buffer(st.rec_kind, nrec)[:] == bytes(nrec)
+        if simple:  # every record a whole frame (the common case): one copy out of each buffer
+            starts, ends = _ffi.unpack(st.rec_start, nrec), _ffi.unpack(st.rec_end, nrec)
+            got = list(map(st.mm.__getitem__, map(slice, starts, ends)))  # the loop runs in C
+            room = RX_QUEUE_MAX - len(frames)
+            if len(got) > room:
+                self.counters["drops.rx_app_queue_full"] += len(got) - max(room, 0)
+            n = min(len(got), max(room, 0))
+            frames.extend(got[:n])
+            received, received_bytes = len(got), sum(lens)
+            copies = nrec
+        else:
+            kinds = _ffi.unpack(st.rec_kind, nrec)
+            ids, offs = _ffi.unpack(st.rec_id, nrec), _ffi.unpack(st.rec_off, nrec)
+            n, received, received_bytes = self._assemble(ids, offs, lens, kinds)
+            copies = nrec - kinds.count(_NF_STATUS)
+        self.counters["copies"] += copies
+        if done.error:
+            self._fail(self._rx_error(done))
+            self._repost(repost)
+            return n
+        if received:
+            self.counters["packets.rx"] += received
+            self.counters["bytes.rx"] += received_bytes
+            self.counters["copy_bytes"] += received_bytes
+        self._repost(repost)
+        if n:
+            self._rx_ready.set()
+        return n or len(repost)
+
+    def _assemble(self, ids: list[int], offs: list[int], lens: list[int], kinds: list[int]) -> tuple[int, int, int]:
+        """Frames from RX slot records with parts or error statuses among them: (frames
+        queued, frames received, their bytes)."""
+        views = self.rx_views
+        frames = self._rx_frames
+        parts = self._partial_rx
+        n = received = received_bytes = 0
+        for rid, off, length, kind in zip(ids, offs, lens, kinds, strict=True):
+            if kind == _NF_STATUS:
+                self.counters[f"drops.rx_status_{length}"] += 1
+                parts.clear()
+                continue
+            parts.append(views[rid][off : off + length].tobytes())  # copy once, then re-post
+            if kind == _NF_PART:
+                continue
+            frame = parts[0] if len(parts) == 1 else b"".join(parts)
+            parts.clear()
+            if len(frames) >= RX_QUEUE_MAX:
+                self.counters["drops.rx_app_queue_full"] += 1
+            else:
+                frames.append(frame)
+                n += 1
+            received += 1
+            received_bytes += len(frame)
+        return n, received, received_bytes
+
+    @staticmethod
+    def _rx_error(done: Any) -> str:
+        """The reason logged for the protocol error ``pvio_nf_rx`` stopped at (the reference's words)."""
+        if done.error == _NF_ERR_ID:
+            return f"RX response id {done.arg} is not a posted buffer"
+        if done.error == _NF_ERR_SLOTS:
+            return f"RX packet of more than {RX_PACKET_MAX_SLOTS} slots"
+        problem = rx_slot_problem(done.arg, 0 if done.error == _NF_ERR_EMPTY else done.arg2)
+        return problem or "RX response impossible"
+
+    def _receive_reference(self, data: bytes) -> int:
+        """The readable reference of the C reaping (``pvio_nf_rx``) and frame assembly."""
         views = self.rx_views
         repost: list[int] = []
         frames = self._rx_frames
@@ -277,6 +414,7 @@ class Netfront(GuestNic):
                 self._repost(repost)
                 return n
             parts.append(views[rid][offset : offset + status].tobytes())  # copy once, then re-post
+            self.counters["copies"] += 1
             if flags & NETRXF_MORE_DATA:
                 if len(parts) >= RX_PACKET_MAX_SLOTS:
                     self._fail(f"RX packet of more than {RX_PACKET_MAX_SLOTS} slots")
@@ -295,6 +433,7 @@ class Netfront(GuestNic):
         if received:
             self.counters["packets.rx"] += received
             self.counters["bytes.rx"] += received_bytes
+            self.counters["copy_bytes"] += received_bytes
         self._repost(repost)
         if n:
             self._rx_ready.set()
@@ -305,8 +444,9 @@ class Netfront(GuestNic):
         unless the device has failed."""
         if not ids or self.error is not None:
             return
+        posted = self.rx_posted
         for i in ids:
-            self.rx_posted[i] = True
+            posted[i] = True
         reqs = self._rx_req_bytes
         _, notify = self.rx.send(b"".join([reqs[i] for i in ids]))
         self._notify(notify)
@@ -314,11 +454,18 @@ class Netfront(GuestNic):
     # ------------------------------------------------------------------ application API
     async def send_batch(self, frames: list[Any]) -> None:
         """Transmit frames, pushing as many per ring push (and notification) as fit."""
-        pending = [f if isinstance(f, bytes | bytearray | memoryview) else bytes(f) for f in frames]
+        if set(map(type, frames)) <= _BYTES:
+            pending = frames
+        else:
+            pending = [f if isinstance(f, _BUFFERS) else bytes(f) for f in frames]
         i = 0
         while i < len(pending):
             if self.error is not None or not self.connected:
                 raise NetfrontError(f"{self.name}: not connected ({self.error or 'handshake not done'})")
+            fast = self._stage_batch(pending, i) if self.datapath == "c" else 0
+            if fast:
+                i += fast
+                continue
             reqs = []
             while i < len(pending):
                 frame = pending[i]
@@ -341,11 +488,40 @@ class Netfront(GuestNic):
             self._wake.set()
             await self._tx_space.wait()
 
+    def _stage_batch(self, pending: list[Any], i: int) -> int:
+        """Stage the one-slot frames from ``pending[i]`` on, as many as the pool holds, and push
+        their requests in one ring push: how many went (0: the next frame needs the general path)."""
+        free = self.tx_free
+        k = min(len(pending) - i, len(free))
+        if not k:
+            return 0
+        batch = pending[i : i + k]
+        lens = list(map(len, batch))
+        if min(lens) == 0 or max(lens) > PAGE_SIZE:  # empty, or a frame of several slots: one at a time
+            return 0
+        sids = free[: -k - 1 : -1]  # the ids free.pop() would give, in that order
+        del free[-k:]
+        st = self._nf
+        _lib.pvio_nf_tx_reqs(sids, lens, k, st.refs, st.outstanding, st.reqs, st.tx_base, st.tx_start, st.tx_end)
+        spans = map(slice, _ffi.unpack(st.tx_start, k), _ffi.unpack(st.tx_end, k))
+        deque(map(st.mm.__setitem__, spans, batch), maxlen=0)  # one copy into each pool page, looped in C
+        total = sum(lens)
+        c = self.counters
+        c["packets.tx"] += k
+        c["bytes.tx"] += total
+        c["copies"] += k
+        c["copy_bytes"] += total
+        _sent, notify = self.tx.send(_ffi.buffer(st.reqs, k * _TX_REQ.size))
+        self._notify(notify)
+        return k
+
     def _stage(self, frame: Any, size: int, nslots: int) -> bytes:
         """Copy a frame into pool pages; return its packed TX requests (first size = total)."""
         free = self.tx_free
         self.counters["packets.tx"] += 1
         self.counters["bytes.tx"] += size
+        self.counters["copies"] += nslots
+        self.counters["copy_bytes"] += size
         if nslots == 1:  # the common case
             sid = free.pop()
             self.tx_outstanding[sid] = True

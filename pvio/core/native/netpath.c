@@ -518,3 +518,104 @@ int pvio_np_switch(const struct np_area *a, const struct np_frame *frames, uint3
 #undef ADD
     return 0;
 }
+
+/* --------------------------------------------------------------------------- netfront */
+
+int pvio_nf_rx(const uint8_t *rsp, uint32_t n, uint32_t nr_ents, uint8_t *posted, uint32_t parts,
+               uint32_t max_slots, uint16_t *rec_id, uint16_t *rec_off, int32_t *rec_len, uint8_t *rec_kind,
+               uint16_t *repost, const uint64_t *base, uint64_t *rec_start, uint64_t *rec_end,
+               struct nf_rx_done *out)
+{
+    memset(out, 0, sizeof *out);
+    uint32_t nrec = 0, nrepost = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        struct netif_rx_response r;
+        memcpy(&r, rsp + (size_t)i * sizeof r, sizeof r);
+        if (r.id >= nr_ents || !posted[r.id]) {
+            out->error = NF_ERR_ID;
+            out->arg = r.id;
+            break;
+        }
+        posted[r.id] = 0;
+        repost[nrepost++] = r.id;
+        if (r.status < 0) {
+            rec_id[nrec] = r.id;
+            rec_off[nrec] = r.offset;
+            rec_len[nrec] = r.status;
+            rec_start[nrec] = rec_end[nrec] = 0;
+            rec_kind[nrec++] = NF_STATUS;
+            parts = 0;
+            continue;
+        }
+        if (r.status == 0) {
+            out->error = NF_ERR_EMPTY;
+            break;
+        }
+        if ((uint32_t)r.offset + (uint32_t)r.status > NP_PAGE) {
+            out->error = NF_ERR_CROSS;
+            out->arg = r.offset;
+            out->arg2 = (uint32_t)r.status;
+            break;
+        }
+        rec_id[nrec] = r.id;
+        rec_off[nrec] = r.offset;
+        rec_len[nrec] = r.status;
+        rec_start[nrec] = base[r.id] + r.offset;
+        rec_end[nrec] = base[r.id] + r.offset + (uint32_t)r.status;
+        if (r.flags & NETRXF_MORE_DATA) {
+            rec_kind[nrec++] = NF_PART;
+            parts++;
+            if (parts >= max_slots) {
+                out->error = NF_ERR_SLOTS;
+                break;
+            }
+            continue;
+        }
+        rec_kind[nrec++] = parts ? NF_LAST : NF_FRAME;
+        parts = 0;
+    }
+    out->nrec = nrec;
+    out->nrepost = nrepost;
+    out->parts = parts;
+    return 0;
+}
+
+int pvio_nf_tx_reap(const uint8_t *rsp, uint32_t n, uint32_t nr_ents, uint8_t *outstanding, uint16_t *free_ids,
+                    int16_t *errs, struct nf_tx_done *out)
+{
+    memset(out, 0, sizeof *out);
+    for (uint32_t i = 0; i < n; i++) {
+        struct netif_tx_response r;
+        memcpy(&r, rsp + (size_t)i * sizeof r, sizeof r);
+        if (r.status == NETIF_RSP_NULL)
+            continue;
+        if (r.id >= nr_ents || !outstanding[r.id]) {
+            out->bad = 1;
+            out->arg = r.id;
+            return 0;
+        }
+        outstanding[r.id] = 0;
+        free_ids[out->nfree++] = r.id;
+        if (r.status != NETIF_RSP_OKAY)
+            errs[out->nerr++] = r.status;
+    }
+    return 0;
+}
+
+int pvio_nf_tx_reqs(const uint16_t *sids, const uint32_t *lens, uint32_t n, const uint32_t *refs,
+                    uint8_t *outstanding, uint8_t *reqs, const uint64_t *base, uint64_t *start, uint64_t *end)
+{
+    for (uint32_t k = 0; k < n; k++) {
+        struct netif_tx_request r;
+        r.gref = refs[sids[k]];
+        r.offset = 0;
+        r.flags = 0;
+        r.id = sids[k];
+        r.size = (uint16_t)lens[k];
+        outstanding[sids[k]] = 1;
+        start[k] = base[sids[k]];
+        end[k] = base[sids[k]] + lens[k];
+        memcpy(reqs + (size_t)k * sizeof r, &r, sizeof r);
+    }
+    return 0;
+}

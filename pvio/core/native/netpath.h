@@ -191,6 +191,60 @@ int pvio_np_switch(const struct np_area *a, const struct np_frame *frames, uint3
                    uint32_t *counts, uint64_t *bytes_to, uint32_t *flooded_to, uint32_t *order,
                    struct np_sw_done *out);
 
+/* ------------------------------------------------------------------ netfront (the guest's half) */
+
+/* Kinds of the RX slot records pvio_nf_rx writes. */
+enum {
+    NF_FRAME = 0,      /* a whole frame in one slot */
+    NF_PART = 1,       /* a slot of a frame that goes on (NETRXF_more_data) */
+    NF_LAST = 2,       /* the last slot of a frame of several */
+    NF_STATUS = 3,     /* an error status (len holds it): the frame being built is dropped */
+};
+
+/* Why netfront's RX reaping stopped (the device fails). */
+enum {
+    NF_ERR_NONE = 0,
+    NF_ERR_ID = 1,         /* arg: the id, not a posted buffer */
+    NF_ERR_EMPTY = 2,      /* a response of 0 bytes */
+    NF_ERR_CROSS = 3,      /* arg: offset, arg2: size: crosses the page */
+    NF_ERR_SLOTS = 4,      /* a packet of more than RX_PACKET_MAX_SLOTS slots */
+};
+
+struct nf_rx_done {
+    uint32_t nrec;         /* slot records written */
+    uint32_t nrepost;      /* buffer ids to re-post (every response with a valid id) */
+    uint32_t error;        /* NF_ERR_* */
+    uint32_t arg, arg2;
+    uint32_t parts;        /* slots of the frame still being built when the batch ended */
+};
+
+/* Reap `n` 8-byte netif_rx_responses: range-check each id against the posted buffers (posted[id]
+ * is cleared: a second response for one buffer is a lie), check the slot, and describe every
+ * data slot as a record (rid, offset, len, kind); `parts` is how many slots of an unfinished
+ * frame the previous batch left; rec_start/rec_end: where a data slot's bytes lie in guest memory
+ * (base[id]: the buffer's address).  Stops at the first protocol error. */
+int pvio_nf_rx(const uint8_t *rsp, uint32_t n, uint32_t nr_ents, uint8_t *posted, uint32_t parts,
+               uint32_t max_slots, uint16_t *rec_id, uint16_t *rec_off, int32_t *rec_len, uint8_t *rec_kind,
+               uint16_t *repost, const uint64_t *base, uint64_t *rec_start, uint64_t *rec_end,
+               struct nf_rx_done *out);
+
+struct nf_tx_done {
+    uint32_t nfree;        /* ids freed (in free[]) */
+    uint32_t nerr;         /* error statuses (in errs[]) */
+    uint32_t bad;          /* 1: a response id that is not outstanding (arg) */
+    uint32_t arg;
+};
+
+/* Reap `n` 4-byte netif_tx_responses: NULL ones skipped, each other id must be outstanding. */
+int pvio_nf_tx_reap(const uint8_t *rsp, uint32_t n, uint32_t nr_ents, uint8_t *outstanding, uint16_t *free_ids,
+                    int16_t *errs, struct nf_tx_done *out);
+
+/* The 12-byte netif_tx_requests of n one-slot frames: slot sids[k] (grant refs[sids[k]]) holds
+ * lens[k] bytes at offset 0; each slot becomes outstanding; start/end: where each frame goes in
+ * guest memory (base[sid]: the slot's page address). */
+int pvio_nf_tx_reqs(const uint16_t *sids, const uint32_t *lens, uint32_t n, const uint32_t *refs,
+                    uint8_t *outstanding, uint8_t *reqs, const uint64_t *base, uint64_t *start, uint64_t *end);
+
 /* cffi-cdef-end */
 
 #endif
