@@ -126,6 +126,8 @@ class _VifPath:
         self.rx_done = ffi.new("struct np_rx_done *")
         self.rx_rsp = ffi.new("uint8_t[]", 2 * NR_RX * _RX_RSP.size)
         self.enq_done = ffi.new("struct np_enq_done *")
+        self.direct = RxQueue(2 * NR_TX)  # frames of a switch batch, RX'd where they lie
+        self.seq = ffi.new("uint32_t[]", 2 * NR_TX)
 
     def release(self) -> None:
         """Let go of dom0's memory (at teardown, or when dom0 dies)."""
@@ -524,8 +526,12 @@ class BackendVif(SwitchPort):
         self._enqueue(frames)
 
     def transmit_batch(self, batch: FrameBatch, idx: Any, n: int) -> None:
-        """Frames ``idx[0..n)`` of a batch from the switch: copied into this vif's RX queue now
-        (the batch's area is its producer's, reused by its next batch)."""
+        """Frames ``idx[0..n)`` of a batch from the switch (valid only during this call: the
+        batch's area is its producer's, reused by its next batch).
+
+        With nothing queued before them, as many as the guest has posted buffers for go
+        straight from the batch into its buffers (one grant copy each, no copy into the queue);
+        the rest are copied into this vif's RX queue for the service loop."""
         if self.host is not None:
             frames = batch.materialize(idx, n)
             self.dev["copies"] += n
@@ -536,14 +542,52 @@ class BackendVif(SwitchPort):
             self.dev["drops.vif_closed"] += n
             return
         st = self._path()
+        sent = 0
+        if not self._rx_queue and not self._rx_held and self.error is None:
+            sent = self._rx_direct(st, batch, idx, n)
+            if sent == n:
+                return
+            if idx is not None:
+                idx = idx + sent
+            else:  # a whole batch: index its frames from the first not sent
+                st.seq[0 : n - sent] = range(sent, n)
+                idx = st.seq
         done = st.enq_done
-        self.datapath.rx_enqueue(self._rx_queue, batch.area, batch.frames, idx, n, self.rx_queue_max, done)
+        self.datapath.rx_enqueue(self._rx_queue, batch.area, batch.frames, idx, n - sent, self.rx_queue_max, done)
         if done.dropped:
             self.dev["drops.rx_queue_full"] += done.dropped
         if done.queued:
             self.dev["copies"] += done.copies
             self.dev["copy_bytes"] += done.copy_bytes
             self._wake.set()
+
+    def _rx_direct(self, st: _VifPath, batch: FrameBatch, idx: Any, n: int) -> int:
+        """RX of frames of a switch batch straight into the guest's posted buffers: how many went.
+
+        Runs in the sender's task, so a failure of this vif (a broken frontend) is not raised:
+        it is recorded, and this vif's own service loop disables it."""
+        try:
+            avail = self.rx.unconsumed_requests()
+        except RingOverflowError:
+            self._fail_later(self._impossible_req_prod())
+            return 0
+        if not avail:
+            return 0
+        q = st.direct
+        q.load(self.datapath, batch.area, batch.frames, idx, n)
+        nframes, need = self.datapath.rx_plan(q, avail, NR_RX)
+        if nframes:
+            try:
+                self._rx_send(st, q, nframes, need, b"", 0)
+            except VifFatal as e:
+                self._fail_later(str(e))
+        return nframes
+
+    def _fail_later(self, reason: str) -> None:
+        """A fatal error found outside this vif's service loop: the loop ends and disables the vif."""
+        if self.error is None:
+            self.error = reason
+        self._wake.set()
 
     def _enqueue(self, frames: list[bytes]) -> None:
         if not self.connected:
@@ -577,7 +621,14 @@ class BackendVif(SwitchPort):
             # count as work to do and the service loop would spin without ever yielding.
             self._rx_held = held + self.rx.take_requests()
             return 0
-        reqs = held + self.rx.take_requests(max(0, need - nheld)) if need > nheld else held
+        self._rx_send(st, q, nframes, need, held, nheld)
+        return int(nframes)
+
+    def _rx_send(self, st: _VifPath, q: RxQueue, nframes: int, need: int, held: bytes, nheld: int) -> None:
+        """Grant-copy the first ``nframes`` frames of ``q`` into the guest's buffers (``held``
+        requests first, then ``need - nheld`` more from the ring), answer, push, notify."""
+        path = self.datapath
+        reqs = held + self.rx.take_requests(need - nheld) if need > nheld else held
         self._rx_held = reqs[need * _RX_REQ.size :]
         reqs = reqs[: need * _RX_REQ.size]
         ops = st.ops_c if path is netpath.C else st.ops_py
@@ -594,7 +645,6 @@ class BackendVif(SwitchPort):
                 self._warn("%s: RX grant copy into the guest's buffer failed", self.vif_name)
         _, notify = self.rx.send(ffi.buffer(st.rx_rsp, done.nrsp * _RX_RSP.size))
         self._notify(notify, rx=True)
-        return int(nframes)
 
     # ------------------------------------------------------------------ teardown
     async def _teardown(self, reason: str) -> None:

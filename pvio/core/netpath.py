@@ -160,6 +160,12 @@ class RxQueue:
         self.c.qhead = 0
         self.c.area.tail = self.c.area.head
 
+    def load(self, path: CPath | PythonPath, src: Area, frames: Any, idx: Any, n: int) -> int:
+        """Make this (scratch) queue hold frames ``idx[0..n)`` of ``src`` where they lie: RX
+        straight from a switch batch, with no copy into the receiver's own queue."""
+        self.area = src
+        return path.rx_load(self, src, frames, idx, n)
+
     def frames(self) -> list[bytes]:
         """The queued frames (copies), oldest first: for inspection and tests."""
         c = self.c
@@ -219,6 +225,10 @@ class CPath:
     def rx_enqueue(self, q: RxQueue, src: Area, frames: Any, idx: Any, n: int, limit: int, done: Any) -> None:
         """Copy frames into the queue's area, at most ``limit`` queued; the rest are dropped."""
         lib.pvio_np_rx_enqueue(q.c, src.c, frames, idx if idx is not None else ffi.NULL, n, limit, done)
+
+    def rx_load(self, q: RxQueue, src: Area, frames: Any, idx: Any, n: int) -> int:
+        """Point the scratch queue ``q`` at frames of ``src`` (see :meth:`RxQueue.load`)."""
+        return int(lib.pvio_np_rx_load(q.c, src.c, frames, idx if idx is not None else ffi.NULL, n))
 
     def rx_plan(self, q: RxQueue, avail: int, max_frames: int) -> tuple[int, int]:
         """How many queued frames ``avail`` posted buffers take, and their slots."""
@@ -374,6 +384,17 @@ class PythonPath:
             d.pos, d.len, d.pad = pos, f.len, 0
             c.qlen += 1
             done.queued += 1
+
+    def rx_load(self, q: RxQueue, src: Area, frames: Any, idx: Any, n: int) -> int:
+        c = q.c
+        n = min(n, int(c.qcap))
+        c.area = src.c[0]
+        c.qhead, c.qlen = 0, n
+        for k in range(n):
+            f = frames[idx[k] if idx is not None else k]
+            c.q[k].pos, c.q[k].len, c.q[k].pad = f.pos, f.len, 0
+        c.area.tail = c.q[0].pos if n else c.area.head
+        return n
 
     def rx_plan(self, q: RxQueue, avail: int, max_frames: int) -> tuple[int, int]:
         c = q.c

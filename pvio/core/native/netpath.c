@@ -403,6 +403,20 @@ int pvio_np_rx_finish(struct np_rxq *q, uint32_t nframes, const uint8_t *reqs, c
     return 0;
 }
 
+int pvio_np_rx_load(struct np_rxq *q, const struct np_area *src, const struct np_frame *frames,
+                    const uint32_t *idx, uint32_t n)
+{
+    if (n > q->qcap)
+        n = q->qcap;
+    q->area = *src;
+    q->qhead = 0;
+    q->qlen = n;
+    for (uint32_t k = 0; k < n; k++)
+        q->q[k] = frames[idx ? idx[k] : k];
+    q->area.tail = n ? q->q[0].pos : q->area.head;
+    return (int)n;
+}
+
 uint64_t pvio_np_gather(const struct np_area *a, const struct np_frame *frames, const uint32_t *idx,
                         uint32_t n, uint8_t *out)
 {

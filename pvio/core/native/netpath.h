@@ -177,6 +177,11 @@ uint32_t pvio_np_rx_build(const struct np_rxq *q, uint32_t nframes, const uint8_
 int pvio_np_rx_finish(struct np_rxq *q, uint32_t nframes, const uint8_t *reqs, const uint8_t *ops,
                       uint8_t *rsp, struct np_rx_done *out);
 
+/* Fill q (an empty queue over src's pages) with the descriptors of frames idx[0..n): RX straight
+ * from a switch batch, without a copy into the receiver's queue. */
+int pvio_np_rx_load(struct np_rxq *q, const struct np_area *src, const struct np_frame *frames,
+                    const uint32_t *idx, uint32_t n);
+
 /* Copy frames idx[0..n) (all when idx is NULL) of an area into `out`, back to back. */
 uint64_t pvio_np_gather(const struct np_area *a, const struct np_frame *frames, const uint32_t *idx,
                         uint32_t n, uint8_t *out);
