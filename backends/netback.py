@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from pvio.abi import GNTTAB_COPY, PAGE_SIZE, GnttabOp, GntSt, Hypercall
+from pvio.abi import GNTTAB_COPY, PAGE_SIZE, GntSt, GnttabOp, Hypercall
 from pvio.abi.vif import parse_mac
 from pvio.backend_api import Backend, BackendContext, BackendError, BackendHost, load_backend
 from pvio.backends.switch import Switch, SwitchPort
@@ -56,6 +56,7 @@ from pvio.core._native import ffi
 from pvio.core.hypervisor import own_error
 from pvio.core.netpath import Area, FrameBatch, RxQueue
 from pvio.core.ratelimit import LogLimiter
+from pvio.guest import SCRATCH_PAGES, XenError
 from pvio.ringbuf import NETIF_RX, NETIF_TX, BackRing, RingOverflowError
 from pvio.ringbuf.netif import (
     NET_RX_RING_SIZE,
@@ -69,8 +70,6 @@ from pvio.ringbuf.netif import (
 )
 from pvio.xenstore.store import XenstoreError
 from pvio.xenstore.wire import XenbusState
-
-from pvio.guest import SCRATCH_PAGES, XenError
 
 if TYPE_CHECKING:
     from pvio.guest import PyGuest
@@ -553,7 +552,9 @@ class BackendVif(SwitchPort):
                 st.seq[0 : n - sent] = range(sent, n)
                 idx = st.seq
         done = st.enq_done
-        self.datapath.rx_enqueue(self._rx_queue, batch.area, batch.frames, idx, n - sent, self.rx_queue_max, done)
+        self.datapath.rx_enqueue(
+            self._rx_queue, batch.area, batch.frames, idx, n - sent, self.rx_queue_max, done
+        )
         if done.dropped:
             self.dev["drops.rx_queue_full"] += done.dropped
         if done.queued:

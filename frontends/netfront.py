@@ -317,7 +317,8 @@ class Netfront(GuestNic):
         done = st.rx_done
         _lib.pvio_nf_rx(
             data, len(data) // _RX_RSP.size, NR_RX, st.posted, len(self._partial_rx), RX_PACKET_MAX_SLOTS,
-            st.rec_id, st.rec_off, st.rec_len, st.rec_kind, st.repost, st.rx_base, st.rec_start, st.rec_end, done,
+            st.rec_id, st.rec_off, st.rec_len, st.rec_kind, st.repost, st.rx_base, st.rec_start, st.rec_end,
+            done,
         )  # fmt: skip
         nrec = done.nrec
         repost = _ffi.unpack(st.repost, done.nrepost)
@@ -353,7 +354,9 @@ class Netfront(GuestNic):
             self._rx_ready.set()
         return n or len(repost)
 
-    def _assemble(self, ids: list[int], offs: list[int], lens: list[int], kinds: list[int]) -> tuple[int, int, int]:
+    def _assemble(
+        self, ids: list[int], offs: list[int], lens: list[int], kinds: list[int]
+    ) -> tuple[int, int, int]:
         """Frames from RX slot records with parts or error statuses among them: (frames
         queued, frames received, their bytes)."""
         views = self.rx_views
@@ -502,7 +505,9 @@ class Netfront(GuestNic):
         sids = free[: -k - 1 : -1]  # the ids free.pop() would give, in that order
         del free[-k:]
         st = self._nf
-        _lib.pvio_nf_tx_reqs(sids, lens, k, st.refs, st.outstanding, st.reqs, st.tx_base, st.tx_start, st.tx_end)
+        _lib.pvio_nf_tx_reqs(
+            sids, lens, k, st.refs, st.outstanding, st.reqs, st.tx_base, st.tx_start, st.tx_end
+        )
         spans = map(slice, _ffi.unpack(st.tx_start, k), _ffi.unpack(st.tx_end, k))
         deque(map(st.mm.__setitem__, spans, batch), maxlen=0)  # one copy into each pool page, looped in C
         total = sum(lens)

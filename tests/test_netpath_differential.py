@@ -83,7 +83,9 @@ def tx_requests(draw: st.DrawFn) -> bytes:
     out: list[bytes] = []
     for _ in range(draw(st.integers(0, 12))):
         kind = draw(st.sampled_from(["ok", "ok", "ok", "chain", "extra", "hostile", "long"]))
-        rid = draw(st.sampled_from([0, 1, 5, 200, 255, 255, 256, 4000]) if kind == "hostile" else st.integers(0, 255))
+        rid = draw(
+            st.sampled_from([0, 1, 5, 200, 255, 255, 256, 4000]) if kind == "hostile" else st.integers(0, 255)
+        )
         if kind == "ok":
             size = draw(st.sampled_from([14, 60, 64, 1514, 4096]))
             offset = draw(st.sampled_from([0, 0, 2, 4096 - size]))
@@ -221,7 +223,11 @@ def test_rx_queue_and_delivery_are_identical(frames: list[bytes], data: st.DataO
         assert ffi.buffer(c.rx_rsp, n * 8)[:] == ffi.buffer(p.rx_rsp, n * 8)[:]
         assert c.queue.frames() == p.queue.frames()
         for rid, offset, flags, status in RX_RESPONSE.iter_unpack(ffi.buffer(c.rx_rsp, n * 8)[:]):
-            assert offset == 0 and (status <= 4096) and (status > 0 or status == -1 or not flags & NETRXF_MORE_DATA)
+            assert (
+                offset == 0
+                and (status <= 4096)
+                and (status > 0 or status == -1 or not flags & NETRXF_MORE_DATA)
+            )
             assert rid < 256
 
 
@@ -230,7 +236,9 @@ def test_rx_queue_and_delivery_are_identical(frames: list[bytes], data: st.DataO
 def test_rx_straight_from_a_batch_is_identical(frames: list[bytes], data: st.DataObject) -> None:
     mem = bytes(PAGES * 4096)
     c, p = Side(netpath.C, mem), Side(netpath.PYTHON, mem)
-    pick = data.draw(st.lists(st.integers(0, max(0, len(frames) - 1)), max_size=len(frames))) if frames else []
+    pick = (
+        data.draw(st.lists(st.integers(0, max(0, len(frames) - 1)), max_size=len(frames))) if frames else []
+    )
     idx = ffi.new("uint32_t[]", pick or [0])
     loaded = []
     for s in (c, p):
@@ -335,7 +343,9 @@ def build_switch(path: Any) -> tuple[Switch, list[SwitchPort]]:
 def test_switch_decision_for_a_locked_port_is_identical(data: st.DataObject) -> None:
     specs = data.draw(
         st.lists(
-            st.tuples(st.sampled_from(MACS), st.sampled_from(MACS), st.sampled_from([0, 6, 13, 14, 64, 1514])),
+            st.tuples(
+                st.sampled_from(MACS), st.sampled_from(MACS), st.sampled_from([0, 6, 13, 14, 64, 1514])
+            ),
             max_size=20,
         )
     )

@@ -28,7 +28,13 @@ import struct
 from collections.abc import Sequence
 from typing import Any
 
-from pvio.abi import DOMID_SELF, GNTTAB_COPY, GNTTAB_COPY_STATUS_OFFSET, GNTCOPY_dest_gref, GNTCOPY_source_gref
+from pvio.abi import (
+    DOMID_SELF,
+    GNTTAB_COPY,
+    GNTTAB_COPY_STATUS_OFFSET,
+    GNTCOPY_dest_gref,
+    GNTCOPY_source_gref,
+)
 from pvio.core._native import ffi, lib
 from pvio.ringbuf.netif import (
     NETIF_RSP_ERROR,
@@ -57,7 +63,12 @@ OK, TOO_MANY_SLOTS, BAD_OFFSET, BAD_SIZE, BAD_GRANT = (
     lib.NP_OK, lib.NP_TOO_MANY_SLOTS, lib.NP_BAD_OFFSET, lib.NP_BAD_SIZE, lib.NP_BAD_GRANT,
 )  # fmt: skip
 #: Drop reason numbers -> the counter names netback uses (drops.<name>).
-REASONS = {TOO_MANY_SLOTS: "too_many_slots", BAD_OFFSET: "bad_offset", BAD_SIZE: "bad_size", BAD_GRANT: "bad_grant"}
+REASONS = {
+    TOO_MANY_SLOTS: "too_many_slots",
+    BAD_OFFSET: "bad_offset",
+    BAD_SIZE: "bad_size",
+    BAD_GRANT: "bad_grant",
+}
 FATAL_NONE, FATAL_ID, FATAL_SLOTS, FATAL_INTERNAL = (
     lib.NP_FATAL_NONE, lib.NP_FATAL_ID, lib.NP_FATAL_SLOTS, lib.NP_FATAL_INTERNAL,
 )  # fmt: skip
@@ -215,7 +226,9 @@ class CPath:
     def tx_plan(self, raw: bytes, nr_ents: int, fatal_slots: int, fe: int, area: Area, ops: Any,
                 max_ops: int, pkts: Any, plan: Any) -> None:  # fmt: skip
         """Group ``raw`` (packed TX requests) into packets, validate, place and plan their copies."""
-        lib.pvio_np_tx_plan(ffi.from_buffer(raw), len(raw) // 12, nr_ents, fatal_slots, fe, area.c, ops, max_ops, pkts, plan)
+        lib.pvio_np_tx_plan(
+            ffi.from_buffer(raw), len(raw) // 12, nr_ents, fatal_slots, fe, area.c, ops, max_ops, pkts, plan
+        )
 
     def tx_finish(self, raw: bytes, ops: Any, pkts: Any, npkts: int, area: Area, rsp: Any, frames: Any,
                   done: Any) -> None:  # fmt: skip
@@ -420,7 +433,9 @@ class PythonPath:
                 gref = rx[len(blob)][2]
                 gfn = area.gfns[(p >> 12) % area.npages]
                 blob.append(
-                    GNTTAB_COPY.pack(gfn, DOMID_SELF, p & (PAGE - 1), gref, fe, 0, chunk, GNTCOPY_dest_gref, 0)
+                    GNTTAB_COPY.pack(
+                        gfn, DOMID_SELF, p & (PAGE - 1), gref, fe, 0, chunk, GNTCOPY_dest_gref, 0
+                    )
                 )
         data = b"".join(blob)
         ops[: len(data)] = data
@@ -453,7 +468,12 @@ class PythonPath:
         c.area.tail = c.q[c.qhead].pos if c.qlen else c.area.head
         data = b"".join(out)
         ffi.memmove(rsp, data, len(data))
-        done.nrsp, done.delivered, done.delivered_bytes, done.bad_grant = len(out), delivered, delivered_bytes, bad
+        done.nrsp, done.delivered, done.delivered_bytes, done.bad_grant = (
+            len(out),
+            delivered,
+            delivered_bytes,
+            bad,
+        )
 
 
 def tx_packet_problem(slots: Sequence[tuple[int, int, int, int, int]]) -> int:
@@ -483,11 +503,11 @@ def default_path() -> CPath | PythonPath:
 
 
 __all__ = [
-    "C",
     "DATAPATH",
     "PYTHON",
     "REASONS",
     "Area",
+    "C",
     "CPath",
     "FrameBatch",
     "PythonPath",
