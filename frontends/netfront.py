@@ -340,7 +340,7 @@ class Netfront(GuestNic):
             ids, offs = _ffi.unpack(st.rec_id, nrec), _ffi.unpack(st.rec_off, nrec)
             n, received, received_bytes = self._assemble(ids, offs, lens, kinds)
             copies = nrec - kinds.count(_NF_STATUS)
-        self.counters["copies"] += copies
+        self.counters["guest_copies"] += copies
         if done.error:
             self._fail(self._rx_error(done))
             self._repost(repost)
@@ -348,7 +348,7 @@ class Netfront(GuestNic):
         if received:
             self.counters["packets.rx"] += received
             self.counters["bytes.rx"] += received_bytes
-            self.counters["copy_bytes"] += received_bytes
+            self.counters["guest_copy_bytes"] += received_bytes
         self._repost(repost)
         if n:
             self._rx_ready.set()
@@ -417,7 +417,7 @@ class Netfront(GuestNic):
                 self._repost(repost)
                 return n
             parts.append(views[rid][offset : offset + status].tobytes())  # copy once, then re-post
-            self.counters["copies"] += 1
+            self.counters["guest_copies"] += 1
             if flags & NETRXF_MORE_DATA:
                 if len(parts) >= RX_PACKET_MAX_SLOTS:
                     self._fail(f"RX packet of more than {RX_PACKET_MAX_SLOTS} slots")
@@ -436,7 +436,7 @@ class Netfront(GuestNic):
         if received:
             self.counters["packets.rx"] += received
             self.counters["bytes.rx"] += received_bytes
-            self.counters["copy_bytes"] += received_bytes
+            self.counters["guest_copy_bytes"] += received_bytes
         self._repost(repost)
         if n:
             self._rx_ready.set()
@@ -514,8 +514,8 @@ class Netfront(GuestNic):
         c = self.counters
         c["packets.tx"] += k
         c["bytes.tx"] += total
-        c["copies"] += k
-        c["copy_bytes"] += total
+        c["guest_copies"] += k
+        c["guest_copy_bytes"] += total
         _sent, notify = self.tx.send(_ffi.buffer(st.reqs, k * _TX_REQ.size))
         self._notify(notify)
         return k
@@ -525,8 +525,8 @@ class Netfront(GuestNic):
         free = self.tx_free
         self.counters["packets.tx"] += 1
         self.counters["bytes.tx"] += size
-        self.counters["copies"] += nslots
-        self.counters["copy_bytes"] += size
+        self.counters["guest_copies"] += nslots
+        self.counters["guest_copy_bytes"] += size
         if nslots == 1:  # the common case
             sid = free.pop()
             self.tx_outstanding[sid] = True

@@ -26,6 +26,15 @@ Schema (a key absent from a snapshot is zero):
 ``grant.maps`` / ``.unmaps``   grant map / unmap operations that succeeded
 ``grant.copies``               grant copy elements that succeeded
 ``grant.copy_bytes``           bytes moved by those copies
+``copies`` / ``copy_bytes``   copies of frame bytes a device model or backend makes outside
+                               the guests, other than grant copies (device): netback's copy
+                               of a frame into a vif's RX queue, a frame turned into ``bytes``
+                               for a port or a custom backend, an emulated device's DMA
+                               transfers.  A frame's copies outside the guests are
+                               ``grant.copies`` + ``copies``: count every one, once, where
+                               it is made
+``guest_copies`` / ``.._bytes``  copies a guest's own driver makes (netfront's staging into
+                               its granted pool, its copy out of an RX buffer) (device)
 ``packets.tx`` / ``.rx``       frames sent / received (device or domain)
 ``bytes.tx`` / ``.rx``         their bytes
 ``drops.<reason>``             frames dropped, by reason (never silently)

@@ -14,9 +14,9 @@ The benchmark's own timing covers a whole round, boot included; ``pps`` and
 ``*_best``).  Per-packet costs (the counters of the traffic phase divided by the frames
 delivered end to end) go in ``extra_info`` too: interrupts per domain, hypercalls,
 notifications sent and suppressed, grant copies, and ``copies_per_pkt``: every copy of frame
-bytes, whoever makes it (the ``copies`` counters: netfront's staging and copy-out in the guests,
-grant copies, netback's queue copies, the switch's copies for ports that need ``bytes``), with
-``copies_per_pkt.dom0`` the part made outside the guests.  ``pps_cpu`` divides by the process's
+bytes made outside the guests, whoever makes it (grant copies, netback's queue copies, the
+switch's copies for ports that need ``bytes``: ``pvio.harness.bench``'s ``copies``), with
+``guest_copies_per_pkt`` the copies the guests' netfronts make (staging, copy-out).  ``pps_cpu`` divides by the process's
 CPU time instead of the wall clock (on a shared machine the wall clock also counts time this
 process was not running).  ``ring_entries_per_s`` is the C ring through its Python batch API
 (send/take of 64 both ways, as ``test_bench_ring``'s batched benchmark) measured in the same
@@ -62,9 +62,8 @@ def per_packet(diff: Snapshot, delivered: int) -> dict[str, float]:
     out["notifications_per_pkt"] = per(diff.total("notifications.sent", "device"))
     out["notifications_suppressed_per_pkt"] = per(diff.total("notifications.suppressed", "device"))
     out["grant_copies_per_pkt"] = per(diff.total("grant.copies", "domain"))
-    out["copies_per_pkt"] = per(diff.total("copies", "device"))
-    guests = sum(c.get("copies", 0) for o, c in diff.devices().items() if o.startswith("netfront/"))
-    out["copies_per_pkt.dom0"] = per(diff.total("copies", "device") - guests)
+    out["copies_per_pkt"] = per(diff.total("grant.copies", "domain") + diff.total("copies", "device"))
+    out["guest_copies_per_pkt"] = per(diff.total("guest_copies", "device"))
     return out
 
 
