@@ -18,12 +18,12 @@ bytes made outside the guests, whoever makes it (grant copies, netback's queue c
 switch's copies for ports that need ``bytes``: ``pvio.harness.bench``'s ``copies``), with
 ``guest_copies_per_pkt`` the copies the guests' netfronts make (staging, copy-out).
 ``pps_cpu`` divides by the process's CPU time instead of the wall clock (on a shared machine
-the wall clock also counts time this process was not running).  ``ring_entries_per_s`` is the C ring through its Python batch API
-(send/take of 64 both ways, as ``test_bench_ring``'s batched benchmark) measured in the same
-process just before, and ``pps_over_ring`` the stream's rate as a fraction of it: a frame costs
-at least four ring entries (TX request and response, RX request and response).  Issue targets:
->= 1 M pps and <= 0.05 interrupts per packet per guest at saturation; reported, never asserted
-(noisy machines).
+the wall clock also counts time this process was not running).  ``ring_entries_per_s`` is
+the C ring through its Python batch API (send/take of 64 both ways, as ``test_bench_ring``'s
+batched benchmark) measured in the same process just before, and ``pps_over_ring`` the
+stream's rate as a fraction of it: a frame costs at least four ring entries (TX request and
+response, RX request and response).  Issue targets: >= 1 M pps and <= 0.05 interrupts per
+packet per guest at saturation; reported, never asserted (noisy machines).
 With benchmarks disabled (plain ``pytest``) each scenario runs once, small, as a smoke
 test that still checks every frame arrived.
 """
