@@ -14,14 +14,17 @@ TX (guest -> switch), per batch: take every published request (each copied out o
 shared page once), group them into packets (first slot's size is the total, more_data
 chains, extra-info slots answered NULL), validate each packet (id < ring size, offset +
 size <= 4096 per slot, at most 18 slots, sizes adding up), grant-copy every valid slot
-into dom0 staging pages in *one* batched hypercall, answer every slot (OKAY / ERROR),
-push the responses (one notification at most), and hand the frames to the custom
-backend hook and the switch as one batch.
+into the vif's TX area (its dom0 staging pages) in *one* batched hypercall, answer every
+slot (OKAY / ERROR), push the responses (one notification at most), and hand the frames to
+the switch as one :class:`~pvio.core.netpath.FrameBatch` (or as ``bytes`` to a custom
+backend hook).  The per-packet steps are C (``pvio/core/native/netpath.c``) or, with
+``PVIO_DATAPATH=python``, their Python reference (:mod:`pvio.core.netpath`).
 
-RX (switch -> guest): frames wait in a bounded queue (overflow is counted as
-``drops.rx_queue_full``, XSA-392); whenever the guest has posted enough buffers the
-frames are staged in dom0 pages and grant-copied into the guest's buffers in one
-hypercall, each response written in the slot of the request it answers.
+RX (switch -> guest): frames of a batch go straight from the sender's TX area into the
+guest's posted buffers when nothing waits before them; the others wait in the vif's RX queue
+(a copy into its own dom0 pages, bounded in frames and bytes; overflow is counted as
+``drops.rx_queue_full``, XSA-392) until the guest posts buffers, then go out in one grant
+copy, each response written in the slot of the request it answers.
 
 Errors: a bad grant, a slot crossing its page or inconsistent sizes fail that packet
 (ERROR responses, ``drops.<reason>``, a logged reason).  A frontend that is clearly

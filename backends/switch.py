@@ -13,6 +13,10 @@ of every frame, so it is written for Python's per-packet budget (docs/architectu
   netback) can push all its frames onto its RX ring and notify the guest once.
 - **bytes and dicts only.**  The destination and source MAC are two slices, learning and
   forwarding are dict look-ups; no scapy, no parsing beyond the Ethernet header.
+- **batches in place.**  :meth:`Switch.input_batch` takes a netback vif's frames where they
+  lie (a :class:`~pvio.core.netpath.FrameBatch`); for a port with a MAC policy the decision for
+  the whole batch is one C call over a copy of the table, and ports that accept batches take
+  their frames by index.  Other ports get ``bytes`` (one copy each, the switch's ``copies``).
 - **mirrors cost nothing when off.**  Packet capture (:mod:`pvio.backends.capture`)
   registers a tap that sees each batch in and each batch delivered; with no tap, the
   cost is one test of an empty list per batch.
