@@ -1,1 +1,1 @@
-from setuptools import setup; setup(cffi_modules=["ringbuf/_build.py:ffibuilder", "pvio/core/_native_build.py:ffibuilder"])
+from setuptools import Extension, setup; setup(cffi_modules=["ringbuf/_build.py:ffibuilder", "pvio/core/_native_build.py:ffibuilder"], ext_modules=[Extension("pvio.ringbuf._ringfast", ["ringbuf/ringfast.c", "ringbuf/ring.c"], include_dirs=["ringbuf"], extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter"])])

@@ -13,10 +13,15 @@ plus one take of one entry as an op (so it equals its ``entries_per_s``).
   shared anonymous mmap page, both moving up to B entries per call (``api_calls_per_s``
   there counts the frontend's calls that moved a full batch, not its empty polls).
 
-Issue targets: batched >= 20 M entries/s in one thread, >= 5 M entries/s across two
-processes, single entry >= 1 M ops/s.  These are reported in ``extra_info`` (see
-``--benchmark-json``), never asserted: the machines are noisy.  Each benchmark checks the
-entries it moved, so the unmeasured run in ``make test`` is a smoke test.
+The C ring's own rate for the same loop (``pvio_ring_round_trips``: the same four calls per
+batch, made from C) is measured in the same test, right after the Python rounds, and the
+batched benchmarks report ``c_entries_per_s`` and ``ratio_to_c`` (Python API rate / C rate,
+medians) next to their own rate, so the ratio compares two figures of one moment of a noisy
+machine.  Targets: batched >= 20 M entries/s in one thread, >= 5 M entries/s across two
+processes, single entry >= 1 M ops/s, and at batch 64 a ratio to C of at least 0.5.  These
+are reported in ``extra_info`` (see ``--benchmark-json``; ``-s`` also prints the ratios),
+never asserted: the machines are noisy.  Each benchmark checks the entries it moved, so the
+unmeasured run in ``make test`` is a smoke test.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from typing import Any
 import pytest
 
 from pvio.ringbuf import NETIF_TX, BackRing, FrontRing
+from pvio.ringbuf._ringbuf import ffi, lib
 
 LAYOUT = NETIF_TX  # 12-byte requests, 4-byte responses, 256 slots
 RING_BYTES = 4032  # the ring's share of the page; the last 64 bytes carry the stop flag
@@ -66,6 +72,22 @@ def measure(benchmark: Any, run: Callable[[], None]) -> int:
 def scale(benchmark: Any, n: int) -> int:
     """Full size when measuring; a small smoke run when benchmarks are disabled."""
     return n if benchmark.enabled else max(256, n // 50)
+
+
+def c_ring_rate(batch: int, loops: int, rounds: int = 5) -> tuple[float, float]:
+    """Entries/s (median, best) of the C ring running the batched benchmark's loop in C."""
+    page = bytearray(4096)
+    front, back = FrontRing(LAYOUT, page), BackRing(LAYOUT, page)
+    reqs, rsps = REQ * batch, RSP * batch
+    scratch = ffi.new("char[]", LAYOUT.nr_ents() * LAYOUT.req_size)
+    times = []
+    for _ in range(rounds + 1):  # the first is a warm-up
+        start = time.perf_counter()
+        moved = lib.pvio_ring_round_trips(front._r, back._r, reqs, rsps, batch, loops, scratch)
+        times.append(time.perf_counter() - start)
+        assert moved == 2 * batch * loops, moved
+    times = sorted(times[1:])
+    return moved / times[len(times) // 2], moved / times[0]
 
 
 # ---- one thread --------------------------------------------------------------------------
@@ -113,6 +135,18 @@ def test_batched_round_trips(benchmark: Any, batch: int) -> None:
     assert front.rsp_cons == back.req_cons == runs * loops * batch
     assert front.take_responses() == b"" and back.take_requests() == b""
     record(benchmark, 2 * batch * loops, 4 * loops)
+    if "entries_per_s" in benchmark.extra_info:  # the C ring's rate for the same loop, now
+        c_median, c_best = c_ring_rate(batch, loops)
+        info = benchmark.extra_info
+        info["c_entries_per_s"] = round(c_median)
+        info["c_entries_per_s_best"] = round(c_best)
+        info["ratio_to_c"] = round(info["entries_per_s"] / c_median, 3)
+        info["ratio_to_c_best"] = round(info["entries_per_s_best"] / c_best, 3)
+        print(
+            f"\nring batch {batch}: Python API {info['entries_per_s'] / 1e6:.1f} M entries/s, "
+            f"C {c_median / 1e6:.1f} M/s: ratio {info['ratio_to_c']:.2f} "
+            f"(best rounds {info['ratio_to_c_best']:.2f})"
+        )
 
 
 # ---- two processes -----------------------------------------------------------------------
