@@ -196,11 +196,33 @@ POLL_SPINS = 8  # empty polls (scheduler turns) before the device re-arms its do
 MOD_PROFILES: tuple[tuple[int, int], ...] = ((1, 0), (8, 20), (32, 50), (64, 100), (96, 200))
 #: Completion rates (per second) at which each level above 0 starts.
 RATE_LEVELS: tuple[float, ...] = (20_000.0, 50_000.0, 100_000.0, 200_000.0)
+#: Completions per push (on average over a sample) from which a sample counts as saturation: the
+#: frames came in bursts, so they were paced by how fast the host runs, not by the sender.
+BURST_FRAMES = 4
+#: Completions a sample needs before it may raise the level (net_dim waits for a full sample):
+#: one frame in no time at all is not a high rate.
+SAMPLE_MIN_FRAMES = 8
 
 
 def level_for_rate(rate: float) -> int:
     """The moderation level whose rate band holds ``rate`` completions per second."""
     return sum(rate >= r for r in RATE_LEVELS)
+
+
+def level_for_sample(completions: int, pushes: int, seconds: float, current: int) -> int:
+    """The level a sample window asks for (net_dim's sample, measured in frames first).
+
+    A window whose completions came in bursts (``BURST_FRAMES`` or more per push) is
+    saturation whatever its measured rate: that rate is the host's speed, and a slow host
+    must not get a lower level (hence more interrupts) for the same traffic.  Otherwise the
+    rate over the window picks the band; a window of no time (MockClock, busy) is infinite.
+    """
+    if pushes and completions >= BURST_FRAMES * pushes:
+        return len(RATE_LEVELS)
+    rate = completions / seconds if seconds > 0 else math.inf
+    if completions < SAMPLE_MIN_FRAMES:
+        return min(level_for_rate(rate), current)  # too small a sample to raise the level
+    return level_for_rate(rate)
 
 
 class SmartNic(SwitchPort):
@@ -241,6 +263,8 @@ class SmartNic(SwitchPort):
         self._wanted_since = 0.0
         self._since_wanted = 0  # completions written since the guest asked
         self._since_irq = 0  # completions written since the last interrupt (the rate sample)
+        self._pushes = 0  # completion pushes since the last interrupt (the burst sample)
+        self._busy = False  # the last pass found work: moderation timers wait for an idle pass
         self._last_irq = 0.0
         self.scope = trio.CancelScope()
 
@@ -327,7 +351,7 @@ class SmartNic(SwitchPort):
         self.error = False
         self.level = 0
         self._irq_wanted = False
-        self._since_wanted = self._since_irq = 0
+        self._since_wanted = self._since_irq = self._pushes = 0
         self._last_irq = trio.current_time()
         if self not in self.switch.ports:
             self.switch.attach(self)
@@ -488,6 +512,7 @@ class SmartNic(SwitchPort):
         _, notify = ring.send(b"".join(cmpls))
         n = len(cmpls)
         self._since_irq += n
+        self._pushes += 1
         if notify and not self._irq_wanted:
             self._irq_wanted = True
             self._wanted_since = trio.current_time()
@@ -509,14 +534,19 @@ class SmartNic(SwitchPort):
             return math.inf
         return self._wanted_since + self.profile()[1] * 1e-6
 
-    def _moderate(self) -> None:
-        """Raise the interrupt the guest asked for, if the moderation thresholds allow it now."""
+    def _moderate(self, idle: bool = False) -> None:
+        """Raise the interrupt the guest asked for, if the moderation thresholds allow it now.
+
+        The frame threshold applies at once; the timer only on an ``idle`` pass (one that
+        found no work): while frames keep coming, the budget is in frames, so how many
+        interrupts a busy phase takes does not depend on how fast the host runs it.
+        """
         if not self._irq_wanted:
             return
         frames, _usecs = self.profile()
         if self._since_wanted >= frames:
             self._raise_irq("by_frames")
-        elif trio.current_time() >= self._irq_deadline():
+        elif idle and trio.current_time() >= self._irq_deadline():
             self._raise_irq("by_timer")
 
     def _raise_irq(self, why: str) -> None:
@@ -528,13 +558,11 @@ class SmartNic(SwitchPort):
             self.hv.send_virq(self.dom, self.virq)
         else:
             dev["irqs.unbound"] += 1
-        if self.mod_mode == MOD_ADAPTIVE:  # net_dim: sample the rate at each interrupt, step one level
-            dt = now - self._last_irq
-            rate = self._since_irq / dt if dt > 0 else math.inf
-            target = level_for_rate(rate)
+        if self.mod_mode == MOD_ADAPTIVE:  # net_dim: a sample per interrupt, one level per step
+            target = level_for_sample(self._since_irq, self._pushes, now - self._last_irq, self.level)
             self.level += (target > self.level) - (target < self.level)
         self._last_irq = now
-        self._since_irq = 0
+        self._since_irq = self._pushes = 0
         self._irq_wanted = False
         self._since_wanted = 0
 
@@ -551,7 +579,7 @@ class SmartNic(SwitchPort):
                     continue
                 self.dev["polls"] += 1
                 work = self._tx_work() + self._rx_work()
-                self._moderate()
+                self._moderate(idle=not work)
                 if work:
                     idle = 0
                     await trio.lowlevel.checkpoint()

@@ -17,6 +17,13 @@ Against the register map and descriptor format of :mod:`pvio.backends.smartnic`:
   there is work; after ``POLL_SPINS`` empty polls it re-arms the interrupt (the RX ring's
   ``rsp_event``, with the final check that closes the race) and sleeps.  The interrupt
   handler only wakes it.
+* Busy polling for an answer: a send made while the service task sleeps (the first frame
+  after a pause: a request, most likely, whose answer comes next) disarms the RX interrupt
+  (``rsp_event`` half the index space ahead, which no push crosses) and wakes the service
+  task for ``BUSY_POLL`` more polls, so the answer is found by polling instead of costing
+  an interrupt; when the polls run out it re-arms as usual.  Linux's busy polling
+  (``SO_BUSY_POLL`` with ``prefer_busy_poll``), with the budget in polls, not µs, so it
+  is the same on any host.
 
 Hostile device?  The device is the monitor here, but the driver still range-checks every
 completion (id, length, status) and counts what it refuses.
@@ -74,6 +81,8 @@ log = logging.getLogger("pvio.smartnic_driver")
 
 RX_QUEUE_MAX = 4096  # frames received but not yet read by the application
 POLL_SPINS = 4  # empty polls (scheduler turns) before the driver re-arms the interrupt
+BUSY_POLL = 32  # polls (scheduler turns) spent waiting for an answer after a send from idle
+RX_DISARMED = 1 << 31  # an rsp_event this far ahead of rsp_cons is never crossed: no interrupt
 
 
 class SmartNicError(Exception):
@@ -115,6 +124,8 @@ class SmartNicDriver(GuestNic):
         self.mac = b"\x00" * 6
         super().__init__()
         self._wake = trio.Event()
+        self._sleeping = False  # the service task sleeps with the RX interrupt armed
+        self._busy_polls = 0  # polls left of a busy-poll window
 
     # ------------------------------------------------------------------ registers
     def _rd(self, reg: int) -> int:
@@ -212,7 +223,9 @@ class SmartNicDriver(GuestNic):
                 await trio.lowlevel.checkpoint()
                 continue
             idle += 1
-            if idle <= POLL_SPINS:
+            if idle <= POLL_SPINS or self._busy_polls > 0:
+                if idle > POLL_SPINS:
+                    self._busy_polls -= 1
                 await trio.lowlevel.checkpoint()
                 continue
             try:
@@ -222,8 +235,20 @@ class SmartNicDriver(GuestNic):
                 self._fail(f"impossible completion index ({e})")
                 break
             self.counters["rearms"] += 1
+            self._sleeping = True
             await self._wake.wait()
+            self._sleeping = False
             idle = 0
+
+    def _busy_poll(self) -> None:
+        """A send from idle: disarm the RX interrupt and poll ``BUSY_POLL`` times for the answer."""
+        if not self._sleeping:
+            return
+        self._sleeping = False
+        self.rx.final_check_for_responses(RX_DISARMED)  # a completion already waiting: polled now
+        self.counters["busy_polls"] += 1
+        self._busy_polls = BUSY_POLL
+        self._wake.set()
 
     def _reap_tx(self) -> int:
         data = self.tx.take_responses()
@@ -306,6 +331,7 @@ class SmartNicDriver(GuestNic):
                 self.counters["packets.tx"] += len(descs)
                 if notify:
                     self._doorbell(DB_TX)
+                self._busy_poll()
                 continue
             # Every TX buffer is in flight: poll a little, then ask for an interrupt and sleep.
             spins += 1
