@@ -45,6 +45,7 @@ bench: build
 chart: build
 	$(PIP) install -q 'matplotlib>=3.7'
 	$(PY) -m pvio bench --markdown --chart docs/device_models.png
+	$(PY) -m pvio.harness.moderation --markdown --chart docs/moderation_curve.png
 
 fuzz: build
 	PVIO_FUZZ=1 $(PY) -m pytest -q -p no:cacheprovider tests -k "model or stress or hostile or fuzz"

@@ -93,13 +93,17 @@ Moderation
 ----------
 When a completion push crosses the guest's ``rsp_event`` the guest "wants" an interrupt;
 the monitor raises it once ``frames`` completions have been written since then, or
-``usecs`` after the first of them, whichever comes first.  Adaptive mode picks
-``(frames, usecs)`` from a profile table by level, and after each interrupt samples the
-completion rate since the previous one (net_dim's sample at interrupt), moving one level
-toward the level of that rate (:data:`RATE_LEVELS`): at low rates level 0 (1 frame, 0 µs:
-interrupt at once), at high rates up to 96 frames / 200 µs.  Under trio's MockClock time
-stands still while tasks are busy, so a busy phase samples as a very high rate: the counts
-are exactly reproducible.
+``usecs`` after the first of them, whichever comes first -- the timer only on a pass that
+found no work, so while frames keep coming the budget is in frames and a busy phase takes
+the same interrupts on any host.  Adaptive mode picks ``(frames, usecs)`` from a profile
+table by level, net_dim style: a sample per window between interrupts (completions, the
+pushes they came in, the window's duration), one level per step toward the level the sample
+asks for (:func:`level_for_sample`): bursts (>= ``BURST_FRAMES`` per push) are saturation,
+the top level, whatever the rate; otherwise the rate's band (:data:`RATE_LEVELS`), a sample
+of fewer than ``SAMPLE_MIN_FRAMES`` never raising the level.  At low rates level 0 (1
+frame, 0 µs: interrupt at once), at high rates up to 96 frames / 200 µs.  Under trio's
+MockClock time stands still while tasks are busy, so a busy phase samples as a very high
+rate: the counts are exactly reproducible.  docs/devices.md ("Moderation") has the details.
 
 Counters, owner ``smartnic/<name>`` (``snic<domid>.<devid>``): ``packets.tx``/``.rx``,
 ``bytes.*``, ``copies`` (DMA transfers: one per frame each way), ``doorbells``,
