@@ -117,7 +117,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections import deque
 from typing import TYPE_CHECKING
 
 import trio
@@ -174,7 +173,8 @@ from pvio.abi.smartnic import (
     snic_mac,
 )
 from pvio.abi.xen import DOMID_IO
-from pvio.backends.switch import ETH_HEADER_LEN, MAX_FRAME_LEN, Switch, SwitchPort
+from pvio.backends.smartnic_dma import rx_batch, tx_batch
+from pvio.backends.switch import Switch, SwitchPort
 from pvio.core.grant_table import GrantError
 from pvio.core.ratelimit import LogLimiter
 from pvio.ringbuf import BackRing, RingOverflowError
@@ -260,8 +260,8 @@ class SmartNic(SwitchPort):
         self._tx: BackRing | None = None
         self._rx: BackRing | None = None
         self._pool = (0, 0, 0)  # base gpa, buffer size, count
-        self._rx_queue: deque[bytes] = deque()
-        self._rx_held: deque[tuple[int, int, int, int, int, int]] = deque()  # RX descriptors taken, unused
+        self._rx_queue: list[bytes] = []  # frames from the switch, oldest first
+        self._rx_held = b""  # RX descriptors taken off the ring (copied once), not used yet
         self._wake = trio.Event()
         self._irq_wanted = False
         self._wanted_since = 0.0
@@ -369,7 +369,7 @@ class SmartNic(SwitchPort):
         if self._rx_queue:
             self.dev["drops.reset"] += len(self._rx_queue)
         self._rx_queue.clear()
-        self._rx_held.clear()
+        self._rx_held = b""
         self.enabled = False
         self.error = False
         self._release_rings()
@@ -432,8 +432,16 @@ class SmartNic(SwitchPort):
         self.dev[f"errors.{reason}"] += 1
         return CMPL.pack(desc_id, 0, _REASON_STATUS[reason], 0)
 
+    def _count_refused(self, bad_len: int, bad_buf: int, bad_flags: int) -> None:
+        """Count the descriptors a DMA batch refused (each already completed with its status)."""
+        for reason, n in (("bad_len", bad_len), ("bad_buf", bad_buf), ("bad_flags", bad_flags)):
+            if n:
+                self.errors += n
+                self.dev[f"errors.{reason}"] += n
+
     def _tx_work(self) -> int:
-        """Send every posted TX descriptor: DMA from guest memory, one batch to the switch."""
+        """Send every posted TX descriptor: DMA from guest memory (``tx_batch``, in C, one call
+        per batch; a granted page served here), one batch to the switch."""
         ring = self._tx
         if ring is None:
             return 0
@@ -444,77 +452,105 @@ class SmartNic(SwitchPort):
             return 0
         if not data:
             return 0
+        mem = self.dom.mem.view
+        base, size, count = self._pool
+        n = len(data) // DESC.size
         frames: list[bytes] = []
         cmpls: list[bytes] = []
-        for buf, offset, length, desc_id, flags, _rsvd in DESC.iter_unpack(data):
-            if not ETH_HEADER_LEN <= length <= MAX_FRAME_LEN:
-                cmpls.append(self._refuse("bad_len", desc_id))
-                continue
-            window = self._buffer(buf, offset, length, flags, write=False)
-            if isinstance(window, str):
-                cmpls.append(self._refuse(window, desc_id))
-                continue
-            frames.append(window.tobytes())  # the DMA read: guest memory -> wire
-            cmpls.append(CMPL.pack(desc_id, length, SNIC_OK, 0))
-        self._complete(ring, cmpls)
+        nbytes = 0
+        start = 0
+        while start < n:
+            sent, done, start, nb, bad_len, bad_buf, bad_flags = tx_batch(data, mem, base, size, count, start)
+            frames += sent
+            cmpls.append(done)
+            nbytes += nb
+            self._count_refused(bad_len, bad_buf, bad_flags)
+            if start < n:  # a granted page: the grant table is Python's
+                done, nb = self._tx_granted(data, start, frames)
+                cmpls.append(done)
+                nbytes += nb
+                start += 1
+        self._complete(ring, b"".join(cmpls))
         if frames:
             dev = self.dev
             dev["copies"] += len(frames)
             dev["packets.tx"] += len(frames)
-            dev["bytes.tx"] += sum(map(len, frames))
+            dev["bytes.tx"] += nbytes
             self.switch.input(self, frames)
-        return len(cmpls)
+        return n
+
+    def _tx_granted(self, data: bytes, index: int, frames: list[bytes]) -> tuple[bytes, int]:
+        """Send descriptor ``index`` of ``data``, which names a granted page: (completion, bytes)."""
+        buf, offset, length, desc_id, flags, _rsvd = DESC.unpack_from(data, index * DESC.size)
+        window = self._buffer(buf, offset, length, flags, write=False)
+        if isinstance(window, str):
+            return self._refuse(window, desc_id), 0
+        frames.append(window.tobytes())  # the DMA read: guest memory -> wire
+        return CMPL.pack(desc_id, length, SNIC_OK, 0), length
 
     def _rx_work(self) -> int:
-        """Write queued frames into posted RX buffers (DMA into guest memory)."""
+        """Write queued frames into posted RX buffers (DMA into guest memory: ``rx_batch``, in C,
+        one call per batch; a granted page served here)."""
         ring = self._rx
         q = self._rx_queue
         if ring is None or not q:
             return 0
+        mem = self.dom.mem.view
+        base, size, count = self._pool
         held = self._rx_held
         cmpls: list[bytes] = []
-        delivered = nbytes = 0
+        delivered = nbytes = too_big = 0
         while q:
             if not held:
                 try:
-                    held.extend(DESC.iter_unpack(ring.take_requests(len(q))))
+                    held = ring.take_requests(len(q))
                 except RingOverflowError:
                     self._fault("ring_overflow")
                     return 0
                 if not held:
                     break  # starved: the frames wait for buffers
-            buf, offset, length, desc_id, flags, _rsvd = held[0]
-            window = self._buffer(buf, offset, length, flags, write=True)
-            if isinstance(window, str):
-                held.popleft()
-                cmpls.append(self._refuse(window, desc_id))
-                continue
-            frame = q[0]
-            n = len(frame)
-            if n > length:
-                q.popleft()  # the frame cannot fit the buffer it is due in: drop it, keep the buffer
-                self.dev["drops.rx_too_big"] += 1
-                continue
-            held.popleft()
-            q.popleft()
-            window[:n] = frame  # the DMA write: wire -> guest memory
-            cmpls.append(CMPL.pack(desc_id, n, SNIC_OK, 0))
-            delivered += 1
-            nbytes += n
-        self._complete(ring, cmpls)
+            done, used, taken, dl, nb, tb, *refused = rx_batch(held, q, mem, base, size, count)
+            cmpls.append(done)
+            delivered += dl
+            nbytes += nb
+            too_big += tb
+            self._count_refused(*refused)
+            del q[:taken]
+            held = held[used * DESC.size :]
+            if held and q:  # stopped at a granted page: the grant table is Python's
+                buf, offset, length, desc_id, flags, _rsvd = DESC.unpack_from(held)
+                window = self._buffer(buf, offset, length, flags, write=True)
+                if isinstance(window, str):
+                    held = held[DESC.size :]
+                    cmpls.append(self._refuse(window, desc_id))
+                    continue
+                frame = q.pop(0)
+                if len(frame) > length:
+                    too_big += 1  # the frame cannot fit the buffer it is due in: drop it, keep the buffer
+                    continue
+                held = held[DESC.size :]
+                window[: len(frame)] = frame  # the DMA write: wire -> guest memory
+                cmpls.append(CMPL.pack(desc_id, len(frame), SNIC_OK, 0))
+                delivered += 1
+                nbytes += len(frame)
+        self._rx_held = held
+        if too_big:
+            self.dev["drops.rx_too_big"] += too_big
+        done_all = b"".join(cmpls)
+        self._complete(ring, done_all)
         if delivered:
             dev = self.dev
             dev["copies"] += delivered
             dev["packets.rx"] += delivered
             dev["bytes.rx"] += nbytes
-        return len(cmpls)
+        return len(done_all) // CMPL.size
 
-    def _complete(self, ring: BackRing, cmpls: list[bytes]) -> None:
-        """Publish completions; note whether the guest asked to be interrupted by them."""
+    def _complete(self, ring: BackRing, cmpls: bytes) -> None:
+        """Publish packed completions; note whether the guest asked to be interrupted by them."""
         if not cmpls:
             return
-        _, notify = ring.send(b"".join(cmpls))
-        n = len(cmpls)
+        _, notify = ring.send(cmpls)
+        n = len(cmpls) // CMPL.size
         self._since_irq += n
         self._pushes += 1
         if notify and not self._irq_wanted:
