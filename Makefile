@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check
 STAMP  := $(VENV)/.installed
 EXT_STAMP := .stamp-ext
-RING_SRC := ringbuf/ring.c ringbuf/ring.h ringbuf/_build.py ringbuf/ringfast.c backends/native/snic_dma.c pvio/core/native/gnttab.c pvio/core/native/gnttab.h pvio/core/_native_build.py
+RING_SRC := ringbuf/ring.c ringbuf/ring.h ringbuf/_build.py ringbuf/ringfast.c backends/native/snic_dma.c frontends/native/snic_driver.c pvio/core/native/gnttab.c pvio/core/native/gnttab.h pvio/core/_native_build.py
 
 .PHONY: all setup build demo test bench chart fuzz lint clean
 
@@ -62,4 +62,4 @@ lint: build
 	cd $(TYPECHECK) && $(CURDIR)/$(VENV)/bin/mypy --config-file $(CURDIR)/pyproject.toml -p pvio
 
 clean:
-	rm -rf $(VENV) build *.egg-info $(EXT_STAMP) ringbuf/_ringbuf*.so ringbuf/_ringfast*.so backends/_snic_dma*.so ringbuf/_ringbuf.c pvio/core/_native*.so pvio/core/_native.c
+	rm -rf $(VENV) build *.egg-info $(EXT_STAMP) ringbuf/_ringbuf*.so ringbuf/_ringfast*.so backends/_snic_dma*.so frontends/_snic_driver*.so ringbuf/_ringbuf.c pvio/core/_native*.so pvio/core/_native.c
