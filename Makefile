@@ -7,7 +7,9 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check
 STAMP  := $(VENV)/.installed
 EXT_STAMP := .stamp-ext
-RING_SRC := ringbuf/ring.c ringbuf/ring.h ringbuf/_build.py ringbuf/netif.py pvio/abi/xen.py pvio/core/native/gnttab.c pvio/core/native/gnttab.h pvio/core/native/netpath.c pvio/core/native/netpath.h pvio/core/_native_build.py
+# Every C source, header and builder of the extensions: a change to any rebuilds them.
+RING_SRC := setup.py ringbuf/_build.py pvio/core/_native_build.py ringbuf/netif.py pvio/abi/xen.py \
+	$(wildcard ringbuf/*.c ringbuf/*.h pvio/core/native/*.[ch] backends/native/*.[ch] frontends/native/*.[ch])
 
 .PHONY: all setup build demo test bench chart fuzz lint clean
 
@@ -45,6 +47,7 @@ bench: build
 chart: build
 	$(PIP) install -q 'matplotlib>=3.7'
 	$(PY) -m pvio bench --markdown --chart docs/device_models.png
+	$(PY) -m pvio.harness.moderation --markdown --chart docs/moderation_curve.png
 
 fuzz: build
 	PVIO_FUZZ=1 $(PY) -m pytest -q -p no:cacheprovider tests -k "model or stress or hostile or fuzz"
@@ -61,4 +64,4 @@ lint: build
 	cd $(TYPECHECK) && $(CURDIR)/$(VENV)/bin/mypy --config-file $(CURDIR)/pyproject.toml -p pvio
 
 clean:
-	rm -rf $(VENV) build *.egg-info $(EXT_STAMP) ringbuf/_ringbuf*.so ringbuf/_ringbuf.c pvio/core/_native*.so pvio/core/_native.c
+	rm -rf $(VENV) build *.egg-info $(EXT_STAMP) ringbuf/_ringbuf*.so ringbuf/_ringfast*.so backends/_snic_dma*.so frontends/_snic_driver*.so ringbuf/_ringbuf.c pvio/core/_native*.so pvio/core/_native.c

@@ -93,13 +93,17 @@ Moderation
 ----------
 When a completion push crosses the guest's ``rsp_event`` the guest "wants" an interrupt;
 the monitor raises it once ``frames`` completions have been written since then, or
-``usecs`` after the first of them, whichever comes first.  Adaptive mode picks
-``(frames, usecs)`` from a profile table by level, and after each interrupt samples the
-completion rate since the previous one (net_dim's sample at interrupt), moving one level
-toward the level of that rate (:data:`RATE_LEVELS`): at low rates level 0 (1 frame, 0 µs:
-interrupt at once), at high rates up to 96 frames / 200 µs.  Under trio's MockClock time
-stands still while tasks are busy, so a busy phase samples as a very high rate: the counts
-are exactly reproducible.
+``usecs`` after the first of them, whichever comes first -- the timer only on a pass that
+found no work, so while frames keep coming the budget is in frames and a busy phase takes
+the same interrupts on any host.  Adaptive mode picks ``(frames, usecs)`` from a profile
+table by level, net_dim style: a sample per window between interrupts (completions, the
+pushes they came in, the window's duration), one level per step toward the level the sample
+asks for (:func:`level_for_sample`): bursts (>= ``BURST_FRAMES`` per push) are saturation,
+the top level, whatever the rate; otherwise the rate's band (:data:`RATE_LEVELS`), a sample
+of fewer than ``SAMPLE_MIN_FRAMES`` never raising the level.  At low rates level 0 (1
+frame, 0 µs: interrupt at once), at high rates up to 96 frames / 200 µs.  Under trio's
+MockClock time stands still while tasks are busy, so a busy phase samples as a very high
+rate: the counts are exactly reproducible.  docs/devices.md ("Moderation") has the details.
 
 Counters, owner ``smartnic/<name>`` (``snic<domid>.<devid>``): ``packets.tx``/``.rx``,
 ``bytes.*``, ``copies`` (DMA transfers: one per frame each way), ``doorbells``,
@@ -113,7 +117,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections import deque
 from typing import TYPE_CHECKING
 
 import trio
@@ -170,7 +173,8 @@ from pvio.abi.smartnic import (
     snic_mac,
 )
 from pvio.abi.xen import DOMID_IO
-from pvio.backends.switch import ETH_HEADER_LEN, MAX_FRAME_LEN, Switch, SwitchPort
+from pvio.backends.smartnic_dma import rx_batch, tx_batch
+from pvio.backends.switch import Switch, SwitchPort
 from pvio.core.grant_table import GrantError
 from pvio.core.ratelimit import LogLimiter
 from pvio.ringbuf import BackRing, RingOverflowError
@@ -196,11 +200,33 @@ POLL_SPINS = 8  # empty polls (scheduler turns) before the device re-arms its do
 MOD_PROFILES: tuple[tuple[int, int], ...] = ((1, 0), (8, 20), (32, 50), (64, 100), (96, 200))
 #: Completion rates (per second) at which each level above 0 starts.
 RATE_LEVELS: tuple[float, ...] = (20_000.0, 50_000.0, 100_000.0, 200_000.0)
+#: Completions per push (on average over a sample) from which a sample counts as saturation: the
+#: frames came in bursts, so they were paced by how fast the host runs, not by the sender.
+BURST_FRAMES = 4
+#: Completions a sample needs before it may raise the level (net_dim waits for a full sample):
+#: one frame in no time at all is not a high rate.
+SAMPLE_MIN_FRAMES = 8
 
 
 def level_for_rate(rate: float) -> int:
     """The moderation level whose rate band holds ``rate`` completions per second."""
     return sum(rate >= r for r in RATE_LEVELS)
+
+
+def level_for_sample(completions: int, pushes: int, seconds: float, current: int) -> int:
+    """The level a sample window asks for (net_dim's sample, measured in frames first).
+
+    A window whose completions came in bursts (``BURST_FRAMES`` or more per push) is
+    saturation whatever its measured rate: that rate is the host's speed, and a slow host
+    must not get a lower level (hence more interrupts) for the same traffic.  Otherwise the
+    rate over the window picks the band; a window of no time (MockClock, busy) is infinite.
+    """
+    if pushes and completions >= BURST_FRAMES * pushes:
+        return len(RATE_LEVELS)
+    rate = completions / seconds if seconds > 0 else math.inf
+    if completions < SAMPLE_MIN_FRAMES:
+        return min(level_for_rate(rate), current)  # too small a sample to raise the level
+    return level_for_rate(rate)
 
 
 class SmartNic(SwitchPort):
@@ -234,13 +260,15 @@ class SmartNic(SwitchPort):
         self._tx: BackRing | None = None
         self._rx: BackRing | None = None
         self._pool = (0, 0, 0)  # base gpa, buffer size, count
-        self._rx_queue: deque[bytes] = deque()
-        self._rx_held: deque[tuple[int, int, int, int, int, int]] = deque()  # RX descriptors taken, unused
+        self._rx_queue: list[bytes] = []  # frames from the switch, oldest first
+        self._rx_held = b""  # RX descriptors taken off the ring (copied once), not used yet
         self._wake = trio.Event()
         self._irq_wanted = False
         self._wanted_since = 0.0
         self._since_wanted = 0  # completions written since the guest asked
         self._since_irq = 0  # completions written since the last interrupt (the rate sample)
+        self._pushes = 0  # completion pushes since the last interrupt (the burst sample)
+        self._busy = False  # the last pass found work: moderation timers wait for an idle pass
         self._last_irq = 0.0
         self.scope = trio.CancelScope()
 
@@ -327,7 +355,7 @@ class SmartNic(SwitchPort):
         self.error = False
         self.level = 0
         self._irq_wanted = False
-        self._since_wanted = self._since_irq = 0
+        self._since_wanted = self._since_irq = self._pushes = 0
         self._last_irq = trio.current_time()
         if self not in self.switch.ports:
             self.switch.attach(self)
@@ -341,7 +369,7 @@ class SmartNic(SwitchPort):
         if self._rx_queue:
             self.dev["drops.reset"] += len(self._rx_queue)
         self._rx_queue.clear()
-        self._rx_held.clear()
+        self._rx_held = b""
         self.enabled = False
         self.error = False
         self._release_rings()
@@ -404,8 +432,16 @@ class SmartNic(SwitchPort):
         self.dev[f"errors.{reason}"] += 1
         return CMPL.pack(desc_id, 0, _REASON_STATUS[reason], 0)
 
+    def _count_refused(self, bad_len: int, bad_buf: int, bad_flags: int) -> None:
+        """Count the descriptors a DMA batch refused (each already completed with its status)."""
+        for reason, n in (("bad_len", bad_len), ("bad_buf", bad_buf), ("bad_flags", bad_flags)):
+            if n:
+                self.errors += n
+                self.dev[f"errors.{reason}"] += n
+
     def _tx_work(self) -> int:
-        """Send every posted TX descriptor: DMA from guest memory, one batch to the switch."""
+        """Send every posted TX descriptor: DMA from guest memory (``tx_batch``, in C, one call
+        per batch; a granted page served here), one batch to the switch."""
         ring = self._tx
         if ring is None:
             return 0
@@ -416,78 +452,107 @@ class SmartNic(SwitchPort):
             return 0
         if not data:
             return 0
+        mem = self.dom.mem.view
+        base, size, count = self._pool
+        n = len(data) // DESC.size
         frames: list[bytes] = []
         cmpls: list[bytes] = []
-        for buf, offset, length, desc_id, flags, _rsvd in DESC.iter_unpack(data):
-            if not ETH_HEADER_LEN <= length <= MAX_FRAME_LEN:
-                cmpls.append(self._refuse("bad_len", desc_id))
-                continue
-            window = self._buffer(buf, offset, length, flags, write=False)
-            if isinstance(window, str):
-                cmpls.append(self._refuse(window, desc_id))
-                continue
-            frames.append(window.tobytes())  # the DMA read: guest memory -> wire
-            cmpls.append(CMPL.pack(desc_id, length, SNIC_OK, 0))
-        self._complete(ring, cmpls)
+        nbytes = 0
+        start = 0
+        while start < n:
+            sent, done, start, nb, bad_len, bad_buf, bad_flags = tx_batch(data, mem, base, size, count, start)
+            frames += sent
+            cmpls.append(done)
+            nbytes += nb
+            self._count_refused(bad_len, bad_buf, bad_flags)
+            if start < n:  # a granted page: the grant table is Python's
+                done, nb = self._tx_granted(data, start, frames)
+                cmpls.append(done)
+                nbytes += nb
+                start += 1
+        self._complete(ring, b"".join(cmpls))
         if frames:
             dev = self.dev
             dev["copies"] += len(frames)
             dev["packets.tx"] += len(frames)
-            dev["bytes.tx"] += sum(map(len, frames))
+            dev["bytes.tx"] += nbytes
             self.switch.input(self, frames)
-        return len(cmpls)
+        return n
+
+    def _tx_granted(self, data: bytes, index: int, frames: list[bytes]) -> tuple[bytes, int]:
+        """Send descriptor ``index`` of ``data``, which names a granted page: (completion, bytes)."""
+        buf, offset, length, desc_id, flags, _rsvd = DESC.unpack_from(data, index * DESC.size)
+        window = self._buffer(buf, offset, length, flags, write=False)
+        if isinstance(window, str):
+            return self._refuse(window, desc_id), 0
+        frames.append(window.tobytes())  # the DMA read: guest memory -> wire
+        return CMPL.pack(desc_id, length, SNIC_OK, 0), length
 
     def _rx_work(self) -> int:
-        """Write queued frames into posted RX buffers (DMA into guest memory)."""
+        """Write queued frames into posted RX buffers (DMA into guest memory: ``rx_batch``, in C,
+        one call per batch; a granted page served here)."""
         ring = self._rx
         q = self._rx_queue
         if ring is None or not q:
             return 0
+        mem = self.dom.mem.view
+        base, size, count = self._pool
         held = self._rx_held
         cmpls: list[bytes] = []
-        delivered = nbytes = 0
+        delivered = nbytes = too_big = 0
         while q:
             if not held:
                 try:
-                    held.extend(DESC.iter_unpack(ring.take_requests(len(q))))
+                    held = ring.take_requests(len(q))
                 except RingOverflowError:
                     self._fault("ring_overflow")
                     return 0
                 if not held:
                     break  # starved: the frames wait for buffers
-            buf, offset, length, desc_id, flags, _rsvd = held[0]
-            window = self._buffer(buf, offset, length, flags, write=True)
-            if isinstance(window, str):
-                held.popleft()
-                cmpls.append(self._refuse(window, desc_id))
-                continue
-            frame = q[0]
-            n = len(frame)
-            if n > length:
-                q.popleft()  # the frame cannot fit the buffer it is due in: drop it, keep the buffer
-                self.dev["drops.rx_too_big"] += 1
-                continue
-            held.popleft()
-            q.popleft()
-            window[:n] = frame  # the DMA write: wire -> guest memory
-            cmpls.append(CMPL.pack(desc_id, n, SNIC_OK, 0))
-            delivered += 1
-            nbytes += n
-        self._complete(ring, cmpls)
+            done, used, taken, dl, nb, tb, *refused = rx_batch(held, q, mem, base, size, count)
+            cmpls.append(done)
+            delivered += dl
+            nbytes += nb
+            too_big += tb
+            self._count_refused(*refused)
+            del q[:taken]
+            held = held[used * DESC.size :]
+            if held and q:  # stopped at a granted page: the grant table is Python's
+                buf, offset, length, desc_id, flags, _rsvd = DESC.unpack_from(held)
+                window = self._buffer(buf, offset, length, flags, write=True)
+                if isinstance(window, str):
+                    held = held[DESC.size :]
+                    cmpls.append(self._refuse(window, desc_id))
+                    continue
+                frame = q.pop(0)
+                if len(frame) > length:
+                    too_big += 1  # the frame cannot fit the buffer it is due in: drop it, keep the buffer
+                    continue
+                held = held[DESC.size :]
+                window[: len(frame)] = frame  # the DMA write: wire -> guest memory
+                cmpls.append(CMPL.pack(desc_id, len(frame), SNIC_OK, 0))
+                delivered += 1
+                nbytes += len(frame)
+        self._rx_held = held
+        if too_big:
+            self.dev["drops.rx_too_big"] += too_big
+        done_all = b"".join(cmpls)
+        self._complete(ring, done_all)
         if delivered:
             dev = self.dev
             dev["copies"] += delivered
             dev["packets.rx"] += delivered
             dev["bytes.rx"] += nbytes
-        return len(cmpls)
+        return len(done_all) // CMPL.size
 
-    def _complete(self, ring: BackRing, cmpls: list[bytes]) -> None:
-        """Publish completions; note whether the guest asked to be interrupted by them."""
+    def _complete(self, ring: BackRing, cmpls: bytes) -> None:
+        """Publish packed completions; note whether the guest asked to be interrupted by them."""
         if not cmpls:
             return
-        _, notify = ring.send(b"".join(cmpls))
-        n = len(cmpls)
+        _, notify = ring.send(cmpls)
+        n = len(cmpls) // CMPL.size
         self._since_irq += n
+        self._pushes += 1
         if notify and not self._irq_wanted:
             self._irq_wanted = True
             self._wanted_since = trio.current_time()
@@ -509,14 +574,19 @@ class SmartNic(SwitchPort):
             return math.inf
         return self._wanted_since + self.profile()[1] * 1e-6
 
-    def _moderate(self) -> None:
-        """Raise the interrupt the guest asked for, if the moderation thresholds allow it now."""
+    def _moderate(self, idle: bool = False) -> None:
+        """Raise the interrupt the guest asked for, if the moderation thresholds allow it now.
+
+        The frame threshold applies at once; the timer only on an ``idle`` pass (one that
+        found no work): while frames keep coming, the budget is in frames, so how many
+        interrupts a busy phase takes does not depend on how fast the host runs it.
+        """
         if not self._irq_wanted:
             return
         frames, _usecs = self.profile()
         if self._since_wanted >= frames:
             self._raise_irq("by_frames")
-        elif trio.current_time() >= self._irq_deadline():
+        elif idle and trio.current_time() >= self._irq_deadline():
             self._raise_irq("by_timer")
 
     def _raise_irq(self, why: str) -> None:
@@ -528,13 +598,11 @@ class SmartNic(SwitchPort):
             self.hv.send_virq(self.dom, self.virq)
         else:
             dev["irqs.unbound"] += 1
-        if self.mod_mode == MOD_ADAPTIVE:  # net_dim: sample the rate at each interrupt, step one level
-            dt = now - self._last_irq
-            rate = self._since_irq / dt if dt > 0 else math.inf
-            target = level_for_rate(rate)
+        if self.mod_mode == MOD_ADAPTIVE:  # net_dim: a sample per interrupt, one level per step
+            target = level_for_sample(self._since_irq, self._pushes, now - self._last_irq, self.level)
             self.level += (target > self.level) - (target < self.level)
         self._last_irq = now
-        self._since_irq = 0
+        self._since_irq = self._pushes = 0
         self._irq_wanted = False
         self._since_wanted = 0
 
@@ -551,7 +619,7 @@ class SmartNic(SwitchPort):
                     continue
                 self.dev["polls"] += 1
                 work = self._tx_work() + self._rx_work()
-                self._moderate()
+                self._moderate(idle=not work)
                 if work:
                     idle = 0
                     await trio.lowlevel.checkpoint()

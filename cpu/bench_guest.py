@@ -29,7 +29,7 @@ the guest measured in system time (trio's clock: wall time unless a MockClock ru
 
 Options (``model_env(..., **options)``): ``use_mmio=True`` (emulated NIC through MMIO
 instead of ports), ``moderation=(mode, frames, usecs)`` (smart NIC), ``spin=N`` (smart NIC
-driver's busy-poll rounds), ``cmdline="..."`` (extra words, e.g. ``spin_us=``).
+driver's busy-poll rounds), ``cmdline="..."`` (extra words, e.g. ``spin=``).
 """
 
 from __future__ import annotations

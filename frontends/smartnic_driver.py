@@ -17,6 +17,13 @@ Against the register map and descriptor format of :mod:`pvio.backends.smartnic`:
   there is work; after ``POLL_SPINS`` empty polls it re-arms the interrupt (the RX ring's
   ``rsp_event``, with the final check that closes the race) and sleeps.  The interrupt
   handler only wakes it.
+* Busy polling for an answer: a send made while the service task sleeps (the first frame
+  after a pause: a request, most likely, whose answer comes next) disarms the RX interrupt
+  (``rsp_event`` half the index space ahead, which no push crosses) and wakes the service
+  task for ``BUSY_POLL`` more polls, so the answer is found by polling instead of costing
+  an interrupt; when the polls run out it re-arms as usual.  Linux's busy polling
+  (``SO_BUSY_POLL`` with ``prefer_busy_poll``), with the budget in polls, not µs, so it
+  is the same on any host.
 
 Hostile device?  The device is the monitor here, but the driver still range-checks every
 completion (id, length, status) and counts what it refuses.
@@ -64,6 +71,7 @@ from pvio.abi.smartnic import (
     ST_ENABLED,
 )
 from pvio.core.counters import Counters
+from pvio.frontends import _snic_driver
 from pvio.frontends.nic import GuestNic
 from pvio.ringbuf import FrontRing, RingOverflowError
 
@@ -74,6 +82,85 @@ log = logging.getLogger("pvio.smartnic_driver")
 
 RX_QUEUE_MAX = 4096  # frames received but not yet read by the application
 POLL_SPINS = 4  # empty polls (scheduler turns) before the driver re-arms the interrupt
+BUSY_POLL = 32  # polls (scheduler turns) spent waiting for an answer after a send from idle
+RX_DISARMED = 1 << 31  # an rsp_event this far ahead of rsp_cons is never crossed: no interrupt
+
+
+def stage_tx_py(
+    frames: list[Any],
+    start: int,
+    mem: Any,
+    pool_gpa: int,
+    buf_size: int,
+    free: list[int],
+    outstanding: bytearray,
+) -> tuple[bytes, int]:
+    """Copy ``frames[start:]`` into free TX buffers (popped from ``free``'s end) while any are
+    free and write their descriptors: (packed descriptors, index of the first frame not staged).
+    The reference of ``_snic_driver.stage_tx``; frames were checked to fit by the caller."""
+    n = min(len(frames) - start, len(free))
+    descs: list[bytes] = []
+    for k in range(n):
+        frame, idx = frames[start + k], free[-1 - k]
+        at = pool_gpa + idx * buf_size
+        if not 0 <= idx < len(outstanding) or len(frame) > min(buf_size, 0xFFFF) or at + buf_size > len(mem):
+            for j in range(k):  # leave the state as it was: nothing staged is published
+                outstanding[free[-1 - j]] = 0
+            raise ValueError(f"stage_tx: frame {start + k} ({len(frame)} bytes) does not fit TX buffer {idx}")
+        mem[at : at + len(frame)] = frame  # the driver's copy into its buffer
+        descs.append(DESC.pack(idx, 0, len(frame), idx, 0, 0))
+        outstanding[idx] = 1
+    del free[len(free) - n :]
+    return b"".join(descs), start + n
+
+
+def reap_tx_py(cmpls: bytes, outstanding: bytearray, free: list[int]) -> tuple[int, int, list[int]]:
+    """Take back the TX buffers that completions name: (reaped, refused, error statuses).
+    The reference of ``_snic_driver.reap_tx``."""
+    reaped = bad = 0
+    errors = []
+    for cid, _length, status, _flags in CMPL.iter_unpack(cmpls):
+        if cid >= len(outstanding) or not outstanding[cid]:
+            bad += 1
+            continue
+        outstanding[cid] = 0
+        free.append(cid)
+        reaped += 1
+        if status != SNIC_OK:
+            errors.append(status)
+    return reaped, bad, errors
+
+
+def reap_rx_py(
+    cmpls: bytes, mem: Any, pool_gpa: int, buf_size: int, nr_tx: int, posted: bytearray, room: int
+) -> tuple[list[bytes], bytes, int, list[int], int]:
+    """Copy each received frame out of its buffer once and write the descriptors that re-post the
+    buffers: (frames, re-post descriptors, refused, error statuses, dropped for want of ``room``).
+    An id repeated within the batch is refused the second time (buffers are re-posted after it).
+    The reference of ``_snic_driver.reap_rx``."""
+    frames: list[bytes] = []
+    repost: list[int] = []
+    errors: list[int] = []
+    bad = full = 0
+    for cid, length, status, _flags in CMPL.iter_unpack(cmpls):
+        if not nr_tx <= cid < len(posted) or not posted[cid]:
+            bad += 1
+            continue
+        posted[cid] = 0
+        repost.append(cid)
+        at = pool_gpa + cid * buf_size
+        if status != SNIC_OK or length > buf_size or at + length > len(mem):
+            errors.append(status)
+            continue
+        if room <= 0:
+            full += 1
+            continue
+        frames.append(bytes(mem[at : at + length]))  # copy out once, then re-post the buffer
+        room -= 1
+    for cid in repost:
+        posted[cid] = 1
+    room_desc = min(buf_size, 0xFFFF)
+    return frames, b"".join(DESC.pack(i, 0, room_desc, i, 0, 0) for i in repost), bad, errors, full
 
 
 class SmartNicError(Exception):
@@ -115,6 +202,8 @@ class SmartNicDriver(GuestNic):
         self.mac = b"\x00" * 6
         super().__init__()
         self._wake = trio.Event()
+        self._sleeping = False  # the service task sleeps with the RX interrupt armed
+        self._busy_polls = 0  # polls left of a busy-poll window
 
     # ------------------------------------------------------------------ registers
     def _rd(self, reg: int) -> int:
@@ -143,12 +232,10 @@ class SmartNicDriver(GuestNic):
         nbufs = self.nr_tx + self.nr_rx
         self.pool_gfn = self._alloc_contiguous(-(-nbufs * self.buf_size // PAGE_SIZE))
         self.pool_gpa = self.pool_gfn << PAGE_SHIFT
-        mem = g.mem
         size = self.buf_size
-        self.views = [mem[self.pool_gpa + i * size : self.pool_gpa + (i + 1) * size] for i in range(nbufs)]
         self.tx_free = list(range(self.nr_tx - 1, -1, -1))
-        self.tx_outstanding = [False] * self.nr_tx
-        self.rx_posted = [False] * nbufs
+        self.tx_outstanding = bytearray(self.nr_tx)  # 1: the device holds this TX buffer
+        self.rx_posted = bytearray(nbufs)  # 1: this RX buffer is posted (may be answered once)
         self._wr64(REG_TX_RING_LO, self.tx_gfn << PAGE_SHIFT)
         self._wr64(REG_RX_RING_LO, self.rx_gfn << PAGE_SHIFT)
         self._wr64(REG_POOL_LO, self.pool_gpa)
@@ -162,7 +249,7 @@ class SmartNicDriver(GuestNic):
         # Every RX buffer is posted before ENABLE: the device finds them when it attaches.
         self.rx.send(b"".join(self._rx_desc(i) for i in range(self.nr_tx, nbufs)))
         for i in range(self.nr_tx, nbufs):
-            self.rx_posted[i] = True
+            self.rx_posted[i] = 1
         self.port = g.evtchn_bind_virq(self._rd(REG_IRQ))
         g.bind_handler(self.port, self._on_irq)
         self._wr(REG_CTRL, CTRL_ENABLE)
@@ -182,7 +269,7 @@ class SmartNicDriver(GuestNic):
         return gfns[0]
 
     def _rx_desc(self, i: int) -> bytes:
-        return DESC.pack(i, 0, self.buf_size, i, 0, 0)
+        return DESC.pack(i, 0, min(self.buf_size, 0xFFFF), i, 0, 0)
 
     def _release_rings(self) -> None:
         self.tx.release()
@@ -212,7 +299,9 @@ class SmartNicDriver(GuestNic):
                 await trio.lowlevel.checkpoint()
                 continue
             idle += 1
-            if idle <= POLL_SPINS:
+            if idle <= POLL_SPINS or self._busy_polls > 0:
+                if idle > POLL_SPINS:
+                    self._busy_polls -= 1
                 await trio.lowlevel.checkpoint()
                 continue
             try:
@@ -222,23 +311,30 @@ class SmartNicDriver(GuestNic):
                 self._fail(f"impossible completion index ({e})")
                 break
             self.counters["rearms"] += 1
+            self._sleeping = True
             await self._wake.wait()
+            self._sleeping = False
             idle = 0
+
+    def _busy_poll(self) -> None:
+        """A send from idle: disarm the RX interrupt and poll ``BUSY_POLL`` times for the answer."""
+        if not self._sleeping:
+            return
+        self._sleeping = False
+        self.rx.final_check_for_responses(RX_DISARMED)  # a completion already waiting: polled now
+        self.counters["busy_polls"] += 1
+        self._busy_polls = BUSY_POLL
+        self._wake.set()
 
     def _reap_tx(self) -> int:
         data = self.tx.take_responses()
         if not data:
             return 0
-        n = 0
-        for cid, _length, status, _flags in CMPL.iter_unpack(data):
-            if cid >= self.nr_tx or not self.tx_outstanding[cid]:
-                self.counters["errors.bad_completion"] += 1
-                continue
-            self.tx_outstanding[cid] = False
-            self.tx_free.append(cid)
-            n += 1
-            if status != SNIC_OK:
-                self.counters[f"tx_errors.{status}"] += 1
+        n, bad, errors = _snic_driver.reap_tx(data, self.tx_outstanding, self.tx_free)
+        if bad:
+            self.counters["errors.bad_completion"] += bad
+        for status in errors:
+            self.counters[f"tx_errors.{status}"] += 1
         if n:
             self._tx_space.set()
         return n
@@ -247,42 +343,42 @@ class SmartNicDriver(GuestNic):
         data = self.rx.take_responses()
         if not data:
             return 0
-        frames = self._rx_frames
-        views = self.views
-        repost: list[int] = []
-        n = 0
-        for cid, length, status, _flags in CMPL.iter_unpack(data):
-            if not self.nr_tx <= cid < len(views) or not self.rx_posted[cid]:
-                self.counters["errors.bad_completion"] += 1
-                continue
-            self.rx_posted[cid] = False
-            repost.append(cid)
-            if status != SNIC_OK or length > self.buf_size:
-                self.counters[f"rx_errors.{status}"] += 1
-                continue
-            if len(frames) >= RX_QUEUE_MAX:
-                self.counters["drops.rx_app_queue_full"] += 1
-                continue
-            frames.append(views[cid][:length].tobytes())  # copy out once, then re-post the buffer
-            n += 1
+        queue = self._rx_frames
+        frames, repost, bad, errors, full = _snic_driver.reap_rx(
+            data,
+            self.guest.mem,
+            self.pool_gpa,
+            self.buf_size,
+            self.nr_tx,
+            self.rx_posted,
+            RX_QUEUE_MAX - len(queue),
+        )
+        if bad:
+            self.counters["errors.bad_completion"] += bad
+        for status in errors:
+            self.counters[f"rx_errors.{status}"] += 1
+        if full:
+            self.counters["drops.rx_app_queue_full"] += full
         if repost:
-            for cid in repost:
-                self.rx_posted[cid] = True
-            _, notify = self.rx.send(b"".join(map(self._rx_desc, repost)))
+            _, notify = self.rx.send(repost)
             if notify:
                 self._doorbell(DB_RX)
-        if n:
-            self.counters["packets.rx"] += n
+        if frames:
+            queue.extend(frames)
+            self.counters["packets.rx"] += len(frames)
             self._rx_ready.set()
-        return len(repost)
+        return len(repost) // DESC.size
 
     # ------------------------------------------------------------------ application API
     async def send_batch(self, frames: list[Any]) -> None:
         """Transmit frames: as many per push as there are free TX buffers."""
-        pending = [f if isinstance(f, bytes | bytearray) else bytes(f) for f in frames]
-        for f in pending:
-            if not 14 <= len(f) <= self.buf_size:
-                raise ValueError(f"{self.name}: cannot send a frame of {len(f)} bytes (14..{self.buf_size})")
+        pending = list(frames)
+        if not set(map(type, pending)) <= {bytes, bytearray}:  # other buffers: their bytes, once
+            pending = [f if isinstance(f, bytes | bytearray) else bytes(f) for f in pending]
+        lengths = list(map(len, pending))
+        if pending and (min(lengths) < 14 or max(lengths) > self.buf_size):
+            bad = next(n for n in lengths if not 14 <= n <= self.buf_size)
+            raise ValueError(f"{self.name}: cannot send a frame of {bad} bytes (14..{self.buf_size})")
         i = 0
         spins = 0
         while i < len(pending):
@@ -292,20 +388,21 @@ class SmartNicDriver(GuestNic):
                 self._reap_tx()
             if self.tx_free:
                 spins = 0
-                descs = []
-                free = self.tx_free
-                views = self.views
-                while i < len(pending) and free:
-                    frame = pending[i]
-                    idx = free.pop()
-                    self.tx_outstanding[idx] = True
-                    views[idx][: len(frame)] = frame
-                    descs.append(DESC.pack(idx, 0, len(frame), idx, 0, 0))
-                    i += 1
-                _, notify = self.tx.send(b"".join(descs))
-                self.counters["packets.tx"] += len(descs)
+                descs, upto = _snic_driver.stage_tx(
+                    pending,
+                    i,
+                    self.guest.mem,
+                    self.pool_gpa,
+                    self.buf_size,
+                    self.tx_free,
+                    self.tx_outstanding,
+                )
+                i = upto
+                _, notify = self.tx.send(descs)
+                self.counters["packets.tx"] += len(descs) // DESC.size
                 if notify:
                     self._doorbell(DB_TX)
+                self._busy_poll()
                 continue
             # Every TX buffer is in flight: poll a little, then ask for an interrupt and sleep.
             spins += 1

@@ -314,3 +314,24 @@ int pvio_back_final_check_for_requests(struct pvio_back_ring *r, unsigned int ah
     __atomic_thread_fence(__ATOMIC_SEQ_CST); /* front sees req_event before we re-read req_prod */
     return pvio_back_unconsumed_requests(r);
 }
+
+/* ---------------------------------------------------------------- measurement */
+
+long long pvio_ring_round_trips(struct pvio_front_ring *front, struct pvio_back_ring *back,
+                                const char *reqs, const char *rsps, unsigned int n,
+                                unsigned long long loops, char *scratch)
+{
+    int notify;
+    for (unsigned long long i = 0; i < loops; i++) {
+        int rc = pvio_front_send(front, reqs, n, &notify);
+        if (rc == (int)n)
+            rc = pvio_back_take_requests(back, scratch, n);
+        if (rc == (int)n)
+            rc = pvio_back_send(back, rsps, n, &notify);
+        if (rc == (int)n)
+            rc = pvio_front_take_responses(front, scratch, n);
+        if (rc != (int)n)
+            return rc < 0 ? rc : PVIO_RING_EINVAL;
+    }
+    return (long long)(2ull * n * loops);
+}

@@ -163,6 +163,18 @@ int pvio_back_send(struct pvio_back_ring *r, const char *src, unsigned int n, in
 /* RING_FINAL_CHECK_FOR_REQUESTS with req_event = req_cons + ahead. */
 int pvio_back_final_check_for_requests(struct pvio_back_ring *r, unsigned int ahead);
 
+/* ---- measurement ---- */
+/*
+ * The C ring's own rate for the benchmark's loop, measured in the same run as the Python API:
+ * `loops` times, the front sends n requests (from reqs), the back takes them (into scratch),
+ * sends n responses (from rsps) and the front takes them (into scratch): the same four calls
+ * a Python caller makes per batch.  Returns the entries moved (2 * n * loops), or a negative
+ * PVIO_RING_* error if any call moved fewer than n (a ring that is not empty to start with).
+ */
+long long pvio_ring_round_trips(struct pvio_front_ring *front, struct pvio_back_ring *back,
+                                const char *reqs, const char *rsps, unsigned int n,
+                                unsigned long long loops, char *scratch);
+
 /* cffi-cdef-end */
 
 #endif /* PVIO_RING_H */

@@ -3,8 +3,12 @@
 The ring itself (indices, barriers, copies, overflow checks) is C (``ring.c``); these
 classes hold its private state and translate between Python bytes and the C batch calls.
 Entries travel as packed bytes — ``n * req_size`` or ``n * rsp_size`` — so moving a batch
-costs one cffi crossing whatever its length.  Use the layout's ``pack_*``/``unpack_*`` to
-go between bytes and named fields when you need them; keep them off hot paths.
+costs one crossing into C whatever its length.  The two hot calls, ``send`` and the takes,
+are methods of small CPython base types (``ringfast.c``) that call ring.c on the same state
+without cffi's per-argument conversions; every other call, and every case those fast
+methods do not handle (other buffer types, errors), runs the Python code below.  Use the
+layout's ``pack_*``/``unpack_*`` to go between bytes and named fields when you need them;
+keep them off hot paths.
 
 Operation names follow ring.h (and MirageOS's ring): a producer *writes* entries
 privately and *pushes* them (publishes and checks whether the peer wants a notification);
@@ -14,9 +18,10 @@ sleeping, runs the *final check* that closes the sleep/notify race.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pvio.ringbuf._ringbuf import ffi, lib
+from pvio.ringbuf._ringfast import BackCore, FrontCore
 from pvio.ringbuf.layout import PAGE_SIZE, RingLayout
 
 
@@ -55,6 +60,11 @@ def _entries(data: Any, entry_size: int, what: str) -> tuple[Any, int]:
     if rem:
         raise ValueError(f"{len(data)} bytes are not whole {entry_size}-byte {what}")
     return data, n
+
+
+def _address(cdata: Any) -> int:
+    """The address of C memory cffi owns, for the fast send/take (which keep the cdata alive)."""
+    return int(ffi.cast("uintptr_t", cdata))
 
 
 class _RingEnd:
@@ -121,7 +131,7 @@ class _RingEnd:
             ffi.release(self._cbuf)
 
 
-class FrontRing(_RingEnd):
+class FrontRing(_RingEnd, FrontCore):
     """The frontend's end: writes requests, takes responses.
 
     With ``attach_at=None`` (the default) the shared page is initialised
@@ -151,6 +161,9 @@ class FrontRing(_RingEnd):
         self._out = ffi.new("char[]", self.nr_ents * L.rsp_size)
         self._c_send = lib.pvio_front_send
         self._c_take = lib.pvio_front_take_responses
+        self._bind(
+            _address(self._r), _address(self._out), L.req_size, L.rsp_size, self._cap, (self._r, self._out)
+        )
 
     @property
     def req_prod_pvt(self) -> int:
@@ -182,9 +195,10 @@ class FrontRing(_RingEnd):
         """RING_PUSH_REQUESTS_AND_CHECK_NOTIFY: publish; True if the backend must be notified."""
         return bool(_check(lib.pvio_front_push_requests(self._r), "cannot push requests"))
 
-    def send(self, data: Any) -> tuple[int, bool]:
-        """Write as many of the packed requests as fit and publish them, in one call.
+    def _send_slow(self, data: Any) -> tuple[int, bool]:
+        """``send`` for what the fast path does not take (see :meth:`send`).
 
+        Write as many of the packed requests as fit and publish them, in one call.
         Returns (requests sent, notify).  Requests beyond the free slots are not sent.
         """
         size = self._req_size
@@ -200,12 +214,25 @@ class FrontRing(_RingEnd):
         """RING_HAS_UNCONSUMED_RESPONSES. Raises RingOverflowError for an impossible rsp_prod."""
         return _check(lib.pvio_front_unconsumed_responses(self._r), "impossible rsp_prod from the backend")
 
-    def take_responses(self, max_n: int | None = None) -> bytes:
-        """Copy up to ``max_n`` (default: all) published responses out of the ring, once each.
+    if TYPE_CHECKING:  # the fast versions are FrontCore's (C); these say what they do
 
-        Returns their packed bytes (``n * rsp_size``).  Raises RingOverflowError if the
-        backend's rsp_prod is impossible; nothing is consumed then.
-        """
+        def send(self, data: Any) -> tuple[int, bool]:
+            """Write as many of the packed requests as fit and publish them, in one call.
+
+            Returns (requests sent, notify).  Requests beyond the free slots are not sent.
+            """
+            ...
+
+        def take_responses(self, max_n: int | None = None) -> bytes:
+            """Copy up to ``max_n`` (default: all) published responses out of the ring, once each.
+
+            Returns their packed bytes (``n * rsp_size``).  Raises RingOverflowError if the
+            backend's rsp_prod is impossible; nothing is consumed then.
+            """
+            ...
+
+    def _take_slow(self, max_n: int | None = None) -> bytes:
+        """``take_responses`` for what the fast path does not take: errors, odd ``max_n``."""
         n = self._c_take(self._r, self._out, self._cap if max_n is None else min(max_n, self._cap))
         if n < 0:
             _check(n, "impossible rsp_prod from the backend")
@@ -223,7 +250,7 @@ class FrontRing(_RingEnd):
         )
 
 
-class BackRing(_RingEnd):
+class BackRing(_RingEnd, BackCore):
     """The backend's end: takes requests, writes responses into the slots they used.
 
     ``attach_at`` (default 0, i.e. ``BACK_RING_INIT``) sets both private indices; the
@@ -250,6 +277,9 @@ class BackRing(_RingEnd):
         self._out = ffi.new("char[]", self.nr_ents * L.req_size)
         self._c_send = lib.pvio_back_send
         self._c_take = lib.pvio_back_take_requests
+        self._bind(
+            _address(self._r), _address(self._out), L.rsp_size, L.req_size, self._cap, (self._r, self._out)
+        )
 
     @property
     def rsp_prod_pvt(self) -> int:
@@ -268,12 +298,22 @@ class BackRing(_RingEnd):
         """
         return _check(lib.pvio_back_unconsumed_requests(self._r), "impossible req_prod from the frontend")
 
-    def take_requests(self, max_n: int | None = None) -> bytes:
-        """Copy up to ``max_n`` (default: all) published requests out of the ring, once each.
+    if TYPE_CHECKING:  # the fast versions are BackCore's (C); these say what they do
 
-        Returns their packed bytes (``n * req_size``): validate and use only these.
-        Raises RingOverflowError if the frontend's req_prod is impossible.
-        """
+        def take_requests(self, max_n: int | None = None) -> bytes:
+            """Copy up to ``max_n`` (default: all) published requests out of the ring, once each.
+
+            Returns their packed bytes (``n * req_size``): validate and use only these.
+            Raises RingOverflowError if the frontend's req_prod is impossible.
+            """
+            ...
+
+        def send(self, data: Any) -> tuple[int, bool]:
+            """Write the packed responses and publish them in one call: (count, notify)."""
+            ...
+
+    def _take_slow(self, max_n: int | None = None) -> bytes:
+        """``take_requests`` for what the fast path does not take: errors, odd ``max_n``."""
         n = self._c_take(self._r, self._out, self._cap if max_n is None else min(max_n, self._cap))
         if n < 0:
             _check(n, "impossible req_prod from the frontend")
@@ -291,8 +331,8 @@ class BackRing(_RingEnd):
         """RING_PUSH_RESPONSES_AND_CHECK_NOTIFY: publish; True if the frontend must be notified."""
         return bool(_check(lib.pvio_back_push_responses(self._r), "cannot push responses"))
 
-    def send(self, data: Any) -> tuple[int, bool]:
-        """Write the packed responses and publish them in one call: (count, notify)."""
+    def _send_slow(self, data: Any) -> tuple[int, bool]:
+        """``send`` for what the fast path does not take: write and publish the packed responses."""
         size = self._rsp_size
         n = len(data) // size
         if type(data) is not bytes or n * size != len(data):

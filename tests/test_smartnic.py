@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 import pvio
 from pvio.abi import PAGE_SHIFT, PAGE_SIZE
@@ -20,6 +21,7 @@ from pvio.abi.smartnic import (
     DB_RX,
     DB_TX,
     DESC,
+    MOD_ADAPTIVE,
     MOD_FIXED,
     MOD_OFF,
     REG_CTRL,
@@ -50,7 +52,16 @@ from pvio.abi.smartnic import (
     ST_ERROR,
 )
 from pvio.abi.xen import DOMID_IO
-from pvio.backends.smartnic import MOD_PROFILES, SmartNic, add_smartnic, level_for_rate
+from pvio.backends.smartnic import (
+    BURST_FRAMES,
+    MOD_PROFILES,
+    RATE_LEVELS,
+    SAMPLE_MIN_FRAMES,
+    SmartNic,
+    add_smartnic,
+    level_for_rate,
+    level_for_sample,
+)
 from pvio.backends.switch import CapturePort, Switch
 from pvio.ringbuf import FrontRing
 from tests.guests import Probe, boot, settle
@@ -289,6 +300,61 @@ async def test_config_writes_while_enabled_and_doorbells_while_disabled_are_igno
     assert nic._gpa(REG_TX_RING_LO) == d.tx_gfn << PAGE_SHIFT
 
 
+def test_a_sample_of_bursts_is_saturation_whatever_its_rate() -> None:
+    top = len(RATE_LEVELS)
+    # 64 completions in 4 pushes over a whole second (a slow host): bursts, so saturation.
+    assert level_for_sample(64, 4, 1.0, 0) == top
+    assert level_for_sample(BURST_FRAMES * 10 - 1, 10, 1.0, 0) == 0  # fewer than 4 per push: the rate
+    assert level_for_sample(100, 100, 100 / 150_000, 0) == 3  # one per push at 150k/s
+    assert level_for_sample(100, 100, 1.0, 4) == 0  # 100 per second: back to level 0's band
+    # Too small a sample never raises the level (one frame in no time is not a high rate) ...
+    assert level_for_sample(SAMPLE_MIN_FRAMES - 1, SAMPLE_MIN_FRAMES - 1, 0.0, 1) == 1
+    # ... but may lower it.
+    assert level_for_sample(SAMPLE_MIN_FRAMES - 1, SAMPLE_MIN_FRAMES - 1, 1.0, 3) == 0
+    assert level_for_sample(SAMPLE_MIN_FRAMES, SAMPLE_MIN_FRAMES, 0.0, 1) == top
+
+
+async def test_the_moderation_timer_waits_while_frames_keep_coming(
+    hv: pvio.Hypervisor, autojump_clock: Any
+) -> None:
+    """While the device finds work the budget is in frames: a host slow enough to let the timer
+    pass between two frames does not take an interrupt the MockClock run would not take."""
+    d, nic, _switch, cap = await snic_guest(hv)
+    d.enable(mod=(MOD_FIXED, 4, 100))
+    d.post_rx(*(DESC.pack(i, 0, BUF_SIZE, i, 0, 0) for i in range(8)))
+    d.rx.final_check_for_responses(1)
+    nic.switch.input(cap, [frame_to(nic.mac, PEER_MAC)])
+    autojump_clock.jump(0.001)  # a slow host: 1 ms passes before the next frame, the timer is 100 µs
+    nic.switch.input(cap, [frame_to(nic.mac, PEER_MAC)])  # the device is busy: frames, not time
+    assert d.g.fired == [] and nic.dev["irqs.raised"] == 0
+    nic.switch.input(cap, [frame_to(nic.mac, PEER_MAC)] * 2)  # the 4th frame: the frame budget
+    assert nic.dev["irqs.by_frames"] == 1 and nic.dev["irqs.by_timer"] == 0
+    assert len(d.rx_done()) == 4
+    d.rx.final_check_for_responses(1)
+    nic.switch.input(cap, [frame_to(nic.mac, PEER_MAC)])
+    await settle()  # no more frames: the device's next pass is idle, and the timer may fire
+    await trio.sleep(0.001)
+    assert nic.dev["irqs.by_timer"] == 1 and nic.dev["irqs.raised"] == 2
+
+
+def test_saturation_counts_on_the_real_clock_are_within_2x_of_mockclock() -> None:
+    """The same smart NIC stream under MockClock (where time stands still while tasks run) and
+    under the real clock of a shared, slow machine: interrupts, exits and hypercalls may differ
+    by the scheduler's interleaving, never by more than 2x, since every polling and moderation
+    decision at saturation is a budget in polls or frames, not in time.  (Counts, not times.)"""
+    from pvio.harness import bench
+
+    async def stream() -> dict[str, int]:
+        async with bench.model_env("smartnic") as env:
+            return dict((await bench.run_scenario(env, "stream", packets=2000)).totals)
+
+    mock = trio.run(stream, clock=trio.testing.MockClock(autojump_threshold=0))
+    real = trio.run(stream)
+    assert mock["copies"] == real["copies"] == 4000
+    for key in ("interrupts", "exits", "hypercalls"):
+        assert real[key] <= 2 * max(1, mock[key]), (key, mock, real)
+
+
 async def test_no_interrupt_unless_the_guest_asked_for_one(hv: pvio.Hypervisor, autojump_clock: Any) -> None:
     d, nic, _switch, cap = await snic_guest(hv)
     d.enable(mod=(MOD_OFF, 1, 0))
@@ -368,3 +434,26 @@ async def test_destroying_the_domain_stops_the_device_and_unplugs_it(hv: pvio.Hy
     await settle()
     assert nic not in switch.ports and not nic.enabled
     assert hv.iobus.mmio_ranges(dom) == []
+
+
+def test_the_moderation_curve_trades_interrupts_for_held_frames() -> None:
+    """pvio.harness.moderation's points under MockClock (exact counts; latencies not asserted):
+    at 1,000 frames/s the adaptive default interrupts once per frame, like no moderation, and a
+    fixed setting that gathers k frames takes one interrupt per k; a timer shorter than the gap saves none."""
+    from pvio.harness.moderation import curve
+
+    settings = [
+        ("adaptive", (MOD_ADAPTIVE, 1, 0)),
+        ("off", (MOD_OFF, 1, 0)),
+        ("fixed 2", (MOD_FIXED, 2, 1500)),
+        ("fixed 4", (MOD_FIXED, 4, 3500)),
+        ("timer only", (MOD_FIXED, 64, 200)),
+    ]
+    points = curve(settings, rate=1000, packets=40)
+    assert [(p.label, p.packets, p.interrupts) for p in points] == [
+        ("adaptive", 40, 40),
+        ("off", 40, 40),
+        ("fixed 2", 40, 20),
+        ("fixed 4", 40, 10),
+        ("timer only", 40, 40),
+    ]

@@ -57,11 +57,11 @@ def _forge_completion(
     real = dev._complete
     seen: dict[str, int] = {}
 
-    def complete(r: Any, cmpls: list[bytes]) -> None:
+    def complete(r: Any, cmpls: bytes) -> None:  # packed completions, 8 bytes each
         if not seen and r is getattr(dev, ring) and cmpls:
-            fields = snic.CMPL.unpack(cmpls[0])
+            fields = snic.CMPL.unpack_from(cmpls)
             seen["id"] = fields[0]
-            cmpls = [snic.CMPL.pack(*forge(*fields)), *cmpls[1:]]
+            cmpls = snic.CMPL.pack(*forge(*fields)) + cmpls[snic.CMPL.size :]
         real(r, cmpls)
 
     monkeypatch.setattr(dev, "_complete", complete)
@@ -129,11 +129,11 @@ async def test_smartnic_driver_refuses_an_rx_id_repeated_in_one_batch(
         real = dev._complete
         seen: list[int] = []
 
-        def complete(r: Any, cmpls: list[bytes]) -> None:
-            if not seen and r is dev._rx and len(cmpls) == 2:
-                first = snic.CMPL.unpack(cmpls[0])
+        def complete(r: Any, cmpls: bytes) -> None:  # packed completions, 8 bytes each
+            if not seen and r is dev._rx and len(cmpls) == 2 * snic.CMPL.size:
+                first, second = snic.CMPL.iter_unpack(cmpls)
                 seen.append(first[0])
-                cmpls = [cmpls[0], snic.CMPL.pack(first[0], *snic.CMPL.unpack(cmpls[1])[1:])]
+                cmpls = snic.CMPL.pack(*first) + snic.CMPL.pack(first[0], *second[1:])
             real(r, cmpls)
 
         monkeypatch.setattr(dev, "_complete", complete)
@@ -161,7 +161,7 @@ async def test_smartnic_driver_stops_on_an_impossible_completion_index(
         real = dev._complete
         rx_ring = dev._gpa(snic.REG_RX_RING_LO)
 
-        def complete(r: Any, cmpls: list[bytes]) -> None:
+        def complete(r: Any, cmpls: bytes) -> None:
             real(r, cmpls)
             if r is dev._rx:
                 (prod,) = struct.unpack("<I", dev.dom.mem.read(rx_ring + 8, 4))

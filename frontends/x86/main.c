@@ -24,7 +24,7 @@
  *   nic=pv|emulated|smartnic
  *                        the device model the network runs on (default pv: netfront);
  *                        emulated: emu_io=pio|mmio; smartnic: mod=, mod_frames=,
- *                        mod_usecs=, spin=, spin_us= (docs/devices.md)
+ *                        mod_usecs=, spin= (docs/devices.md)
  *   mode=bench           the bench harness's app (bench.c): a mailbox, commands by VIRQ
  *   mode=badreg          hostile (emulated NIC): a transmit of a bad length, a bad register
  *   mode=baddesc         hostile (smart NIC): a TX descriptor naming no pool buffer

@@ -11,11 +11,18 @@
  *   RX:   reap completions, copy each frame out once, re-post the buffer (DOORBELL=RX only
  *         if that push asks for it).
  *   idle: NAPI-style, poll while busy (check the completion indices for `spin=` rounds,
- *         default SPIN, each ended by hlt so the monitor's task runs in between, for at most
- *         `spin_us=` µs of system time, default SPIN_US: under a MockClock, which stands still
- *         while the guest runs, only the rounds count), then re-arm with the final check: the
- *         RX ring's rsp_event at the next completion, the TX ring's at half the outstanding
- *         when every TX buffer is in flight; re-check; sleep.
+ *         default SPIN, each ended by hlt so the monitor's task runs in between), then re-arm
+ *         with the final check: the RX ring's rsp_event at the next completion, the TX
+ *         ring's at half the outstanding when every TX buffer is in flight; re-check; sleep.
+ *         The budget is in rounds, never in time: how long a round takes depends on the
+ *         host (the emulator), and a time budget made a slow host re-arm sooner and take
+ *         more interrupts for the same traffic.  Counts are the same on any host and under
+ *         MockClock (which stands still while the guest runs).
+ *   busy poll: a push after the driver re-armed (it slept, so this send is likely a request
+ *         after a pause, and the answer comes next) disarms the RX interrupt (rsp_event half
+ *         the index space ahead) so the next wait's `spin=` rounds poll for the answer
+ *         instead of taking an interrupt for it; the wait re-arms when its rounds run out.
+ *         Linux's busy polling (SO_BUSY_POLL, prefer_busy_poll) in rounds, not µs.
  *
  * Rings: the descriptor rings are Xen rings of 16-byte descriptors (requests) and 8-byte
  * completions (responses), so both are struct pvio_front_ring driven only through ring.c:
@@ -36,7 +43,7 @@
 #define NR_BUFS (NR_TX + NR_RX)
 #define BUF_SIZE 2048
 #define SPIN 256 /* poll rounds; each one yields to the monitor (hlt ends the vCPU's slice) */
-#define SPIN_US 500 /* ... and at most this long in system time (a round is tens of µs on the emulator) */
+#define DISARMED 0x80000000u /* an event index half the ring's index space ahead: never crossed */
 
 static volatile u32 *const regs = (volatile u32 *)SNIC_MMIO_BASE;
 static struct pvio_front_ring tx_ring, rx_ring;
@@ -51,7 +58,8 @@ static struct snic_cmpl tx_cmpl[SNIC_RING_ENTRIES], rx_cmpl[SNIC_RING_ENTRIES];
 static u8 frame[BUF_SIZE];
 static u8 mac[6];
 static u32 port, grant_domid;
-static u64 spin = SPIN, spin_ns = SPIN_US * 1000;
+static u64 spin = SPIN;
+static int rx_armed; /* the RX interrupt is armed (the last wait slept), not disarmed by a push */
 static volatile int irq_pending;
 static int connected;
 static const char *error;
@@ -119,8 +127,6 @@ static int snic_init(unsigned domid, netfront_rx_t rx, const char *mode)
     rx_handler = rx;
     if (cmdline_get("spin", buf, sizeof buf) && !parse_u64(buf, &v))
         spin = v;
-    if (cmdline_get("spin_us", buf, sizeof buf) && !parse_u64(buf, &v))
-        spin_ns = v * 1000;
     if (rd(SNIC_REG_ID) != SNIC_ID) {
         error = "no smart NIC at its window";
         return -ENOENT;
@@ -256,6 +262,10 @@ static void snic_push(void)
     if (connected && tx_unpushed) {
         tx_unpushed = 0;
         push_ring(&tx_ring, SNIC_DB_TX);
+        if (rx_armed) { /* busy poll for the answer: the next wait's rounds look for it */
+            rx_armed = 0;
+            pvio_front_final_check_for_responses(&rx_ring, DISARMED);
+        }
     }
 }
 
@@ -282,16 +292,15 @@ static int work_waiting(void)
 
 static void snic_wait(void)
 {
-    u64 seen = events_seen, start = now_ns();
+    u64 seen = events_seen;
     for (u64 i = 0; i < spin; i++) { /* poll while busy, giving the monitor the CPU each round */
         if (work_waiting() || events_seen != seen)
             return;
-        if (now_ns() - start >= spin_ns) /* busy-poll budget in time, too (never under MockClock) */
-            break;
         __asm__ __volatile__("hlt" ::: "memory"); /* ends this vCPU slice: the device runs */
     }
     /* Idle: re-arm, then re-check so a completion published meanwhile is not slept through. */
     pvio_front_final_check_for_responses(&rx_ring, 1);
+    rx_armed = 1;
     if (!tx_nfree)
         pvio_front_final_check_for_responses(&tx_ring, tx_ring_outstanding() / 2); /* 0 arms at +1 */
     if (work_waiting())

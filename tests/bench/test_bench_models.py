@@ -66,3 +66,15 @@ def test_x86_pingpong_back_to_back(pvio_bench: Any, benchmark: Any, model: str) 
     trips = 100 if benchmark.enabled else 10
     result = pvio_bench(model, "pingpong", packets=trips, guest="x86")
     assert result.packets == 2 * trips and result.latency_us is not None
+
+
+@pytest.mark.benchmark(group="smart NIC moderation: 1k pps one-way stream (MockClock)")
+def test_smartnic_moderation_curve(benchmark: Any) -> None:
+    """The low-load trade-off (``pvio.harness.moderation``): interrupts per packet against the
+    latency moderation adds, per setting, under MockClock; the points go into ``extra_info``."""
+    from pvio.harness.moderation import SETTINGS, curve
+
+    packets = 200 if benchmark.enabled else 20
+    points = benchmark.pedantic(lambda: curve(SETTINGS, rate=1000, packets=packets), rounds=1, iterations=1)
+    assert [p.packets for p in points] == [packets] * len(SETTINGS)
+    benchmark.extra_info["points"] = [p.row() for p in points]

@@ -13,10 +13,15 @@ plus one take of one entry as an op (so it equals its ``entries_per_s``).
   shared anonymous mmap page, both moving up to B entries per call (``api_calls_per_s``
   there counts the frontend's calls that moved a full batch, not its empty polls).
 
-Issue targets: batched >= 20 M entries/s in one thread, >= 5 M entries/s across two
-processes, single entry >= 1 M ops/s.  These are reported in ``extra_info`` (see
-``--benchmark-json``), never asserted: the machines are noisy.  Each benchmark checks the
-entries it moved, so the unmeasured run in ``make test`` is a smoke test.
+The C ring's own rate for the same loop (``pvio_ring_round_trips``: the same four calls per
+batch, made from C) is measured in the same test, in rounds interleaved with rounds of the
+Python loop, and the batched benchmarks report ``c_entries_per_s`` and ``ratio_to_c`` (the
+median over rounds of Python API rate / C rate) next to their own rate, so each ratio compares
+two figures of one moment of a noisy machine. Targets: batched >= 20 M entries/s in one thread,
+>= 5 M entries/s across two processes, single entry >= 1 M ops/s, and at batch 64 a ratio to C
+of at least 0.5. These are reported in ``extra_info`` (see ``--benchmark-json``; ``-s`` also
+prints the ratios), never asserted: the machines are noisy. Each benchmark checks the entries
+it moved, so the unmeasured run in ``make test`` is a smoke test.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from __future__ import annotations
 import mmap
 import multiprocessing
 import os
+import statistics
 import struct
 import time
 from collections.abc import Callable, Iterator
@@ -32,6 +38,7 @@ from typing import Any
 import pytest
 
 from pvio.ringbuf import NETIF_TX, BackRing, FrontRing
+from pvio.ringbuf._ringbuf import ffi, lib
 
 LAYOUT = NETIF_TX  # 12-byte requests, 4-byte responses, 256 slots
 RING_BYTES = 4032  # the ring's share of the page; the last 64 bytes carry the stop flag
@@ -66,6 +73,39 @@ def measure(benchmark: Any, run: Callable[[], None]) -> int:
 def scale(benchmark: Any, n: int) -> int:
     """Full size when measuring; a small smoke run when benchmarks are disabled."""
     return n if benchmark.enabled else max(256, n // 50)
+
+
+def ratio_to_c(front: FrontRing, back: BackRing, batch: int, loops: int, rounds: int = 7) -> dict[str, float]:
+    """The Python API's rate over the C ring's for the same loop, from interleaved rounds.
+
+    Each round times the Python loop, then ``pvio_ring_round_trips`` (the same four calls per
+    batch, made from C) on the same rings, so a load spike on a shared machine hits both
+    sides of a pair; the ratio is the median of the per-round ratios.
+    """
+    reqs, rsps = REQ * batch, RSP * batch
+    scratch = ffi.new("char[]", LAYOUT.nr_ents() * LAYOUT.req_size)
+    fsend, ftake, bsend, btake = front.send, front.take_responses, back.send, back.take_requests
+    py_rates, c_rates, ratios = [], [], []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(loops):
+            fsend(reqs)
+            btake(batch)
+            bsend(rsps)
+            ftake(batch)
+        py = 2 * batch * loops / (time.perf_counter() - start)
+        start = time.perf_counter()
+        moved = lib.pvio_ring_round_trips(front._r, back._r, reqs, rsps, batch, loops, scratch)
+        c = moved / (time.perf_counter() - start)
+        assert moved == 2 * batch * loops, moved
+        py_rates.append(py)
+        c_rates.append(c)
+        ratios.append(py / c)
+    return {
+        "py_entries_per_s": statistics.median(py_rates),
+        "c_entries_per_s": statistics.median(c_rates),
+        "ratio_to_c": statistics.median(ratios),
+    }
 
 
 # ---- one thread --------------------------------------------------------------------------
@@ -113,6 +153,16 @@ def test_batched_round_trips(benchmark: Any, batch: int) -> None:
     assert front.rsp_cons == back.req_cons == runs * loops * batch
     assert front.take_responses() == b"" and back.take_requests() == b""
     record(benchmark, 2 * batch * loops, 4 * loops)
+    if "entries_per_s" in benchmark.extra_info:  # the C ring's rate for the same loop, now
+        paired = ratio_to_c(front, back, batch, loops)
+        info = benchmark.extra_info
+        info["c_entries_per_s"] = round(paired["c_entries_per_s"])
+        info["paired_py_entries_per_s"] = round(paired["py_entries_per_s"])
+        info["ratio_to_c"] = round(paired["ratio_to_c"], 3)
+        print(
+            f"\nring batch {batch}: Python API {paired['py_entries_per_s'] / 1e6:.1f} M entries/s, "
+            f"C {paired['c_entries_per_s'] / 1e6:.1f} M/s: ratio {paired['ratio_to_c']:.2f}"
+        )
 
 
 # ---- two processes -----------------------------------------------------------------------
