@@ -225,6 +225,11 @@ class Child:
     async def run(self) -> None:
         """Shake hands, boot the guest kernel and serve until the host goes away."""
         config = self.handshake()
+        if config.get("cpus"):
+            try:
+                os.sched_setaffinity(0, set(config["cpus"]))
+            except (OSError, ValueError) as e:  # a CPU this machine lacks: run anywhere
+                log.warning("cannot pin to CPUs %s: %s", config["cpus"], e)
         self.hv = ChildHypervisor(self, float(config["clock_offset"]))
         self.dom = dom = ChildDomain(self.hv, config["domid"], config["name"], self.mem, config["max_ports"])
         self.kernel = kernel = load_kernel(config["kernel"], config.get("args") or {})

@@ -3,10 +3,12 @@
 :class:`StreamGuest` is :class:`pvio.frontends.guests.NicGuest` (netfront, unchanged) with a
 ``remote_call`` the host reaches through :meth:`pvio.remote.RemoteGuest.call`:
 
-- ``stream(dst_mac, dst_ip, packets, size=64, batch=64, start=0)``: send ``packets`` UDP
-  frames numbered from ``start`` (the benchmark's frames: the sequence number opens the UDP
-  payload), ``batch`` per ``send_batch`` as fast as netfront takes them; answers
-  ``{"sent", "seconds"}``;
+- ``prepare(dst_mac, dst_ip, packets, size=64, start=0)``: build ``packets`` UDP frames
+  numbered from ``start`` (the benchmark's frames: the sequence number opens the UDP
+  payload), so that a timed ``stream`` only sends;
+- ``stream(dst_mac, dst_ip, packets, size=64, batch=64, start=0)``: send them (prepared
+  here if the destination is given, else the prepared ones), ``batch`` per ``send_batch``
+  as fast as netfront takes them; answers ``{"sent", "seconds"}``;
 - ``receive(packets, timeout_s=60)``: take exactly ``packets`` frames; answers
   ``{"received", "seqs_in_order", "first", "last"}``;
 - ``counters()``: this process's counters (its domain's interrupts, netfront's packets).
@@ -54,8 +56,14 @@ def frame_number(frame: bytes) -> int:
 class StreamGuest(NicGuest):
     """A NicGuest whose traffic the host asks for (see the module doc)."""
 
+    def __init__(self, name: str, ip: str) -> None:
+        super().__init__(name, ip)
+        self._frames: list[bytes] = []
+
     async def remote_call(self, op: str, **params: Any) -> Any:
         """One request from the host."""
+        if op == "prepare":
+            return self._prepare(**params)
         if op == "stream":
             return await self._stream(**params)
         if op == "receive":
@@ -64,11 +72,26 @@ class StreamGuest(NicGuest):
             return dict(self.hv.counters.snapshot().as_dict())
         raise ValueError(f"unknown call {op!r}")
 
+    def _prepare(self, dst_mac: str, dst_ip: str, packets: int, size: int = 64, start: int = 0) -> int:
+        self._frames = numbered_frames(
+            self.nic.mac, bytes.fromhex(dst_mac), self.ip, dst_ip, packets, size, start
+        )
+        return len(self._frames)
+
     async def _stream(
-        self, dst_mac: str, dst_ip: str, packets: int, size: int = 64, batch: int = 64, start: int = 0
+        self,
+        dst_mac: str | None = None,
+        dst_ip: str | None = None,
+        packets: int = 0,
+        size: int = 64,
+        batch: int = 64,
+        start: int = 0,
     ) -> dict[str, Any]:
         await self.ready.wait()
-        frames = numbered_frames(self.nic.mac, bytes.fromhex(dst_mac), self.ip, dst_ip, packets, size, start)
+        if dst_mac is not None and dst_ip is not None:
+            self._prepare(dst_mac, dst_ip, packets, size, start)
+        frames, self._frames = self._frames, []
+        packets = len(frames)
         t0 = time.perf_counter()
         for i in range(0, packets, batch):
             await self.nic.send_batch(frames[i : i + batch])

@@ -50,6 +50,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pvio.remote")
 
+EXIT_GRACE_S = 1.0  # a child given its socket's end has this long to exit before SIGKILL
 HANDSHAKE_TIMEOUT_S = 30.0  # a child that has not said HELLO by then is refused
 ANNOUNCE_ETHERTYPE = 0x88B5  # the toolstack's self-addressed frame (pvio.toolstack.announce)
 
@@ -88,6 +89,8 @@ class RemoteGuest:
 
     ``ready`` is set when the child's guest reports its own ``ready``; :meth:`call` asks the
     guest's application something (``remote_call`` in the child) and returns its JSON answer.
+    ``cpus`` pins the child to those CPUs (the hypervisor's process may pin itself elsewhere,
+    so that waking the child never preempts the hypervisor).
     """
 
     shared_memory = True  # the domain's RAM is a memfd (pvio.core.domain)
@@ -103,6 +106,7 @@ class RemoteGuest:
         features: int = wire.FEATURES,
         handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S,
         command: list[str] | None = None,
+        cpus: set[int] | None = None,
     ) -> None:
         self.kernel = kernel
         self.name = name
@@ -111,6 +115,7 @@ class RemoteGuest:
         self.features = features  # what this host offers (tests narrow it)
         self.handshake_timeout_s = handshake_timeout_s
         self.command = command or [sys.executable, "-m", "pvio.remote.child"]
+        self.cpus = cpus  # the CPUs the child may run on (sched_setaffinity); None: any
         self.ready = trio.Event()
         self.nic: RemoteNic | None = None
         self.process: trio.Process | None = None
@@ -237,6 +242,7 @@ class RemoteGuest:
             "kernel": self.kernel,
             "args": self.args,
             "announce_ethertype": ANNOUNCE_ETHERTYPE,
+            "cpus": sorted(self.cpus) if self.cpus is not None else None,
         }
         fds = [dom.mem.fd, self._doorbell_fd, self.upcall_fd, self.kick_fd]
         await self._send_with_fds(wire.encode_json(Msg.WELCOME, config, reply=True), fds)
@@ -402,13 +408,15 @@ class RemoteGuest:
             waiter[0].set()
         self._calls.clear()
         proc = self.process
+        if self._sock is not None:
+            self._sock.close()  # the child's cue to exit
         if proc is not None and proc.returncode is None:
+            with trio.move_on_after(EXIT_GRACE_S):
+                await proc.wait()
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             with trio.move_on_after(5.0):
                 await proc.wait()
-        if self._sock is not None:
-            self._sock.close()
         self._release()
 
     def _release(self) -> None:
