@@ -43,7 +43,10 @@ ALLOWED: dict[str, set[str]] = {
         "pvio.frontends", "pvio.backends", "pvio.cpu",
     },
     # guests in their own processes: the host side (core) and the child's runtime (PyGuests)
-    "pvio.remote": {"pvio.abi", "pvio.ringbuf", "pvio.core", "pvio.xenstore", "pvio.guest", "pvio.frontends"},
+    "pvio.remote": {
+        "pvio.abi", "pvio.ringbuf", "pvio.core", "pvio.xenstore", "pvio.guest", "pvio.frontends",
+        "pvio.toolstack",
+    },
     "pvio.harness": {
         "pvio", "pvio.abi", "pvio.ringbuf", "pvio.core", "pvio.xenstore", "pvio.backend_api",
         "pvio.guest", "pvio.frontends", "pvio.backends", "pvio.cpu", "pvio.toolstack", "pvio.remote",
