@@ -42,9 +42,14 @@ ALLOWED: dict[str, set[str]] = {
         "pvio.abi", "pvio.core", "pvio.xenstore", "pvio.backend_api", "pvio.guest",
         "pvio.frontends", "pvio.backends", "pvio.cpu",
     },
+    # guests in their own processes: the host side (core) and the child's runtime (PyGuests)
+    "pvio.remote": {
+        "pvio.abi", "pvio.ringbuf", "pvio.core", "pvio.xenstore", "pvio.guest", "pvio.frontends",
+        "pvio.toolstack",
+    },
     "pvio.harness": {
         "pvio", "pvio.abi", "pvio.ringbuf", "pvio.core", "pvio.xenstore", "pvio.backend_api",
-        "pvio.guest", "pvio.frontends", "pvio.backends", "pvio.cpu", "pvio.toolstack",
+        "pvio.guest", "pvio.frontends", "pvio.backends", "pvio.cpu", "pvio.toolstack", "pvio.remote",
     },
     "pvio.__main__": {"pvio.harness"},  # ``python -m pvio`` is the command
     # the front door re-exports the public API

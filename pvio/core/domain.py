@@ -102,7 +102,8 @@ class Domain:
         self.name = name
         self.kernel = kernel
         self.privileged = privileged
-        self.mem = GuestMemory(nr_pages)
+        # A kernel that runs in another OS process (pvio.remote) needs its RAM in a memfd.
+        self.mem = GuestMemory(nr_pages, shared=bool(getattr(kernel, "shared_memory", False)))
         # Hypercall arguments are read through this: RAM itself for a PV guest, the guest's
         # page tables for an HVM/PVH vCPU (which replaces it).
         self.arg_mem: GuestAddressSpace = self.mem
@@ -129,6 +130,9 @@ class Domain:
         self.counters: Counters = hv.counters.new(f"dom{domid}")
         self.callbacks: dict[str, int] = {}
         self.vcpu: Any = None
+        # Set for a domain whose kernel runs in another process: raising one of its ports is
+        # forwarded there (evtchn.set_pending), so only that process writes its shared_info.
+        self.raise_hook: Callable[[int], None] | None = None
         self.state = "created"
         self.store_port = 0
         self.console_lines: deque[str] = deque(maxlen=CONSOLE_LINES)

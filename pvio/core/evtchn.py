@@ -14,7 +14,10 @@ when ``upcall_mask`` is clear; one upcall may cover many ports.
 
 "Atomic" read-modify-write of the bitmaps: every guest in pvio runs on the hypervisor's
 thread (PyGuests between awaits, x86 guests between emulator slices), so no guest code
-runs while these functions run; the guest side uses the same bit protocol.
+runs while these functions run; the guest side uses the same bit protocol.  A guest in
+its own process (:mod:`pvio.remote`) is no exception: the hypervisor forwards each raise
+to that process (``Domain.raise_hook``), which runs :func:`set_pending` itself, and
+touches its shared_info otherwise only inside its hypercalls, while the guest waits.
 
 Besides Xen's states there is one pvio-specific binding, *service*: a port whose peer is
 a service inside the hypervisor (the xenstore daemon), so the guest's notifications on
@@ -84,7 +87,15 @@ def mark_events_pending(dom: Domain) -> None:
 
 
 def set_pending(dom: Domain, port: int) -> None:
-    """Raise ``port`` on ``dom`` (evtchn_2l_set_pending)."""
+    """Raise ``port`` on ``dom`` (evtchn_2l_set_pending).
+
+    A domain whose kernel runs in another process (``dom.raise_hook``, :mod:`pvio.remote`)
+    has the port raised there, by this same function: its shared_info is then written by
+    one process only, so the read-modify-writes below stay race-free across processes.
+    """
+    if dom.raise_hook is not None:
+        dom.raise_hook(port)
+        return
     si = dom.shared_info
     word, bit = divmod(port, BITS_PER_WORD)
     if _test_and_set(si, SHARED_INFO_EVTCHN_PENDING + 8 * word, bit):

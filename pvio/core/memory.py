@@ -1,8 +1,12 @@
 """Guest memory: one host buffer per domain, addressed by guest frame number.
 
-A domain's RAM is a single anonymous ``mmap``: the hypervisor, the domain's own kernel
+A domain's RAM is a single ``mmap``: the hypervisor, the domain's own kernel
 (a PyGuest, or an x86 guest whose emulated CPU maps the very same buffer without
-copying) and anyone holding a grant mapping all see the same bytes.  Guest-physical
+copying) and anyone holding a grant mapping all see the same bytes.  By default it is
+anonymous; ``shared=True`` backs it with a sealed memfd instead, so a guest kernel in
+another OS process can map the same pages (:mod:`pvio.remote`).  The memfd is sealed
+against shrinking and growing before anyone else sees it: a process holding it can write
+the guest's bytes, never make the hypervisor's mapping fault (SIGBUS) by truncating it.  Guest-physical
 addresses (``gpa``) and frame numbers (``gfn = gpa >> 12``) are plain ints; every access
 made on a guest's behalf goes through the bounds checks here and raises
 :class:`GuestFault` (which the hypercall layer turns into ``-EFAULT``) instead of ever
@@ -12,7 +16,9 @@ touching memory outside the domain.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import mmap
+import os
 from typing import Protocol
 
 from pvio.abi import PAGE_SHIFT
@@ -22,15 +28,53 @@ class GuestFault(Exception):
     """A guest-supplied address or length lies outside the domain's memory."""
 
 
-class GuestMemory:
-    """The RAM of one domain: ``nr_pages`` pages in one anonymous mmap."""
+#: The seals of a shared memory's memfd: its size is fixed for good (no shrink, no grow,
+#: no removing the seals), so every process mapping it may touch every page it mapped.
+MEMFD_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 
-    def __init__(self, nr_pages: int) -> None:
+
+def sealed_memfd(name: str, size: int) -> int:
+    """A new memfd of ``size`` bytes (zeroed), sealed with :data:`MEMFD_SEALS`; close-on-exec."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, size)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, MEMFD_SEALS)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def check_sealed_memfd(fd: int, size: int) -> None:
+    """Raise ValueError unless ``fd`` is a memfd of at least ``size`` bytes that can never shrink."""
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError as e:
+        raise ValueError(f"fd {fd} is not a sealable memfd ({e.strerror})") from None
+    if seals & (fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL) != fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL:
+        raise ValueError(f"memfd {fd} is not sealed against shrinking (seals {seals:#x})")
+    actual = os.fstat(fd).st_size
+    if actual < size:
+        raise ValueError(f"memfd {fd} holds {actual} bytes, not the {size} announced")
+
+
+class GuestMemory:
+    """The RAM of one domain: ``nr_pages`` pages in one mmap (anonymous, or a sealed memfd)."""
+
+    def __init__(self, nr_pages: int, *, shared: bool = False, fd: int | None = None) -> None:
+        """``shared``: back the pages with a new sealed memfd (``fd`` then names it);
+        ``fd``: map an existing one (the other process's side), which is checked first."""
         if nr_pages <= 0:
             raise ValueError(f"a domain needs at least one page, not {nr_pages}")
         self.nr_pages = nr_pages
         self.size = nr_pages << PAGE_SHIFT
-        self.mmap = mmap.mmap(-1, self.size)
+        self.fd: int | None = None
+        if fd is not None:
+            check_sealed_memfd(fd, self.size)
+            self.fd = fd
+        elif shared:
+            self.fd = sealed_memfd("pvio-guest-ram", self.size)
+        self.mmap = mmap.mmap(-1 if self.fd is None else self.fd, self.size)
         self.view = memoryview(self.mmap)
 
     def check(self, gpa: int, length: int) -> None:
@@ -64,6 +108,9 @@ class GuestMemory:
         self.view.release()
         with contextlib.suppress(BufferError):  # a view someone still holds: freed with it
             self.mmap.close()
+        if self.fd is not None:  # the mapping (if still held) outlives the descriptor
+            os.close(self.fd)
+            self.fd = None
 
 
 class GuestAddressSpace(Protocol):

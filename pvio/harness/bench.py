@@ -662,7 +662,12 @@ def main(argv: list[str] | None = None) -> int:
         "--mock-clock", action="store_true", help="run under trio's MockClock: exactly reproducible counts"
     )
     parser.add_argument("--quick", action="store_true", help="a tenth of the packets (a smoke run)")
+    parser.add_argument(
+        "--processes", action="store_true", help="the PV stream with guests in their own processes instead"
+    )
     args = parser.parse_args(argv)
+    if args.processes:
+        return processes_bench(args.quick, args.json)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     if not models:
         parser.error(f"--models names no model (choose from {', '.join(MODELS)})")
@@ -704,3 +709,11 @@ def main(argv: list[str] | None = None) -> int:
         if not args.json:
             print(f"chart written to {args.chart}", file=sys.stderr)
     return 0
+
+
+def processes_bench(quick: bool, as_json: bool) -> int:
+    """``pvio bench --processes``: one 64-byte PV stream per placement of its guests (in the
+    hypervisor's process or their own: :mod:`pvio.remote.stream`), each against one process."""
+    from pvio.remote.stream import bench_main
+
+    return bench_main(quick=quick, as_json=as_json)

@@ -1,0 +1,111 @@
+"""Ready-made guest kernels for a remote guest's process: a NIC guest the host can drive.
+
+:class:`StreamGuest` is :class:`pvio.frontends.guests.NicGuest` (netfront, unchanged) with a
+``remote_call`` the host reaches through :meth:`pvio.remote.RemoteGuest.call`:
+
+- ``prepare(dst_mac, dst_ip, packets, size=64, start=0)``: build ``packets`` UDP frames
+  numbered from ``start`` (the benchmark's frames: the sequence number opens the UDP
+  payload), so that a timed ``stream`` only sends;
+- ``stream(dst_mac, dst_ip, packets, size=64, batch=64, start=0)``: send them (prepared
+  here if the destination is given, else the prepared ones), ``batch`` per ``send_batch``
+  as fast as netfront takes them; answers ``{"sent", "seconds"}``;
+- ``receive(packets, timeout_s=60)``: take exactly ``packets`` frames; answers
+  ``{"received", "seqs_in_order", "first", "last"}``;
+- ``counters()``: this process's counters (its domain's interrupts, netfront's packets).
+
+The host names it ``"pvio.remote.guests:StreamGuest"`` with ``args={"name": ..., "ip": ...}``.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from typing import Any
+
+import trio
+
+from pvio.frontends.guests import NicGuest
+from pvio.frontends.netstack import udp_packet
+
+SEQ = struct.Struct("!I")
+UDP_PAYLOAD_OFFSET = 14 + 20 + 8  # Ethernet + IPv4 + UDP: where the sequence number is
+STREAM_PORTS = (5000, 9)
+
+
+def numbered_frames(
+    src_mac: bytes, dst_mac: bytes, src_ip: str, dst_ip: str, count: int, size: int, start: int = 0
+) -> list[bytes]:
+    """``count`` UDP frames of ``size`` bytes whose payload opens with their number (from ``start``)."""
+    pad = size - UDP_PAYLOAD_OFFSET - SEQ.size
+    if pad < 0:
+        raise ValueError(f"a numbered frame needs at least {UDP_PAYLOAD_OFFSET + SEQ.size} bytes, not {size}")
+    # Only the number differs (no UDP checksum; the IPv4 header does not cover the payload).
+    template = udp_packet(
+        src_mac, dst_mac, src_ip, dst_ip, *STREAM_PORTS, bytes(SEQ.size + pad), checksum=False
+    )
+    head, tail = template[:UDP_PAYLOAD_OFFSET], template[UDP_PAYLOAD_OFFSET + SEQ.size :]
+    pack = SEQ.pack
+    return [head + pack(start + i) + tail for i in range(count)]
+
+
+def frame_number(frame: bytes) -> int:
+    """The number :func:`numbered_frames` gave ``frame``."""
+    return int(SEQ.unpack_from(frame, UDP_PAYLOAD_OFFSET)[0])
+
+
+class StreamGuest(NicGuest):
+    """A NicGuest whose traffic the host asks for (see the module doc)."""
+
+    def __init__(self, name: str, ip: str) -> None:
+        super().__init__(name, ip)
+        self._frames: list[bytes] = []
+
+    async def remote_call(self, op: str, **params: Any) -> Any:
+        """One request from the host."""
+        if op == "prepare":
+            return self._prepare(**params)
+        if op == "stream":
+            return await self._stream(**params)
+        if op == "receive":
+            return await self._receive(**params)
+        if op == "counters":
+            return dict(self.hv.counters.snapshot().as_dict())
+        raise ValueError(f"unknown call {op!r}")
+
+    def _prepare(self, dst_mac: str, dst_ip: str, packets: int, size: int = 64, start: int = 0) -> int:
+        self._frames = numbered_frames(
+            self.nic.mac, bytes.fromhex(dst_mac), self.ip, dst_ip, packets, size, start
+        )
+        return len(self._frames)
+
+    async def _stream(
+        self,
+        dst_mac: str | None = None,
+        dst_ip: str | None = None,
+        packets: int = 0,
+        size: int = 64,
+        batch: int = 64,
+        start: int = 0,
+    ) -> dict[str, Any]:
+        await self.ready.wait()
+        if dst_mac is not None and dst_ip is not None:
+            self._prepare(dst_mac, dst_ip, packets, size, start)
+        frames, self._frames = self._frames, []
+        packets = len(frames)
+        t0 = time.perf_counter()
+        for i in range(0, packets, batch):
+            await self.nic.send_batch(frames[i : i + batch])
+        return {"sent": packets, "seconds": time.perf_counter() - t0}
+
+    async def _receive(self, packets: int, timeout_s: float = 60.0) -> dict[str, Any]:
+        await self.ready.wait()
+        got: list[int] = []
+        with trio.move_on_after(timeout_s):
+            while len(got) < packets:
+                got.extend(frame_number(f) for f in await self.nic.recv_batch(packets - len(got)))
+        return {
+            "received": len(got),
+            "seqs_in_order": got == list(range(got[0], got[0] + len(got))) if got else True,
+            "first": got[0] if got else None,
+            "last": got[-1] if got else None,
+        }

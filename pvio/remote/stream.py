@@ -1,0 +1,232 @@
+"""The two-core figure: one 64-byte UDP stream, guests in the hypervisor's process or their own.
+
+:func:`measure_stream` boots dom0 (netback, switch) and two guests, A sending to B, with
+each guest placed by ``placement``:
+
+=================  ===============================================================
+``one-process``    A and B are PyGuests in the hypervisor's process (the baseline)
+``remote-sender``  A runs in its own process (:class:`~pvio.remote.RemoteGuest`)
+``remote-receiver`` B runs in its own process
+``remote-both``    A and B each run in their own process; the hypervisor's process
+                   keeps netback, the switch and the hypercalls (grant copies)
+=================  ===============================================================
+
+Every guest is the same netfront PyGuest (:class:`~pvio.remote.guests.StreamGuest`), the
+frames are built before the clock starts, netback's receive queue is large enough that no
+frame is dropped, and every frame is checked to arrive once and in order.  ``pps`` is
+frames delivered to B per wall-clock second (``time.perf_counter``), from the first send
+to the last frame's arrival (for a remote B, its answer that it has them all).  Per-packet
+counts come from the hypervisor's counters and, for remote guests, from their own.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from pvio.core.hypervisor import Hypervisor
+from pvio.remote.guests import StreamGuest, frame_number, numbered_frames
+from pvio.remote.host import RemoteGuest
+
+PLACEMENTS: tuple[str, ...] = ("one-process", "remote-sender", "remote-receiver", "remote-both")
+#: What the benchmark runs: a remote *receiver* at saturation meets a netback RX race (a
+#: frontend in another process posting buffers while netback has none: docs/architecture.md,
+#: "Processes"), so until netback takes that into account only the sender moves out.
+BENCH_PLACEMENTS: tuple[str, ...] = ("one-process", "remote-sender")
+QUEUE = 1 << 20  # netback's RX queue: deep enough that a fast sender is never dropped
+KERNEL = "pvio.remote.guests:StreamGuest"
+
+
+@dataclass
+class StreamFigure:
+    """One measured stream."""
+
+    placement: str
+    packets: int
+    seconds: float
+    processes: int  # OS processes the stream ran in
+    per_packet: dict[str, float] = field(default_factory=dict)
+    #: CPU seconds each process spent during the stream (``hypervisor``, ``a``, ``b``).
+    cpu_seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def cpu_bound_pps(self) -> float:
+        """The rate the stream's busiest CPU allows: packets over the CPU time of the
+        hypervisor's process or of the guests' processes together (they share the other
+        CPUs when pinned), whichever is larger.  What a quiet machine would show, from
+        what this run measured of each process, whatever else the machine was doing."""
+        host = self.cpu_seconds.get("hypervisor", 0.0)
+        guests = sum(v for k, v in self.cpu_seconds.items() if k != "hypervisor")
+        busiest = host + guests if self.processes == 1 else max(host, guests)
+        return self.packets / busiest if busiest > 0 else float("inf")
+
+    @property
+    def pps(self) -> float:
+        """Frames delivered per second."""
+        return self.packets / self.seconds
+
+    def row(self) -> dict[str, Any]:
+        """A JSON row."""
+        return {
+            "placement": self.placement,
+            "processes": self.processes,
+            "packets": self.packets,
+            "pps": round(self.pps, 1),
+            "cpu_bound_pps": round(self.cpu_bound_pps, 1),
+            "cpu_seconds": {k: round(v, 4) for k, v in self.cpu_seconds.items()},
+            "per_packet": self.per_packet,
+        }
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (``/proc/PID/stat``)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_now(guests: list[tuple[str, Any]]) -> dict[str, float]:
+    out = {"hypervisor": time.process_time()}
+    for name, g in guests:
+        if isinstance(g, RemoteGuest) and g.process is not None:
+            out[name] = process_cpu_seconds(g.process.pid)
+    return out
+
+
+def _guest(name: str, ip: str, remote: bool, cpus: set[int] | None) -> Any:
+    if remote:
+        return RemoteGuest(KERNEL, name, args={"name": name, "ip": ip}, cpus=cpus)
+    return StreamGuest(name, ip)
+
+
+def cpu_split() -> tuple[set[int], set[int]] | None:
+    """(the hypervisor's CPUs, the remote guests' CPUs): the first CPU this process may use,
+    and the others; None on a single CPU."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return None
+    return {cpus[0]}, set(cpus[1:])
+
+
+async def measure_stream(
+    placement: str, packets: int = 50_000, *, batch: int = 64, size: int = 64, pin: bool = True
+) -> StreamFigure:
+    """Run one stream of ``packets`` frames with ``placement`` (see the module doc).
+
+    ``pin``: with remote guests, run the hypervisor's process on one CPU and the guests'
+    processes on the others (:func:`cpu_split`), as one pins a vhost-user back end, so that
+    waking a guest never preempts the hypervisor; the affinity is restored afterwards."""
+    if placement not in PLACEMENTS:
+        raise ValueError(f"unknown placement {placement!r}: choose one of {', '.join(PLACEMENTS)}")
+    split = cpu_split() if pin and placement != "one-process" else None
+    saved = os.sched_getaffinity(0)
+    if split is not None:
+        os.sched_setaffinity(0, split[0])
+    try:
+        return await _measure(placement, packets, batch, size, None if split is None else split[1])
+    finally:
+        os.sched_setaffinity(0, saved)
+
+
+async def _measure(
+    placement: str, packets: int, batch: int, size: int, guest_cpus: set[int] | None
+) -> StreamFigure:
+    from pvio.toolstack import start_network
+
+    remote_a = placement in ("remote-sender", "remote-both")
+    remote_b = placement in ("remote-receiver", "remote-both")
+    async with Hypervisor() as hv:
+        a, b = _guest("a", "10.0.0.1", remote_a, guest_cpus), _guest("b", "10.0.0.2", remote_b, guest_cpus)
+        await start_network(hv, [a, b], rx_queue_max=QUEUE, timeout_s=60.0)
+        a_mac, b_mac = a.nic.mac, b.nic.mac
+        if remote_a:
+            await a.call("prepare", dst_mac=b_mac.hex(), dst_ip="10.0.0.2", packets=packets, size=size)
+        else:
+            frames = numbered_frames(a_mac, b_mac, "10.0.0.1", "10.0.0.2", packets, size)
+        before = hv.snapshot()
+        cpu_before = _cpu_now([("a", a), ("b", b)])
+        got: list[int] = []
+        remote_got: dict[str, Any] = {}
+        start = 0.0
+
+        async def receive() -> None:
+            if remote_b:
+                remote_got.update(await b.call("receive", packets=packets, timeout_s=600.0))
+            else:
+                while len(got) < packets:
+                    got.extend(frame_number(f) for f in await b.nic.recv_batch(packets - len(got)))
+
+        with trio.fail_after(600):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(receive)
+                if remote_b:
+                    await trio.sleep(0.05)  # B's receive call is under way before the clock starts
+                start = time.perf_counter()
+                if remote_a:
+                    await a.call("stream", batch=batch)
+                else:
+                    for i in range(0, packets, batch):
+                        await a.nic.send_batch(frames[i : i + batch])
+        seconds = time.perf_counter() - start
+        cpu_after = _cpu_now([("a", a), ("b", b)])
+        if remote_b:
+            ok = remote_got == {"received": packets, "seqs_in_order": True, "first": 0, "last": packets - 1}
+        else:
+            ok = got == list(range(packets))
+        if not ok:
+            raise AssertionError(
+                f"{placement}: B did not receive frames 0..{packets - 1} once each, in order"
+            )
+        diff = hv.snapshot().diff(before)
+        per = {
+            "hypercalls.dom0": round(diff["dom0"].get("hypercalls", 0) / packets, 5),
+            "interrupts.dom0": round(diff["dom0"].get("interrupts", 0) / packets, 5),
+            "grant_copies": round(diff.total("grant.copies", "domain") / packets, 5),
+        }
+        for guest, name in ((a, "a"), (b, "b")):
+            if isinstance(guest, RemoteGuest):
+                child = (await guest.call("counters"))["domains"][f"dom{guest.domain.domid}"]
+                per[f"interrupts.{name}"] = round(child.get("interrupts", 0) / packets, 5)
+                per[f"socket_hypercalls.{name}"] = round(child.get("hypercalls.remote", 0) / packets, 5)
+            else:
+                per[f"interrupts.{name}"] = round(
+                    diff[f"dom{guest.domain.domid}"].get("interrupts", 0) / packets, 5
+                )
+        cpu = {k: cpu_after[k] - cpu_before[k] for k in cpu_after}
+        return StreamFigure(placement, packets, seconds, 1 + int(remote_a) + int(remote_b), per, cpu)
+
+
+def run_placements(
+    placements: tuple[str, ...] = BENCH_PLACEMENTS, packets: int = 50_000
+) -> list[StreamFigure]:
+    """Each placement once, each in its own ``trio.run``."""
+    return [trio.run(measure_stream, p, packets) for p in placements]
+
+
+def format_figures(figures: list[StreamFigure]) -> str:
+    """A plain table, with each placement's ratio to the one-process figure of the same run."""
+    base = next((f for f in figures if f.placement == "one-process"), None)
+    head = f"{'placement':<16} {'procs':>5} {'packets':>8} {'pps':>10} {'x1':>6}"
+    lines = [f"{head} {'cpu-bound pps':>14} {'x1':>6}  cpu s"]
+    for f in figures:
+        ratio = f"{f.pps / base.pps:.2f}" if base is not None else "-"
+        cpu_ratio = f"{f.cpu_bound_pps / base.cpu_bound_pps:.2f}" if base is not None else "-"
+        cpu = " ".join(f"{k}={v:.2f}" for k, v in f.cpu_seconds.items())
+        lines.append(
+            f"{f.placement:<16} {f.processes:>5} {f.packets:>8} {f.pps:>10.0f} {ratio:>6} "
+            f"{f.cpu_bound_pps:>14.0f} {cpu_ratio:>6}  {cpu}"
+        )
+    return "\n".join(lines)
+
+
+def bench_main(quick: bool = False, as_json: bool = False) -> int:
+    """``pvio bench --processes``: every placement once; a table (or JSON rows)."""
+    import json
+
+    figures = run_placements(packets=5_000 if quick else 50_000)
+    print(json.dumps([f.row() for f in figures], indent=1) if as_json else format_figures(figures))
+    return 0
