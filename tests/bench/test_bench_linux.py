@@ -26,7 +26,9 @@ from tests.pvh_support import require
 def test_linux_rows_beside_the_c_and_python_netfronts(benchmark: Any) -> None:
     require("linux")
     scale = 1 if benchmark.enabled else 10
-    plan = tuple(bench.Case(c.scenario, c.offered_load, max(10, c.packets // scale)) for c in bench.LINUX_PLAN)
+    plan = tuple(
+        bench.Case(c.scenario, c.offered_load, max(10, c.packets // scale)) for c in bench.LINUX_PLAN
+    )
     rows: list[dict[str, Any]] = []
 
     def run() -> None:
