@@ -189,6 +189,15 @@ def netfront_module() -> bytes:
     return data
 
 
+def kernel_module(name: str) -> bytes:
+    """That kernel's module ``name`` (e.g. ``pktgen``), uncompressed; DebianUnavailable if absent."""
+    found = sorted(_kernel_root().glob(f"lib/modules/*/kernel/**/{name}.ko*"))
+    if not found:
+        raise DebianUnavailable(f"{kernel_package()} has no {name} module")
+    data = found[0].read_bytes()
+    return lzma.decompress(data) if found[0].suffix == ".xz" else data
+
+
 def busybox() -> bytes:
     """busybox-static's ``/bin/busybox``."""
     path = extract(fetch("busybox-static")) / "bin/busybox"
@@ -254,8 +263,14 @@ def init_script() -> str:
     )
 
 
-def initramfs(scenario: str = "", with_netfront: bool = True, bb: bytes | None = None) -> bytes:
-    """The initramfs: BusyBox, xen-netfront.ko, /init and the scenario's commands."""
+def initramfs(
+    scenario: str = "", with_netfront: bool = True, bb: bytes | None = None, modules: tuple[str, ...] = ()
+) -> bytes:
+    """The initramfs: BusyBox, xen-netfront.ko, /init and the scenario's commands.
+
+    ``modules`` names more of the kernel's modules to put in ``/lib`` (not loaded:
+    ``insmod /lib/pktgen.ko`` when a scenario wants it).
+    """
     entries: list[tuple[str, int, bytes, tuple[int, int]]] = [
         ("bin", 0o040755, b"", (0, 0)),
         ("dev", 0o040755, b"", (0, 0)),
@@ -266,6 +281,8 @@ def initramfs(scenario: str = "", with_netfront: bool = True, bb: bytes | None =
     ]
     if with_netfront:
         entries.append(("lib/xen-netfront.ko", 0o100644, netfront_module(), (0, 0)))
+    for name in modules:
+        entries.append((f"lib/{name}.ko", 0o100644, kernel_module(name), (0, 0)))
     if scenario:
         entries.append(("scenario.sh", 0o100755, scenario.encode(), (0, 0)))
     return cpio_newc(entries)
@@ -288,6 +305,7 @@ __all__ = [
     "fetch",
     "grub_pvh_image",
     "initramfs",
+    "kernel_module",
     "kernel_package",
     "linux_kernel",
     "netfront_module",

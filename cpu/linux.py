@@ -42,6 +42,7 @@ class LinuxGuest(PvhGuest):
         extra_cmdline: str = "",
         memory_pages: int = LINUX_MEMORY_PAGES,
         with_netfront: bool = True,
+        modules: tuple[str, ...] = (),
     ) -> None:
         cmdline = (
             BASE_CMDLINE + (f" pvio.ip={ip}" if ip else "") + (f" {extra_cmdline}" if extra_cmdline else "")
@@ -50,7 +51,7 @@ class LinuxGuest(PvhGuest):
             debian.linux_kernel(),
             name=name,
             cmdline=cmdline,
-            modules=[debian.initramfs(scenario, with_netfront=with_netfront)],
+            modules=[debian.initramfs(scenario, with_netfront=with_netfront, modules=modules)],
             memory_pages=memory_pages,
         )
 
@@ -112,6 +113,7 @@ class LinuxBenchGuest(LinuxGuest):
     announces_itself = True
 
     def __init__(self, name: str, ip: str, **kwargs: Any) -> None:
+        kwargs.setdefault("modules", ("pktgen",))  # the kernel's packet generator: Linux's TX stream
         super().__init__(name=name, ip=f"{ip}/24", scenario=f"arping -U -c 1 -I eth0 {ip}\n", **kwargs)
         self.ip = ip
         self.ready = trio.Event()
@@ -128,6 +130,16 @@ class LinuxBenchGuest(LinuxGuest):
             nursery.start_soon(watch)
             await super().run()
             nursery.cancel_scope.cancel()
+
+    async def eth0_stats(self) -> dict[str, int]:
+        """``eth0``'s counters as Linux keeps them (``/sys/class/net/eth0/statistics``)."""
+        keys = ("rx_packets", "tx_packets", "rx_dropped", "tx_dropped")
+        paths = " ".join(f"/sys/class/net/eth0/statistics/{k}" for k in keys)
+        out = await self.run_command(f"cat {paths}")
+        values = [int(w) for w in (out or "").split() if w.isdigit()]
+        if len(values) != len(keys):
+            raise RuntimeError(f"{self.name}: cannot read eth0's statistics: {out!r}")
+        return dict(zip(keys, values, strict=True))
 
 
 BOOT_TIMEOUT_S = 600.0

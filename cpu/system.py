@@ -20,10 +20,11 @@ Design
   is not in long mode).  Other invalid opcodes (``ud2``: Linux's BUG/WARN) are #UD.
   Exceptions and ``int n`` arrive through ``UC_HOOK_INTR`` and are delivered through the
   guest's IDT by :meth:`SystemVcpu._deliver` (IST, TSS.RSP0 on a ring change, 16-byte
-  alignment, SS/RSP/RFLAGS/CS/RIP and the error code, IF cleared for interrupt gates).
-  ``syscall`` is a no-op in unicorn 2.1.4 and is emulated (STAR/LSTAR/FMASK, RCX/R11,
-  CPL 0); ``sysret`` and ``iretq`` run natively.  ``hlt`` makes the engine return after
-  it: the vCPU then sleeps until an event is deliverable.
+  alignment, SS/RSP/RFLAGS/CS/RIP and the error code, IF cleared for interrupt gates);
+  a guest still in 32-bit protected mode gets the 32-bit form (8-byte gates, TSS.ESP0/SS0,
+  32-bit words, flat segments).  ``syscall`` is a no-op in unicorn 2.1.4 and is emulated
+  (STAR/LSTAR/FMASK, RCX/R11, CPL 0); ``sysret`` and ``iretq`` run natively.  ``hlt``
+  makes the engine return after it: the vCPU then sleeps until an event is deliverable.
 * **Engine state unicorn does not expose.**  Two fields of qemu's CPU state are patched
   in the raw context (:data:`CTX_OLD_EXCEPTION`, :data:`CTX_HFLAGS`): qemu never clears
   its "exception in progress" record, so without a reset the second page fault becomes
@@ -48,7 +49,9 @@ Design
   host TSC, read by a one-instruction helper engine), ``system_time`` (the hypervisor's
   clock, which also fires the guest's timers) and the TSC→ns scale measured at start.
 * **Memory.**  RAM is the domain's mmap, mapped at guest-physical 0.  Pages outside RAM
-  read as all-ones and ignore writes (Xen's "unpopulated"), bounded in number; the local
+  are MMIO routed to ``hv.iobus`` (the devices registered for the domain); where no device
+  claims an address it reads all-ones and ignores writes (Xen's "unpopulated"), and the
+  pages mapped that way are bounded in number; the local
   APIC page is plain memory with ID 0 and a version register, which is what Linux needs
   to accept the MP table and use Xen's timer.  ``alias_page`` (XENMEM_add_to_physmap)
   shows a hypervisor page (shared_info, a grant frame) at a guest frame.
@@ -602,12 +605,11 @@ class SystemVcpu:
 
     # ------------------------------------------------------------------ delivery through the IDT
     def _deliver(self, vector: int, error_code: int | None) -> bool:
-        """Enter the guest's handler for ``vector`` as the CPU would (64-bit IDT); False: crashed."""
+        """Enter the guest's handler for ``vector`` as the CPU would (its IDT); False: crashed."""
         uc = self.uc
         self.uc.context_update(self._ctx)
         if not _ctx_u32(self._ctx, CTX_HFLAGS) & HF_LMA:
-            self._crash = f"vector {vector} outside long mode (no IDT delivery for 32-bit guests)"
-            return False
+            return self._deliver_32(vector, error_code)
         cpl = _ctx_u32(self._ctx, CTX_HFLAGS) & HF_CPL_MASK
         _sel, idt_base, idt_limit, _f = uc.reg_read(X.UC_X86_REG_IDTR)
         if vector * 16 + 15 > idt_limit:
@@ -657,6 +659,59 @@ class SystemVcpu:
         self._tlb.clear()
         return True
 
+    def _deliver_32(self, vector: int, error_code: int | None) -> bool:
+        """Protected-mode delivery: an 8-byte gate (32-bit interrupt or trap gate), TSS.ESP0/SS0 on
+        a ring change, EFLAGS/CS/EIP (and SS/ESP from an outer ring) and the error code pushed as
+        32-bit words.  Segments are taken as flat (base 0), as every PVH guest sets them up."""
+        uc = self.uc
+        cpl = _ctx_u32(self._ctx, CTX_HFLAGS) & HF_CPL_MASK
+        _sel, idt_base, idt_limit, _f = uc.reg_read(X.UC_X86_REG_IDTR)
+        if vector * 8 + 7 > idt_limit:
+            self._crash = f"vector {vector} beyond the IDT limit {idt_limit:#x} (32-bit)"
+            return False
+        try:
+            lo, selector, _zero, attr, hi = struct.unpack("<HHBBH", self.vread(idt_base + vector * 8, 8))
+            if not attr & 0x80 or (attr & 0xF) not in (0xE, 0xF):
+                self._crash = f"vector {vector}: 32-bit IDT gate not present or not an interrupt/trap gate"
+                return False
+            handler = lo | hi << 16
+            esp = uc.reg_read(X.UC_X86_REG_ESP) & 0xFFFF_FFFF
+            eflags = uc.reg_read(X.UC_X86_REG_EFLAGS) & 0xFFFF_FFFF
+            cs = uc.reg_read(X.UC_X86_REG_CS)
+            ss = uc.reg_read(X.UC_X86_REG_SS)
+            new_cpl = selector & 3
+            words = [eflags, cs, self.rip & 0xFFFF_FFFF]
+            new_ss = ss
+            if new_cpl != cpl:
+                _tsel, tss, _tl, _tf = uc.reg_read(X.UC_X86_REG_TR)
+                new_esp, new_ss = struct.unpack("<IH", self.vread(tss + 4, 6))
+                words = [ss, esp, *words]
+            else:
+                new_esp = esp
+            if error_code is not None:
+                words.append(error_code & 0xFFFF_FFFF)
+            frame_at = (new_esp - 4 * len(words)) & 0xFFFF_FFFF
+            self.space.write(frame_at, struct.pack(f"<{len(words)}I", *reversed(words)))
+        except GuestFault as e:
+            self._crash = f"cannot deliver vector {vector} (32-bit): {e}"
+            return False
+        self._ctx_round_trip(new_cpl)
+        new_flags = eflags & ~(RFLAGS_TF | RFLAGS_NT | RFLAGS_RF | RFLAGS_VM)
+        if attr & 0xF == 0xE:
+            new_flags &= ~RFLAGS_IF
+        try:
+            uc.reg_write(X.UC_X86_REG_CS, selector)
+            if new_cpl != cpl:
+                uc.reg_write(X.UC_X86_REG_SS, new_ss)
+        except UcError as e:
+            self._crash = f"vector {vector}: cannot load CS {selector:#x}: {e}"
+            return False
+        uc.reg_write(X.UC_X86_REG_ESP, frame_at)
+        uc.reg_write(X.UC_X86_REG_EFLAGS, new_flags)
+        self.rip = handler
+        self._tlb.clear()
+        return True
+
     def _exception(self, vector: int) -> None:
         software = vector == 3 or vector == 4 or vector >= 32
         error_code = self._ctx_round_trip(None)
@@ -687,12 +742,9 @@ class SystemVcpu:
         if insn in (b"\x0f\x01\xc1", b"\x0f\x01\xd9"):
             self._hypercall()
             return
-        if self._long_mode():
-            self._count("exits.exception")
-            self._ctx_round_trip(None)
-            self._deliver(EXC_UD, None)
-        else:
-            self._crash = f"invalid instruction {insn.hex()} at {self.rip:#x}"
+        self._count("exits.exception")
+        self._ctx_round_trip(None)
+        self._deliver(EXC_UD, None)
 
     def _hypercall(self) -> None:
         uc = self.uc
@@ -863,23 +915,40 @@ class SystemVcpu:
             log.exception("dom%d: device model failed on port write %#x", self.dom.domid, port)
 
     def _on_unmapped(self, uc: Uc, access: int, address: int, size: int, value: int, _user: Any) -> bool:
-        """Guest-physical space outside RAM reads all-ones and drops writes (bounded)."""
+        """Guest-physical space outside RAM: a page of MMIO whose accesses go to ``hv.iobus`` (the
+        devices registered for this domain; unclaimed addresses read all-ones and drop writes),
+        mapped on first touch, at most :data:`MAX_UNPOPULATED_PAGES` pages."""
         gfn = address >> 12
         if gfn in self._unpopulated or len(self._unpopulated) >= MAX_UNPOPULATED_PAGES:
             return False
         try:
-            uc.mmio_map(gfn << 12, PAGE_SIZE, self._unpop_read, None, self._unpop_write, None)
+            uc.mmio_map(gfn << 12, PAGE_SIZE, self._unpop_read, gfn << 12, self._unpop_write, gfn << 12)
         except UcError:
             return False
         self._unpopulated.add(gfn)
         return True
 
-    def _unpop_read(self, uc: Uc, offset: int, size: int, _user: Any) -> int:
-        self._count("exits.mmio")
-        return (1 << (8 * size)) - 1
+    def _unpop_read(self, uc: Uc, offset: int, size: int, base: int) -> int:
+        ones = (1 << (8 * size)) - 1
+        bus = getattr(self.hv, "iobus", None)
+        if bus is None:
+            self._count("exits.mmio")
+            return ones
+        try:  # the bus counts the exit; a range no device claims reads all-ones there too
+            return int(bus.mmio_read(self.dom, base + offset, size)) & ones
+        except Exception:
+            log.exception("dom%d: device model failed on MMIO read %#x", self.dom.domid, base + offset)
+            return ones
 
-    def _unpop_write(self, uc: Uc, offset: int, size: int, value: int, _user: Any) -> None:
-        self._count("exits.mmio")
+    def _unpop_write(self, uc: Uc, offset: int, size: int, value: int, base: int) -> None:
+        bus = getattr(self.hv, "iobus", None)
+        if bus is None:
+            self._count("exits.mmio")
+            return
+        try:
+            bus.mmio_write(self.dom, base + offset, size, value)
+        except Exception:
+            log.exception("dom%d: device model failed on MMIO write %#x", self.dom.domid, base + offset)
 
     # ------------------------------------------------------------------ crash reports
     def register_dump(self) -> str:

@@ -237,3 +237,99 @@ def test_without_apt_the_error_is_one_line_naming_what_to_install(monkeypatch: p
         debian.fetch("busybox-static")
     message = str(info.value)
     assert "\n" not in message and "install" in message
+
+
+def _protected_mode(vcpu: SystemVcpu, entry: int) -> None:
+    """32-bit protected mode, paging off, flat CS 0x08 / data 0x10 (the PVH entry state), an IDT."""
+    vcpu.enter_protected_mode(entry, 0, GDT)
+    vcpu.uc.reg_write(X.UC_X86_REG_ESP, STACK_TOP)
+    vcpu.uc.reg_write(X.UC_X86_REG_IDTR, (0, IDT, 256 * 8 - 1, 0))
+
+
+def _gate32(vcpu: SystemVcpu, vector: int, handler: int, kind: int = 0x8E) -> None:
+    gate = struct.pack("<HHBBH", handler & 0xFFFF, 0x08, 0, kind, handler >> 16)
+    vcpu.dom.mem.write(IDT + vector * 8, gate)
+
+
+async def test_a_32_bit_guest_takes_ud2_through_its_idt(hv: pvio.Hypervisor) -> None:
+    kernel, dom = await _bare(hv)
+    vcpu = kernel.vcpu
+    dom.mem.write(CODE, b"\xfb\x0f\x0b")  # sti; ud2
+    dom.mem.write(HANDLER, b"\xeb\xfe")
+    _protected_mode(vcpu, CODE)
+    _gate32(vcpu, 6, HANDLER)
+    vcpu._run_slice()
+    assert vcpu._crash is None and vcpu.rip == HANDLER
+    esp = vcpu.uc.reg_read(X.UC_X86_REG_ESP)
+    assert esp == STACK_TOP - 3 * 4  # same ring: EIP, CS, EFLAGS; #UD has no error code
+    eip, cs, eflags = struct.unpack("<3I", dom.mem.read(esp, 12))
+    assert (eip, cs) == (CODE + 1, 0x08) and eflags & 0x200
+    assert not vcpu.uc.reg_read(X.UC_X86_REG_EFLAGS) & 0x200  # an interrupt gate clears IF
+    assert dom.counters["exits.exception"] == 1
+
+
+async def test_a_32_bit_general_protection_fault_pushes_its_error_code(hv: pvio.Hypervisor) -> None:
+    kernel, dom = await _bare(hv)
+    vcpu = kernel.vcpu
+    dom.mem.write(CODE, b"\x66\xb8\x37\x12\x8e\xd8")  # mov ax, 0x1237; mov ds, ax: beyond the GDT
+    dom.mem.write(HANDLER, b"\xeb\xfe")
+    _protected_mode(vcpu, CODE)
+    _gate32(vcpu, 13, HANDLER, 0x8F)  # a trap gate keeps IF
+    vcpu.uc.reg_write(X.UC_X86_REG_EFLAGS, 0x202)
+    vcpu._run_slice()
+    assert vcpu._crash is None and vcpu.rip == HANDLER
+    esp = vcpu.uc.reg_read(X.UC_X86_REG_ESP)
+    assert esp == STACK_TOP - 4 * 4
+    error, eip, cs, _eflags = struct.unpack("<4I", dom.mem.read(esp, 16))
+    assert (error, eip, cs) == (0x1234, CODE + 4, 0x08)  # the selector (RPL bits clear), the mov
+    assert vcpu.uc.reg_read(X.UC_X86_REG_EFLAGS) & 0x200
+    assert dom.counters["exits.exception"] == 1
+
+
+async def test_a_32_bit_vector_without_a_gate_crashes_only_that_domain(hv: pvio.Hypervisor) -> None:
+    kernel, dom = await _bare(hv)
+    vcpu = kernel.vcpu
+    dom.mem.write(CODE, b"\x0f\x0b")
+    _protected_mode(vcpu, CODE)
+    vcpu._run_slice()
+    assert vcpu._crash is not None and "32-bit IDT gate not present" in vcpu._crash
+    vcpu._crash_domain(vcpu._crash)
+    assert not dom.alive and hv.dom0 is not None and hv.dom0.alive
+
+
+class Register:
+    """An MMIO device: one 32-bit register that reads back what was written, plus a log."""
+
+    def __init__(self) -> None:
+        self.value = 0x600DF00D
+        self.log: list[tuple[str, int, int]] = []
+
+    def read(self, offset: int, size: int) -> int:
+        self.log.append(("r", offset, size))
+        return self.value
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self.log.append(("w", offset, size))
+        self.value = value
+
+
+async def test_mmio_outside_ram_goes_to_the_iobus_device(hv: pvio.Hypervisor) -> None:
+    kernel, dom = await _bare(hv)
+    vcpu = kernel.vcpu
+    base = 0xFEB0_0000
+    dev = Register()
+    hv.iobus.register_mmio(dom, base, 16, dev)
+    # mov eax, [base+4]; mov [base+8], 0xabcd1234 (imm32); mov ebx, [base+8]; mov ecx, [base+0x100]
+    code = b"\x8b\x05" + struct.pack("<I", base + 4)
+    code += b"\xc7\x05" + struct.pack("<II", base + 8, 0xABCD1234)
+    code += b"\x8b\x1d" + struct.pack("<I", base + 8)
+    code += b"\x8b\x0d" + struct.pack("<I", base + 0x100)
+    dom.mem.write(CODE, code + b"\xf4")  # hlt (IF = 0: the slice ends there)
+    _protected_mode(vcpu, CODE)
+    vcpu._run_slice()
+    uc = vcpu.uc
+    assert uc.reg_read(X.UC_X86_REG_EAX) == 0x600DF00D
+    assert uc.reg_read(X.UC_X86_REG_EBX) == 0xABCD1234
+    assert uc.reg_read(X.UC_X86_REG_ECX) == 0xFFFF_FFFF  # on the page but no device there: all-ones
+    assert dev.log == [("r", 4, 4), ("w", 8, 4), ("r", 8, 4)]
+    assert dom.counters["exits.mmio"] == 4 and dom.counters["iobus.unclaimed_mmio"] == 1

@@ -656,7 +656,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chart", metavar="PATH", help="write a PNG chart (needs matplotlib)")
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated models (default: all)")
     parser.add_argument(
-        "--guest", default="all", help="guest kind: py, x86 or all (default: py's plan, then x86's)"
+        "--guest",
+        default="all",
+        help="guest kind: py, x86, linux (Debian's Linux, PV rows beside py and x86; boots Linux) "
+        "or all (default: py's plan, then x86's)",
     )
     parser.add_argument(
         "--mock-clock", action="store_true", help="run under trio's MockClock: exactly reproducible counts"
@@ -682,6 +685,8 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError:
             parser.error("--chart needs matplotlib: pip install 'pvio[chart]' (or make chart)")
     kinds = list(PLANS) if args.guest == "all" else [args.guest]
+    if args.guest == "linux" and ("pv" not in models or args.mock_clock):
+        parser.error("--guest linux runs the PV model on the real clock (no --mock-clock; --models pv)")
 
     def progress(what: str) -> None:
         if not args.json:
@@ -690,9 +695,12 @@ def main(argv: list[str] | None = None) -> int:
     results: list[ScenarioResult] = []
     try:
         for kind in kinds:
-            plan = PLANS.get(kind, BENCH_PLAN)
+            plan = LINUX_PLAN if kind == "linux" else PLANS.get(kind, BENCH_PLAN)
             if args.quick:
                 plan = tuple(Case(c.scenario, c.offered_load, max(10, c.packets // 10)) for c in plan)
+            if kind == "linux":
+                results += linux_rows(plan, progress=progress)
+                continue
             results += run_plan(plan, models, guest=kind, mock_clock=args.mock_clock, progress=progress)
     except NotImplementedError as e:
         print(f"pvio bench: {e}", file=sys.stderr)
@@ -717,3 +725,265 @@ def processes_bench(quick: bool, as_json: bool) -> int:
     from pvio.remote.stream import bench_main
 
     return bench_main(quick=quick, as_json=as_json)
+
+
+# ---------------------------------------------------------------------- Linux rows (--guest linux)
+#: The Linux rows' plan (``pvio bench --guest linux``).  ``stream``: a PyGuest (A) sends 64-byte UDP
+#: frames to Linux (B), counted by Linux's ``rx_packets``; ``stream-from-linux``: Linux's own packet
+#: generator (``pktgen``, the kernel's: BusyBox has no UDP sender) sends 64-byte UDP frames to A;
+#: ``pingpong``: A sends ICMP echo requests that Linux's stack answers, one at a time.  The
+#: ``stream`` and ``pingpong`` cases also run on the Python and the C netfront (py and x86 guests,
+#: PV model) in the same run, so the real driver's row sits next to pvio's two.
+LINUX_PLAN: tuple[Case, ...] = (
+    Case("stream", 2_000, 1_000),
+    Case("stream", None, 2_000),
+    Case("stream-from-linux", None, 2_000),
+    Case("pingpong", None, 200),
+)
+LINUX_SCENARIOS = ("stream", "stream-from-linux", "pingpong")
+LINUX_EXIT_KINDS = ("exits.hypercall", "exits.page_fault", "exits.syscall", "exits.exception",
+                    "exits.pio", "exits.mmio", "exits.hlt", "exits.cpuid")  # fmt: skip
+LINUX_BOOT_TIMEOUT_S = 600.0
+ICMP_IDENT = 0x7076
+
+
+@dataclass
+class LinuxScenarioResult(ScenarioResult):
+    """A Linux row: a :class:`ScenarioResult` whose JSON row adds a ``linux`` entry (see
+    :func:`run_linux_scenario`)."""
+
+    linux: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def load(self) -> str:
+        """As :attr:`ScenarioResult.load`; Linux's pktgen stream is a saturation load too."""
+        if self.offered_load is None and self.scenario.startswith("stream"):
+            return "saturation"
+        return super().load
+
+    def row(self) -> dict[str, Any]:
+        """:meth:`ScenarioResult.row` plus ``linux``: offered frames, Linux's eth0 counts, drops."""
+        return {**super().row(), "linux": self.linux}
+
+
+@asynccontextmanager
+async def linux_env(timeout_s: float = LINUX_BOOT_TIMEOUT_S) -> AsyncIterator[ModelEnv]:
+    """A PyGuest ``a`` (pvio's Python netfront) and Debian's Linux ``b`` (its xen-netfront) on the switch.
+
+    Linux knows A's MAC before the measurements (a permanent neighbour entry, BusyBox's
+    ``arp -s``): its answers go out without an ARP exchange.  Raises
+    :class:`pvio.cpu.debian.DebianUnavailable` when the Debian packages cannot be had.
+    """
+    from pvio.cpu.linux import LinuxBenchGuest
+    from pvio.frontends.guests import ModelGuest
+    from pvio.toolstack import start_network
+
+    async with Hypervisor() as hv:
+        a = ModelGuest("a", _ip(0), "pv")
+        b = LinuxBenchGuest("b", _ip(1))
+        net = await start_network(hv, [a, b], model="pv", settle_s=0.001, timeout_s=timeout_s)
+        mac = ":".join(f"{x:02x}" for x in a.nic.mac)
+        out = await b.run_command(f"arp -i eth0 -s {a.ip} {mac} && ip neigh show {a.ip}")
+        if out is None or "PERMANENT" not in out:
+            raise RuntimeError(f"Linux did not take A's MAC as a permanent neighbour: {out!r}")
+        yield ModelEnv(hv, net.switch, "pv", "linux", net.guests, net.devices, net.netback)
+
+
+async def linux_quiet(env: ModelEnv, timeout_s: float = 30.0) -> None:
+    """Until every task is blocked -- Linux idle in ``hlt``, netback and A waiting -- twice in a row."""
+    with trio.move_on_after(timeout_s):
+        for _ in range(2):
+            await trio.testing.wait_all_tasks_blocked(cushion=0.01)
+            await trio.sleep(0.01)
+
+
+async def _send_paced(a: Any, frames: list[bytes], offered_load: float | None, batch: int) -> None:
+    """A sends ``frames``: batches of ``batch`` at saturation, or paced as :func:`stream_frames` does."""
+    if offered_load is None:
+        for i in range(0, len(frames), batch):
+            await a.nic.send_batch(frames[i : i + batch])
+        return
+    t0 = trio.current_time()
+    sent = 0
+    while sent < len(frames):
+        next_at = t0 + sent / offered_load
+        if trio.current_time() < next_at:
+            await trio.sleep_until(next_at)
+        due = math.floor((trio.current_time() - t0) * offered_load + 1e-9) + 1
+        upto = min(len(frames), sent + batch, max(sent + 1, due))
+        await a.nic.send_batch(frames[sent:upto])
+        sent = upto
+
+
+async def _drain(nic: Any, into: list[bytes], stop: trio.Event) -> None:
+    while not stop.is_set():
+        into.extend(await nic.recv_batch())
+
+
+async def run_linux_scenario(
+    env: ModelEnv, scenario: str, *, packets: int, offered_load: float | None = None, batch: int = BATCH,
+    frame_size: int = FRAME_SIZE, timeout_s: float = 120.0,
+) -> ScenarioResult:  # fmt: skip
+    """One Linux row: ``scenario`` (see :data:`LINUX_PLAN`) between PyGuest A and Linux B of ``env``.
+
+    ``pps`` is what the receiver got over the time to its last frame (``stream``: netback's
+    last delivery into Linux's RX ring).  Counters cover the traffic phase only (Linux's
+    console commands that set up and read its statistics are outside it, except the one
+    ``echo start`` that starts ``pktgen``).
+    ``packets`` in the result is what the receiver counted: Linux's ``rx_packets`` (stream),
+    the frames A got (``stream-from-linux``), ``2 * trips`` answered (ping-pong).  The row's
+    ``linux`` entry adds what was offered, Linux's own statistics, netback's drops and the
+    Linux domain's exits by kind.
+    """
+    if scenario not in LINUX_SCENARIOS:
+        raise ValueError(f"unknown Linux scenario {scenario!r}: choose one of {', '.join(LINUX_SCENARIOS)}")
+    a, b = env.guests[0], env.guests[1]
+    b_dom = f"dom{b.domain.domid}"
+    stats0 = await b.eth0_stats()
+    if scenario == "stream-from-linux":
+        mac = ":".join(f"{x:02x}" for x in a.nic.mac)
+        setup = " && ".join([
+            "(lsmod | grep -q pktgen || insmod /lib/pktgen.ko)",
+            "echo rem_device_all > /proc/net/pktgen/kpktgend_0",
+            "echo add_device eth0 > /proc/net/pktgen/kpktgend_0",
+            *(f"echo '{cmd}' > /proc/net/pktgen/eth0" for cmd in (
+                f"count {packets}", "clone_skb 0", f"pkt_size {frame_size}", "delay 0", f"dst {a.ip}",
+                f"dst_mac {mac}", f"udp_src_min {STREAM_PORTS[0]}", f"udp_src_max {STREAM_PORTS[0]}",
+                f"udp_dst_min {STREAM_PORTS[1]}", f"udp_dst_max {STREAM_PORTS[1]}")),
+        ])  # fmt: skip
+        out = await b.run_command(setup + " && echo pktgen-ok")
+        if out is None or "pktgen-ok" not in out:
+            raise RuntimeError(f"pktgen set-up failed in Linux: {out!r}")
+    await linux_quiet(env)
+    before = env.snapshot()
+    latency: float | None = None
+    extra: dict[str, Any] = {}
+    with trio.fail_after(timeout_s):
+        start = time.perf_counter()
+        if scenario == "stream":
+            frames = make_frames(a, b, packets, frame_size, STREAM_PORTS)
+            got: list[bytes] = []  # Linux's answers (rate-limited ICMP port unreachable)
+            stop = trio.Event()
+            vif = env.netback.vifs[(b.domain.domid, 0)]
+            last = [start]  # when netback last put a frame into Linux's RX ring
+
+            async def watch(done: trio.Event) -> None:
+                count = vif.dev["packets.rx"]
+                while not (done.is_set() and time.perf_counter() - last[0] > 0.2):
+                    await trio.sleep(0.001)
+                    if vif.dev["packets.rx"] != count:
+                        count, last[0] = vif.dev["packets.rx"], time.perf_counter()
+
+            sent = trio.Event()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_drain, a.nic, got, stop)
+                async with trio.open_nursery() as sending:
+                    sending.start_soon(watch, sent)  # until netback has delivered nothing for 0.2 s
+                    await _send_paced(a, frames, offered_load, batch)
+                    sent.set()
+                await linux_quiet(env)
+                stop.set()
+                nursery.cancel_scope.cancel()
+            seconds = last[0] - start
+            extra["frames_to_a"] = len(got)
+        elif scenario == "stream-from-linux":
+            got = []
+            b.type("echo start > /proc/net/pktgen/pgctrl\n")
+            with trio.move_on_after(timeout_s / 2):
+                while sum(1 for f in got if f[6:12] == b.nic.mac) < packets:
+                    got.extend(await a.nic.recv_batch())
+            seconds = time.perf_counter() - start
+            await linux_quiet(env)
+        else:
+            trips = await _linux_pings(a, b, packets)
+            seconds = time.perf_counter() - start
+            latency = statistics.median(trips) * 1e6 if trips else None
+            extra["trips_answered"] = len(trips)
+            await linux_quiet(env)
+    diff = env.snapshot().diff(before)
+    stats1 = await b.eth0_stats()
+    linux_stats = {k: stats1[k] - stats0[k] for k in stats0}
+    if scenario == "stream":
+        delivered = linux_stats["rx_packets"]
+    elif scenario == "stream-from-linux":
+        delivered = sum(1 for f in got if f[6:12] == b.nic.mac)
+    else:
+        delivered = 2 * extra["trips_answered"]
+    if delivered <= 0:
+        raise RuntimeError(f"Linux {scenario}: nothing was delivered (eth0: {linux_stats})")
+    vif = env.netback.vifs.get((b.domain.domid, 0)) if env.netback is not None else None
+    vif_counts = diff.devices().get(f"netback/{vif.vif_name}", {}) if vif is not None else {}
+    by_domain = per_domain(diff, env.domain_names())
+    linux_counts = diff.domains().get(b_dom, {})
+    by_domain[b.name].update({k: linux_counts.get(k, 0) for k in LINUX_EXIT_KINDS})
+    extra.update(
+        offered=packets,
+        eth0=linux_stats,
+        netback_drops={k: v for k, v in vif_counts.items() if k.startswith("drops.")},
+    )
+    return LinuxScenarioResult(
+        "pv", "linux", scenario, offered_load, frame_size, delivered, seconds, costs(diff), by_domain,
+        latency, diff, linux=extra,
+    )  # fmt: skip
+
+
+async def _linux_pings(a: Any, b: Any, trips: int, wait_s: float = 2.0) -> list[float]:
+    """A sends ICMP echo requests to Linux one at a time; the round-trip times of those answered."""
+    from pvio.frontends.netstack import icmp_echo
+
+    rtts: list[float] = []
+    payload = bytes(FRAME_SIZE - 14 - 20 - 8)
+    for seq in range(trips):
+        request = icmp_echo(a.nic.mac, b.nic.mac, a.ip, b.ip, ICMP_IDENT, seq, payload)
+        sent_at = time.perf_counter()
+        await a.nic.send(request)
+        with trio.move_on_after(wait_s):
+            while True:
+                f = await a.nic.recv()
+                # An echo reply (type 0) for this sequence number: IPv4 header of 20 bytes here.
+                if (
+                    f[12:14] == b"\x08\x00"
+                    and f[23] == 1
+                    and f[34] == 0
+                    and f[38:42] == struct.pack("!HH", ICMP_IDENT, seq)
+                ):
+                    rtts.append(time.perf_counter() - sent_at)
+                    break
+    return rtts
+
+
+async def _linux_cases(plan: Sequence[Case], progress: Callable[[str], None] | None) -> list[ScenarioResult]:
+    results: list[ScenarioResult] = []
+    async with linux_env() as env:
+        for case in plan:
+            if progress is not None:
+                progress(f"linux pv {case.scenario} {case.offered_load or 'max'}")
+            results.append(
+                await run_linux_scenario(
+                    env, case.scenario, packets=case.packets, offered_load=case.offered_load
+                )
+            )
+    return results
+
+
+def linux_rows(
+    plan: Sequence[Case] = LINUX_PLAN,
+    *,
+    compare: Sequence[str] = ("py", "x86"),
+    progress: Callable[[str], None] | None = None,
+) -> list[ScenarioResult]:
+    """The Linux rows of ``plan`` (one Linux boot for all of them, real clock: Linux keeps time
+    with the host's TSC), after the same ``stream``/``pingpong`` cases on the ``compare`` guest
+    kinds' netfronts (PV model).  NotImplementedError (one line) without Debian's packages."""
+    from pvio.cpu.debian import DebianUnavailable
+
+    results: list[ScenarioResult] = []
+    shared = [c for c in plan if c.scenario in SCENARIOS]
+    for kind in compare:
+        if kind in GUEST_KINDS:
+            results += run_plan(shared, ("pv",), guest=kind, progress=progress)
+    try:
+        results += trio.run(_linux_cases, plan, progress)
+    except DebianUnavailable as e:
+        raise NotImplementedError(f"the linux rows need Debian's packages: {e}") from None
+    return results
