@@ -629,6 +629,12 @@ class BackendVif(SwitchPort):
         requests first, then ``need - nheld`` more from the ring), answer, push, notify."""
         path = self.datapath
         reqs = held + self.rx.take_requests(need - nheld) if need > nheld else held
+        if len(reqs) < need * _RX_REQ.size:
+            # Fewer requests than the plan counted: a frontend in another process moved its
+            # req_prod back between the two reads.  Hold what was taken; the C planner never
+            # sees a request list shorter than the one it planned for.
+            self._rx_held = reqs
+            return
         self._rx_held = reqs[need * _RX_REQ.size :]
         reqs = reqs[: need * _RX_REQ.size]
         ops = st.ops_c if path is netpath.C else st.ops_py
