@@ -28,6 +28,7 @@ from __future__ import annotations
 import io
 import logging
 import struct
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -62,6 +63,7 @@ CMDLINE_MAX = 2047
 MAX_MODULES = 8
 MP_FLOATING_AT = 0xF0000
 MP_CONFIG_AT = 0xF0010
+CMOS_PORT = 0x70  # the CMOS clock's index port; its data port follows
 IMAGE_FLOOR = 0x100000  # images load above the BIOS hole
 
 
@@ -150,6 +152,50 @@ def load_segments(dom: Domain, image: bytes, what: str, limit: int) -> int:
         raise ImageError(f"{what}: not a valid ELF image: {e}") from None
 
 
+def _bcd(v: int) -> int:
+    return (v // 10) << 4 | (v % 10)
+
+
+class CmosRtc:
+    """The PC's CMOS clock at ports 0x70 (index) and 0x71 (data), as a PVH kernel expects one.
+
+    Linux reads the wall clock from it at boot and, finding every register all-ones (no device),
+    waits for an update-in-progress bit that never clears: 20,000 port reads.  This model answers
+    with the time (BCD, 24-hour, register B 0x02), never an update in progress (register A's bit
+    7 clear), a valid battery (register D 0x80), and 128 bytes of NVRAM that writes go to.  The
+    time is the host's UTC clock when the domain was created plus the hypervisor clock's advance
+    since, so it moves with trio's (possibly mocked) clock.
+    """
+
+    def __init__(self) -> None:
+        self.index = 0
+        self.nvram = bytearray(128)
+        self.nvram[0x0A], self.nvram[0x0B], self.nvram[0x0D] = 0x26, 0x02, 0x80
+        self._epoch = time.time()
+        self._t0 = trio.current_time()
+
+    def _clock(self) -> time.struct_time:
+        return time.gmtime(self._epoch + trio.current_time() - self._t0)
+
+    def read(self, offset: int, size: int) -> int:
+        """Port 0x70 reads back the index; 0x71 the register it names."""
+        if offset == 0:
+            return self.index
+        t = self._clock()
+        fields = {0x00: t.tm_sec, 0x02: t.tm_min, 0x04: t.tm_hour, 0x06: t.tm_wday + 1,
+                  0x07: t.tm_mday, 0x08: t.tm_mon, 0x09: t.tm_year % 100, 0x32: t.tm_year // 100}  # fmt: skip
+        if self.index in fields:
+            return _bcd(fields[self.index])
+        return self.nvram[self.index]
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        """Port 0x70 selects a register (bit 7 is the NMI mask, ignored); 0x71 writes NVRAM."""
+        if offset == 0:
+            self.index = value & 0x7F
+        elif self.index not in (0x0A, 0x0C, 0x0D):  # status registers stay as the model keeps them
+            self.nvram[self.index] = value & 0xFF
+
+
 class PvhGuest:
     """An unmodified PVH kernel image on a :class:`pvio.cpu.system.SystemVcpu`."""
 
@@ -229,6 +275,10 @@ class PvhGuest:
         floating, table = mp_table()
         dom.mem.write(MP_FLOATING_AT, floating)
         dom.mem.write(MP_CONFIG_AT, table)
+        bus = getattr(hv, "iobus", None)
+        if bus is not None:
+            self.rtc = CmosRtc()
+            bus.register_pio(dom, CMOS_PORT, 2, self.rtc)
         self.vcpu.enter_protected_mode(self.entry, START_INFO_AT, GDT_AT)
 
     def type(self, text: str | bytes) -> int:

@@ -160,6 +160,10 @@ _DUMP_REGS = (
 )  # fmt: skip
 
 
+#: The CPUID leaf pvio adds after the engine's CPU model's last basic leaf: the processor's frequency.
+CPUID_FREQ_LEAF = 0x16
+
+
 class SystemVcpuError(RuntimeError):
     """The installed unicorn does not have the internals this vCPU relies on."""
 
@@ -840,8 +844,18 @@ class SystemVcpu:
             if leaf == base + 4:
                 return XEN_HVM_CPUID_VCPU_ID_PRESENT | XEN_HVM_CPUID_DOMID_PRESENT, 0, self.dom.domid, 0
             return 0, 0, 0, 0
+        if self._helper.cpuid(0, 0)[0] < leaf <= CPUID_FREQ_LEAF:
+            # Leaf 0x16 (processor frequency) lets Linux take the CPU's speed without timing
+            # the PIT: with no PIT to count, its quick calibration polls port 0x42 100,000 times.
+            # The leaves between the engine's last and it exist, empty (no feature uses them).
+            if leaf == CPUID_FREQ_LEAF:
+                mhz = self.tsc_khz // 1000
+                return mhz, mhz, 100, 0
+            return 0, 0, 0, 0
         a, b, c, d = self._helper.cpuid(leaf, sub)
-        if leaf == 1:
+        if leaf == 0:
+            a = max(a, CPUID_FREQ_LEAF)
+        elif leaf == 1:
             c = (c | (1 << 31)) & ~((1 << 30) | (1 << 21) | (1 << 24) | (1 << 3))  # hypervisor; no rdrand,
             # x2apic, tsc-deadline, monitor: Linux then idles in hlt and uses Xen's timer
         elif leaf == 7 and sub == 0:
