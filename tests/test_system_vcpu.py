@@ -333,3 +333,43 @@ async def test_mmio_outside_ram_goes_to_the_iobus_device(hv: pvio.Hypervisor) ->
     assert uc.reg_read(X.UC_X86_REG_ECX) == 0xFFFF_FFFF  # on the page but no device there: all-ones
     assert dev.log == [("r", 4, 4), ("w", 8, 4), ("r", 8, 4)]
     assert dom.counters["exits.mmio"] == 4 and dom.counters["iobus.unclaimed_mmio"] == 1
+
+
+async def test_cpuid_names_the_processor_frequency_so_linux_need_not_time_a_pit(hv: pvio.Hypervisor) -> None:
+    kernel, _dom = await _bare(hv)
+    vcpu = kernel.vcpu
+    assert vcpu.cpuid(0, 0)[0] == 0x16
+    mhz = vcpu.tsc_khz // 1000
+    assert vcpu.cpuid(0x16, 0) == (mhz, mhz, 100, 0)
+    assert vcpu.cpuid(0x14, 0) == (0, 0, 0, 0)  # between the model's last leaf and 0x16: empty
+
+
+async def test_cmos_clock_reads_bcd_time_that_moves_with_the_hypervisor_clock(
+    hv: pvio.Hypervisor, autojump_clock: trio.testing.MockClock
+) -> None:
+    from pvio.cpu.pvh import CMOS_PORT, CmosRtc
+
+    _kernel, dom = await _bare(hv)
+    rtc = CmosRtc()
+    hv.iobus.register_pio(dom, CMOS_PORT, 2, rtc)
+
+    def reg(index: int) -> int:
+        hv.iobus.pio_write(dom, CMOS_PORT, 1, 0x80 | index)  # bit 7: the NMI mask, ignored
+        return hv.iobus.pio_read(dom, CMOS_PORT + 1, 1)
+
+    def bcd(v: int) -> int:
+        return (v >> 4) * 10 + (v & 0xF)
+
+    assert reg(0x0A) & 0x80 == 0  # never an update in progress
+    assert reg(0x0B) == 0x02 and reg(0x0D) == 0x80  # BCD, 24-hour; battery good
+    seconds = lambda: bcd(reg(0x04)) * 3600 + bcd(reg(0x02)) * 60 + bcd(reg(0x00))  # noqa: E731
+    before = seconds()
+    await trio.sleep(61)
+    assert (seconds() - before) % 86400 in (61, 62)  # the clock's second may tick between reads
+    assert 1 <= bcd(reg(0x08)) <= 12 and bcd(reg(0x32)) >= 20
+    hv.iobus.pio_write(dom, CMOS_PORT, 1, 0x40)
+    hv.iobus.pio_write(dom, CMOS_PORT + 1, 1, 0xAB)
+    assert reg(0x40) == 0xAB  # NVRAM keeps what is written
+    hv.iobus.pio_write(dom, CMOS_PORT, 1, 0x0A)
+    hv.iobus.pio_write(dom, CMOS_PORT + 1, 1, 0xFF)
+    assert reg(0x0A) & 0x80 == 0  # status registers are the model's
