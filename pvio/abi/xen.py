@@ -28,6 +28,7 @@ class Hypercall(IntEnum):
 
     set_trap_table = 0
     mmu_update = 1
+    stack_switch = 3
     set_callbacks = 4
     sched_op_compat = 6
     memory_op = 12
@@ -38,6 +39,7 @@ class Hypercall(IntEnum):
     vm_assist = 21
     iret = 23
     vcpu_op = 24
+    mmuext_op = 26
     sched_op = 29
     callback_op = 30
     event_channel_op = 32
