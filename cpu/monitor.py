@@ -159,7 +159,8 @@ GDT_ENTRIES = (
     0x00AFFB000000FFFF,  # 0x60: 64-bit code, DPL 3, accessed
 )  # fmt: skip
 # The selectors the guest kernel sees in its trap frames.
-VIRTUAL_SELECTORS = {"native": (0x08, 0x10, 0x23, 0x1B), "pv": (0xE019, 0xE021, 0xE033, 0xE02B)}
+# A PV kernel is told the real ones (its ABI) and may return to them with a native iretq.
+VIRTUAL_SELECTORS = {"native": (0x08, 0x10, 0x23, 0x1B), "pv": (SEL_KCS, SEL_KSS, SEL_UCS, SEL_USS)}
 
 RFLAGS_CF = 1
 RFLAGS_IF = 1 << 9
@@ -1151,6 +1152,28 @@ class Monitor:
         return 0
 
 
+MULTICALL_ENTRY = struct.Struct("<8Q")  # op, result, args[6]
+MAX_MULTICALL = 32
+
+
+def multicall(dom: Domain, calls: int, count: int, _a3: int, _a4: int, _a5: int) -> int:
+    """HYPERVISOR_multicall: several hypercalls for the price of one exit (results written back)."""
+    table = dom.hv.hypercalls
+    if not 0 <= count <= MAX_MULTICALL:
+        raise HypercallError(Errno.EINVAL, f"multicall of {count} entries")
+    for i in range(count):
+        at = calls + i * MULTICALL_ENTRY.size
+        op, _result, *args = MULTICALL_ENTRY.unpack(dom.arg_mem.read(at, MULTICALL_ENTRY.size))
+        if op in (Hypercall.multicall, Hypercall.iret):
+            result = -int(Errno.EINVAL)
+        else:
+            result = table.dispatch(dom, op, *args[:5])
+            dom.counters["exits"] -= 1  # the inner calls ride on the multicall's exit
+            dom.counters["exits.hypercall"] -= 1
+        dom.arg_mem.write(at + 8, struct.pack("<q", result))
+    return 0
+
+
 def _pv_handler(name: str) -> Callable[..., int]:
     def handler(dom: Domain, a1: int, a2: int, a3: int, a4: int, a5: int) -> int:
         vcpu = dom.vcpu
@@ -1172,6 +1195,7 @@ def register_pv_hypercalls(hv: Hypervisor) -> None:
     for nr, name in ((Hypercall.mmu_update, "mmu_update"), (Hypercall.mmuext_op, "mmuext_op"),
                      (Hypercall.set_trap_table, "set_trap_table"), (Hypercall.stack_switch, "stack_switch")):
         table.register(nr, _pv_handler(name))  # fmt: skip
+    table.register(Hypercall.multicall, multicall)
 
 
 class GuestOS:

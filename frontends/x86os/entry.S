@@ -41,7 +41,20 @@ trap_return:
     pop %rbp; pop %rdi; pop %rsi; pop %rdx; pop %rcx; pop %rbx; pop %rax
     add     $16, %rsp               /* vector, error code */
 #ifdef PVIO_PV
-    pushq   $0                      /* flags: not in a syscall */
+    /* The frame's selectors are the hypervisor's real ring-1/ring-3 ones, so a native
+     * iretq works (as 32-bit Xen PV kernels return from ring 1): events stay masked when
+     * the frame has IF clear; otherwise unmask, and if an event is already pending take
+     * Xen's iret hypercall instead, which delivers it. */
+    testl   $0x200, 16(%rsp)
+    jz      2f
+    push    %rax
+    mov     pv_vcpu_info(%rip), %rax
+    movb    $0, 1(%rax)             /* vcpu_info.evtchn_upcall_mask */
+    cmpb    $0, (%rax)              /* vcpu_info.evtchn_upcall_pending */
+    pop     %rax
+    jne     3f
+2:  iretq
+3:  pushq   $0                      /* flags: not in a syscall */
     push    %rcx
     push    %r11
     push    %rax
@@ -67,10 +80,10 @@ switch_stack:
     .globl return_to_user
 return_to_user:
 #ifdef PVIO_PV
-    pushq   $0xe02b                 /* ss: FLAT_RING3_SS64 */
+    pushq   $0x5b                   /* ss: the hypervisor's ring-3 data selector */
     push    %rsi
     pushq   $0x202
-    pushq   $0xe033                 /* cs: FLAT_RING3_CS64 */
+    pushq   $0x63                   /* cs: the hypervisor's ring-3 code selector */
 #else
     pushq   $0x1b                   /* ss: user data */
     push    %rsi

@@ -31,11 +31,14 @@ static void panic(const char *why, u64 v);
 #define MMUEXT_NEW_BASEPTR 5
 #define MMUEXT_TLB_FLUSH_LOCAL 6
 #define MMUEXT_INVLPG_LOCAL 7
-#define PV_KERNEL_SS 0xe021
+#define PV_KERNEL_SS 0x51 /* the hypervisor's ring-1 selectors (its ABI, like Xen's FLAT_RING1_*) */
+#define PV_KERNEL_CS 0x49
 struct mmu_update { u64 ptr, val; };
 struct mmuext_op { u32 cmd, pad; u64 arg1, arg2; };
 struct trap_info { u8 vector, flags; u16 cs; u32 pad; u64 address; };
 struct evtchn_bind_virq { u32 virq, vcpu, port; };
+struct multicall_entry { u64 op, result, args[6]; };
+struct vcpu_info *pv_vcpu_info; /* for entry.S's return path */
 
 static struct shared_info *shinfo;
 static u64 *p2m;
@@ -90,7 +93,19 @@ static long mmuext(u32 cmd, u64 arg1)
 __attribute__((unused)) static void flush_tlb_page(void *va) { pt_flush(); mmuext(MMUEXT_INVLPG_LOCAL, (u64)va); }
 static long load_cr3(u64 pfn) { pt_flush(); return mmuext(MMUEXT_NEW_BASEPTR, p2m[pfn]); }
 static u64 read_cr2(void) { return *(volatile u64 *)vcpu()->arch; }
-static void set_kernel_stack(u64 top) { hypercall(HC_stack_switch, PV_KERNEL_SS, (long)top, 0, 0); }
+/* A process switch's two hypervisor calls (new base pointer, kernel stack) in one multicall. */
+static void switch_mm(u64 pfn, u64 stack_top)
+{
+    struct mmuext_op op = {MMUEXT_NEW_BASEPTR, 0, p2m[pfn], 0};
+    u64 done = 0;
+    struct multicall_entry mc[2] = {
+        {HC_mmuext_op, 0, {(u64)&op, 1, (u64)&done, DOMID_SELF, 0, 0}},
+        {HC_stack_switch, 0, {PV_KERNEL_SS, stack_top, 0, 0, 0, 0}},
+    };
+    pt_flush();
+    if (hypercall(HC_multicall, (long)mc, 2, 0, 0) < 0 || (long)mc[0].result < 0)
+        panic("multicall of the process switch", pfn);
+}
 static void console(const char *s, long n)
 {
     hypercall(HC_console_io, CONSOLEIO_write, n, (long)s, 0);
@@ -124,7 +139,7 @@ static void arch_init(u64 *pt_lo, u64 *pt_hi)
     u8 vectors[3] = {6, 13, 14};
     for (int i = 0; i < 3; i++) {
         traps[i].vector = vectors[i];
-        traps[i].cs = 0xe019;
+        traps[i].cs = PV_KERNEL_CS;
         traps[i].address = (u64)handlers[i];
     }
     if (hypercall(HC_set_trap_table, (long)traps, 0, 0, 0) < 0)
@@ -152,6 +167,11 @@ static void flush_tlb_page(void *va) { asm volatile("invlpg (%0)" ::"r"(va) : "m
 static long load_cr3(u64 pfn) { asm volatile("mov %0, %%cr3" ::"r"(pfn << 12) : "memory"); return 0; }
 static u64 read_cr2(void) { u64 v; asm volatile("mov %%cr2, %0" : "=r"(v)); return v; }
 static void set_kernel_stack(u64 top) { tss.rsp0 = top; }
+static void switch_mm(u64 pfn, u64 stack_top)
+{
+    load_cr3(pfn);
+    set_kernel_stack(stack_top);
+}
 static void console(const char *s, long n)
 {
     for (long i = 0; i < n; i++)
@@ -369,8 +389,7 @@ static void schedule(void)
     u64 *save = prev ? &prev->saved_rsp : &idle_rsp;
     current = next;
     if (next) {
-        load_cr3(next->pml4);
-        set_kernel_stack((u64)next->kstack + KSTACK);
+        switch_mm(next->pml4, (u64)next->kstack + KSTACK);
         switch_stack(save, next->saved_rsp);
     } else {
         load_cr3(kernel_pml4);
@@ -442,7 +461,7 @@ static void syscall(struct frame *f)
 static void page_fault(struct frame *f)
 {
     u64 addr = read_cr2();
-    if (!(f->cs & 3) || addr < USER_HEAP || addr >= USER_STACK_TOP - PAGE_SIZE)
+    if ((f->cs & 3) != 3 || addr < USER_HEAP || addr >= USER_STACK_TOP - PAGE_SIZE)
         panic("page fault at", addr);
     u64 *pl1 = (u64 *)(current->pt << 12);
     set_pte(&pl1[(addr - USER_BASE) >> 12 & 511], mkpte(alloc_user_frame(), PTE_P | PTE_W | PTE_U));
@@ -558,6 +577,7 @@ void kmain(void)
 #ifdef PVIO_PV
     shinfo = (struct shared_info *)((bi->nr_pages - 1) << 12);
     p2m = (u64 *)bi->p2m;
+    pv_vcpu_info = &shinfo->vcpu_info[0];
 #endif
     paging_init();
     kputs("kernel: paging on\n");

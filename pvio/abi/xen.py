@@ -32,6 +32,7 @@ class Hypercall(IntEnum):
     set_callbacks = 4
     sched_op_compat = 6
     memory_op = 12
+    multicall = 13
     set_timer_op = 15
     xen_version = 17
     console_io = 18
