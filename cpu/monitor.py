@@ -663,7 +663,6 @@ class Monitor:
             self._page_fault(error, cpl)
         elif vector == 13:
             if cpl == 1 and self.mode != "pv":
-                self.count_exit("privileged")
                 self._privileged(error)
             else:
                 self.count_exit("exception")
@@ -673,7 +672,7 @@ class Monitor:
                     log.warning("dom%d: privileged %s %s in a PV kernel: #GP reflected", self.dom.domid,
                                 insn.mnemonic, insn.op_str)  # fmt: skip
                 self._reflect(13, error)
-        elif vector == 3 and self.translator is not None and cpl == 1:
+        elif vector == 3 and self.translator is not None and cpl == 1 and self.translator.is_site(self.rip - 1):
             self.count_exit("callout")
             self.translator.callout(self.rip - 1)
         elif vector == VECTOR_SYSCALL and cpl == 3 and self.mode != "pv":
@@ -712,7 +711,9 @@ class Monitor:
                 self._emulate_store(cr2, target)
                 return
             if tr is not None and error & ERR_P and error & ERR_I and not error & ERR_U:
-                tr.translate_page(cr2 & ~0xFFF, target)
+                tr.translate_page(cr2 & ~0xFFF, target, cr2)
+                self.shadow.fill(self.vcpu.cr3, walk)
+                self.flush_tlb()
                 return
             self.shadow.fill(self.vcpu.cr3, walk)
             self.flush_tlb()
@@ -743,6 +744,7 @@ class Monitor:
     # ------------------------------------------------------------------ trap-and-emulate
     def _privileged(self, error: int) -> None:
         insn = self.decode(self.rip)
+        self.count_exit("iret" if insn.mnemonic == "iretq" else "privileged")
         self.emulate(insn)
 
     def emulate(self, insn: CsInsn) -> None:
@@ -773,9 +775,6 @@ class Monitor:
         elif name == "invlpg":
             self.flush_tlb()  # the shadows are coherent (write protection); only the engine's TLB caches
         elif name == "iretq":
-            self.count_exit("iret")
-            self.counters["exits.privileged"] -= 1
-            self.counters["exits"] -= 1
             self._iret_frame()
             return
         else:
@@ -827,8 +826,6 @@ class Monitor:
             return
         handler = lo | mid << 16 | hi << 32
         self._bounce(handler, vector, error, gate_clears_if=attr & 0xF == 0xE)
-        if self.translator is not None:
-            self.translator.maybe_translate(handler)
 
     def _guest_tss_rsp0(self) -> int:
         gdt_base, gdt_limit = self.vcpu.gdt
