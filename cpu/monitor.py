@@ -61,7 +61,7 @@ Design
   bad ``mmu_update``/``mmuext_op`` gets Xen's errno and the attempt is counted.
 
 Counters (on the domain): ``exits`` and ``exits.<kind>`` (``privileged``, ``page_fault``,
-``pio``, ``iret``, ``syscall``, ``halt``, ``callout``, ``hypercall``), ``traps.reflected``,
+``pio``, ``iret``, ``syscall``, ``callout``, ``exception``, ``hypercall``), ``halts``, ``traps.reflected``,
 ``interrupts``, ``decodes``, ``vcpu.slices``, ``vcpu.busy_ns``, ``vcpu.idle_ns``, the
 shadow pager's and the translator's (``bt.*``), ``pv.refused``.
 """
@@ -677,6 +677,7 @@ class Monitor:
             self.translator.callout(self.rip - 1)
         elif vector == VECTOR_SYSCALL and cpl == 3 and self.mode != "pv":
             self.count_exit("syscall")
+            self.counters["traps.reflected"] += 1
             self._deliver_vector(VECTOR_SYSCALL, None, software=True)
         else:
             self.count_exit("exception")
@@ -760,7 +761,7 @@ class Monitor:
         elif name == "hlt":
             if not self.vif():
                 raise MonitorStop("hlt with interrupts disabled")
-            self.count_exit("halt")
+            self.counters["halts"] += 1  # the hlt's own exit is already counted (privileged or callout)
             self.halted = True
         elif name == "mov" and ops[0].type == C.X86_OP_REG and insn.reg_name(ops[0].reg).startswith("cr"):
             self._write_cr(insn.reg_name(ops[0].reg), self.reg(insn.reg_name(ops[1].reg)))
@@ -1006,6 +1007,7 @@ class Monitor:
             self._reflect(6, None)
             return
         self.count_exit("syscall")
+        self.counters["traps.reflected"] += 1
         handler = self.dom.callbacks.get("syscall", 0)
         if not handler:
             raise MonitorStop("syscall from user mode and no syscall callback registered")
