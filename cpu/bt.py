@@ -46,7 +46,15 @@ import struct
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from capstone import CS_GRP_BRANCH_RELATIVE, CS_GRP_CALL, CS_GRP_INT, CS_GRP_IRET, CS_GRP_JUMP, CS_GRP_RET, CsInsn
+from capstone import (
+    CS_GRP_BRANCH_RELATIVE,
+    CS_GRP_CALL,
+    CS_GRP_INT,
+    CS_GRP_IRET,
+    CS_GRP_JUMP,
+    CS_GRP_RET,
+    CsInsn,
+)
 from capstone import x86_const as C
 
 from pvio.abi import PAGE_SIZE
@@ -57,7 +65,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("pvio.cpu.bt")
 
 INLINE = frozenset({"cli", "sti", "pushfq", "popfq"})
-CALLOUT = frozenset({"hlt", "mov", "invlpg", "lidt", "lgdt", "ltr", "iretq", "wrmsr", "rdmsr", "lmsw", "clts"})
+CALLOUT = frozenset(
+    {"hlt", "mov", "invlpg", "lidt", "lgdt", "ltr", "iretq", "wrmsr", "rdmsr", "lmsw", "clts"}
+)
 JMP_LEN = 5
 _BRANCH_GROUPS = (CS_GRP_JUMP, CS_GRP_CALL, CS_GRP_RET, CS_GRP_IRET, CS_GRP_INT, CS_GRP_BRANCH_RELATIVE)
 
@@ -118,9 +128,9 @@ class Translator:
         for pos, va in enumerate(boundaries):
             insn = insns[va]
             name = insn.mnemonic
-            if name in INLINE and va not in self._forbidden.get(gpfn, set()):
-                if self._inline(t, copy, insns, boundaries, pos, va_page):
-                    continue
+            inlinable = name in INLINE and va not in self._forbidden.get(gpfn, set())
+            if inlinable and self._inline(t, copy, insns, boundaries, pos, va_page):
+                continue
             if name in INLINE or (name in CALLOUT and self._sensitive(insn)):
                 copy[va - va_page] = 0xCC  # int3: a call-out
                 t.callouts[va] = insn
@@ -167,7 +177,13 @@ class Translator:
         return not any(op.type == C.X86_OP_MEM and op.mem.base == C.X86_REG_RIP for op in insn.operands)
 
     def _inline(
-        self, t: Translation, copy: bytearray, insns: dict[int, CsInsn], order: list[int], pos: int, va_page: int
+        self,
+        t: Translation,
+        copy: bytearray,
+        insns: dict[int, CsInsn],
+        order: list[int],
+        pos: int,
+        va_page: int,
     ) -> bool:
         """Move the site (and neighbours) into a stub and jump there; False if there is no safe room."""
         site = order[pos]

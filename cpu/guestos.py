@@ -17,7 +17,16 @@ import tempfile
 from pathlib import Path
 
 from pvio.abi import cheader
-from pvio.cpu.build import ABI_HEADER, CFLAGS, LDFLAGS, BuildError, _cache_dir, _compiler, _compiler_version, _run
+from pvio.cpu.build import (
+    ABI_HEADER,
+    CFLAGS,
+    LDFLAGS,
+    BuildError,
+    _cache_dir,
+    _compiler,
+    _compiler_version,
+    _run,
+)
 
 SOURCE_DIR = Path(str(importlib.resources.files("pvio.frontends"))) / "x86os"
 FLAVOURS = {"native": (), "pv": ("-DPVIO_PV",)}

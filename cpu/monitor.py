@@ -68,6 +68,7 @@ shadow pager's and the translator's (``bt.*``), ``pv.refused``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import struct
 import time
@@ -106,7 +107,6 @@ from pvio.cpu.shadow import (
     P2M,
     PTE_NX,
     PTE_P,
-    PTE_U,
     PTE_W,
     FramePool,
     ShadowError,
@@ -303,7 +303,7 @@ class Monitor:
         uc.hook_add(UC_HOOK_INSN, self._on_out, None, 1, 0, X.UC_X86_INS_OUT)
         uc.hook_add(UC_HOOK_INSN, self._on_in, None, 1, 0, X.UC_X86_INS_IN)
         uc.hook_add(UC_HOOK_INSN, self._on_syscall, None, 1, 0, X.UC_X86_INS_SYSCALL)
-        dom.arg_mem = VirtualSpace(self)  # type: ignore[arg-type]
+        dom.arg_mem = VirtualSpace(self)  # duck-typed: translate(va) and dom, as SystemVcpu
         self.rip = 0
 
     # ------------------------------------------------------------------ the monitor window
@@ -348,7 +348,8 @@ class Monitor:
         self._phys_write(l4 * PAGE_SIZE, struct.pack("<Q", p2m(l3) << 12 | PTE_P | PTE_W))
         self._phys_write(l3 * PAGE_SIZE, struct.pack("<Q", p2m(l2) << 12 | PTE_P | PTE_W))
         self._phys_write(
-            l2 * PAGE_SIZE, b"".join(struct.pack("<Q", p2m(l2 + 1 + i) << 12 | PTE_P | PTE_W) for i in range(npt))
+            l2 * PAGE_SIZE,
+            b"".join(struct.pack("<Q", p2m(l2 + 1 + i) << 12 | PTE_P | PTE_W) for i in range(npt)),
         )
         entries = []
         for gpfn in range(npt * 512):
@@ -366,9 +367,10 @@ class Monitor:
             p2m_list = struct.pack(f"<{self.guest_pages}Q", *self.p2m.mfns())
             self._phys_write(P2M_GPFN * PAGE_SIZE, p2m_list)
         info = BOOT_INFO.pack(
-            BOOT_MAGIC, self.guest_pages, boot.get("ops", 8), boot.get("idle_ticks", 4), boot.get("idle_spin", 0),
-            boot.get("hostile", 0), 1 if pv else 0, self.dom.shared_info_gfn if pv else 0,
-            P2M_GPFN * PAGE_SIZE if pv else 0, BOOT_PT_GPFN * PAGE_SIZE, first_free, boot.get("timer_ns", 1_000_000),
+            BOOT_MAGIC, self.guest_pages, boot.get("ops", 8), boot.get("idle_ticks", 4),
+            boot.get("idle_spin", 0), boot.get("hostile", 0), 1 if pv else 0,
+            self.dom.shared_info_gfn if pv else 0, P2M_GPFN * PAGE_SIZE if pv else 0,
+            BOOT_PT_GPFN * PAGE_SIZE, first_free, boot.get("timer_ns", 1_000_000),
         )  # fmt: skip
         self._phys_write(BOOT_INFO_GPA, info)
         self.rip = elf.header["e_entry"]
@@ -503,10 +505,8 @@ class Monitor:
     def _gread_partial(self, va: int) -> bytes:
         first = PAGE_SIZE - (va & 0xFFF)
         data = self.gread(va, first)
-        try:
+        with contextlib.suppress(GuestFault):  # an instruction at a page's end: the next may be unmapped
             data += self.gread(va + first, 15 - first)
-        except GuestFault:
-            pass
         return data
 
     # ------------------------------------------------------------------ the Vcpu protocol
@@ -672,7 +672,9 @@ class Monitor:
                     log.warning("dom%d: privileged %s %s in a PV kernel: #GP reflected", self.dom.domid,
                                 insn.mnemonic, insn.op_str)  # fmt: skip
                 self._reflect(13, error)
-        elif vector == 3 and self.translator is not None and cpl == 1 and self.translator.is_site(self.rip - 1):
+        elif (
+            vector == 3 and self.translator is not None and cpl == 1 and self.translator.is_site(self.rip - 1)
+        ):
             self.count_exit("callout")
             self.translator.callout(self.rip - 1)
         elif vector == VECTOR_SYSCALL and cpl == 3 and self.mode != "pv":
@@ -708,7 +710,11 @@ class Monitor:
         if self.shadow.guest_allows(walk, error):
             target = walk[-1][2] >> 12 & 0xFFFFFFFFFF
             tr = self.translator
-            if error & ERR_P and error & ERR_W and (self.shadow.is_table(target) or (tr and tr.is_translated(target))):
+            if (
+                error & ERR_P
+                and error & ERR_W
+                and (self.shadow.is_table(target) or (tr and tr.is_translated(target)))
+            ):
                 self._emulate_store(cr2, target)
                 return
             if tr is not None and error & ERR_P and error & ERR_I and not error & ERR_U:
@@ -727,7 +733,9 @@ class Monitor:
         insn = self.decode(self.rip)
         ops = insn.operands
         if insn.id != C.X86_INS_MOV or len(ops) != 2 or ops[0].type != C.X86_OP_MEM:
-            raise MonitorStop(f"unemulated store {insn.mnemonic} {insn.op_str} to a protected page at {va:#x}")
+            raise MonitorStop(
+                f"unemulated store {insn.mnemonic} {insn.op_str} to a protected page at {va:#x}"
+            )
         size = ops[0].size
         src = ops[1]
         value = self.reg(insn.reg_name(src.reg)) if src.type == C.X86_OP_REG else src.imm
@@ -1038,7 +1046,9 @@ class Monitor:
         if entry & (1 << 7):
             return f"level-{level} entry {entry:#x}: large pages are not supported"
         if self.pt_type.get(target) != level - 1:
-            return f"level-{level} entry {entry:#x} points at frame {target:#x}, not a pinned L{level - 1} table"
+            return (
+                f"level-{level} entry {entry:#x} points at frame {target:#x}, not a pinned L{level - 1} table"
+            )
         return None
 
     def _pin(self, mfn: int, level: int) -> str | None:
@@ -1062,7 +1072,9 @@ class Monitor:
                     t = (e & ADDR_MASK) >> 12
                     self.wcount[t] = self.wcount.get(t, 0) + 1
         if level == 4:
-            self.dom.mem.write(mfn * PAGE_SIZE + MONITOR_SLOT * 8, struct.pack("<Q", self.window_l3 << 12 | PTE_P | PTE_W))
+            self.dom.mem.write(
+                mfn * PAGE_SIZE + MONITOR_SLOT * 8, struct.pack("<Q", self.window_l3 << 12 | PTE_P | PTE_W)
+            )
         return None
 
     def _refuse(self, what: str, why: str, errno: Errno = Errno.EINVAL) -> HypercallError:
@@ -1191,8 +1203,12 @@ def _pv_handler(name: str) -> Callable[..., int]:
 def register_pv_hypercalls(hv: Hypervisor) -> None:
     """Add the PV MMU and trap hypercalls to the hypervisor's table (idempotent)."""
     table = hv.hypercalls
-    for nr, name in ((Hypercall.mmu_update, "mmu_update"), (Hypercall.mmuext_op, "mmuext_op"),
-                     (Hypercall.set_trap_table, "set_trap_table"), (Hypercall.stack_switch, "stack_switch")):
+    for nr, name in (
+        (Hypercall.mmu_update, "mmu_update"),
+        (Hypercall.mmuext_op, "mmuext_op"),
+        (Hypercall.set_trap_table, "set_trap_table"),
+        (Hypercall.stack_switch, "stack_switch"),
+    ):
         table.register(nr, _pv_handler(name))  # fmt: skip
     table.register(Hypercall.multicall, multicall)
 

@@ -265,7 +265,9 @@ class ShadowPager:
             if not entry & PTE_P:
                 break
             if level in (3, 2) and entry & PTE_PS:
-                raise ShadowError(f"va {va:#x}: a large page at level {level} (this monitor shadows 4 KiB pages)")
+                raise ShadowError(
+                    f"va {va:#x}: a large page at level {level} (this monitor shadows 4 KiB pages)"
+                )
             table = (entry & ADDR_MASK) >> 12
             if not self.p2m.valid(table):
                 raise ShadowError(

@@ -8,6 +8,7 @@ The runs are cached per configuration: each boot takes about a second.
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import pytest
 
@@ -17,7 +18,7 @@ MODES = ("trap", "bt", "pv")
 
 
 @functools.cache
-def run(mode: str, **kw: int) -> GuestRun:
+def run(mode: str, **kw: Any) -> GuestRun:
     return run_guest(mode, **kw)
 
 
@@ -48,7 +49,7 @@ def test_the_three_modes_print_identically() -> None:
 
 
 # (exits, hypercalls, traps reflected, run-time decodes) per operation, per mode.
-EXACT = {
+EXACT: dict[str, dict[str, tuple[float, float, float, float]]] = {
     "syscall": {"trap": (2, 0, 1, 1), "bt": (2, 0, 1, 0), "pv": (1, 0, 1, 0)},
     "pte_update": {"trap": (2.25, 0, 0, 2), "bt": (2.25, 0, 0, 1), "pv": (0.25, 0.25, 0, 0)},
     "process_switch": {"trap": (3, 0, 1, 2), "bt": (3, 0, 1, 0), "pv": (2, 1, 1, 0)},
@@ -161,4 +162,6 @@ def test_self_modifying_code_discards_the_translation_with_a_logged_reason() -> 
     r = run("bt", hostile=3)
     assert r.counters["bt.invalidations"] == 1
     assert r.counters["bt.translations"] == 2  # the page again, with the new code
-    assert any(entry.startswith("translation of code page 0x100 discarded: store to code page") for entry in r.log)
+    assert any(
+        entry.startswith("translation of code page 0x100 discarded: store to code page") for entry in r.log
+    )

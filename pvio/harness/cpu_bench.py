@@ -130,8 +130,10 @@ def run_guest(
                     hv.destroy(d)
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
-    return GuestRun(mode, ops, idle_ticks, result["console"], result["counters"], result["phases"], result["log"],
-                    result["crash"], result["wall"], result["neighbour"])  # fmt: skip
+    return GuestRun(
+        mode, ops, idle_ticks, result["console"], result["counters"], result["phases"], result["log"],
+        result["crash"], result["wall"], result["neighbour"],
+    )  # fmt: skip
 
 
 def per_operation(run: GuestRun) -> dict[str, dict[str, float]]:
@@ -173,7 +175,9 @@ class CpuBench:
     def table(self) -> dict[str, dict[str, dict[str, float]]]:
         """operation -> mode -> columns."""
         per_mode = {mode: per_operation(run) for mode, run in self.runs.items()}
-        return {op: {mode: per_mode[mode][op] for mode in self.runs if op in per_mode[mode]} for op in OPERATIONS}
+        return {
+            op: {mode: per_mode[mode][op] for mode in self.runs if op in per_mode[mode]} for op in OPERATIONS
+        }
 
     def idle_gap(self) -> dict[str, dict[str, float]]:
         """Per mode: CPU ns an idle timer period burns when the guest blocks vs when it spins."""
@@ -212,19 +216,25 @@ def measure(ops: int = 8, idle_ticks: int = 4) -> CpuBench:
 
 def format_table(bench: CpuBench) -> str:
     """The per-operation table (Markdown) and the information-gap lines."""
-    lines = ["| operation | mode | exits | hypercalls | reflected | translations | decodes | virtual ns | wall µs |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    lines = [
+        "| operation | mode | exits | hypercalls | reflected | translations | decodes | virtual ns "
+        "| wall µs |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for op, modes in bench.table().items():
         for mode, row in modes.items():
             lines.append(
                 f"| {op} | {mode} | {row['exits']:.2f} | {row['hypercalls']:.2f} | {row['reflected']:.2f} | "
-                f"{row['translations']:.2f} | {row['decodes']:.2f} | {row['virtual_ns']:.0f} | {row['wall_us']:.0f} |"
+                f"{row['translations']:.2f} | {row['decodes']:.2f} | {row['virtual_ns']:.0f} | "
+                f"{row['wall_us']:.0f} |"
             )
     lines.append("")
     lines.append("| idle timer period | mode | CPU ns burnt blocking | CPU ns burnt spinning | period ns |")
     lines.append("|---|---|---:|---:|---:|")
     for mode, g in bench.idle_gap().items():
-        lines.append(f"| idle | {mode} | {g['block_busy_ns']:.0f} | {g['spin_busy_ns']:.0f} | {g['period_ns']:.0f} |")
+        lines.append(
+            f"| idle | {mode} | {g['block_busy_ns']:.0f} | {g['spin_busy_ns']:.0f} | {g['period_ns']:.0f} |"
+        )
     lines.append("")
     lines.append("| demand-zero page | mode | zero fills by the monitor | zero fills by the guest |")
     lines.append("|---|---|---:|---:|")
