@@ -62,7 +62,9 @@ Design
 
 Counters (on the domain): ``exits`` and ``exits.<kind>`` (``privileged``, ``page_fault``,
 ``pio``, ``iret``, ``syscall``, ``callout``, ``exception``, ``hypercall``), ``halts``, ``traps.reflected``,
-``interrupts``, ``decodes``, ``vcpu.slices``, ``vcpu.busy_ns``, ``vcpu.idle_ns``, the
+``interrupts``, ``decodes``, ``emulated.<instruction>``, ``transitions.user_to_kernel`` and
+``transitions.kernel_to_user`` (the ones the monitor performs), ``phases.<name>.begin/end``
+(marks for the trace timeline), ``vcpu.slices``, ``vcpu.busy_ns``, ``vcpu.idle_ns``, the
 shadow pager's and the translator's (``bt.*``), ``pv.refused``.
 """
 
@@ -762,6 +764,9 @@ class Monitor:
         ops = insn.operands
         after = self.rip + insn.size
         v = self.vcpu
+        crs = [insn.reg_name(op.reg) for op in ops if op.type == C.X86_OP_REG]
+        cr = next((r for r in crs if r.startswith("cr")), None)
+        self.counters[f"emulated.{name}" + (f"_{cr}" if name == "mov" and cr else "")] += 1
         if name == "cli":
             self._set_vif(False)
         elif name == "sti":
@@ -869,6 +874,7 @@ class Monitor:
         except GuestFault as e:
             raise MonitorStop(f"cannot push the vector {vector} frame at {frame_at:#x}: {e}") from None
         if user:
+            self.counters["transitions.user_to_kernel"] += 1
             self._set_cpl(1)
             uc.reg_write(X.UC_X86_REG_CS, SEL_KCS)
             uc.reg_write(X.UC_X86_REG_SS, SEL_KSS)
@@ -889,6 +895,7 @@ class Monitor:
         uc = self.uc
         kcs, _kss, ucs, _uss = VIRTUAL_SELECTORS[self.flavour]
         if cs & 0xFFFF == ucs:
+            self.counters["transitions.kernel_to_user"] += 1
             self._set_cpl(3)
             uc.reg_write(X.UC_X86_REG_CS, SEL_UCS)
             uc.reg_write(X.UC_X86_REG_SS, SEL_USS)
@@ -955,15 +962,17 @@ class Monitor:
     def _phase(self, value: int) -> None:
         pid = value & 0x7F
         snap = dict(self.counters)
+        name = PHASE_NAMES.get(pid, f"phase{pid}")
         if not value & 0x80:
             self._phase_open[pid] = (snap, self.hv.now_ns(), time.perf_counter())
+            self.counters[f"phases.{name}.begin"] += 1  # a mark in the trace timeline
             return
+        self.counters[f"phases.{name}.end"] += 1
         opened = self._phase_open.pop(pid, None)
         if opened is None:
             return
         before, t0, w0 = opened
         delta = {k: v - before.get(k, 0) for k, v in snap.items() if v != before.get(k, 0)}
-        name = PHASE_NAMES.get(pid, f"phase{pid}")
         self.phases[name] = Phase(name, delta, self.hv.now_ns() - t0, time.perf_counter() - w0)
 
     # ------------------------------------------------------------------ hypercalls, syscalls (PV)

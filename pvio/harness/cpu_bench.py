@@ -36,6 +36,7 @@ from typing import Any
 import trio
 import trio.testing
 
+from pvio.core.trace import Tracer
 from pvio.cpu.monitor import MODES, GuestOS, Phase
 
 #: operation -> (phase, divisor kind)
@@ -73,6 +74,7 @@ class GuestRun:
     crash_reason: str | None
     wall_s: float
     neighbour_console: list[str] = field(default_factory=list)
+    trace: list[str] = field(default_factory=list)  # the domain's counter bumps, in order (trace=True)
 
     def user_output(self) -> dict[str, list[str]]:
         """Each process's own lines ("A: ...", "B: ..."), in its order."""
@@ -99,6 +101,7 @@ def run_guest(
     idle_spin: bool = False,
     hostile: int = 0,
     neighbour: bool = False,
+    trace: bool = False,
     limit_s: float = 10.0,
 ) -> GuestRun:
     """Boot the teaching kernel in ``mode`` in a fresh hypervisor under MockClock, to the end."""
@@ -113,6 +116,7 @@ def run_guest(
             other = None
             if neighbour:
                 other = hv.create_domain(GuestOS(mode, ops=2, idle_ticks=1), name=f"neighbour-{mode}")
+            tracer = Tracer(hv).start() if trace else None
             t0 = time.perf_counter()
             await hv.start(dom)
             if other is not None:
@@ -120,7 +124,13 @@ def run_guest(
             with trio.move_on_after(limit_s):
                 while dom.alive or (other is not None and other.alive):
                     await trio.sleep(0.001)
+            names: list[str] = []
+            if tracer is not None:
+                tracer.stop()
+                pid = tracer.tracks().get(f"dom{dom.domid}", (-1, -1))[0]
+                names = [e["name"] for e in tracer.events() if e.get("ph") == "i" and e["pid"] == pid]
             result.update(
+                trace=names,
                 wall=time.perf_counter() - t0, console=list(dom.console_lines), counters=dict(dom.counters),
                 phases=dict(kernel.monitor.phases), log=list(kernel.monitor.log), crash=dom.crash_reason,
                 neighbour=list(other.console_lines) if other is not None else [],
@@ -132,7 +142,7 @@ def run_guest(
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
     return GuestRun(
         mode, ops, idle_ticks, result["console"], result["counters"], result["phases"], result["log"],
-        result["crash"], result["wall"], result["neighbour"],
+        result["crash"], result["wall"], result["neighbour"], result["trace"],
     )  # fmt: skip
 
 
@@ -265,6 +275,116 @@ def chart(bench: CpuBench, path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+# ---------------------------------------------------------------------- control-flow figures
+COLUMNS_FLOW = ("Process", "Operating System", "VMM")
+_WHO = {"Process": 0, "OS": 1, "VMM": 2}
+
+
+def _flow_rows(key: str, where: str) -> list[tuple[str, str]]:
+    """The figure's rows one counter bump stands for (``where``: who was running)."""
+    here = "Process" if where == "Process" else "OS"
+    if key == "exits.syscall":
+        return [
+            ("Process", "system call: trap to the monitor"),
+            ("VMM", "trap handler: a system call from ring 3"),
+        ]
+    if key == "traps.reflected":
+        return [("VMM", "reflect it: the guest kernel's handler, a frame on its kernel stack")]
+    if key == "transitions.user_to_kernel":
+        return [("OS", "trap handler runs (at CPL 1)")]
+    if key == "transitions.kernel_to_user":
+        return [("VMM", "return to ring 3"), ("Process", "resume after the trap")]
+    if key.startswith("emulated."):
+        what = key.split(".", 1)[1].replace("_", " ")
+        if what == "iretq":
+            return [
+                ("OS", "return-from-trap (iretq): traps"),
+                ("VMM", "do the iret: pop the frame, set the virtual IF"),
+            ]
+        return [
+            ("OS", f"{what}: traps (privileged)"),
+            ("VMM", f"decode and emulate {what} on the virtual CPU"),
+        ]
+    if key == "exits.callout":
+        return []  # shown with the instruction it stands for
+    if key == "exits.page_fault":
+        return [(here, "page fault: trap"), ("VMM", "#PF handler: walk the guest's own tables")]
+    if key == "shadow.fills":
+        return [("VMM", "hidden fault: fill the shadow tables, resume (the OS never sees it)")]
+    if key == "shadow.pt_writes":
+        return [("VMM", "store to a write-protected page table: do it, drop the stale shadow entry")]
+    if key == "mem.scrubbed":
+        return [("VMM", "first touch of a guest frame: allocate a machine frame and zero it")]
+    if key.startswith("hypercalls.") and key.count(".") == 1:
+        name = key.split(".", 1)[1]
+        return [("OS", f"hypercall {name}"), ("VMM", f"{name}: validate and perform")]
+    if key == "pv.pt_updates":
+        return [("VMM", "page-table update validated (Xen's type rules) and written")]
+    return []
+
+
+def control_flow(run: GuestRun, phase: str, start_key: str) -> list[tuple[int, str]]:
+    """One operation's control flow from ``run.trace``: [(column, text)], OSTEP appendix B style.
+
+    The operation is the ``start_key`` bump that led to the first entry from ring 3 after the
+    phase began, up to the one that led to the next entry from ring 3.  A native return to
+    ring 3 (the PV kernel's iretq) is not an event the monitor sees: the figure then simply
+    ends with the process resuming.
+    """
+    names = run.trace
+    begin = names.index(f"phases.{phase}.begin")
+    entries = [i for i in range(begin, len(names)) if names[i] == "transitions.user_to_kernel"][:2]
+    if len(entries) < 2:
+        raise ValueError(f"{run.mode}: fewer than two entries from ring 3 in phase {phase}")
+    start = max(i for i in range(begin, entries[0]) if names[i] == start_key)
+    end = max(i for i in range(entries[0], entries[1]) if names[i] == start_key)
+    where = "Process"
+    rows: list[tuple[int, str]] = []
+    callout = False
+    for key in names[start:end]:
+        for col, text in _flow_rows(key, where):
+            if callout and key.startswith("emulated."):
+                what = key.split(".", 1)[1].replace("_", " ")
+                col, text = (
+                    ("OS", f"{what} (a call-out the translator planted)")
+                    if col == "OS"
+                    else ("VMM", f"emulate {what}, decoded when the page was translated")
+                )
+            if not rows or rows[-1] != (_WHO[col], text):
+                rows.append((_WHO[col], text))
+        callout = key == "exits.callout"
+        if key == "transitions.user_to_kernel":
+            where = "OS"
+        elif key == "transitions.kernel_to_user":
+            where = "Process"
+    if run.mode == "pv":
+        rows.append((1, "iretq to ring 3 on the hypervisor's real selectors: no exit"))
+    if rows and rows[-1][0] != 0:
+        rows.append((0, "resume after the trap"))
+    return rows
+
+
+def format_flow(rows: list[tuple[int, str]]) -> str:
+    """A control-flow figure as a Markdown table: one event per row, in its party's column."""
+    lines = ["| " + " | ".join(COLUMNS_FLOW) + " |", "|---|---|---|"]
+    for col, text in rows:
+        cells = [""] * 3
+        cells[col] = text
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def flows() -> str:
+    """The system-call and page-fault figures of every mode, from traced runs."""
+    out = []
+    for mode in MODES:
+        run = run_guest(mode, ops=2, idle_ticks=1, trace=True)
+        for title, phase, key in (("a system call", "syscall", "exits.syscall"),
+                                  ("a demand-zero page fault", "demand_zero", "exits.page_fault")):  # fmt: skip
+            out.append(f"#### {title}, {mode}\n\n{format_flow(control_flow(run, phase, key))}\n")
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     """``pvio bench --cpu``: trap-and-emulate, binary translation and PV, per operation."""
     from pvio.harness.cli import OneLineParser
@@ -273,7 +393,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the measurements as JSON")
     parser.add_argument("--chart", metavar="PATH", help="write a PNG chart of exits per operation")
     parser.add_argument("--ops", type=int, default=8, help="repetitions of each operation (1-64)")
+    parser.add_argument("--flows", action="store_true", help="print the control-flow figures (from traces)")
     args = parser.parse_args(argv)
+    if args.flows:
+        print(flows())
+        return 0
     if not 1 <= args.ops <= 64:
         parser.error("--ops must be 1..64")
     bench = measure(ops=args.ops)
