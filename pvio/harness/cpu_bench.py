@@ -379,8 +379,11 @@ def flows() -> str:
     out = []
     for mode in MODES:
         run = run_guest(mode, ops=2, idle_ticks=1, trace=True)
-        for title, phase, key in (("a system call", "syscall", "exits.syscall"),
-                                  ("a demand-zero page fault", "demand_zero", "exits.page_fault")):  # fmt: skip
+        figures = (
+            ("a system call", "syscall", "exits.syscall"),
+            ("a demand-zero page fault", "demand_zero", "exits.page_fault"),
+        )
+        for title, phase, key in figures:
             out.append(f"#### {title}, {mode}\n\n{format_flow(control_flow(run, phase, key))}\n")
     return "\n".join(out)
 
