@@ -139,7 +139,7 @@ class Translator:
         self.pages[gpfn] = t
         self.counters["bt.translations"] += 1
         m.shadow.drop_leaves(gpfn)
-        m.uc.ctl_flush_tb()
+        m.uc.ctl_flush_tb()  # type: ignore[attr-defined]  # in unicorn 2.1, not in its stubs
         self._resolve_conflicts(gpfn)
 
     def _sweep(self, code: bytes, va_page: int, entries: set[int]) -> dict[int, CsInsn]:
@@ -287,7 +287,7 @@ class Translator:
         log.info("dom%d: %s", self.m.dom.domid, message)
         self.m.shadow.drop_leaves(gpfn)
         self.m.flush_tlb()
-        self.m.uc.ctl_flush_tb()
+        self.m.uc.ctl_flush_tb()  # type: ignore[attr-defined]  # in unicorn 2.1, not in its stubs
 
 
 def _rel32(target: int, next_va: int) -> int:

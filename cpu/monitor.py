@@ -305,7 +305,7 @@ class Monitor:
         uc.hook_add(UC_HOOK_INSN, self._on_out, None, 1, 0, X.UC_X86_INS_OUT)
         uc.hook_add(UC_HOOK_INSN, self._on_in, None, 1, 0, X.UC_X86_INS_IN)
         uc.hook_add(UC_HOOK_INSN, self._on_syscall, None, 1, 0, X.UC_X86_INS_SYSCALL)
-        dom.arg_mem = VirtualSpace(self)  # duck-typed: translate(va) and dom, as SystemVcpu
+        dom.arg_mem = VirtualSpace(self)  # type: ignore[arg-type]  # duck-typed: translate(va), dom
         self.rip = 0
 
     # ------------------------------------------------------------------ the monitor window

@@ -39,8 +39,7 @@ Counters (on the domain): ``shadow.tables``, ``shadow.fills``, ``shadow.pt_write
 from __future__ import annotations
 
 import struct
-from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from typing import TYPE_CHECKING
 
 from pvio.abi import PAGE_SIZE
@@ -110,7 +109,13 @@ class P2M:
     """Guest-physical -> machine frames of one domain; populated on first touch when ``lazy``."""
 
     def __init__(
-        self, mem: GuestMemory, nr_guest_pages: int, pool: FramePool, counters: Counter[str], *, lazy: bool
+        self,
+        mem: GuestMemory,
+        nr_guest_pages: int,
+        pool: FramePool,
+        counters: MutableMapping[str, int],
+        *,
+        lazy: bool,
     ) -> None:
         if pool.count < nr_guest_pages:
             raise ValueError(f"a pool of {pool.count} frames cannot back {nr_guest_pages} guest pages")
@@ -180,7 +185,7 @@ class ShadowPager:
         mem: GuestMemory,
         p2m: P2M,
         pool: FramePool,
-        counters: Counter[str],
+        counters: MutableMapping[str, int],
         monitor_l3: int,
         *,
         protect: Callable[[int], bool] | None = None,

@@ -41,7 +41,7 @@ def _tables(p2m: P2M) -> int:
 
 
 def test_the_p2m_is_not_the_identity_and_scrubs_on_first_touch() -> None:
-    _mem, p2m, _pager_, counters = _pager()
+    _mem, p2m, _shadow, counters = _pager()
     mfns = [p2m.mfn(g) for g in range(8)]
     assert mfns != list(range(8)) and len(set(mfns)) == 8
     assert all(16 <= m < 16 + GUEST for m in mfns)
