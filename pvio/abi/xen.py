@@ -28,9 +28,11 @@ class Hypercall(IntEnum):
 
     set_trap_table = 0
     mmu_update = 1
+    stack_switch = 3
     set_callbacks = 4
     sched_op_compat = 6
     memory_op = 12
+    multicall = 13
     set_timer_op = 15
     xen_version = 17
     console_io = 18
@@ -38,6 +40,7 @@ class Hypercall(IntEnum):
     vm_assist = 21
     iret = 23
     vcpu_op = 24
+    mmuext_op = 26
     sched_op = 29
     callback_op = 30
     event_channel_op = 32

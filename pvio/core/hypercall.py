@@ -120,6 +120,10 @@ class HypercallTable:
         self._names = {int(h): h.name for h in Hypercall}
         self._names[HYPERCALL_HVM_OP] = "hvm_op"
 
+    def register(self, nr: int, handler: Callable[[Domain, int, int, int, int, int], int]) -> None:
+        """Add (or replace) the handler of hypercall ``nr``: a service a vCPU provides (the PV MMU)."""
+        self._table[nr] = handler
+
     def dispatch(
         self, dom: Domain, nr: int, a1: int = 0, a2: int = 0, a3: int = 0, a4: int = 0, a5: int = 0
     ) -> int:

@@ -158,6 +158,10 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _bench(argv: list[str]) -> int:
+    if "--cpu" in argv:  # the CPU half: trap-and-emulate, binary translation, PV (pvio.harness.cpu_bench)
+        from pvio.harness import cpu_bench
+
+        return cpu_bench.main([a for a in argv if a != "--cpu"])
     from pvio.harness import bench
 
     return bench.main(argv)
