@@ -223,6 +223,14 @@ class BackendVif(SwitchPort):
         # Linux netback reads an absent request-rx-copy as 0, and refuses it (EOPNOTSUPP).
         if (await read_key("request-rx-copy") or "0").strip() != "1":
             raise VifFatal("frontend did not set request-rx-copy=1 (page flipping is not supported)")
+        # Neither multi-queue (no multi-queue-max-queues) nor a control ring (no feature-ctrl-ring,
+        # where Linux netback's hash mapping lives, XSA-270) is offered: a frontend asking for
+        # them is refused, as Linux netback refuses more queues than it offers.
+        queues = await read_key("multi-queue-num-queues")
+        if queues is not None and queues.strip() != "1":
+            raise VifFatal(f"frontend requested {queues.strip()[:16]!r} queues; netback offers one")
+        if await read_key("ctrl-ring-ref") is not None:
+            raise VifFatal("frontend wrote ctrl-ring-ref; netback offers no control ring")
         tx_ref = await read_int("tx-ring-ref")
         rx_ref = await read_int("rx-ring-ref")
         # Split event channels (offered): the frontend writes event-channel-tx and -rx
