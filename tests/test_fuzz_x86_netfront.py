@@ -131,13 +131,17 @@ async def scenario(steps: list[tuple[Any, ...]]) -> None:
         assert len(said) <= 1 and set(said) <= REASONS, said
         assert env.hv.dom0 is not None and env.hv.dom0.state == "running"
         assert env.count(f"netback/vif{dom.domid}.0", "internal_errors") == 0
-        if not said:  # still connected: still answering
-            await a.nic.send(icmp_echo(a.nic.mac, mac, ip_of(0), IP_X86, 7, 1, b"alive?"))
-            with trio.fail_after(5):
-                while True:
-                    [answer] = await recv_n(a.nic, 1)
-                    if answer[6:12] == mac:
-                        break
+        if not said:  # still connected: still answering (a ping may land in a buffer the
+            # backend's raw writes corrupted, and be dropped for it: up to three tries)
+            answered = False
+            for seq in range(3):
+                await a.nic.send(icmp_echo(a.nic.mac, mac, ip_of(0), IP_X86, 7, seq, b"alive?"))
+                await trio.sleep(0.05)
+                while a.nic.pending():
+                    answered |= (await a.nic.recv())[6:12] == mac
+                if answered:
+                    break
+            assert answered, "the C netfront stayed connected but answers nothing"
         await exchange(a, b, K)
         assert env.count("netfront/vif1.0", "disconnects") == env.count("netfront/vif2.0", "disconnects") == 0
 
