@@ -32,7 +32,10 @@ import trio.testing
 
 from pvio import XenbusState
 from pvio.backends.netback import NetBack
+from pvio.cpu.guest import X86Guest
 from pvio.frontends.netfront import NetfrontError
+from pvio.frontends.netstack import icmp_echo
+from pvio.harness.demo import wait_x86_ready
 from tests.netenv import NetEnv, NicGuest, ip_of, net_env, recv_n, seq_of, udp_stream, wait_until
 from tests.test_netif import VifStateLog
 from tests.test_teardown_leaks import netback_tasks
@@ -165,3 +168,55 @@ async def test_netback_restarts_and_every_vif_reconnects_with_exact_loss_account
     del a, b, env, g
     gc.collect()
     assert [r() for r in ram] == [None, None]
+
+
+async def ping_all(a: NicGuest, mac: bytes, ip: str, seqs: range) -> list[int]:
+    """ICMP echo requests A -> the x86 guest, one at a time; the sequence numbers answered."""
+    answered = []
+    for seq in seqs:
+        await a.nic.send(icmp_echo(a.nic.mac, mac, ip_of(0), ip, 7, seq, b"restart"))
+        [reply] = await recv_n(a.nic, 1)
+        answered.append(int.from_bytes(reply[14 + 20 + 6 : 14 + 20 + 8], "big"))
+    return answered
+
+
+async def test_the_c_netfront_reconnects_when_netback_restarts(autojump_clock: Any) -> None:
+    """The x86 guest's C netfront follows its backend too: Closing, Closed, its grants revoked
+    (none still mapped), Closed, Initialising, and the handshake again with the new netback."""
+    a = NicGuest("a", ip_of(0))
+    ip = "10.0.0.9"
+    x86 = X86Guest(name="x86-echo", cmdline=f"mode=echo ip={ip}")
+    logs: list[VifStateLog] = []
+    async with net_env(a, x86, before_guests=lambda hv: logs.append(VifStateLog(hv, 2))) as env:
+        hv, old = env.hv, env.netback
+        assert old is not None and hv.dom0 is not None
+        mac = await wait_x86_ready(x86, env.switch)
+        await trio.sleep(0.01)
+        assert await ping_all(a, mac, ip, range(10)) == list(range(10))
+        old.stop()
+        await trio.testing.wait_all_tasks_blocked()
+        await wait_until(lambda: "released:" in x86.domain.console, what="the C netfront to let go")
+        assert (
+            f"netfront: vif{x86.domain.domid}.0 released: 0 TX slots lost in flight, 0 grants still mapped"
+            in (x86.domain.console)
+        )
+        assert not any(m.granter.domid == x86.domain.domid for m in hv.dom0.maptrack.values())
+        await start_netback(env)
+        await wait_until(lambda: "reconnected (1)" in x86.domain.console, what="the C netfront to reconnect")
+        await wait_until(all_connected([a]), what="a to reconnect")
+        assert await ping_all(a, mac, ip, range(10, 20)) == list(range(10, 20))
+        states = logs[0].states
+        assert states[states.index(("BE", XenbusState.CLOSING)) :] == [
+            ("BE", XenbusState.CLOSING),
+            ("BE", XenbusState.CLOSED),
+            ("FE", XenbusState.CLOSED),
+            ("FE", XenbusState.INITIALISING),
+            ("BE", XenbusState.INIT_WAIT),
+            ("FE", XenbusState.CONNECTED),
+            ("BE", XenbusState.CONNECTED),
+        ]
+        assert x86.domain.alive and x86.domain.counters["exits.fault"] == 0
+        hv.destroy(x86.domain)
+        hv.destroy(a.domain)
+        await trio.testing.wait_all_tasks_blocked()
+        assert hv.dom0.maptrack == {} and netback_tasks(env) == []
