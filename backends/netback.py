@@ -35,7 +35,12 @@ goes Closed; if the frontend then comes back in Initialising (Linux's xen-netfro
 an unbind and bind), the vif prepares for reconnect as Linux netback does: features
 again, InitWait, a fresh handshake (``reconnects``).  Split event channels are offered
 (``event-channel-tx``/``-rx``; a frontend that writes ``event-channel`` gets one), and
-multi-queue is not (no ``multi-queue-max-queues``), so Linux falls back to one queue.
+multi-queue is not (no ``multi-queue-max-queues``), so Linux falls back to one queue; a
+frontend asking for several queues or a control ring is refused (XSA-270).
+
+Restart: when netback stops or crashes, every vif it served lets go of its guest and goes
+Closing, Closed (as a Linux backend whose driver is unbound).  A new netback takes over
+each vif left Closed once its frontend is back in Initialising, and probes it afresh.
 """
 
 from __future__ import annotations
