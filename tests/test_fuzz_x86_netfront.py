@@ -139,9 +139,14 @@ async def scenario(steps: list[tuple[Any, ...]]) -> None:
                 await trio.sleep(0.05)
                 while a.nic.pending():
                     answered |= (await a.nic.recv())[6:12] == mac
-                if answered:
+                if answered or DISCONNECT.search(dom.console):
                     break
-            assert answered, "the C netfront stayed connected but answers nothing"
+            # A lie left in a request slot takes effect only when a frame uses that buffer:
+            # then the C netfront disconnects, naming why.
+            said = DISCONNECT.findall(dom.console)
+            assert answered or (len(said) == 1 and set(said) <= REASONS), (
+                "the C netfront stayed connected but answers nothing"
+            )
         await exchange(a, b, K)
         assert env.count("netfront/vif1.0", "disconnects") == env.count("netfront/vif2.0", "disconnects") == 0
 
