@@ -131,6 +131,10 @@ class EmulatedNic(SwitchPort):
         self.mac = mac if mac is not None else emunic_mac(dom.domid, devid)
         if len(self.mac) != 6:
             raise ValueError(f"dom{dom.domid}: emulated NIC MAC must be 6 bytes, not {len(self.mac)}")
+        # The guest writes its frames' source MAC: lock the port to the device's own, as netback
+        # locks a vif (a frame from another source is dropped, drops.spoofed_mac), so a guest
+        # cannot move a bystander's or the wire peer's MAC to its port.
+        self.locked_macs = frozenset({self.mac})
         self.virq = EMUNIC_IRQ_BASE + devid
         self.dev = hv.counters.new(f"emunic/{self.name}", "device")
         self.tx_buf = bytearray(TX_BUF_SIZE)

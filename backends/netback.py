@@ -38,7 +38,12 @@ goes Closed; if the frontend then comes back in Initialising (Linux's xen-netfro
 an unbind and bind), the vif prepares for reconnect as Linux netback does: features
 again, InitWait, a fresh handshake (``reconnects``).  Split event channels are offered
 (``event-channel-tx``/``-rx``; a frontend that writes ``event-channel`` gets one), and
-multi-queue is not (no ``multi-queue-max-queues``), so Linux falls back to one queue.
+multi-queue is not (no ``multi-queue-max-queues``), so Linux falls back to one queue; a
+frontend asking for several queues or a control ring is refused (XSA-270).
+
+Restart: when netback stops or crashes, every vif it served lets go of its guest and goes
+Closing, Closed (as a Linux backend whose driver is unbound).  A new netback takes over
+each vif left Closed once its frontend is back in Initialising, and probes it afresh.
 """
 
 from __future__ import annotations
@@ -171,31 +176,77 @@ class BackendVif(SwitchPort):
         self.port = 0  # the event channel (TX's, when the frontend split them)
         self.rx_port = 0  # RX's own event channel, when split (0: RX uses ``port``)
         self._on_dom0_destroy: Any = None
+        #: Why netback stopped serving this vif (its driver stopped or crashed), None while it does.
+        self.stopping: str | None = None
+        self._scope = trio.CancelScope()
+        #: Taken over Closed from a netback that stopped: wait for the frontend to let go first.
+        self.adopted = False
 
     # ------------------------------------------------------------------ handshake
     async def run(self) -> None:
         """Serve the vif; a bug or unexpected error here disables this vif only, never dom0.
 
         A vif the frontend closed waits for it to come back (Initialising: connect again, as
-        Linux's netback does for a frontend that reconnects) or go away (its guest died)."""
-        try:
-            while await self._run():
-                self._reset()
-        except Exception as exc:
-            if not self.dom0.domain.alive:  # dom0 itself is going down: nothing went wrong here
-                log.debug("%s: ended with dom0: %r", self.vif_name, exc)
-                return
-            leaf = own_error(exc)
-            self.dev["internal_errors"] += 1
+        Linux's netback does for a frontend that reconnects) or go away (its guest died).
+        :meth:`stop` (netback stopping or crashing) ends it wherever it is: the vif lets go of
+        the guest's pages and goes Closing, Closed, as a Linux backend does when its driver
+        is unbound, so the frontend can reconnect to the next netback."""
+        with self._scope:
             try:
-                await self._disable(f"internal error: {leaf!r}", exc)
-            except Exception:
-                log.exception("%s: could not disable cleanly", self.vif_name)
+                while await self._run():
+                    self._reset()
+            except Exception as exc:
+                if not self.dom0.domain.alive:  # dom0 itself is going down: nothing went wrong here
+                    log.debug("%s: ended with dom0: %r", self.vif_name, exc)
+                    return
+                leaf = own_error(exc)
+                self.dev["internal_errors"] += 1
+                try:
+                    await self._disable(f"internal error: {leaf!r}", exc)
+                except Exception:
+                    log.exception("%s: could not disable cleanly", self.vif_name)
+        if self.stopping is not None:
+            await self._release_to_frontend(self.stopping)
+
+    def stop(self, reason: str) -> None:
+        """Stop serving this vif (netback is stopping): its task tears it down and goes Closed."""
+        if self.stopping is None:
+            self.stopping = reason
+            self._scope.cancel()
+
+    async def _release_to_frontend(self, reason: str) -> None:
+        """After :meth:`stop`: unmap and free everything of the connection, then Closing and
+        Closed in xenstore (shielded: the vif's task was cancelled to get here)."""
+        with trio.CancelScope(shield=True), trio.move_on_after(10):
+            await self._teardown(reason)
+            if not self.dom0.domain.alive:
+                return
+            xb = self.dom0.xenbus
+            try:
+                await xb.write(f"{self.path}/state", str(int(XenbusState.CLOSING)))
+                await xb.write(f"{self.path}/state", str(int(XenbusState.CLOSED)))
+            except XenstoreError as e:  # the toolstack removed the device meanwhile
+                log.info("%s: could not write Closed: %s", self.vif_name, e)
+            self.dev["stops"] += 1
+            log.info("%s: backend closed: %s", self.vif_name, reason)
 
     async def _run(self) -> bool:
         """Probe, wait for the frontend, connect, then serve until closed or disabled; True if
         the frontend closed and came back to connect again."""
         xb = self.dom0.xenbus
+        if self.adopted:
+            # The frontend saw the last backend close; it reconnects from Initialising.  Until
+            # it is there, its keys are the old connection's: probing earlier would map them.
+            self.adopted = False
+            frontend = await xb.read(f"{self.path}/frontend")
+            state = await xb.wait_for_state(
+                f"{frontend}/state", {XenbusState.INITIALISING, XenbusState.UNKNOWN}
+            )
+            if state == XenbusState.UNKNOWN:
+                log.info("%s: the frontend is gone; not taken over", self.vif_name)
+                return False
+            self.dev["taken_over"] += 1
+            log.info("%s: frontend back in Initialising: taking over the vif", self.vif_name)
         for key, value in BACKEND_FEATURES.items():
             await xb.write(f"{self.path}/{key}", value)
         await xb.write(f"{self.path}/state", str(int(XenbusState.INIT_WAIT)))
@@ -262,6 +313,14 @@ class BackendVif(SwitchPort):
         # Linux netback reads an absent request-rx-copy as 0, and refuses it (EOPNOTSUPP).
         if (await read_key("request-rx-copy") or "0").strip() != "1":
             raise VifFatal("frontend did not set request-rx-copy=1 (page flipping is not supported)")
+        # Neither multi-queue (no multi-queue-max-queues) nor a control ring (no feature-ctrl-ring,
+        # where Linux netback's hash mapping lives, XSA-270) is offered: a frontend asking for
+        # them is refused, as Linux netback refuses more queues than it offers.
+        queues = await read_key("multi-queue-num-queues")
+        if queues is not None and queues.strip() != "1":
+            raise VifFatal(f"frontend requested {queues.strip()[:16]!r} queues; netback offers one")
+        if await read_key("ctrl-ring-ref") is not None:
+            raise VifFatal("frontend wrote ctrl-ring-ref; netback offers no control ring")
         tx_ref = await read_int("tx-ring-ref")
         rx_ref = await read_int("rx-ring-ref")
         # Split event channels (offered): the frontend writes event-channel-tx and -rx
@@ -736,6 +795,7 @@ class NetBack:
         self.rx_queue_max = rx_queue_max
         self.backend_overrides: dict[tuple[int, int], tuple[type[Backend], dict[str, Any]]] = {}
         self._scope: trio.CancelScope | None = None
+        self._ended: set[tuple[int, int]] = set()  # vifs this netback served that ended
 
     def set_vif_backend(
         self, fe_domid: int, devid: int, backend: str | type[Backend], options: dict[str, Any] | None = None
@@ -755,32 +815,51 @@ class NetBack:
         return (self.backend_cls(), dict(self.backend_options)) if self.backend_cls is not None else None
 
     async def run(self) -> None:
-        """Watch the backend directory and serve each new vif, until :meth:`stop`.  A second
-        netback in the same domain refuses to start (one logged line); dom0 and the first one
-        go on.  The watch is removed when this returns, so a new netback can take over."""
+        """Watch the backend directory and serve each vif, until :meth:`stop`.
+
+        A vif is taken when the toolstack creates it (state Initialising) or when a previous
+        netback left it Closed (it stopped or crashed): this netback probes it afresh, and its
+        frontend, which saw the old backend close, reconnects.  A second netback in the same
+        domain refuses to start (one logged line); dom0 and the first one go on.  When this
+        returns, normally or because netback itself failed (logged: a crash of the driver,
+        not of dom0), every vif it served is closed and the watch removed, so a new netback
+        can take over."""
         xb = self.guest.xenbus
         self._scope = trio.CancelScope()
-        with self._scope:
-            try:
-                watch = await xb.watch(self.base, "netback")
-            except XenstoreError as e:
-                if e.errno != "EEXIST":
-                    raise
-                log.error(
-                    "dom%d already runs a netback on %s; this one does not start",
-                    self.guest.domain.domid,
-                    self.base,
-                )
-                return
-            async with watch:
-                async for _event in watch:
-                    await self._scan()
+        reason = "netback stopped"
+        try:
+            with self._scope:
+                try:
+                    watch = await xb.watch(self.base, "netback")
+                except XenstoreError as e:
+                    if e.errno != "EEXIST":
+                        raise
+                    log.error(
+                        "dom%d already runs a netback on %s; this one does not start",
+                        self.guest.domain.domid,
+                        self.base,
+                    )
+                    return
+                async with watch:
+                    async for _event in watch:
+                        await self._scan()
+        except Exception as exc:  # a bug in netback itself: the driver dies, dom0 does not
+            reason = f"netback crashed: {own_error(exc)!r}"
+            log.exception("dom%d: %s", self.guest.domain.domid, reason)
+        finally:
+            self._stop_vifs(reason)
 
     def stop(self) -> None:
-        """Stop taking new vifs and release the backend directory's watch (another netback
-        may then run); the vifs already connected keep being served until they close."""
+        """Stop netback: release the backend directory's watch (another netback may then run)
+        and close every vif it serves (each goes Closing, Closed; its frontend may then
+        reconnect to the next netback)."""
         if self._scope is not None:
             self._scope.cancel()
+        self._stop_vifs("netback stopped")
+
+    def _stop_vifs(self, reason: str) -> None:
+        for vif in list(self.vifs.values()):
+            vif.stop(reason)
 
     async def _scan(self) -> None:
         xb = self.guest.xenbus
@@ -803,18 +882,23 @@ class NetBack:
                     state = int(await xb.read(f"{self.base}/{fe}/{dev}/state"))
                 except Exception:
                     continue
-                if state != XenbusState.INITIALISING:
-                    continue
+                if state == XenbusState.INITIALISING:  # new from the toolstack
+                    self._ended.discard(key)
+                elif state != XenbusState.CLOSED or key in self._ended:
+                    continue  # only a Closed vif this netback never served is another's leftover
                 vif = BackendVif(self, *key)
+                vif.adopted = state == XenbusState.CLOSED
                 self.vifs[key] = vif
                 self.guest.spawn(self._serve, vif, name=f"netback-{vif.vif_name}")
 
     async def _serve(self, vif: BackendVif) -> None:
         """Run one vif; when it ends (closed, disabled, its guest gone) forget it, so nothing of
         the guest stays referenced and the device id can connect again."""
+        key = (vif.fe_domid, vif.devid)
         try:
             await vif.run()
         finally:
-            if self.vifs.get((vif.fe_domid, vif.devid)) is vif:
-                del self.vifs[(vif.fe_domid, vif.devid)]
+            if self.vifs.get(key) is vif:
+                del self.vifs[key]
+            self._ended.add(key)  # not taken again from Closed: only a new Initialising restarts it
             self.ended.append(vif)

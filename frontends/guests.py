@@ -138,7 +138,17 @@ class ModelGuest(PyGuest):
             unplugged.add(nic.devid)
 
     async def _until_unplugged(self, nic: Netfront) -> None:
-        """Wait for the backend to close the vif, then close it from this side and forget it."""
-        await self.xenbus.wait_for_state(f"{nic.backend}/state", {XenbusState.CLOSING, XenbusState.CLOSED})
+        """Wait for the toolstack to unplug the vif (backend Closing with ``online`` 0), then close
+        it from this side and forget it.  A backend that closes with ``online`` still 1 lost its
+        driver: the netfront reconnects by itself."""
+        xb = self.xenbus
+        while True:
+            await xb.wait_for_state(f"{nic.backend}/state", {XenbusState.CLOSING, XenbusState.CLOSED})
+            try:
+                if (await xb.read(f"{nic.backend}/online")).strip() == "0":
+                    break
+            except XenstoreError:
+                break
+            await xb.wait_for_state(f"{nic.backend}/state", {XenbusState.CONNECTED, XenbusState.UNKNOWN})
         await nic.close()
         self.nics.pop(nic.devid, None)

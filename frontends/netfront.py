@@ -27,6 +27,11 @@ Protocol (netif.h over two rings, one event channel), following Linux netfront:
   guest itself goes on.
 * Teardown: Closing -> Closed, grants revoked with the atomic protocol (a grant the
   backend still maps is left alone and counted, never reused).
+* A backend that goes away (its driver stopped or crashed: backend Closing, Closed with
+  ``online`` still 1): the device is torn down once the backend is Closed (the rings
+  unmapped; TX requests it never answered counted ``tx_lost_slots``), goes Closed, then
+  Initialising, and runs the handshake again with whichever backend takes the vif next
+  (``reconnects``).  A toolstack unplug (``online`` 0) is the guest's hot-plug code's.
 """
 
 from __future__ import annotations
@@ -131,6 +136,8 @@ class Netfront(GuestNic):
         self._wake = trio.Event()
         self._partial_rx: list[bytes] = []
         self._closed = False
+        self._closing = False  # close() was asked: a backend closing is not a restart
+        self._generation = 0  # one per connection: the service task of an older one stops
         self._on_destroy: Any = None
         #: "c" (native/netpath.c's netfront half) or "python" (the reference), from PVIO_DATAPATH.
         self.datapath = DATAPATH
@@ -176,6 +183,7 @@ class Netfront(GuestNic):
             await self._refused()
         self.connected = True
         g.spawn(self._service, name=f"{self.name}-service")
+        g.spawn(self._follow_backend, name=f"{self.name}-follow-backend")
 
     async def _backend_error(self) -> str | None:
         """The reason the backend left when it disabled the device (None: it left none)."""
@@ -237,8 +245,10 @@ class Netfront(GuestNic):
             self.counters["notifications.suppressed"] += 1
 
     async def _service(self) -> None:
-        """Reap TX responses and receive frames whenever the backend signals."""
-        while self.error is None and not self._closed:
+        """Reap TX responses and receive frames whenever the backend signals (until the device
+        is released: a reconnect starts a service task of its own)."""
+        generation = self._generation
+        while self.error is None and not self._closed and self._generation == generation:
             self._wake = trio.Event()
             progress = self._poll()
             if self.error is not None:
@@ -546,11 +556,20 @@ class Netfront(GuestNic):
     async def close(self) -> None:
         """Closing -> wait for the backend -> Closed; revoke every grant that is free."""
         xb = self.guest.xenbus
+        self._closing = True
         await xb.write(f"{self.dir}/state", str(int(XenbusState.CLOSING)))
         await xb.wait_for_state(f"{self.backend}/state", {XenbusState.CLOSING, XenbusState.CLOSED})
+        self._release()
+        await xb.write(f"{self.dir}/state", str(int(XenbusState.CLOSED)))
+
+    def _release(self) -> None:
+        """The backend let go (or is letting go) of the device: stop, unbind, revoke every
+        grant that is not mapped and give its page back; count what was in flight."""
         self.connected = False
         self._closed = True
+        self._generation += 1
         self._wake.set()  # the service task ends
+        self._tx_space.set()  # a sender waiting for room sees the device down
         g = self.guest
         g.unbind_handler(self.port)
         with contextlib.suppress(OSError):
@@ -558,6 +577,10 @@ class Netfront(GuestNic):
         self._release_rings()
         with contextlib.suppress(ValueError):
             g.domain.on_destroy.remove(self._on_destroy)
+        in_flight = sum(self.tx_outstanding)
+        if in_flight:  # requests the backend never answered: those frames are lost, and counted
+            self.counters["tx_lost_slots"] += in_flight
+        self._partial_rx = []
         pages = [
             (self.tx_ref, self.tx_gfn),
             (self.rx_ref, self.rx_gfn),
@@ -573,4 +596,44 @@ class Netfront(GuestNic):
         if kept:
             self.counters["grants_still_mapped"] += kept
             log.warning("%s: %d grants still in use by the backend; pages not reused", self.name, kept)
-        await xb.write(f"{self.dir}/state", str(int(XenbusState.CLOSED)))
+
+    # ------------------------------------------------------------------ a backend that goes away
+    async def _follow_backend(self) -> None:
+        """While connected, watch the backend.  If it goes Closing or Closed while the toolstack
+        still wants the device (``online`` is not 0) and this side did not ask (its driver
+        stopped or crashed), tear the device down once the backend has let go (Closed), go
+        Closed, and connect again from Initialising to whichever backend takes the vif next.
+        A toolstack unplug (``online`` 0) is left to the guest's hot-plug code."""
+        xb = self.guest.xenbus
+        gone = {XenbusState.CLOSING, XenbusState.CLOSED, XenbusState.UNKNOWN}
+        state = await xb.wait_for_state(f"{self.backend}/state", gone)
+        if self._closing or self.error is not None or state == XenbusState.UNKNOWN:
+            return
+        try:
+            online = (await xb.read(f"{self.backend}/online")).strip()
+        except XenstoreError:
+            online = "0"
+        if online == "0":
+            return
+        log.warning("%s: the backend is closing (its driver went away); reconnecting", self.name)
+        self.counters["backend_lost"] += 1
+        self.connected = False
+        self._closed = True
+        self._wake.set()
+        try:
+            # Closed: the backend unmapped the rings first.  InitWait: a new backend has already
+            # taken over, so the old one has long let go.
+            await xb.wait_for_state(
+                f"{self.backend}/state", {XenbusState.CLOSED, XenbusState.INIT_WAIT, XenbusState.UNKNOWN}
+            )
+            with contextlib.suppress(RingOverflowError):
+                self._poll()  # what the backend answered before it went is valid: take it
+            self._release()
+            await xb.write(f"{self.dir}/state", str(int(XenbusState.CLOSED)))
+            self._closed = False
+            await self.connect()
+        except (NetfrontError, XenstoreError) as e:
+            self._fail(f"reconnect failed: {e}")
+            return
+        self.counters["reconnects"] += 1
+        log.info("%s: reconnected to the backend", self.name)

@@ -13,7 +13,7 @@ from pvio import PyGuest
 from pvio.backends.netback import NetBack
 from pvio.frontends.netfront import Netfront
 from pvio.toolstack import add_vif
-from tests.netenv import NicGuest, ip_of, net_env, recv_n, seq_of, udp_stream
+from tests.netenv import NicGuest, ip_of, net_env, recv_n, seq_of, udp_stream, wait_until
 
 
 def records(caplog: pytest.LogCaptureFixture, level: int) -> list[str]:
@@ -81,7 +81,7 @@ async def test_a_vif_whose_guest_died_before_connecting_ends_quietly(
     assert records(caplog, logging.ERROR) == []
 
 
-async def test_netback_stops_and_a_new_one_serves_new_vifs(
+async def test_netback_stops_and_a_new_one_serves_new_vifs_and_the_old_ones(
     autojump_clock: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     a, b = NicGuest("a", ip_of(0)), NicGuest("b", ip_of(1))
@@ -101,8 +101,11 @@ async def test_netback_stops_and_a_new_one_serves_new_vifs(
         with trio.fail_after(5):
             await late.ready.wait()
         assert (dom.domid, 0) in second.vifs
+        # The first netback's vifs were closed when it stopped; they reconnected to the second.
+        await wait_until(lambda: a.nic.connected and b.nic.connected, what="a and b to reconnect")
+        assert {(a.domain.domid, 0), (b.domain.domid, 0)} <= set(second.vifs) and first.vifs == {}
         await env.announce([late])
         await late.nic.send_batch(udp_stream(late, a, 5))
-        await b.nic.send_batch(udp_stream(b, a, 5, start=5))  # the first netback's vifs go on
+        await b.nic.send_batch(udp_stream(b, a, 5, start=5))
         assert sorted(seq_of(f) for f in await recv_n(a.nic, 10)) == list(range(10))
         assert records(caplog, logging.ERROR) == []

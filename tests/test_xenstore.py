@@ -686,18 +686,18 @@ def test_release_drops_watches_and_transactions_and_removes_the_home(
     assert errno_of(store.release_domain, 1) == "ENOENT"
 
 
-def test_release_hands_remaining_nodes_of_the_domain_to_dom0(
+def test_release_removes_the_domains_remaining_nodes_and_revokes_its_access(
     store: Store, dom0: StoreConnection, dom2: StoreConnection
 ) -> None:
     build_vif(dom0, backend=2, frontend=1)
     be = "/local/domain/2/backend/vif/1/0"
-    dom0.write("/tool/owned-by-1", "")
+    dom0.write("/tool/owned-by-1/child", "")
     dom0.set_perms("/tool/owned-by-1", ["n1", "r2"])
     store.release_domain(1)
-    assert dom0.get_perms("/tool/owned-by-1") == ["n0", "r2"]
-    assert dom0.get_perms(f"{be}/state") == ["n2"]
+    assert errno_of(dom0.read, "/tool/owned-by-1") == "ENOENT"  # XSA-419: not dom0's to keep
+    assert dom0.directory("/tool") == []
+    assert dom0.get_perms(f"{be}/state") == ["n2"]  # XSA-322: dom1 no longer named
     store.introduce_domain(1)
     newcomer = store.connect(1)
-    assert errno_of(newcomer.read, "/tool/owned-by-1") == "EACCES"
     assert errno_of(newcomer.read, f"{be}/state") == "EACCES"
     assert dom2.read(f"{be}/state") == b"1"

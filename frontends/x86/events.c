@@ -79,6 +79,13 @@ int evtchn_send(u32 port)
     return (int)hypercall3(HC_event_channel_op, EVTCHNOP_send, &op, 0);
 }
 
+int evtchn_close(u32 port)
+{
+    u32 op = port;
+    bind_evtchn(port, 0);
+    return (int)hypercall3(HC_event_channel_op, EVTCHNOP_close, &op, 0);
+}
+
 /* Unmask upcalls; if one became pending while masked, make the hypervisor deliver it
  * now (any hypercall is a delivery point). */
 void local_irq_enable(void)

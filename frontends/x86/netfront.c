@@ -24,6 +24,11 @@
  * fragment crossing its page, or a packet of more than 18 slots, each with a logged
  * reason; received data is copied out of the buffer once before the buffer is re-posted.
  *
+ * A backend that goes away (its driver stopped or crashed: backend Closing, Closed while
+ * online stays 1, seen through a watch checked on every poll without blocking): what it
+ * answered is taken, every grant revoked once it is Closed (a page it still maps is never
+ * reused), Closed, Initialising, and the handshake runs again with the next backend.
+ *
  * Notifications: a push notifies only when the backend's event index asks for it
  * (RING_PUSH_REQUESTS_AND_CHECK_NOTIFY); before sleeping, the final check arms the TX
  * response event at half the outstanding requests ahead (plus one) and the RX event at
@@ -54,6 +59,10 @@ static const char *error;
 static netfront_rx_t rx_handler;
 static char dir[64], backend[128];
 static unsigned my_domid;
+static u64 tx_ring_gpa, rx_ring_gpa;
+static const char *hs_mode = "";
+static u32 reconnects;
+#define BACKEND_TOKEN "nf-backend"
 
 const u8 *netfront_mac(void) { return mac; }
 int netfront_connected(void) { return connected; }
@@ -97,9 +106,19 @@ static int post_rx(u32 n)
     return pvio_front_push_requests(&rx_ring);
 }
 
+/* A page for the device: the one the last connection used (its grant revoked), zeroed,
+ * or a new one (first connection, or the old one is still mapped by the backend). */
+static u64 device_page(u64 old)
+{
+    if (!old)
+        return alloc_page();
+    memset((void *)old, 0, PAGE_SIZE);
+    return old;
+}
+
 static void setup_rings(void)
 {
-    u64 tx_gpa = alloc_page(), rx_gpa = alloc_page();
+    u64 tx_gpa = tx_ring_gpa = device_page(tx_ring_gpa), rx_gpa = rx_ring_gpa = device_page(rx_ring_gpa);
     init_ring(&tx_ring, tx_gpa, sizeof(union netif_tx_sring_entry), sizeof(struct netif_tx_request),
               sizeof(struct netif_tx_response), NET_TX_RING_SIZE);
     init_ring(&rx_ring, rx_gpa, sizeof(union netif_rx_sring_entry), sizeof(struct netif_rx_request),
@@ -110,12 +129,12 @@ static void setup_rings(void)
         panic("netfront: cannot allocate an event channel");
     bind_evtchn(port, netfront_event);
     for (u32 i = 0; i < NET_TX_RING_SIZE; i++) {
-        tx_page[i] = alloc_page();
+        tx_page[i] = device_page(tx_page[i]);
         tx_gref[i] = gnttab_grant_access(backend_id, tx_page[i] >> PAGE_SHIFT, 1);
         tx_free[tx_nfree++] = (u16)(NET_TX_RING_SIZE - 1 - i);
     }
     for (u32 i = 0; i < NET_RX_RING_SIZE; i++) {
-        rx_page[i] = alloc_page();
+        rx_page[i] = device_page(rx_page[i]);
         rx_gref[i] = gnttab_grant_access(backend_id, rx_page[i] >> PAGE_SHIFT, 0);
         rx_req[i] = (struct netif_rx_request){.id = (u16)i, .gref = rx_gref[i]};
     }
@@ -159,12 +178,15 @@ static int write_keys(const char *mode)
     }
 }
 
+static int handshake(const char *mode);
+
 int netfront_init(unsigned domid, netfront_rx_t rx, const char *mode)
 {
     char buf[128];
     u64 id;
     my_domid = domid;
     rx_handler = rx;
+    hs_mode = mode;
     snprintf(dir, sizeof dir, "/local/domain/%u/device/vif/0", domid);
     if (read_key("backend", backend, sizeof backend) || read_key("backend-id", buf, sizeof buf) ||
         parse_u64(buf, &id) || id >= DOMID_SELF) {
@@ -176,7 +198,13 @@ int netfront_init(unsigned domid, netfront_rx_t rx, const char *mode)
         nf_fail("no usable mac in xenstore");
         return -EINVAL;
     }
-    char path[192];
+    return handshake(mode);
+}
+
+/* InitWait, rings, keys, Connected: the first connection, and each reconnection. */
+static int handshake(const char *mode)
+{
+    char buf[128], path[192];
     snprintf(path, sizeof path, "%s/state", backend);
     xenbus_wait_state(path, 1u << XenbusStateInitWait | 1u << XenbusStateConnected);
     snprintf(path, sizeof path, "%s/feature-rx-copy", backend);
@@ -196,7 +224,10 @@ int netfront_init(unsigned domid, netfront_rx_t rx, const char *mode)
         return -EIO;
     }
     connected = 1;
-    printk("netfront: vif%u.0 connected, mac %02x:%02x:%02x:%02x:%02x:%02x\n", domid, mac[0], mac[1],
+    /* Follow the backend: its driver may stop or crash (Closing, Closed) and come back. */
+    if (!xenbus_watch(path, BACKEND_TOKEN))
+        xenbus_wait_watch(BACKEND_TOKEN); /* the event a watch fires when registered */
+    printk("netfront: vif%u.0 connected, mac %02x:%02x:%02x:%02x:%02x:%02x\n", my_domid, mac[0], mac[1],
            mac[2], mac[3], mac[4], mac[5]);
     return 0;
 }
@@ -344,8 +375,12 @@ static int receive(void)
     return n + (int)nrepost;
 }
 
+static void backend_changed(void);
+
 int netfront_poll(void)
 {
+    if (connected && xenbus_watch_fired(BACKEND_TOKEN))
+        backend_changed();
     if (!connected)
         return 0;
     int work = reap_tx();
@@ -407,4 +442,70 @@ void netfront_close(void)
     snprintf(path, sizeof path, "%s/state", dir);
     xenbus_write(0, path, "6");
     printk("netfront: vif%u.0 closed: %u grants revoked, %u still mapped\n", my_domid, revoked, kept);
+}
+
+/* Revoke every grant of the connection; a page whose grant the backend still maps is
+ * forgotten (never reused: the next connection gets a new page).  Returns how many were kept. */
+static u32 revoke_all(void)
+{
+    u32 kept = 0;
+    u32 *refs[2 + NET_TX_RING_SIZE + NET_RX_RING_SIZE];
+    u64 *pages[2 + NET_TX_RING_SIZE + NET_RX_RING_SIZE];
+    refs[0] = &tx_ring_ref, pages[0] = &tx_ring_gpa;
+    refs[1] = &rx_ring_ref, pages[1] = &rx_ring_gpa;
+    for (u32 i = 0; i < NET_TX_RING_SIZE; i++)
+        refs[2 + i] = &tx_gref[i], pages[2 + i] = &tx_page[i];
+    for (u32 i = 0; i < NET_RX_RING_SIZE; i++)
+        refs[2 + NET_TX_RING_SIZE + i] = &rx_gref[i], pages[2 + NET_TX_RING_SIZE + i] = &rx_page[i];
+    for (u32 i = 0; i < 2 + NET_TX_RING_SIZE + NET_RX_RING_SIZE; i++) {
+        if (!gnttab_end_access(*refs[i])) {
+            kept++;
+            *pages[i] = 0;
+        }
+    }
+    return kept;
+}
+
+/* The backend went Closing or Closed.  If the toolstack still wants the device (online is
+ * not 0), its driver stopped or crashed: take what it answered, wait until it has let go
+ * (Closed: the rings are unmapped; or InitWait: a new backend already took over), revoke
+ * every grant, go Closed, then Initialising, and run the handshake again. */
+static void backend_changed(void)
+{
+    char path[192], buf[16];
+    u64 state = 0;
+    snprintf(path, sizeof path, "%s/state", backend);
+    if (xenbus_read_int(path, &state) || (state != XenbusStateClosing && state != XenbusStateClosed))
+        return;
+    snprintf(path, sizeof path, "%s/online", backend);
+    if (xenbus_read(0, path, buf, sizeof buf) || !strcmp(buf, "0"))
+        return; /* an unplug: nothing to reconnect to */
+    printk("netfront: vif%u.0 backend closing (its driver went away): reconnecting\n", my_domid);
+    int work = reap_tx();
+    if (connected)
+        work += receive();
+    (void)work;
+    if (!connected)
+        return; /* the last answers broke the protocol: disconnected for that */
+    connected = 0;
+    snprintf(path, sizeof path, "%s/state", backend);
+    xenbus_unwatch(path, BACKEND_TOKEN);
+    while (xenbus_watch_fired(BACKEND_TOKEN))
+        ;
+    xenbus_wait_state(path, 1u << XenbusStateClosed | 1u << XenbusStateInitWait);
+    u32 lost = NET_TX_RING_SIZE - tx_nfree;
+    evtchn_close(port);
+    u32 kept = revoke_all();
+    tx_nfree = tx_unpushed = 0;
+    memset(tx_outstanding, 0, sizeof tx_outstanding);
+    memset(rx_posted, 0, sizeof rx_posted);
+    frame_len = frame_slots = 0;
+    frame_discard = 0;
+    snprintf(path, sizeof path, "%s/state", dir);
+    xenbus_write(0, path, "6");
+    xenbus_write(0, path, "1");
+    printk("netfront: vif%u.0 released: %u TX slots lost in flight, %u grants still mapped\n", my_domid, lost,
+           kept);
+    if (handshake(hs_mode) == 0)
+        printk("netfront: vif%u.0 reconnected (%u)\n", my_domid, ++reconnects);
 }

@@ -67,6 +67,7 @@ void bind_evtchn(u32 port, evtchn_handler_t handler);
 int evtchn_alloc_unbound(u16 remote, u32 *port);
 int evtchn_bind_virq(u32 virq, u32 *port);
 int evtchn_send(u32 port);
+int evtchn_close(u32 port);
 void local_irq_enable(void);
 void wait_for_events(void);
 u64 now_ns(void);              /* system time (vcpu_time_info), ns */
@@ -89,6 +90,7 @@ int xenbus_transaction_end(u32 tx, int abort);
 int xenbus_watch(const char *path, const char *token);
 int xenbus_unwatch(const char *path, const char *token);
 int xenbus_wait_watch(const char *token);
+int xenbus_watch_fired(const char *token); /* non-blocking: 1 if an event of token was taken */
 int xenbus_read_int(const char *path, u64 *out);
 int xenbus_wait_state(const char *path, unsigned accept_mask);
 

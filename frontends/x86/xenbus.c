@@ -233,25 +233,59 @@ int xenbus_unwatch(const char *path, const char *token)
     return watch_op(XS_UNWATCH, path, token);
 }
 
+/* Take one queued event of `token` (1), or none is queued (0). */
+static int take_watch_event(const char *token)
+{
+    for (unsigned i = 0; i < watch_count; i++) {
+        unsigned at = (watch_head + i) % WATCH_QUEUE;
+        if (!strcmp(watch_tokens[at], token)) {
+            /* remove entry i, keeping order */
+            for (unsigned j = i; j + 1 < watch_count; j++)
+                memcpy(watch_tokens[(watch_head + j) % WATCH_QUEUE],
+                       watch_tokens[(watch_head + j + 1) % WATCH_QUEUE], 32);
+            watch_count--;
+            return 1;
+        }
+    }
+    return 0;
+}
+
 /* Wait until a watch event with `token` arrives (queued ones first). */
 int xenbus_wait_watch(const char *token)
 {
     for (;;) {
-        for (unsigned i = 0; i < watch_count; i++) {
-            unsigned at = (watch_head + i) % WATCH_QUEUE;
-            if (!strcmp(watch_tokens[at], token)) {
-                /* remove entry i, keeping order */
-                for (unsigned j = i; j + 1 < watch_count; j++)
-                    memcpy(watch_tokens[(watch_head + j) % WATCH_QUEUE],
-                           watch_tokens[(watch_head + j + 1) % WATCH_QUEUE], 32);
-                watch_count--;
-                return 0;
-            }
-        }
+        if (take_watch_event(token))
+            return 0;
         struct xsd_msg r = xs_recv();
         if (r.type == XS_WATCH_EVENT)
             queue_watch_event();
     }
+}
+
+/* Without blocking: read the whole messages already on the response ring (with no request
+ * outstanding they are watch events), then take one event of `token` if there is one. */
+int xenbus_watch_fired(const char *token)
+{
+    for (;;) {
+        u32 prod = READ_ONCE(ring->rsp_prod);
+        rmb();
+        u32 avail = prod - rsp_cons_pvt;
+        if (avail > XENSTORE_RING_SIZE)
+            ring_broken("response");
+        if (avail < sizeof(struct xsd_msg))
+            break;
+        struct xsd_msg hdr;
+        for (u32 k = 0; k < sizeof hdr; k++) /* peek at the header, not consuming it */
+            ((char *)&hdr)[k] = ring->rsp[(rsp_cons_pvt + k) & (XENSTORE_RING_SIZE - 1)];
+        if (hdr.len > XENSTORE_PAYLOAD_MAX)
+            ring_broken("message length");
+        if (avail < sizeof hdr + hdr.len)
+            break; /* the rest is not written yet */
+        struct xsd_msg r = xs_recv();
+        if (r.type == XS_WATCH_EVENT)
+            queue_watch_event();
+    }
+    return take_watch_event(token);
 }
 
 int xenbus_read_int(const char *path, u64 *out)

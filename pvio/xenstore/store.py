@@ -43,9 +43,10 @@ the wire layer stay a thin parser/encoder.
   writes of one node are one entry and one change).  The value-size limit (E2BIG) applies to
   every domain, dom0 included, because a larger value could not be read back over the wire.
 
-* **Release** (domain death) closes the domain's connections, removes ``/local/domain/<id>`` and,
-  as after XSA-322, hands any remaining node owned by the dead domid to dom0 and strips it from
-  permission lists, so a new domain reusing the domid inherits nothing.
+* **Release** (domain death) closes the domain's connections, removes ``/local/domain/<id>`` and
+  every other node the dead domid owns (XSA-419: handed to dom0, which has no quota, such nodes
+  would let cooperating guests that reboot grow the store without bound), and strips it from the
+  remaining permission lists (XSA-322), so a new domain reusing the domid inherits nothing.
 
 Open question: xenstored's watch ``depth`` argument is accepted on the wire but not implemented.
 """
@@ -637,8 +638,9 @@ class Store:
         self._fire(view.changes, 0)
 
     def release_domain(self, domid: int) -> None:
-        """The domain is gone: close its connections (watches, transactions), remove its home,
-        give its remaining nodes to dom0 (XSA-322) and fire ``@releaseDomain``."""
+        """The domain is gone: close its connections (watches, transactions), remove its home
+        and every other node it owns (XSA-419), strip it from the permissions of the rest
+        (XSA-322) and fire ``@releaseDomain``."""
         if domid not in self._introduced:
             raise XenstoreError("ENOENT", domain_path(domid), f"dom{domid} is not introduced")
         self._introduced.discard(domid)
@@ -646,7 +648,7 @@ class Store:
             conn.close()
         view = _LiveView(self)
         self._rm(view, 0, domain_path(domid))
-        self._disown(domid)
+        self._disown(view, domid)
         view.changed(_Change(RELEASE_DOMAIN, True, (self._special_perms[RELEASE_DOMAIN],)))
         self._fire(view.changes, 0)
 
@@ -894,7 +896,14 @@ class Store:
         finally:
             self._delivering = False
 
-    def _disown(self, domid: int) -> None:
+    def _disown(self, view: _View, domid: int) -> None:
+        """Forget a dead domain in the tree: remove every node it still owns (outside its home,
+        with its subtree; XSA-419: handed to dom0, which has no quota, they would let two
+        cooperating guests that reboot grow the store without bound) and strip it from the
+        permission lists of the rest (XSA-322: a domain reusing the domid inherits nothing)."""
+        for path in sorted((p for p, n in self._nodes.items() if n.perms[0].domid == domid), key=len):
+            if path in self._nodes and path not in ("/", "/local", LOCAL_DOMAIN):
+                self._rm(view, 0, path)
         for path, node in list(self._nodes.items()):
             if any(p.domid == domid for p in node.perms):
                 self._put_live(path, replace(node, perms=_without(node.perms, domid)))
