@@ -646,22 +646,7 @@ class SystemVcpu:
         except GuestFault as e:
             self._crash = f"cannot deliver vector {vector}: {e}"
             return False
-        self._ctx_round_trip(new_cpl)
-        new_flags = rflags & ~(RFLAGS_TF | RFLAGS_NT | RFLAGS_RF | RFLAGS_VM)
-        if attr & 0xF == 0xE:
-            new_flags &= ~RFLAGS_IF
-        try:
-            uc.reg_write(X.UC_X86_REG_CS, selector)
-            if new_cpl != cpl:
-                uc.reg_write(X.UC_X86_REG_SS, new_cpl)
-        except UcError as e:
-            self._crash = f"vector {vector}: cannot load CS {selector:#x}: {e}"
-            return False
-        uc.reg_write(X.UC_X86_REG_RSP, frame_at)
-        uc.reg_write(X.UC_X86_REG_RFLAGS, new_flags)
-        self.rip = handler
-        self._tlb.clear()
-        return True
+        return self._enter_handler(vector, cpl, new_cpl, selector, new_cpl, attr, rflags, frame_at, handler)
 
     def _deliver_32(self, vector: int, error_code: int | None) -> bool:
         """Protected-mode delivery: an 8-byte gate (32-bit interrupt or trap gate), TSS.ESP0/SS0 on
@@ -699,8 +684,26 @@ class SystemVcpu:
         except GuestFault as e:
             self._crash = f"cannot deliver vector {vector} (32-bit): {e}"
             return False
+        return self._enter_handler(vector, cpl, new_cpl, selector, new_ss, attr, eflags, frame_at, handler)
+
+    def _enter_handler(
+        self,
+        vector: int,
+        cpl: int,
+        new_cpl: int,
+        selector: int,
+        new_ss: int,
+        attr: int,
+        flags: int,
+        frame_at: int,
+        handler: int,
+    ) -> bool:
+        """The end of a delivery through an IDT gate, in either mode, once its frame is pushed:
+        the engine's privilege level, flags (TF/NT/RF/VM cleared, IF too through an interrupt
+        gate), CS (and SS on a ring change), the stack pointer at the frame, the handler."""
+        uc = self.uc
         self._ctx_round_trip(new_cpl)
-        new_flags = eflags & ~(RFLAGS_TF | RFLAGS_NT | RFLAGS_RF | RFLAGS_VM)
+        new_flags = flags & ~(RFLAGS_TF | RFLAGS_NT | RFLAGS_RF | RFLAGS_VM)
         if attr & 0xF == 0xE:
             new_flags &= ~RFLAGS_IF
         try:
@@ -710,8 +713,8 @@ class SystemVcpu:
         except UcError as e:
             self._crash = f"vector {vector}: cannot load CS {selector:#x}: {e}"
             return False
-        uc.reg_write(X.UC_X86_REG_ESP, frame_at)
-        uc.reg_write(X.UC_X86_REG_EFLAGS, new_flags)
+        uc.reg_write(X.UC_X86_REG_RSP, frame_at)  # ESP's upper half is 0 in protected mode
+        uc.reg_write(X.UC_X86_REG_RFLAGS, new_flags)
         self.rip = handler
         self._tlb.clear()
         return True
