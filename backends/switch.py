@@ -420,26 +420,37 @@ class Switch:
             self.counters["copy_bytes"] += nbytes
             self._transmit(port, frames, n_flooded)
             return
-        pc = port.counters
         try:
             port.transmit_batch(batch, idx, n)
         except Exception:
-            pc["transmit_errors"] += 1
-            pc["drops.port_error"] += n
-            self.counters["port_errors"] += 1
-            if port.name not in self._failed_once:
-                self._failed_once.add(port.name)
-                log.error(
-                    "switch %s: port %r raised in transmit_batch(); %d frames dropped "
-                    "(further errors of this port are logged at DEBUG)",
-                    self.name,
-                    port.name,
-                    n,
-                    exc_info=True,
-                )
-            else:
-                log.debug("switch %s: port %r raised again; %d frames dropped", self.name, port.name, n)
+            self._port_failed(port, "transmit_batch", n)
             return
+        self._port_sent(port, n, nbytes, n_flooded)
+
+    def _port_failed(self, port: SwitchPort, call: str, n: int) -> None:
+        """Count and log (once per port at ERROR, then at DEBUG) a port whose ``call`` raised:
+        its ``n`` frames are dropped, nothing else is."""
+        port.counters["transmit_errors"] += 1
+        port.counters["drops.port_error"] += n
+        self.counters["port_errors"] += 1
+        if port.name not in self._failed_once:
+            self._failed_once.add(port.name)
+            log.error(
+                "switch %s: port %r raised in %s(); %d frames dropped "
+                "(further errors of this port are logged at DEBUG)",
+                self.name,
+                port.name,
+                call,
+                n,
+                exc_info=True,
+            )
+        else:
+            log.debug("switch %s: port %r raised again; %d frames dropped", self.name, port.name, n)
+
+    @staticmethod
+    def _port_sent(port: SwitchPort, n: int, nbytes: int, n_flooded: int) -> None:
+        """Count ``n`` frames (``nbytes``, ``n_flooded`` of them flooded) handed to ``port``."""
+        pc = port.counters
         pc["packets.tx"] += n
         pc["bytes.tx"] += nbytes
         if n_flooded:
@@ -487,33 +498,15 @@ class Switch:
 
     def _transmit(self, port: SwitchPort, frames: list[bytes], n_flooded: int) -> None:
         """Hand ``frames`` to ``port``, containing and counting whatever it raises."""
-        pc = port.counters
         n = len(frames)
         nbytes = sum(map(len, frames))
         mirrored = list(frames) if self._taps else None  # the port owns `frames` once handed over
         try:
             port.transmit(frames)
         except Exception:
-            pc["transmit_errors"] += 1
-            pc["drops.port_error"] += n
-            self.counters["port_errors"] += 1
-            if port.name not in self._failed_once:
-                self._failed_once.add(port.name)
-                log.error(
-                    "switch %s: port %r raised in transmit(); %d frames dropped "
-                    "(further errors of this port are logged at DEBUG)",
-                    self.name,
-                    port.name,
-                    n,
-                    exc_info=True,
-                )
-            else:
-                log.debug("switch %s: port %r raised again; %d frames dropped", self.name, port.name, n)
+            self._port_failed(port, "transmit", n)
             return
-        pc["packets.tx"] += n
-        pc["bytes.tx"] += nbytes
-        if n_flooded:
-            pc["flooded"] += n_flooded
+        self._port_sent(port, n, nbytes, n_flooded)
         if mirrored is not None:
             self._mirror(port, "egress", mirrored)
 
