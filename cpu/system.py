@@ -103,6 +103,7 @@ from pvio.abi.xen import (
     XEN_HYPERCALL_MSR,
 )
 from pvio.core.memory import GuestFault
+from pvio.cpu.shadow import ADDR_MASK, PTE_P, PTE_PS  # the x86 page-table bits, defined once
 
 if TYPE_CHECKING:
     from pvio.core.domain import Domain
@@ -135,9 +136,6 @@ RFLAGS_RF = 1 << 16
 RFLAGS_VM = 1 << 17
 CR0_PG = 1 << 31
 CR4_PAE = 1 << 5
-PTE_P = 1
-PTE_PS = 1 << 7
-ADDR_MASK = 0x000F_FFFF_FFFF_F000
 MSR_EFER = 0xC0000080
 MSR_STAR = 0xC0000081
 MSR_LSTAR = 0xC0000082
