@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
 from pvio.abi.smartnic import CMPL
 from pvio.frontends import _snic_driver
-from pvio.frontends.smartnic_driver import reap_rx_py, reap_tx_py, stage_tx_py
+from pvio.frontends.smartnic_driver import check_frames_py, reap_rx_py, reap_tx_py, stage_tx_py
 
 ROUNDS = 3000 if os.environ.get("PVIO_FUZZ") == "1" else 300
 NR_TX = NR_RX = 16
@@ -46,7 +48,10 @@ def test_stage_tx_agrees(seed: int) -> None:
         mem_c, mem_py = bytearray(fill), bytearray(fill)
         free = rng.sample(range(NR_TX), rng.randrange(0, NR_TX + 1))
         out = bytearray(1 if i not in free else 0 for i in range(NR_TX))
-        frames = [rng.randbytes(rng.randrange(14, BUF + 1)) for _ in range(rng.randrange(0, 24))]
+        frames: list[bytes | bytearray | memoryview] = [
+            rng.choice([bytes, bytearray, memoryview])(rng.randbytes(rng.randrange(14, BUF + 1)))
+            for _ in range(rng.randrange(0, 24))
+        ]
         start = rng.randrange(0, len(frames) + 1)
         free_c, free_py, out_c, out_py = list(free), list(free), bytearray(out), bytearray(out)
         got_c = _snic_driver.stage_tx(frames, start, memoryview(mem_c), POOL, BUF, free_c, out_c)
@@ -97,6 +102,26 @@ def test_an_rx_id_repeated_in_one_batch_is_refused_the_second_time() -> None:
     posted = bytearray(NR_TX + NR_RX)
     posted[NR_TX] = 1
     cmpls = CMPL.pack(NR_TX, 64, 0, 0) * 2
-    frames, repost, bad, errors, full = _snic_driver.reap_rx(cmpls, mem, POOL, BUF, NR_TX, posted, 10)
-    assert (len(frames), len(repost), bad, errors, full) == (1, 16, 1, [], 0)
+    frames, repost, bad, errors, full, nbytes = _snic_driver.reap_rx(cmpls, mem, POOL, BUF, NR_TX, posted, 10)
+    assert (len(frames), len(repost), bad, errors, full, nbytes) == (1, 16, 1, [], 0, 64)
     assert posted[NR_TX] == 1  # re-posted once, after the batch
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_check_frames_agrees(seed: int) -> None:
+    """send_batch's one pass: the first frame that is not bytes/bytearray of 14..BUF bytes."""
+    rng = random.Random(30 + seed)
+    kinds: list[Callable[[bytes], Any]] = [bytes, bytes, bytearray, memoryview, list]
+    for _ in range(ROUNDS):
+        sizes = [rng.choice([0, 13, 14, 64, BUF, BUF + 1]) for _ in range(rng.randrange(0, 12))]
+        frames = [rng.choice(kinds)(bytes(n)) for n in sizes]
+        assert _snic_driver.check_frames(frames, 14, BUF) == check_frames_py(frames, 14, BUF)
+
+
+def test_stage_tx_counts_the_bytes_it_copies() -> None:
+    mem = memoryview(bytearray(MEM))
+    for stage in (_snic_driver.stage_tx, stage_tx_py):
+        free, out = [1, 0], bytearray(NR_TX)
+        frames = [bytes(64), bytearray(100), memoryview(bytes(20))]
+        descs, upto, nbytes = stage(frames, 0, mem, POOL, BUF, free, out)
+        assert (len(descs), upto, nbytes, free) == (32, 2, 164, [])

@@ -6,6 +6,7 @@
  * frame by frame in Python, exactly as its Python reference functions (stage_tx_py,
  * reap_tx_py, reap_rx_py, held equal to these by tests/test_smartnic_driver_native.py):
  *
+ *   check_frames  one pass over a batch: are they all bytes of a length the device takes;
  *   stage_tx  copy frames into free TX pool buffers and write their descriptors;
  *   reap_tx   take back the TX buffers that completions name (range- and state-checked);
  *   reap_rx   copy each received frame out of its pool buffer once and write the descriptor
@@ -36,15 +37,75 @@ static void put_desc(unsigned char *p, uint32_t buf, uint16_t len, uint16_t id)
 
 static uint16_t u16(const unsigned char *p) { return (uint16_t)(p[0] | p[1] << 8); }
 
-/* stage_tx(frames, start, mem, pool_gpa, buf_size, free, outstanding) -> (descs, next) */
-static PyObject *stage_tx(PyObject *self, PyObject *args)
+/* A frame's bytes: bytes and bytearray directly, any other buffer through the buffer protocol
+ * (released by release_frame).  0, or -1 with an exception set. */
+static int get_frame(PyObject *obj, Py_buffer *view, const char **data, Py_ssize_t *len)
 {
-    PyObject *frames, *free, *outstanding;
-    Py_ssize_t start;
+    view->obj = NULL;
+    if (PyBytes_CheckExact(obj)) {
+        *data = PyBytes_AS_STRING(obj), *len = PyBytes_GET_SIZE(obj);
+        return 0;
+    }
+    if (PyByteArray_CheckExact(obj)) {
+        *data = PyByteArray_AS_STRING(obj), *len = PyByteArray_GET_SIZE(obj);
+        return 0;
+    }
+    if (PyObject_GetBuffer(obj, view, PyBUF_SIMPLE) < 0)
+        return -1;
+    *data = view->buf, *len = view->len;
+    return 0;
+}
+
+static void release_frame(Py_buffer *view)
+{
+    if (view->obj != NULL)
+        PyBuffer_Release(view);
+}
+
+/* check_frames(frames, min_len, max_len) -> the index of the first frame that is not bytes or a
+ * bytearray of min_len..max_len bytes, or -1: send_batch's one pass over a batch before it
+ * stages any of it (the frames that fail are left to its Python, which converts or refuses). */
+static PyObject *check_frames(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3 || !PyList_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "check_frames(frames: list, min_len, max_len)");
+        return NULL;
+    }
+    Py_ssize_t lo = PyLong_AsSsize_t(args[1]), hi = PyLong_AsSsize_t(args[2]);
+    if ((lo == -1 || hi == -1) && PyErr_Occurred())
+        return NULL;
+    PyObject *frames = args[0];
+    Py_ssize_t n = PyList_GET_SIZE(frames);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *f = PyList_GET_ITEM(frames, i);
+        Py_ssize_t len;
+        if (PyBytes_CheckExact(f))
+            len = PyBytes_GET_SIZE(f);
+        else if (PyByteArray_CheckExact(f))
+            len = PyByteArray_GET_SIZE(f);
+        else
+            return PyLong_FromSsize_t(i);
+        if (len < lo || len > hi)
+            return PyLong_FromSsize_t(i);
+    }
+    return PyLong_FromLong(-1);
+}
+
+/* stage_tx(frames, start, mem, pool_gpa, buf_size, free, outstanding) -> (descs, next, nbytes) */
+static PyObject *stage_tx(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 7 || !PyList_Check(args[0]) || !PyList_Check(args[5]) || !PyByteArray_Check(args[6])) {
+        PyErr_SetString(PyExc_TypeError, "stage_tx(frames: list, start, mem, pool_gpa, buf_size, free: list, "
+                                         "outstanding: bytearray)");
+        return NULL;
+    }
+    PyObject *frames = args[0], *free = args[5], *outstanding = args[6];
+    Py_ssize_t start = PyLong_AsSsize_t(args[1]);
+    unsigned long long pool = PyLong_AsUnsignedLongLong(args[3]), size = PyLong_AsUnsignedLongLong(args[4]);
+    if (PyErr_Occurred())
+        return NULL;
     Py_buffer mem;
-    unsigned long long pool, size;
-    if (!PyArg_ParseTuple(args, "O!nw*KKO!O!", &PyList_Type, &frames, &start, &mem, &pool, &size, &PyList_Type,
-                          &free, &PyByteArray_Type, &outstanding))
+    if (PyObject_GetBuffer(args[2], &mem, PyBUF_WRITABLE) < 0)
         return NULL;
     PyObject *descs = NULL, *result = NULL;
     Py_ssize_t nframes = PyList_GET_SIZE(frames), nfree = PyList_GET_SIZE(free);
@@ -59,30 +120,34 @@ static PyObject *stage_tx(PyObject *self, PyObject *args)
         goto out;
     unsigned char *dp = (unsigned char *)PyBytes_AS_STRING(descs);
     char *outs = PyByteArray_AS_STRING(outstanding);
+    long long nbytes = 0;
     Py_ssize_t k = 0;
     for (; k < n; k++) {
         long idx = PyLong_AsLong(PyList_GET_ITEM(free, nfree - 1 - k));
         if (idx == -1 && PyErr_Occurred())
             goto undo;
         Py_buffer f;
-        if (PyObject_GetBuffer(PyList_GET_ITEM(frames, start + k), &f, PyBUF_SIMPLE) < 0)
+        const char *data;
+        Py_ssize_t len;
+        if (get_frame(PyList_GET_ITEM(frames, start + k), &f, &data, &len) < 0)
             goto undo;
         unsigned long long at = pool + (unsigned long long)idx * size;
-        if (idx < 0 || idx >= nout || (unsigned long long)f.len > size || f.len > 0xFFFF ||
-            at + size > (unsigned long long)mem.len) {
-            PyBuffer_Release(&f);
+        if (idx < 0 || idx >= nout || (unsigned long long)len > size || len > 0xFFFF ||
+            at + size > (unsigned long long)mem.len || at + size < at) {
+            release_frame(&f);
             PyErr_Format(PyExc_ValueError, "stage_tx: frame %zd (%zd bytes) does not fit TX buffer %ld",
-                         start + k, f.len, idx);
+                         start + k, len, idx);
             goto undo;
         }
-        memcpy((char *)mem.buf + at, f.buf, (size_t)f.len); /* the driver's copy into its buffer */
-        put_desc(dp + k * DESC_SIZE, (uint32_t)idx, (uint16_t)f.len, (uint16_t)idx);
-        PyBuffer_Release(&f);
+        memcpy((char *)mem.buf + at, data, (size_t)len); /* the driver's copy into its buffer */
+        put_desc(dp + k * DESC_SIZE, (uint32_t)idx, (uint16_t)len, (uint16_t)idx);
+        release_frame(&f);
         outs[idx] = 1;
+        nbytes += len;
     }
     if (PyList_SetSlice(free, nfree - n, nfree, NULL) < 0)
         goto out;
-    result = Py_BuildValue("On", descs, start + n);
+    result = Py_BuildValue("OnL", descs, start + n, nbytes);
     goto out;
 undo: /* leave the driver's state as it was: nothing staged is published */
     for (Py_ssize_t j = 0; j < k; j++) {
@@ -142,7 +207,7 @@ out:
 }
 
 /* reap_rx(cmpls, mem, pool_gpa, buf_size, nr_tx, posted, room)
- *   -> (frames, repost_descs, bad_completions, error_statuses, drops_full) */
+ *   -> (frames, repost_descs, bad_completions, error_statuses, drops_full, frame_bytes) */
 static PyObject *reap_rx(PyObject *self, PyObject *args)
 {
     Py_buffer cm, mem;
@@ -163,6 +228,7 @@ static PyObject *reap_rx(PyObject *self, PyObject *args)
     unsigned char *rp = (unsigned char *)PyBytes_AS_STRING(repost);
     const unsigned char *cp = cm.buf;
     long bad = 0, full = 0;
+    long long nbytes = 0;
     Py_ssize_t nrepost = 0;
     for (Py_ssize_t i = 0; i < n; i++, cp += CMPL_SIZE) {
         uint16_t id = u16(cp), len = u16(cp + 2);
@@ -193,13 +259,14 @@ static PyObject *reap_rx(PyObject *self, PyObject *args)
             goto out;
         }
         Py_DECREF(f);
+        nbytes += len;
         room--;
     }
     for (Py_ssize_t i = 0; i < nrepost; i++) /* after the batch: a repeated id stays refused */
         post[u16(rp + i * DESC_SIZE)] = 1;
     if (_PyBytes_Resize(&repost, nrepost * DESC_SIZE) < 0)
         goto out;
-    result = Py_BuildValue("OOlOl", frames, repost, bad, errors, full);
+    result = Py_BuildValue("OOlOlL", frames, repost, bad, errors, full, nbytes);
 out:
     Py_XDECREF(frames);
     Py_XDECREF(errors);
@@ -210,12 +277,15 @@ out:
 }
 
 static PyMethodDef methods[] = {
-    {"stage_tx", stage_tx, METH_VARARGS,
-     "stage_tx(frames, start, mem, pool_gpa, buf_size, free, outstanding) -> (descs, next)"},
+    {"check_frames", (PyCFunction)(void (*)(void))check_frames, METH_FASTCALL,
+     "check_frames(frames, min_len, max_len) -> index of the first frame not bytes/bytearray of "
+     "min_len..max_len bytes, or -1"},
+    {"stage_tx", (PyCFunction)(void (*)(void))stage_tx, METH_FASTCALL,
+     "stage_tx(frames, start, mem, pool_gpa, buf_size, free, outstanding) -> (descs, next, nbytes)"},
     {"reap_tx", reap_tx, METH_VARARGS, "reap_tx(cmpls, outstanding, free) -> (reaped, bad, error_statuses)"},
     {"reap_rx", reap_rx, METH_VARARGS,
      "reap_rx(cmpls, mem, pool_gpa, buf_size, nr_tx, posted, room) -> (frames, repost, bad, error_statuses, "
-     "drops_full)"},
+     "drops_full, frame_bytes)"},
     {NULL, NULL, 0, NULL},
 };
 
