@@ -117,7 +117,8 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import TYPE_CHECKING
+import mmap
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -166,6 +167,7 @@ from pvio.abi.smartnic import (
     SNIC_MMIO_STRIDE,
     SNIC_OK,
     SNIC_RING,
+    SNIC_RING_ENTRIES,
     SNIC_VERSION,
     SNIC_WINDOW,
     ST_ENABLED,
@@ -173,9 +175,20 @@ from pvio.abi.smartnic import (
     snic_mac,
 )
 from pvio.abi.xen import DOMID_IO
-from pvio.backends.smartnic_dma import rx_batch, tx_batch
+from pvio.backends.smartnic_dma import (
+    NP_FRAME,
+    area_bytes,
+    STOP_FULL,
+    STOP_GRANTED,
+    place,
+    rx_area_batch,
+    rx_batch,
+    tx_area_batch,
+)
 from pvio.backends.switch import Switch, SwitchPort
+from pvio.core._native import ffi
 from pvio.core.grant_table import GrantError
+from pvio.core.netpath import Area, FrameBatch
 from pvio.core.ratelimit import LogLimiter
 from pvio.ringbuf import BackRing, RingOverflowError
 
@@ -232,6 +245,8 @@ def level_for_sample(completions: int, pushes: int, seconds: float, current: int
 class SmartNic(SwitchPort):
     """One smart NIC of one domain: its register window, its DMA engine and a switch port."""
 
+    accepts_batches = True  # frames of a switch batch are DMA'd from where they lie (transmit_batch)
+
     def __init__(
         self, hv: Hypervisor, dom: Domain, switch: Switch, *, devid: int = 0, mac: bytes | None = None
     ) -> None:
@@ -266,6 +281,12 @@ class SmartNic(SwitchPort):
         self._pool = (0, 0, 0)  # base gpa, buffer size, count
         self._rx_queue: list[bytes] = []  # frames from the switch, oldest first
         self._rx_held = b""  # RX descriptors taken off the ring (copied once), not used yet
+        # TX: frames are DMA'd into this area (the monitor's own memory, not dom0's), one switch
+        # batch (FrameBatch) per ring drain: the switch decides in C and hands them on in place.
+        self._tx_mem: mmap.mmap | None = None
+        self._tx_area: Area | None = None
+        self._tx_frames = ffi.new("struct np_frame[]", SNIC_RING_ENTRIES)
+        self._tx_fbuf = ffi.buffer(self._tx_frames)
         self._wake = trio.Event()
         self._irq_wanted = False
         self._wanted_since = 0.0
@@ -355,6 +376,7 @@ class SmartNic(SwitchPort):
         self._tx = BackRing(SNIC_RING, mem.page(tx >> PAGE_SHIFT))
         self._rx = BackRing(SNIC_RING, mem.page(rx >> PAGE_SHIFT))
         self._pool = (pool, size, count) if pool else (0, 0, 0)
+        self._tx_area_for(size if pool else PAGE_SIZE)
         self.enabled = True
         self.error = False
         self.level = 0
@@ -367,6 +389,17 @@ class SmartNic(SwitchPort):
         log.info(
             "%s enabled (TX ring %#x, RX ring %#x, pool %#x %dx%d)", self.name, tx, rx, pool, count, size
         )
+
+    def _tx_area_for(self, buf_size: int) -> None:
+        """Room for a full ring of TX frames of up to ``buf_size`` bytes each (a page at least:
+        a granted page) in the TX area: anonymous memory, untouched until a frame lands there."""
+        npages = SNIC_RING_ENTRIES * -(-max(buf_size, PAGE_SIZE) // PAGE_SIZE)
+        if self._tx_area is not None and self._tx_area.npages >= npages:
+            return
+        if self._tx_area is not None:
+            self._tx_area.release()
+        self._tx_mem = mmap.mmap(-1, npages * PAGE_SIZE)
+        self._tx_area = Area(self._tx_mem, range(npages))
 
     def reset(self) -> None:
         """CTRL RESET (and teardown): stop, let go of the rings, leave the switch."""
@@ -444,10 +477,12 @@ class SmartNic(SwitchPort):
                 self.dev[f"errors.{reason}"] += n
 
     def _tx_work(self) -> int:
-        """Send every posted TX descriptor: DMA from guest memory (``tx_batch``, in C, one call
-        per batch; a granted page served here), one batch to the switch."""
+        """Send every posted TX descriptor: DMA from guest memory into the TX area
+        (``tx_area_batch``, in C, one call per batch; a granted page served here), then the frames
+        to the switch as one batch (its decision in C, each egress port taking them in place)."""
         ring = self._tx
-        if ring is None:
+        area = self._tx_area
+        if ring is None or area is None:
             return 0
         try:
             data = ring.take_requests()
@@ -457,40 +492,59 @@ class SmartNic(SwitchPort):
         if not data:
             return 0
         mem = self.dom.mem.view
+        amem, fbuf = self._tx_mem, self._tx_fbuf
         base, size, count = self._pool
         n = len(data) // DESC.size
-        frames: list[bytes] = []
         cmpls: list[bytes] = []
-        nbytes = 0
-        start = 0
+        start = nf = head = nbytes = 0
         while start < n:
-            sent, done, start, nb, bad_len, bad_buf, bad_flags = tx_batch(data, mem, base, size, count, start)
-            frames += sent
+            done, start, stop, nf, head, nb, bad_len, bad_buf, bad_flags = tx_area_batch(
+                data, mem, base, size, count, start, amem, fbuf, nf, head
+            )
             cmpls.append(done)
             nbytes += nb
             self._count_refused(bad_len, bad_buf, bad_flags)
-            if start < n:  # a granted page: the grant table is Python's
-                done, nb = self._tx_granted(data, start, frames)
+            if stop == STOP_FULL:  # cannot happen with the area sized at ENABLE; handled all the same
+                self._send_batch(nf, head, nbytes)
+                nf = head = nbytes = 0
+            elif stop == STOP_GRANTED:  # a granted page: the grant table is Python's
+                done, nf, head, nbytes = self._tx_granted(data, start, nf, head, nbytes)
                 cmpls.append(done)
-                nbytes += nb
                 start += 1
         self._complete(ring, b"".join(cmpls))
-        if frames:
-            dev = self.dev
-            dev["copies"] += len(frames)
-            dev["packets.tx"] += len(frames)
-            dev["bytes.tx"] += nbytes
-            self.switch.input(self, frames)
+        self._send_batch(nf, head, nbytes)
         return n
 
-    def _tx_granted(self, data: bytes, index: int, frames: list[bytes]) -> tuple[bytes, int]:
-        """Send descriptor ``index`` of ``data``, which names a granted page: (completion, bytes)."""
+    def _send_batch(self, nf: int, head: int, nbytes: int) -> None:
+        """Hand the ``nf`` frames in the TX area to the switch (one batch; valid during the call)."""
+        if not nf:
+            return
+        area = self._tx_area
+        assert area is not None
+        dev = self.dev
+        dev["copies"] += nf  # the DMA reads: guest memory -> the TX area
+        dev["copy_bytes"] += nbytes
+        dev["packets.tx"] += nf
+        dev["bytes.tx"] += nbytes
+        area.c.head = head
+        area.c.tail = 0
+        self.switch.input_batch(self, FrameBatch(area, self._tx_frames, nf))
+
+    def _tx_granted(self, data: bytes, index: int, nf: int, head: int, nbytes: int) -> tuple[bytes, int, int, int]:
+        """Send descriptor ``index`` of ``data``, which names a granted page, into the TX area as
+        frame ``nf`` at ``head`` (``nbytes`` in the area so far): (completion, frames, head, bytes)."""
         buf, offset, length, desc_id, flags, _rsvd = DESC.unpack_from(data, index * DESC.size)
         window = self._buffer(buf, offset, length, flags, write=False)
         if isinstance(window, str):
-            return self._refuse(window, desc_id), 0
-        frames.append(window.tobytes())  # the DMA read: guest memory -> wire
-        return CMPL.pack(desc_id, length, SNIC_OK, 0), length
+            return self._refuse(window, desc_id), nf, head, nbytes
+        assert self._tx_mem is not None
+        pos = place(head, length)
+        if nf == SNIC_RING_ENTRIES or pos + length > len(self._tx_mem):  # full: send what is there first
+            self._send_batch(nf, head, nbytes)
+            nf, pos, nbytes = 0, 0, 0
+        self._tx_mem[pos : pos + length] = window  # the DMA read: guest memory -> the TX area
+        NP_FRAME.pack_into(self._tx_fbuf, nf * NP_FRAME.size, pos, length, 0)
+        return CMPL.pack(desc_id, length, SNIC_OK, 0), nf + 1, pos + length, nbytes + length
 
     def _rx_work(self) -> int:
         """Write queued frames into posted RX buffers (DMA into guest memory: ``rx_batch``, in C,
@@ -545,6 +599,7 @@ class SmartNic(SwitchPort):
         if delivered:
             dev = self.dev
             dev["copies"] += delivered
+            dev["copy_bytes"] += nbytes
             dev["packets.rx"] += delivered
             dev["bytes.rx"] += nbytes
         return len(done_all) // CMPL.size
@@ -669,6 +724,104 @@ class SmartNic(SwitchPort):
         self._moderate()
         if q or self._irq_wanted:
             self._wake.set()  # the task waits for buffers, or for the moderation deadline
+
+    def transmit_batch(self, batch: FrameBatch, idx: Any, n: int) -> None:
+        """Frames ``idx[0..n)`` of a switch batch (``idx`` None: the first ``n``), valid during this
+        call: with none queued before them, DMA'd straight from the batch's area into the buffers
+        the guest posted (``rx_area_batch``, in C); those left over (no buffers yet) are copied
+        out as ``bytes`` into the RX queue (one counted copy each) as :meth:`transmit` queues them."""
+        if not self.enabled:
+            self.dev["drops.rx_disabled"] += n
+            return
+        if n > RX_QUEUE_MAX:  # as transmit: no more than the queue holds is taken at once
+            self.dev["drops.rx_queue_full"] += n - RX_QUEUE_MAX
+            n = RX_QUEUE_MAX
+        ring = self._rx
+        area = batch.area
+        amem, gfns = area.mem, ffi.buffer(area.c.gfn, area.npages * 8)
+        if self._rx_queue or ring is None:  # frames wait already: these queue behind them
+            self._queue_bytes(amem, gfns, batch, idx, 0, n)
+            self.transmit([])
+            return
+        mem = self.dom.mem.view
+        base, size, count = self._pool
+        held = self._rx_held
+        cmpls: list[bytes] = []
+        j = delivered = nbytes = too_big = 0
+        while j < n:
+            if not held:
+                try:
+                    held = ring.take_requests(n - j)
+                except RingOverflowError:
+                    self._fault("ring_overflow")
+                    return
+                if not held:
+                    break  # starved: the rest wait for buffers
+            if idx is not None:
+                frames, ib = ffi.buffer(batch.frames, batch.n * NP_FRAME.size), ffi.buffer(idx + j, (n - j) * 4)
+            else:
+                frames, ib = ffi.buffer(batch.frames + j, (n - j) * NP_FRAME.size), None
+            done, used, taken, dl, nb, tb, *refused = rx_area_batch(
+                held, amem, gfns, frames, ib, n - j, mem, base, size, count
+            )
+            cmpls.append(done)
+            delivered += dl
+            nbytes += nb
+            too_big += tb
+            self._count_refused(*refused)
+            j += taken
+            held = held[used * DESC.size :]
+            if held and j < n:  # stopped at a granted page: the grant table is Python's
+                buf, offset, length, desc_id, flags, _rsvd = DESC.unpack_from(held)
+                window = self._buffer(buf, offset, length, flags, write=True)
+                if isinstance(window, str):
+                    held = held[DESC.size :]
+                    cmpls.append(self._refuse(window, desc_id))
+                    continue
+                f = batch.frames[idx[j] if idx is not None else j]
+                j += 1
+                if f.len > length:
+                    too_big += 1  # the frame cannot fit the buffer it is due in: drop it, keep the buffer
+                    continue
+                held = held[DESC.size :]
+                window[: f.len] = area.read(f.pos, f.len)  # the DMA write: wire -> guest memory
+                cmpls.append(CMPL.pack(desc_id, f.len, SNIC_OK, 0))
+                delivered += 1
+                nbytes += f.len
+        self._rx_held = held
+        if too_big:
+            self.dev["drops.rx_too_big"] += too_big
+        self._complete(ring, b"".join(cmpls))
+        if delivered:
+            dev = self.dev
+            dev["copies"] += delivered  # the DMA writes: the sender's area -> guest memory
+            dev["copy_bytes"] += nbytes
+            dev["packets.rx"] += delivered
+            dev["bytes.rx"] += nbytes
+        if j < n:  # no buffers for these yet
+            self._queue_bytes(amem, gfns, batch, idx, j, n)
+        self._moderate()
+        if self._rx_queue or self._irq_wanted:
+            self._wake.set()  # the task waits for buffers, or for the moderation deadline
+
+    def _queue_bytes(self, amem: Any, gfns: Any, batch: FrameBatch, idx: Any, j: int, n: int) -> None:
+        """Queue frames ``j..n`` of a switch batch for RX buffers to come: copied out as ``bytes``
+        (``area_bytes``, in C: one counted copy each), as many as the queue has room for (the
+        rest dropped, counted as :meth:`transmit` drops them)."""
+        room = RX_QUEUE_MAX - len(self._rx_queue)
+        if n - j > room:
+            self.dev["drops.rx_queue_full"] += n - j - room
+            n = j + room
+        if n <= j:
+            return
+        if idx is not None:
+            frames, ib = ffi.buffer(batch.frames, batch.n * NP_FRAME.size), ffi.buffer(idx + j, (n - j) * 4)
+        else:
+            frames, ib = ffi.buffer(batch.frames + j, (n - j) * NP_FRAME.size), None
+        out = area_bytes(amem, gfns, frames, ib, n - j)
+        self.dev["copies"] += len(out)
+        self.dev["copy_bytes"] += sum(map(len, out))
+        self._rx_queue.extend(out)
 
     # ------------------------------------------------------------------ lifecycle
     def detach(self) -> None:

@@ -20,6 +20,7 @@ outside the guest memory (bad_buf; ENABLE already refuses such pools, this is be
 
 from __future__ import annotations
 
+import struct
 from typing import Any
 
 from pvio.abi.smartnic import (
@@ -34,6 +35,13 @@ from pvio.abi.smartnic import (
 from pvio.backends import _snic_dma
 
 ETH_HEADER_LEN = 14
+PAGE = 4096
+#: ``struct np_frame`` (pvio/core/native/netpath.h): a frame of a switch batch, where it lies in its area.
+NP_FRAME = struct.Struct("<QII")
+STOP_END, STOP_GRANTED, STOP_FULL = 0, 1, 2  # why tx_area_batch stopped
+
+#: (completions, end, stop, frame entries, area head, bytes sent, bad_len, bad_buf, bad_flags)
+TxAreaResult = tuple[bytes, int, int, int, int, int, int, int, int]
 
 #: (frames, completions, end, bytes sent, bad_len, bad_buf, bad_flags)
 TxResult = tuple[list[bytes], bytes, int, int, int, int, int]
@@ -129,6 +137,99 @@ def rx_batch_py(
     return b"".join(cmpls), i, j, delivered, nbytes, too_big, refused[0], refused[1], refused[2]
 
 
+def place(head: int, length: int) -> int:
+    """Where a frame of ``length`` bytes goes at ``head`` of an area (``pvio_np_place``): within one
+    page if it fits one, else from a page boundary."""
+    off = head & (PAGE - 1)
+    if off and (length > PAGE or off + length > PAGE):
+        return (head + PAGE - 1) & ~(PAGE - 1)
+    return head
+
+
+def tx_area_batch_py(
+    descs: bytes,
+    mem: Any,
+    pool_base: int,
+    pool_size: int,
+    pool_count: int,
+    start: int,
+    area: Any,
+    frames: Any,
+    nf: int,
+    head: int,
+) -> TxAreaResult:
+    """:func:`tx_batch_py` with each frame DMA'd into ``area`` (contiguous: area page i is bytes
+    ``i*4096..`` of it) at ``head``, placed as :func:`place` places, and entered as ``struct
+    np_frame`` number ``nf`` of the buffer ``frames``: a batch for the switch's C decision.  Stops
+    before a granted page (STOP_GRANTED) or a frame there is no room for (STOP_FULL)."""
+    pool = (pool_base, pool_size, pool_count)
+    mem_len, cap = len(mem), len(frames) // NP_FRAME.size
+    cmpls: list[bytes] = []
+    refused = [0, 0, 0]
+    nbytes = 0
+    items = list(DESC.iter_unpack(descs))
+    end, stop = start, STOP_END
+    while end < len(items):
+        buf, offset, length, desc_id, flags, _rsvd = items[end]
+        at = SNIC_E_BAD_LEN if length < ETH_HEADER_LEN else _window(buf, offset, length, flags, pool, mem_len)
+        if at == GRANTED:
+            stop = STOP_GRANTED
+            break
+        if at < 0:
+            end += 1
+            refused[_STATUS_INDEX[at]] += 1
+            cmpls.append(CMPL.pack(desc_id, 0, at, 0))
+            continue
+        pos = place(head, length)
+        if nf == cap or pos + length > len(area):
+            stop = STOP_FULL
+            break
+        end += 1
+        area[pos : pos + length] = mem[at : at + length]  # the DMA read: guest memory -> the area
+        NP_FRAME.pack_into(frames, nf * NP_FRAME.size, pos, length, 0)
+        nf += 1
+        head = pos + length
+        nbytes += length
+        cmpls.append(CMPL.pack(desc_id, length, SNIC_OK, 0))
+    return b"".join(cmpls), end, stop, nf, head, nbytes, refused[0], refused[1], refused[2]
+
+
+def area_frames(area_mem: Any, gfns: list[int], frames: Any, idx: list[int] | None, n: int) -> list[bytes]:
+    """Frames ``idx[0..n)`` (or ``0..n-1``) of a switch batch as ``bytes``, read where they lie:
+    area position p is byte ``p % 4096`` of page ``gfns[(p >> 12) % len(gfns)]`` of ``area_mem``."""
+    out = []
+    for j in range(n):
+        pos, length, _pad = NP_FRAME.unpack_from(frames, (idx[j] if idx is not None else j) * NP_FRAME.size)
+        chunks, done = [], 0
+        while done < length:
+            p = pos + done
+            off = p & (PAGE - 1)
+            chunk = min(length - done, PAGE - off)
+            at = gfns[(p >> 12) % len(gfns)] * PAGE + off
+            chunks.append(bytes(area_mem[at : at + chunk]))
+            done += chunk
+        out.append(b"".join(chunks))
+    return out
+
+
+def rx_area_batch_py(
+    descs: bytes,
+    area_mem: Any,
+    gfns: list[int],
+    frames: Any,
+    idx: list[int] | None,
+    n: int,
+    mem: Any,
+    pool_base: int,
+    pool_size: int,
+    pool_count: int,
+) -> RxResult:
+    """:func:`rx_batch_py` on frames of a switch batch where they lie (the reference of
+    ``_snic_dma.rx_area_batch``, which copies each straight from the area into its buffer)."""
+    batch = area_frames(area_mem, gfns, frames, idx, n)
+    return rx_batch_py(descs, batch, mem, pool_base, pool_size, pool_count)
+
+
 def tx_batch(
     descs: bytes, mem: Any, pool_base: int, pool_size: int, pool_count: int, start: int = 0
 ) -> TxResult:
@@ -142,4 +243,48 @@ def rx_batch(
 ) -> RxResult:
     """:func:`rx_batch_py` in C: one call per batch."""
     result: RxResult = _snic_dma.rx_batch(descs, frames, mem, pool_base, pool_size, pool_count)
+    return result
+
+
+def tx_area_batch(
+    descs: bytes,
+    mem: Any,
+    pool_base: int,
+    pool_size: int,
+    pool_count: int,
+    start: int,
+    area: Any,
+    frames: Any,
+    nf: int,
+    head: int,
+) -> TxAreaResult:
+    """:func:`tx_area_batch_py` in C: one call per batch."""
+    result: TxAreaResult = _snic_dma.tx_area_batch(
+        descs, mem, pool_base, pool_size, pool_count, start, area, frames, nf, head
+    )
+    return result
+
+
+def rx_area_batch(
+    descs: bytes,
+    area_mem: Any,
+    gfns: Any,
+    frames: Any,
+    idx: Any,
+    n: int,
+    mem: Any,
+    pool_base: int,
+    pool_size: int,
+    pool_count: int,
+) -> RxResult:
+    """:func:`rx_area_batch_py` in C (``gfns``: the pages as uint64; ``idx``: uint32 indices or None)."""
+    result: RxResult = _snic_dma.rx_area_batch(
+        descs, area_mem, gfns, frames, idx, n, mem, pool_base, pool_size, pool_count
+    )
+    return result
+
+
+def area_bytes(area_mem: Any, gfns: Any, frames: Any, idx: Any, n: int) -> list[bytes]:
+    """:func:`area_frames` in C (``gfns``: the pages as uint64; ``idx``: uint32 indices or None)."""
+    result: list[bytes] = _snic_dma.area_bytes(area_mem, gfns, frames, idx, n)
     return result

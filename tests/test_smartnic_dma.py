@@ -10,13 +10,30 @@ bytes in memory.  ``PVIO_FUZZ=1`` runs ten times as many batches.
 
 from __future__ import annotations
 
+import array
 import os
 import random
 
 import pytest
 
 from pvio.abi.smartnic import CMPL, DESC, SNIC_F_GREF
-from pvio.backends.smartnic_dma import rx_batch, rx_batch_py, tx_batch, tx_batch_py
+from pvio.backends.smartnic_dma import (
+    NP_FRAME,
+    PAGE,
+    STOP_END,
+    STOP_FULL,
+    STOP_GRANTED,
+    area_frames,
+    place,
+    rx_area_batch,
+    rx_area_batch_py,
+    rx_batch,
+    rx_batch_py,
+    tx_area_batch,
+    tx_area_batch_py,
+    tx_batch,
+    tx_batch_py,
+)
 
 ROUNDS = 3000 if os.environ.get("PVIO_FUZZ") == "1" else 300
 MEM = 64 * 1024
@@ -93,3 +110,116 @@ def test_bad_arguments_raise_instead_of_reading_past_the_batch() -> None:
         rx_batch(DESC.pack(0, 0, 64, 1, 0, 0), ["not bytes"], mem, 0, 2048, 4)  # type: ignore[list-item]
     with pytest.raises(TypeError):
         rx_batch(b"", [], memoryview(bytes(MEM)), 0, 2048, 4)  # RX needs writable memory
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_tx_into_an_area_agrees(seed: int) -> None:
+    """tx_area_batch: the same completions, counts, frame entries and area bytes as the reference,
+    with areas and frame tables small enough to fill up (STOP_FULL) and granted pages (STOP_GRANTED)."""
+    rng = random.Random(200 + seed)
+    stops = set()
+    for _ in range(ROUNDS):
+        mem = bytearray(rng.randbytes(MEM))
+        base, size, count = pool(rng)
+        descs = b"".join(random_desc(rng, count, size) for _ in range(rng.randrange(0, 40)))
+        start = rng.randrange(0, len(descs) // DESC.size + 1)
+        area_len = rng.choice([PAGE, 3 * PAGE, 40 * PAGE])
+        cap = rng.choice([1, 8, 64])
+        nf = rng.randrange(0, cap + 1)
+        head = rng.randrange(0, area_len + 1)
+        fill_area, fill_frames = rng.randbytes(area_len), rng.randbytes(cap * NP_FRAME.size)
+        area_c, area_py = bytearray(fill_area), bytearray(fill_area)
+        fr_c, fr_py = bytearray(fill_frames), bytearray(fill_frames)
+        got_c = tx_area_batch(descs, memoryview(mem), base, size, count, start, area_c, fr_c, nf, head)
+        got_py = tx_area_batch_py(descs, memoryview(mem), base, size, count, start, area_py, fr_py, nf, head)
+        assert got_c == got_py
+        assert (area_c, fr_c) == (area_py, fr_py)
+        stops.add(got_c[2])
+    assert stops == {STOP_END, STOP_GRANTED, STOP_FULL}  # every way out was taken
+
+
+def test_tx_into_an_area_places_frames_as_the_switch_expects() -> None:
+    mem = bytearray(MEM)
+    for k in range(4):
+        mem[k * 2048 : k * 2048 + 2000] = bytes([k + 1]) * 2000
+    descs = b"".join(DESC.pack(k, 0, 2000, k, 0, 0) for k in range(4))
+    area, frames = bytearray(4 * PAGE), bytearray(8 * NP_FRAME.size)
+    cmpls, end, stop, nf, head, nbytes, *refused = tx_area_batch(
+        descs, memoryview(mem), 0, 2048, 4, 0, area, frames, 0, 0
+    )
+    # two frames of 2000 bytes share a page; the third does not fit its rest and starts the next
+    assert [NP_FRAME.unpack_from(frames, k * 16)[:2] for k in range(nf)] == [
+        (0, 2000), (2000, 2000), (4096, 2000), (6096, 2000)
+    ]  # fmt: skip
+    assert (end, stop, nf, head, nbytes, refused) == (4, STOP_END, 4, 8096, 8000, [0, 0, 0])
+    assert area_frames(area, list(range(4)), frames, None, 4) == [bytes([k + 1]) * 2000 for k in range(4)]
+
+
+def random_area(rng: random.Random) -> tuple[bytearray, list[int], bytearray, int]:
+    """An area of random pages (not in order) of a random memory, holding random frames placed as
+    pvio_np_place places them (from a random start: positions past the area wrap round it)."""
+    mem_pages = rng.randrange(4, 24)
+    area_mem = bytearray(rng.randbytes(mem_pages * PAGE))
+    gfns = rng.sample(range(mem_pages), rng.randrange(1, mem_pages + 1))
+    head = rng.choice([0, rng.randrange(0, 3 * PAGE), len(gfns) * PAGE * 5])
+    entries = []
+    room = len(gfns) * PAGE
+    used = 0
+    for _ in range(rng.randrange(0, 30)):
+        length = rng.choice([14, 64, rng.randrange(14, 3000), PAGE, PAGE + 1, 2 * PAGE + 7])
+        pos = place(head, length)
+        if used + (pos - head) + length > room:
+            break
+        used += pos - head + length
+        entries.append(NP_FRAME.pack(pos, length, 0))
+        head = pos + length
+    return area_mem, gfns, bytearray(b"".join(entries)), len(entries)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_rx_from_an_area_agrees(seed: int) -> None:
+    """rx_area_batch: frames of a switch batch, copied from where they lie (pages of the area in
+    any order, frames longer than a page, a batch index with repeats), as the reference writes them."""
+    rng = random.Random(300 + seed)
+    for _ in range(ROUNDS):
+        area_mem, gfns, frames, nfr = random_area(rng)
+        fill = rng.randbytes(MEM)
+        mem_c, mem_py = bytearray(fill), bytearray(fill)
+        base, size, count = pool(rng)
+        descs = b"".join(random_desc(rng, count, size) for _ in range(rng.randrange(0, 40)))
+        if nfr and rng.random() < 0.5:
+            idx: list[int] | None = [rng.randrange(nfr) for _ in range(rng.randrange(0, 2 * nfr))]
+        else:
+            idx = None
+        n = len(idx) if idx is not None else nfr
+        gfn_buf = array.array("Q", gfns).tobytes()
+        idx_buf = array.array("I", idx).tobytes() if idx is not None else None
+        got_c = rx_area_batch(
+            descs, area_mem, gfn_buf, bytes(frames), idx_buf, n, memoryview(mem_c), base, size, count
+        )
+        got_py = rx_area_batch_py(descs, area_mem, gfns, frames, idx, n, memoryview(mem_py), base, size, count)
+        assert got_c == got_py
+        assert mem_c == mem_py
+
+
+def test_rx_from_an_area_refuses_a_broken_batch() -> None:
+    """A batch frame outside its area's memory, an index past the frames, or n past the index is
+    an error (ValueError), never a read outside the buffers."""
+    mem = memoryview(bytearray(MEM))
+    desc = DESC.pack(0, 0, 2048, 1, 0, 0)
+    area_mem = bytes(2 * PAGE)
+    one = NP_FRAME.pack(0, 64, 0)
+    gfn = array.array("Q", [0]).tobytes()
+    cases = [
+        (array.array("Q", [2]).tobytes(), one, None, 1),  # the page lies past the area's memory
+        (gfn, NP_FRAME.pack(PAGE - 8, 64, 0), None, 1),  # ok: wraps within page 0 (one page area)
+        (gfn, one, array.array("I", [1]).tobytes(), 1),  # index past the frames
+        (gfn, one, array.array("I", [0]).tobytes(), 2),  # n past the index
+        (gfn, one, None, 2),  # n past the frames
+    ]
+    for k, (gfns, frames, idx, n) in enumerate(cases):
+        if k == 1:
+            assert rx_area_batch(desc, area_mem, gfns, frames, idx, n, mem, 0, 2048, 4)[3] == 1
+            continue
+        with pytest.raises(ValueError):
+            rx_area_batch(desc, area_mem, gfns, frames, idx, n, mem, 0, 2048, 4)

@@ -19,6 +19,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "../../pvio/core/native/netpath.h" /* struct np_frame: the switch's batches (one definition) */
+
 #define DESC_SIZE 16
 #define CMPL_SIZE 8
 #define F_GREF 0x1u
@@ -26,6 +28,10 @@
 #define E_BAD_LEN (-3)
 #define E_BAD_FLAGS (-4)
 #define ETH_HEADER_LEN 14
+#define PAGE 4096u
+#define STOP_END 0     /* every descriptor done */
+#define STOP_GRANTED 1 /* stopped before a granted page (Python's) */
+#define STOP_FULL 2    /* stopped: the area or the frame table is full (send what is there, go on) */
 
 struct desc {
     uint32_t buf;
@@ -143,6 +149,259 @@ out:
     return result;
 }
 
+/* tx_area_batch(descs, mem, pool_base, pool_size, pool_count, start, area, frames, nf, head)
+ *   -> (cmpls, end, stop, nf, head, nbytes, bad_len, bad_buf, bad_flags)
+ * tx_batch's loop, the frames DMA'd into an area instead of into bytes: ``area`` is contiguous
+ * (area page i is bytes i*4096.. of it), each frame placed at ``head`` as pvio_np_place places
+ * (never across a page when it fits one; a longer one from a page boundary) and entered as the
+ * ``struct np_frame`` number nf of ``frames``: what the switch's C decision takes as a batch.
+ * ``stop`` says why it ended: STOP_END, STOP_GRANTED (before descriptor ``end``), STOP_FULL
+ * (the area or the frame table has no room for descriptor ``end``'s frame). */
+static PyObject *tx_area_batch(PyObject *self, PyObject *args)
+{
+    Py_buffer descs, mem, area, frames;
+    struct pool pl;
+    Py_ssize_t start, nf;
+    unsigned long long head;
+    if (!PyArg_ParseTuple(args, "y*y*KKKnw*w*nK", &descs, &mem, &pl.base, &pl.size, &pl.count, &start, &area,
+                          &frames, &nf, &head))
+        return NULL;
+    PyObject *cmpls = NULL, *result = NULL;
+    Py_ssize_t n = descs.len / DESC_SIZE, cap = frames.len / (Py_ssize_t)sizeof(struct np_frame);
+    if (descs.len % DESC_SIZE || start < 0 || start > n || nf < 0 || nf > cap ||
+        head > (unsigned long long)area.len) {
+        PyErr_SetString(PyExc_ValueError, "tx_area_batch: partial descriptors, or start/nf/head out of range");
+        goto out;
+    }
+    cmpls = PyBytes_FromStringAndSize(NULL, (n - start) * CMPL_SIZE);
+    if (cmpls == NULL)
+        goto out;
+    unsigned char *cp = (unsigned char *)PyBytes_AS_STRING(cmpls);
+    const unsigned char *dp = (const unsigned char *)descs.buf;
+    struct np_frame *fr = frames.buf;
+    long long nbytes = 0;
+    long bad_len = 0, bad_buf = 0, bad_flags = 0;
+    int stop = STOP_END;
+    Py_ssize_t i = start, k = 0;
+    for (; i < n; i++) {
+        struct desc d = get_desc(dp + i * DESC_SIZE);
+        unsigned long long gpa = 0;
+        int status = d.len < ETH_HEADER_LEN ? E_BAD_LEN : window(&d, &pl, mem.len, &gpa);
+        if (status == 1) {
+            stop = STOP_GRANTED; /* a granted page: Python's */
+            break;
+        }
+        if (status < 0) {
+            count_refusal(status, &bad_len, &bad_buf, &bad_flags);
+            put_cmpl(cp + k++ * CMPL_SIZE, d.id, 0, (int16_t)status);
+            continue;
+        }
+        unsigned long long p = head, off = p & (PAGE - 1);
+        if (off && (d.len > PAGE || off + d.len > PAGE))
+            p = (p + PAGE - 1) & ~(unsigned long long)(PAGE - 1);
+        if (nf == cap || p + d.len > (unsigned long long)area.len) {
+            stop = STOP_FULL;
+            break;
+        }
+        memcpy((char *)area.buf + p, (const char *)mem.buf + gpa, d.len); /* the DMA read */
+        fr[nf].pos = p, fr[nf].len = d.len, fr[nf].pad = 0;
+        nf++;
+        head = p + d.len;
+        nbytes += d.len;
+        put_cmpl(cp + k++ * CMPL_SIZE, d.id, d.len, 0);
+    }
+    if (_PyBytes_Resize(&cmpls, k * CMPL_SIZE) < 0)
+        goto out;
+    result = Py_BuildValue("OninKLlll", cmpls, i, stop, nf, head, nbytes, bad_len, bad_buf, bad_flags);
+out:
+    Py_XDECREF(cmpls);
+    PyBuffer_Release(&descs);
+    PyBuffer_Release(&mem);
+    PyBuffer_Release(&area);
+    PyBuffer_Release(&frames);
+    return result;
+}
+
+/* The frames an RX batch writes: a list of bytes, or frames of a switch batch where they lie
+ * in an area (struct np_frame entries, optionally through an index array). */
+struct source {
+    PyObject *list;           /* list of bytes, or NULL */
+    const uint8_t *amem;      /* the area's memory */
+    Py_ssize_t amem_len;
+    const uint64_t *gfn;      /* the area's pages */
+    Py_ssize_t npages;
+    const struct np_frame *fr; /* the batch's frames */
+    Py_ssize_t nfr;
+    const uint32_t *idx;      /* which of them, or NULL: all in order */
+    Py_ssize_t n;             /* frames in this source */
+};
+
+/* Frame j's length, checking every page it lies in is inside the area's memory (-1: a broken
+ * batch, with ValueError set).  A frame of up to a page lies in one page; a longer one in
+ * consecutive area pages from a page boundary, as pvio_np_place lays them. */
+static Py_ssize_t source_len(const struct source *s, Py_ssize_t j, const struct np_frame **out)
+{
+    if (s->list != NULL) {
+        PyObject *f = PyList_GET_ITEM(s->list, j);
+        if (!PyBytes_Check(f)) {
+            PyErr_SetString(PyExc_TypeError, "rx_batch: frames must be bytes");
+            return -1;
+        }
+        return PyBytes_GET_SIZE(f);
+    }
+    Py_ssize_t k = s->idx != NULL ? (Py_ssize_t)s->idx[j] : j;
+    if (k >= s->nfr || s->npages <= 0)
+        goto bad;
+    const struct np_frame *f = &s->fr[k];
+    for (uint64_t done = 0; done < f->len;) {
+        uint64_t pos = f->pos + done, off = pos & (PAGE - 1);
+        uint64_t chunk = f->len - done < PAGE - off ? f->len - done : PAGE - off;
+        uint64_t page = s->gfn[(pos >> 12) % (uint64_t)s->npages];
+        if (page > ((uint64_t)s->amem_len >> 12) || (page << 12) + off + chunk > (uint64_t)s->amem_len)
+            goto bad;
+        done += chunk;
+    }
+    *out = f;
+    return f->len;
+bad:
+    PyErr_SetString(PyExc_ValueError, "rx_batch: a batch frame outside its area");
+    return -1;
+}
+
+/* Copy frame j (its length checked by source_len) to dst. */
+static void source_copy(const struct source *s, Py_ssize_t j, const struct np_frame *f, char *dst)
+{
+    if (s->list != NULL) {
+        PyObject *b = PyList_GET_ITEM(s->list, j);
+        memcpy(dst, PyBytes_AS_STRING(b), (size_t)PyBytes_GET_SIZE(b));
+        return;
+    }
+    for (uint64_t done = 0; done < f->len;) {
+        uint64_t pos = f->pos + done, off = pos & (PAGE - 1);
+        uint64_t chunk = f->len - done < PAGE - off ? f->len - done : PAGE - off;
+        uint64_t page = s->gfn[(pos >> 12) % (uint64_t)s->npages];
+        memcpy(dst + done, s->amem + (page << 12) + off, (size_t)chunk);
+        done += chunk;
+    }
+}
+
+/* The RX loop over any source -> (cmpls, descs_used, frames_used, delivered, nbytes, too_big,
+ * bad_len, bad_buf, bad_flags). */
+static PyObject *rx_loop(const unsigned char *dp, Py_ssize_t dlen, const struct source *src, Py_buffer *mem,
+                         const struct pool *pl)
+{
+    PyObject *cmpls = NULL, *result = NULL;
+    Py_ssize_t n = dlen / DESC_SIZE, nf = src->n;
+    if (dlen % DESC_SIZE) {
+        PyErr_SetString(PyExc_ValueError, "rx_batch: descriptors are not whole 16-byte entries");
+        return NULL;
+    }
+    cmpls = PyBytes_FromStringAndSize(NULL, n * CMPL_SIZE);
+    if (cmpls == NULL)
+        return NULL;
+    unsigned char *cp = (unsigned char *)PyBytes_AS_STRING(cmpls);
+    long long nbytes = 0;
+    long bad_len = 0, bad_buf = 0, bad_flags = 0, too_big = 0, delivered = 0;
+    Py_ssize_t i = 0, j = 0, k = 0;
+    while (i < n && j < nf) {
+        struct desc d = get_desc(dp + i * DESC_SIZE);
+        unsigned long long gpa = 0;
+        int status = window(&d, pl, mem->len, &gpa);
+        if (status == 1)
+            break; /* a granted page: Python's */
+        if (status < 0) {
+            count_refusal(status, &bad_len, &bad_buf, &bad_flags);
+            put_cmpl(cp + k++ * CMPL_SIZE, d.id, 0, (int16_t)status);
+            i++;
+            continue;
+        }
+        const struct np_frame *f = NULL;
+        Py_ssize_t len = source_len(src, j, &f);
+        if (len < 0)
+            goto out;
+        j++;
+        if (len > d.len) { /* cannot fit the buffer it is due in: drop the frame, keep the buffer */
+            too_big++;
+            continue;
+        }
+        source_copy(src, j - 1, f, (char *)mem->buf + gpa); /* the DMA write */
+        put_cmpl(cp + k++ * CMPL_SIZE, d.id, (uint16_t)len, 0);
+        i++;
+        delivered++;
+        nbytes += len;
+    }
+    if (_PyBytes_Resize(&cmpls, k * CMPL_SIZE) < 0)
+        return NULL; /* cmpls freed by the resize */
+    result = Py_BuildValue("OnnlLllll", cmpls, i, j, delivered, nbytes, too_big, bad_len, bad_buf, bad_flags);
+out:
+    Py_XDECREF(cmpls);
+    return result;
+}
+
+/* The buffers of a switch batch, as rx_area_batch and area_bytes take them. */
+struct batch_args {
+    Py_buffer amem, gfns, frames, idx;
+};
+
+static void release_batch(struct batch_args *b)
+{
+    PyBuffer_Release(&b->amem);
+    PyBuffer_Release(&b->gfns);
+    PyBuffer_Release(&b->frames);
+    if (b->idx.obj != NULL)
+        PyBuffer_Release(&b->idx);
+}
+
+/* Fill src from the buffers (idx_obj None: frames 0..n-1); 0, or -1 with ValueError. */
+static int batch_source(struct batch_args *b, PyObject *idx_obj, Py_ssize_t n, struct source *src)
+{
+    b->idx.obj = NULL;
+    if (idx_obj != Py_None && PyObject_GetBuffer(idx_obj, &b->idx, PyBUF_SIMPLE) < 0)
+        return -1;
+    *src = (struct source){
+        .amem = b->amem.buf, .amem_len = b->amem.len, .gfn = b->gfns.buf, .npages = b->gfns.len / 8,
+        .fr = b->frames.buf, .nfr = b->frames.len / (Py_ssize_t)sizeof(struct np_frame),
+        .idx = b->idx.obj != NULL ? b->idx.buf : NULL, .n = n,
+    };
+    if (n < 0 || (b->idx.obj != NULL ? b->idx.len / 4 : src->nfr) < n || b->gfns.len % 8 ||
+        b->frames.len % (Py_ssize_t)sizeof(struct np_frame)) {
+        PyErr_SetString(PyExc_ValueError, "snic_dma: n past the batch's frames, or a partial entry");
+        return -1;
+    }
+    return 0;
+}
+
+/* area_bytes(area_mem, gfns, frames, idx, n) -> list of bytes: frames of a switch batch copied
+ * out (one copy each), for the RX queue when the guest has no buffers for them yet. */
+static PyObject *area_bytes(PyObject *self, PyObject *args)
+{
+    struct batch_args b;
+    PyObject *idx_obj, *out = NULL;
+    Py_ssize_t n;
+    struct source src;
+    if (!PyArg_ParseTuple(args, "y*y*y*On", &b.amem, &b.gfns, &b.frames, &idx_obj, &n))
+        return NULL;
+    if (batch_source(&b, idx_obj, n, &src) < 0)
+        goto out;
+    out = PyList_New(n);
+    if (out == NULL)
+        goto out;
+    for (Py_ssize_t j = 0; j < n; j++) {
+        const struct np_frame *f = NULL;
+        Py_ssize_t len = source_len(&src, j, &f);
+        PyObject *frame = len < 0 ? NULL : PyBytes_FromStringAndSize(NULL, len);
+        if (frame == NULL) {
+            Py_CLEAR(out);
+            goto out;
+        }
+        source_copy(&src, j, f, PyBytes_AS_STRING(frame));
+        PyList_SET_ITEM(out, j, frame);
+    }
+out:
+    release_batch(&b);
+    return out;
+}
+
 /* rx_batch(descs, frames, mem, pool_base, pool_size, pool_count)
  *   -> (cmpls, descs_used, frames_used, delivered, nbytes, too_big, bad_len, bad_buf, bad_flags) */
 static PyObject *rx_batch(PyObject *self, PyObject *args)
@@ -153,54 +412,31 @@ static PyObject *rx_batch(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "y*O!w*KKK", &descs, &PyList_Type, &frames, &mem, &pl.base, &pl.size,
                           &pl.count))
         return NULL;
-    PyObject *cmpls = NULL, *result = NULL;
-    Py_ssize_t n = descs.len / DESC_SIZE, nf = PyList_GET_SIZE(frames);
-    if (descs.len % DESC_SIZE) {
-        PyErr_SetString(PyExc_ValueError, "rx_batch: descriptors are not whole 16-byte entries");
-        goto out;
-    }
-    cmpls = PyBytes_FromStringAndSize(NULL, n * CMPL_SIZE);
-    if (cmpls == NULL)
-        goto out;
-    unsigned char *cp = (unsigned char *)PyBytes_AS_STRING(cmpls);
-    const unsigned char *dp = (const unsigned char *)descs.buf;
-    long long nbytes = 0;
-    long bad_len = 0, bad_buf = 0, bad_flags = 0, too_big = 0, delivered = 0;
-    Py_ssize_t i = 0, j = 0, k = 0;
-    while (i < n && j < nf) {
-        struct desc d = get_desc(dp + i * DESC_SIZE);
-        unsigned long long gpa = 0;
-        int status = window(&d, &pl, mem.len, &gpa);
-        if (status == 1)
-            break; /* a granted page: Python's */
-        if (status < 0) {
-            count_refusal(status, &bad_len, &bad_buf, &bad_flags);
-            put_cmpl(cp + k++ * CMPL_SIZE, d.id, 0, (int16_t)status);
-            i++;
-            continue;
-        }
-        PyObject *frame = PyList_GET_ITEM(frames, j);
-        if (!PyBytes_Check(frame)) {
-            PyErr_SetString(PyExc_TypeError, "rx_batch: frames must be bytes");
-            goto out;
-        }
-        Py_ssize_t len = PyBytes_GET_SIZE(frame);
-        j++;
-        if (len > d.len) { /* cannot fit the buffer it is due in: drop the frame, keep the buffer */
-            too_big++;
-            continue;
-        }
-        memcpy((char *)mem.buf + gpa, PyBytes_AS_STRING(frame), (size_t)len); /* the DMA write */
-        put_cmpl(cp + k++ * CMPL_SIZE, d.id, (uint16_t)len, 0);
-        i++;
-        delivered++;
-        nbytes += len;
-    }
-    if (_PyBytes_Resize(&cmpls, k * CMPL_SIZE) < 0)
-        goto out;
-    result = Py_BuildValue("OnnlLllll", cmpls, i, j, delivered, nbytes, too_big, bad_len, bad_buf, bad_flags);
-out:
-    Py_XDECREF(cmpls);
+    struct source src = {.list = frames, .n = PyList_GET_SIZE(frames)};
+    PyObject *result = rx_loop(descs.buf, descs.len, &src, &mem, &pl);
+    PyBuffer_Release(&descs);
+    PyBuffer_Release(&mem);
+    return result;
+}
+
+/* rx_area_batch(descs, area_mem, gfns, frames, idx, n, mem, pool_base, pool_size, pool_count)
+ *   -> as rx_batch: frames of a switch batch (``struct np_frame`` entries in the buffer frames, the
+ *   area's page numbers as uint64 in gfns, idx: uint32 indices into frames, or None for 0..n-1)
+ *   written straight from the area into the guest's buffers. */
+static PyObject *rx_area_batch(PyObject *self, PyObject *args)
+{
+    struct batch_args b;
+    Py_buffer descs, mem;
+    PyObject *idx_obj, *result = NULL;
+    Py_ssize_t n;
+    struct pool pl;
+    struct source src;
+    if (!PyArg_ParseTuple(args, "y*y*y*y*Onw*KKK", &descs, &b.amem, &b.gfns, &b.frames, &idx_obj, &n, &mem,
+                          &pl.base, &pl.size, &pl.count))
+        return NULL;
+    if (batch_source(&b, idx_obj, n, &src) == 0)
+        result = rx_loop(descs.buf, descs.len, &src, &mem, &pl);
+    release_batch(&b);
     PyBuffer_Release(&descs);
     PyBuffer_Release(&mem);
     return result;
@@ -210,6 +446,14 @@ static PyMethodDef methods[] = {
     {"tx_batch", tx_batch, METH_VARARGS,
      "tx_batch(descs, mem, pool_base, pool_size, pool_count, start) -> (frames, cmpls, end, nbytes, "
      "bad_len, bad_buf, bad_flags): send descriptors from index start until a granted page (end)."},
+    {"tx_area_batch", tx_area_batch, METH_VARARGS,
+     "tx_area_batch(descs, mem, pool_base, pool_size, pool_count, start, area, frames, nf, head) -> (cmpls, "
+     "end, stop, nf, head, nbytes, bad_len, bad_buf, bad_flags): tx_batch into an area (a switch batch)."},
+    {"rx_area_batch", rx_area_batch, METH_VARARGS,
+     "rx_area_batch(descs, area_mem, gfns, frames, idx, n, mem, pool_base, pool_size, pool_count) -> as "
+     "rx_batch, for frames of a switch batch where they lie."},
+    {"area_bytes", area_bytes, METH_VARARGS,
+     "area_bytes(area_mem, gfns, frames, idx, n) -> frames of a switch batch as bytes (one copy each)."},
     {"rx_batch", rx_batch, METH_VARARGS,
      "rx_batch(descs, frames, mem, pool_base, pool_size, pool_count) -> (cmpls, descs_used, frames_used, "
      "delivered, nbytes, too_big, bad_len, bad_buf, bad_flags): write frames into posted buffers."},
