@@ -118,6 +118,7 @@ from __future__ import annotations
 import logging
 import math
 import mmap
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -177,9 +178,10 @@ from pvio.abi.smartnic import (
 from pvio.abi.xen import DOMID_IO
 from pvio.backends.smartnic_dma import (
     NP_FRAME,
-    area_bytes,
     STOP_FULL,
     STOP_GRANTED,
+    area_bytes,
+    frame_entries,
     place,
     rx_area_batch,
     rx_batch,
@@ -242,6 +244,143 @@ def level_for_sample(completions: int, pushes: int, seconds: float, current: int
     return level_for_rate(rate)
 
 
+#: TX areas a smart NIC lends at once to receivers' RX queues (beyond: receivers copy).
+MAX_LENT_AREAS = 4
+
+
+class TxArea(Area):
+    """One TX area of a smart NIC: the monitor's own memory (anonymous, untouched until a frame
+    lands there), page i of the area at bytes ``i * 4096..``.  Its frames go to the switch as one
+    batch; a receiver with no RX buffers for some of them may *borrow* the area (a pin) and keep
+    them where they are instead of copying them out; the sender DMAs its next batch into another
+    area while this one is lent."""
+
+    def __init__(self, lender: TxAreas, npages: int) -> None:
+        self.buffer = mmap.mmap(-1, npages * PAGE_SIZE)
+        super().__init__(self.buffer, range(npages))
+        self.lender = lender
+        self.frames = ffi.new("struct np_frame[]", SNIC_RING_ENTRIES)
+        self.fbuf = ffi.buffer(self.frames)
+        self.pins = 0
+
+    def pin(self) -> bool:
+        """Borrow the area (its frames stay valid until :meth:`unpin`); False: too many are lent."""
+        if not self.pins:
+            if self.lender.lent >= MAX_LENT_AREAS:
+                return False
+            self.lender.lent += 1
+        self.pins += 1
+        return True
+
+    def unpin(self) -> None:
+        self.pins -= 1
+        if not self.pins:
+            self.lender.returned(self)
+
+
+class TxAreas:
+    """A smart NIC's TX areas: the one it DMAs into now, and spares while others are lent."""
+
+    def __init__(self, npages: int) -> None:
+        self.npages = npages
+        self.lent = 0
+        self.spare: list[TxArea] = []
+        self.current = TxArea(self, npages)
+
+    def fresh(self) -> TxArea:
+        """The area for the next batch: the current one unless it is lent."""
+        if self.current.pins:
+            self.current = self.spare.pop() if self.spare else TxArea(self, self.npages)
+        return self.current
+
+    def returned(self, area: TxArea) -> None:
+        self.lent -= 1
+        if area is not self.current:
+            self.spare.append(area)
+
+
+class RxSegment:
+    """Frames waiting in a smart NIC's RX queue, oldest first: a list of ``bytes`` (``area`` None),
+    or frames where they lie in an area (``entries``: their ``struct np_frame`` entries, from
+    ``off``) -- a borrowed TX area, or during :meth:`SmartNic.transmit_batch` the switch batch's."""
+
+    __slots__ = ("area", "entries", "frames", "gfns", "n", "off", "pinned")
+
+    def __init__(self, frames: list[bytes] | None, area: Area | None = None, entries: bytes = b"") -> None:
+        self.frames = frames if frames is not None else []
+        self.area = area
+        self.entries = entries
+        self.off = 0
+        self.pinned = False  # the area is a TX area this segment borrowed (unpinned when it empties)
+        self.n = len(entries) // NP_FRAME.size if area is not None else len(self.frames)
+        self.gfns = ffi.buffer(area.c.gfn, area.npages * 8) if area is not None else None
+
+    def __len__(self) -> int:
+        return self.n - self.off if self.area is not None else len(self.frames)
+
+    def rest(self) -> memoryview:
+        """The entries of the frames still waiting (an area segment)."""
+        return memoryview(self.entries)[self.off * NP_FRAME.size :]
+
+    def head(self) -> tuple[int, Any]:
+        """The first frame waiting: (length, its bytes or, in an area, a view of them when it is
+        at most a page long (one page of the area), else None: never read, as no granted page
+        can take it)."""
+        if self.area is None:
+            return len(self.frames[0]), self.frames[0]
+        pos, length, _pad = NP_FRAME.unpack_from(self.entries, self.off * NP_FRAME.size)
+        if length > PAGE_SIZE:
+            return length, None
+        at = self.area.addr(pos)
+        return length, memoryview(self.area.mem)[at : at + length]
+
+
+class RxQueue:
+    """A smart NIC's frames from the switch waiting for RX buffers: segments, oldest first."""
+
+    def __init__(self) -> None:
+        self.segs: deque[RxSegment] = deque()
+        self.n = 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __bool__(self) -> bool:
+        return self.n > 0
+
+    def append(self, seg: RxSegment) -> None:
+        if len(seg):
+            self.segs.append(seg)
+            self.n += len(seg)
+
+    def extend(self, frames: list[bytes]) -> None:
+        """Queue ``frames`` (bytes) behind what waits."""
+        last = self.segs[-1] if self.segs else None
+        if last is not None and last.area is None:
+            last.frames.extend(frames)
+            self.n += len(frames)
+        else:
+            self.append(RxSegment(list(frames)))
+
+    def consumed(self, seg: RxSegment, k: int) -> None:
+        """``k`` frames of the head segment ``seg`` are gone (delivered or dropped)."""
+        if seg.area is None:
+            del seg.frames[:k]
+        else:
+            seg.off += k
+        self.n -= k
+        if not len(seg):
+            self.segs.popleft()
+            if seg.pinned and isinstance(seg.area, TxArea):
+                seg.pinned = False
+                seg.area.unpin()
+
+    def clear(self) -> None:
+        while self.segs:
+            seg = self.segs[0]
+            self.consumed(seg, len(seg))
+
+
 class SmartNic(SwitchPort):
     """One smart NIC of one domain: its register window, its DMA engine and a switch port."""
 
@@ -279,14 +418,11 @@ class SmartNic(SwitchPort):
         self._tx: BackRing | None = None
         self._rx: BackRing | None = None
         self._pool = (0, 0, 0)  # base gpa, buffer size, count
-        self._rx_queue: list[bytes] = []  # frames from the switch, oldest first
+        self._rx_queue = RxQueue()  # frames from the switch waiting for RX buffers, oldest first
         self._rx_held = b""  # RX descriptors taken off the ring (copied once), not used yet
-        # TX: frames are DMA'd into this area (the monitor's own memory, not dom0's), one switch
+        # TX: frames are DMA'd into an area (the monitor's own memory, not dom0's), one switch
         # batch (FrameBatch) per ring drain: the switch decides in C and hands them on in place.
-        self._tx_mem: mmap.mmap | None = None
-        self._tx_area: Area | None = None
-        self._tx_frames = ffi.new("struct np_frame[]", SNIC_RING_ENTRIES)
-        self._tx_fbuf = ffi.buffer(self._tx_frames)
+        self._tx_areas: TxAreas | None = None
         self._wake = trio.Event()
         self._irq_wanted = False
         self._wanted_since = 0.0
@@ -391,15 +527,11 @@ class SmartNic(SwitchPort):
         )
 
     def _tx_area_for(self, buf_size: int) -> None:
-        """Room for a full ring of TX frames of up to ``buf_size`` bytes each (a page at least:
-        a granted page) in the TX area: anonymous memory, untouched until a frame lands there."""
+        """TX areas with room for a full ring of frames of up to ``buf_size`` bytes each (a page
+        at least: a granted page)."""
         npages = SNIC_RING_ENTRIES * -(-max(buf_size, PAGE_SIZE) // PAGE_SIZE)
-        if self._tx_area is not None and self._tx_area.npages >= npages:
-            return
-        if self._tx_area is not None:
-            self._tx_area.release()
-        self._tx_mem = mmap.mmap(-1, npages * PAGE_SIZE)
-        self._tx_area = Area(self._tx_mem, range(npages))
+        if self._tx_areas is None or self._tx_areas.npages < npages:
+            self._tx_areas = TxAreas(npages)  # areas lent meanwhile stay alive with their borrowers
 
     def reset(self) -> None:
         """CTRL RESET (and teardown): stop, let go of the rings, leave the switch."""
@@ -481,8 +613,7 @@ class SmartNic(SwitchPort):
         (``tx_area_batch``, in C, one call per batch; a granted page served here), then the frames
         to the switch as one batch (its decision in C, each egress port taking them in place)."""
         ring = self._tx
-        area = self._tx_area
-        if ring is None or area is None:
+        if ring is None or self._tx_areas is None:
             return 0
         try:
             data = ring.take_requests()
@@ -492,7 +623,8 @@ class SmartNic(SwitchPort):
         if not data:
             return 0
         mem = self.dom.mem.view
-        amem, fbuf = self._tx_mem, self._tx_fbuf
+        area = self._tx_areas.fresh()
+        amem, fbuf = area.buffer, area.fbuf
         base, size, count = self._pool
         n = len(data) // DESC.size
         cmpls: list[bytes] = []
@@ -505,22 +637,24 @@ class SmartNic(SwitchPort):
             nbytes += nb
             self._count_refused(bad_len, bad_buf, bad_flags)
             if stop == STOP_FULL:  # cannot happen with the area sized at ENABLE; handled all the same
-                self._send_batch(nf, head, nbytes)
+                self._send_batch(area, nf, head, nbytes)
+                area = self._tx_areas.fresh()
+                amem, fbuf = area.buffer, area.fbuf
                 nf = head = nbytes = 0
             elif stop == STOP_GRANTED:  # a granted page: the grant table is Python's
-                done, nf, head, nbytes = self._tx_granted(data, start, nf, head, nbytes)
+                done, area, nf, head, nbytes = self._tx_granted(data, start, area, nf, head, nbytes)
+                amem, fbuf = area.buffer, area.fbuf
                 cmpls.append(done)
                 start += 1
         self._complete(ring, b"".join(cmpls))
-        self._send_batch(nf, head, nbytes)
+        self._send_batch(area, nf, head, nbytes)
         return n
 
-    def _send_batch(self, nf: int, head: int, nbytes: int) -> None:
-        """Hand the ``nf`` frames in the TX area to the switch (one batch; valid during the call)."""
+    def _send_batch(self, area: TxArea, nf: int, head: int, nbytes: int) -> None:
+        """Hand the ``nf`` frames in ``area`` to the switch (one batch; valid during the call, or
+        while a receiver borrows the area)."""
         if not nf:
             return
-        area = self._tx_area
-        assert area is not None
         dev = self.dev
         dev["copies"] += nf  # the DMA reads: guest memory -> the TX area
         dev["copy_bytes"] += nbytes
@@ -528,27 +662,30 @@ class SmartNic(SwitchPort):
         dev["bytes.tx"] += nbytes
         area.c.head = head
         area.c.tail = 0
-        self.switch.input_batch(self, FrameBatch(area, self._tx_frames, nf))
+        self.switch.input_batch(self, FrameBatch(area, area.frames, nf))
 
-    def _tx_granted(self, data: bytes, index: int, nf: int, head: int, nbytes: int) -> tuple[bytes, int, int, int]:
-        """Send descriptor ``index`` of ``data``, which names a granted page, into the TX area as
-        frame ``nf`` at ``head`` (``nbytes`` in the area so far): (completion, frames, head, bytes)."""
+    def _tx_granted(
+        self, data: bytes, index: int, area: TxArea, nf: int, head: int, nbytes: int
+    ) -> tuple[bytes, TxArea, int, int, int]:
+        """Send descriptor ``index`` of ``data``, which names a granted page, into ``area`` as frame
+        ``nf`` at ``head`` (``nbytes`` there so far): (completion, area, frames, head, bytes)."""
         buf, offset, length, desc_id, flags, _rsvd = DESC.unpack_from(data, index * DESC.size)
         window = self._buffer(buf, offset, length, flags, write=False)
         if isinstance(window, str):
-            return self._refuse(window, desc_id), nf, head, nbytes
-        assert self._tx_mem is not None
+            return self._refuse(window, desc_id), area, nf, head, nbytes
         pos = place(head, length)
-        if nf == SNIC_RING_ENTRIES or pos + length > len(self._tx_mem):  # full: send what is there first
-            self._send_batch(nf, head, nbytes)
-            nf, pos, nbytes = 0, 0, 0
-        self._tx_mem[pos : pos + length] = window  # the DMA read: guest memory -> the TX area
-        NP_FRAME.pack_into(self._tx_fbuf, nf * NP_FRAME.size, pos, length, 0)
-        return CMPL.pack(desc_id, length, SNIC_OK, 0), nf + 1, pos + length, nbytes + length
+        if nf == SNIC_RING_ENTRIES or pos + length > len(area.buffer):  # full: send what is there first
+            self._send_batch(area, nf, head, nbytes)
+            assert self._tx_areas is not None
+            area, nf, pos, nbytes = self._tx_areas.fresh(), 0, 0, 0
+        area.buffer[pos : pos + length] = window  # the DMA read: guest memory -> the TX area
+        NP_FRAME.pack_into(area.fbuf, nf * NP_FRAME.size, pos, length, 0)
+        return CMPL.pack(desc_id, length, SNIC_OK, 0), area, nf + 1, pos + length, nbytes + length
 
     def _rx_work(self) -> int:
-        """Write queued frames into posted RX buffers (DMA into guest memory: ``rx_batch``, in C,
-        one call per batch; a granted page served here)."""
+        """Write queued frames into posted RX buffers (DMA into guest memory, in C, one call per
+        batch: ``rx_batch`` for frames as ``bytes``, ``rx_area_batch`` for frames where they lie
+        in an area; a granted page served here)."""
         ring = self._rx
         q = self._rx_queue
         if ring is None or not q:
@@ -567,30 +704,40 @@ class SmartNic(SwitchPort):
                     return 0
                 if not held:
                     break  # starved: the frames wait for buffers
-            done, used, taken, dl, nb, tb, *refused = rx_batch(held, q, mem, base, size, count)
+            seg = q.segs[0]
+            if seg.area is None:
+                result = rx_batch(held, seg.frames, mem, base, size, count)
+            else:
+                result = rx_area_batch(
+                    held, seg.area.mem, seg.gfns, seg.rest(), None, len(seg), mem, base, size, count
+                )
+            done, used, taken, dl, nb, tb, *refused = result
             cmpls.append(done)
             delivered += dl
             nbytes += nb
             too_big += tb
             self._count_refused(*refused)
-            del q[:taken]
+            left = len(seg) - taken
+            q.consumed(seg, taken)
             held = held[used * DESC.size :]
-            if held and q:  # stopped at a granted page: the grant table is Python's
+            if held and left:  # stopped at a granted page: the grant table is Python's
                 buf, offset, length, desc_id, flags, _rsvd = DESC.unpack_from(held)
                 window = self._buffer(buf, offset, length, flags, write=True)
                 if isinstance(window, str):
                     held = held[DESC.size :]
                     cmpls.append(self._refuse(window, desc_id))
                     continue
-                frame = q.pop(0)
-                if len(frame) > length:
+                flen, frame = seg.head()
+                if flen > length:
+                    q.consumed(seg, 1)
                     too_big += 1  # the frame cannot fit the buffer it is due in: drop it, keep the buffer
                     continue
                 held = held[DESC.size :]
-                window[: len(frame)] = frame  # the DMA write: wire -> guest memory
-                cmpls.append(CMPL.pack(desc_id, len(frame), SNIC_OK, 0))
+                window[:flen] = frame  # the DMA write: wire -> guest memory
+                q.consumed(seg, 1)
+                cmpls.append(CMPL.pack(desc_id, flen, SNIC_OK, 0))
                 delivered += 1
-                nbytes += len(frame)
+                nbytes += flen
         self._rx_held = held
         if too_big:
             self.dev["drops.rx_too_big"] += too_big
@@ -598,7 +745,7 @@ class SmartNic(SwitchPort):
         self._complete(ring, done_all)
         if delivered:
             dev = self.dev
-            dev["copies"] += delivered
+            dev["copies"] += delivered  # the DMA writes: into guest memory
             dev["copy_bytes"] += nbytes
             dev["packets.rx"] += delivered
             dev["bytes.rx"] += nbytes
@@ -727,101 +874,36 @@ class SmartNic(SwitchPort):
 
     def transmit_batch(self, batch: FrameBatch, idx: Any, n: int) -> None:
         """Frames ``idx[0..n)`` of a switch batch (``idx`` None: the first ``n``), valid during this
-        call: with none queued before them, DMA'd straight from the batch's area into the buffers
-        the guest posted (``rx_area_batch``, in C); those left over (no buffers yet) are copied
-        out as ``bytes`` into the RX queue (one counted copy each) as :meth:`transmit` queues them."""
+        call: queued where they lie (behind what waits) and DMA'd from there into the buffers the
+        guest posted (``rx_area_batch``, in C).  Those left without a buffer borrow the area when
+        it is a smart NIC's TX area (no copy); otherwise, or when too many areas are lent, they are
+        copied out as ``bytes`` (``area_bytes``, one counted copy each)."""
         if not self.enabled:
             self.dev["drops.rx_disabled"] += n
             return
-        if n > RX_QUEUE_MAX:  # as transmit: no more than the queue holds is taken at once
-            self.dev["drops.rx_queue_full"] += n - RX_QUEUE_MAX
-            n = RX_QUEUE_MAX
-        ring = self._rx
-        area = batch.area
-        amem, gfns = area.mem, ffi.buffer(area.c.gfn, area.npages * 8)
-        if self._rx_queue or ring is None:  # frames wait already: these queue behind them
-            self._queue_bytes(amem, gfns, batch, idx, 0, n)
-            self.transmit([])
-            return
-        mem = self.dom.mem.view
-        base, size, count = self._pool
-        held = self._rx_held
-        cmpls: list[bytes] = []
-        j = delivered = nbytes = too_big = 0
-        while j < n:
-            if not held:
-                try:
-                    held = ring.take_requests(n - j)
-                except RingOverflowError:
-                    self._fault("ring_overflow")
-                    return
-                if not held:
-                    break  # starved: the rest wait for buffers
-            if idx is not None:
-                frames, ib = ffi.buffer(batch.frames, batch.n * NP_FRAME.size), ffi.buffer(idx + j, (n - j) * 4)
+        q = self._rx_queue
+        room = RX_QUEUE_MAX - len(q)
+        if n > room:  # as transmit: the queue holds no more
+            self.dev["drops.rx_queue_full"] += n - room
+            n = room
+        frames = ffi.buffer(batch.frames, batch.n * NP_FRAME.size)
+        ib = ffi.buffer(idx, n * 4) if idx is not None else None
+        seg = RxSegment(None, batch.area, frame_entries(frames, ib, n))
+        q.append(seg)
+        self._rx_work()
+        if len(seg):  # no buffers for these yet: keep them past this call
+            area = seg.area
+            if isinstance(area, TxArea) and area.pin():
+                seg.pinned = True
             else:
-                frames, ib = ffi.buffer(batch.frames + j, (n - j) * NP_FRAME.size), None
-            done, used, taken, dl, nb, tb, *refused = rx_area_batch(
-                held, amem, gfns, frames, ib, n - j, mem, base, size, count
-            )
-            cmpls.append(done)
-            delivered += dl
-            nbytes += nb
-            too_big += tb
-            self._count_refused(*refused)
-            j += taken
-            held = held[used * DESC.size :]
-            if held and j < n:  # stopped at a granted page: the grant table is Python's
-                buf, offset, length, desc_id, flags, _rsvd = DESC.unpack_from(held)
-                window = self._buffer(buf, offset, length, flags, write=True)
-                if isinstance(window, str):
-                    held = held[DESC.size :]
-                    cmpls.append(self._refuse(window, desc_id))
-                    continue
-                f = batch.frames[idx[j] if idx is not None else j]
-                j += 1
-                if f.len > length:
-                    too_big += 1  # the frame cannot fit the buffer it is due in: drop it, keep the buffer
-                    continue
-                held = held[DESC.size :]
-                window[: f.len] = area.read(f.pos, f.len)  # the DMA write: wire -> guest memory
-                cmpls.append(CMPL.pack(desc_id, f.len, SNIC_OK, 0))
-                delivered += 1
-                nbytes += f.len
-        self._rx_held = held
-        if too_big:
-            self.dev["drops.rx_too_big"] += too_big
-        self._complete(ring, b"".join(cmpls))
-        if delivered:
-            dev = self.dev
-            dev["copies"] += delivered  # the DMA writes: the sender's area -> guest memory
-            dev["copy_bytes"] += nbytes
-            dev["packets.rx"] += delivered
-            dev["bytes.rx"] += nbytes
-        if j < n:  # no buffers for these yet
-            self._queue_bytes(amem, gfns, batch, idx, j, n)
+                assert area is not None
+                rest = area_bytes(area.mem, seg.gfns, seg.rest(), None, len(seg))
+                seg.frames, seg.area, seg.entries, seg.gfns = rest, None, b"", None
+                self.dev["copies"] += len(rest)
+                self.dev["copy_bytes"] += sum(map(len, rest))
         self._moderate()
-        if self._rx_queue or self._irq_wanted:
+        if q or self._irq_wanted:
             self._wake.set()  # the task waits for buffers, or for the moderation deadline
-
-    def _queue_bytes(self, amem: Any, gfns: Any, batch: FrameBatch, idx: Any, j: int, n: int) -> None:
-        """Queue frames ``j..n`` of a switch batch for RX buffers to come: copied out as ``bytes``
-        (``area_bytes``, in C: one counted copy each), as many as the queue has room for (the
-        rest dropped, counted as :meth:`transmit` drops them)."""
-        room = RX_QUEUE_MAX - len(self._rx_queue)
-        if n - j > room:
-            self.dev["drops.rx_queue_full"] += n - j - room
-            n = j + room
-        if n <= j:
-            return
-        if idx is not None:
-            frames, ib = ffi.buffer(batch.frames, batch.n * NP_FRAME.size), ffi.buffer(idx + j, (n - j) * 4)
-        else:
-            frames, ib = ffi.buffer(batch.frames + j, (n - j) * NP_FRAME.size), None
-        out = area_bytes(amem, gfns, frames, ib, n - j)
-        self.dev["copies"] += len(out)
-        self.dev["copy_bytes"] += sum(map(len, out))
-        self._rx_queue.extend(out)
 
     # ------------------------------------------------------------------ lifecycle
     def detach(self) -> None:

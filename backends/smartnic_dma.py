@@ -288,3 +288,21 @@ def area_bytes(area_mem: Any, gfns: Any, frames: Any, idx: Any, n: int) -> list[
     """:func:`area_frames` in C (``gfns``: the pages as uint64; ``idx``: uint32 indices or None)."""
     result: list[bytes] = _snic_dma.area_bytes(area_mem, gfns, frames, idx, n)
     return result
+
+
+def frame_entries_py(frames: Any, idx: list[int] | None, n: int) -> bytes:
+    """The ``struct np_frame`` entries ``idx[0..n)`` (or the first ``n``) of ``frames``, gathered."""
+    size = NP_FRAME.size
+    if idx is None:
+        if n * size > len(frames):
+            raise ValueError("frame_entries: n past the frames")
+        return bytes(frames[: n * size])
+    if any(k * size + size > len(frames) for k in idx[:n]) or n > len(idx):
+        raise ValueError("frame_entries: an index past the frames")
+    return b"".join(bytes(frames[k * size : k * size + size]) for k in idx[:n])
+
+
+def frame_entries(frames: Any, idx: Any, n: int) -> bytes:
+    """:func:`frame_entries_py` in C (``idx``: uint32 indices or None)."""
+    result: bytes = _snic_dma.frame_entries(frames, idx, n)
+    return result

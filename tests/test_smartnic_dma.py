@@ -151,6 +151,7 @@ def test_tx_into_an_area_places_frames_as_the_switch_expects() -> None:
     assert [NP_FRAME.unpack_from(frames, k * 16)[:2] for k in range(nf)] == [
         (0, 2000), (2000, 2000), (4096, 2000), (6096, 2000)
     ]  # fmt: skip
+    assert cmpls == b"".join(CMPL.pack(k, 2000, 0, 0) for k in range(4))
     assert (end, stop, nf, head, nbytes, refused) == (4, STOP_END, 4, 8096, 8000, [0, 0, 0])
     assert area_frames(area, list(range(4)), frames, None, 4) == [bytes([k + 1]) * 2000 for k in range(4)]
 
@@ -197,7 +198,9 @@ def test_rx_from_an_area_agrees(seed: int) -> None:
         got_c = rx_area_batch(
             descs, area_mem, gfn_buf, bytes(frames), idx_buf, n, memoryview(mem_c), base, size, count
         )
-        got_py = rx_area_batch_py(descs, area_mem, gfns, frames, idx, n, memoryview(mem_py), base, size, count)
+        got_py = rx_area_batch_py(
+            descs, area_mem, gfns, frames, idx, n, memoryview(mem_py), base, size, count
+        )
         assert got_c == got_py
         assert mem_c == mem_py
 

@@ -402,6 +402,44 @@ out:
     return out;
 }
 
+/* frame_entries(frames, idx, n) -> bytes: the ``struct np_frame`` entries idx[0..n) of frames (idx
+ * None: the first n), gathered: where a switch batch's frames lie, kept while they wait. */
+static PyObject *frame_entries(PyObject *self, PyObject *args)
+{
+    Py_buffer frames, idx = {0};
+    PyObject *idx_obj, *out = NULL;
+    Py_ssize_t n;
+    if (!PyArg_ParseTuple(args, "y*On", &frames, &idx_obj, &n))
+        return NULL;
+    Py_ssize_t nfr = frames.len / (Py_ssize_t)sizeof(struct np_frame);
+    if (idx_obj != Py_None && PyObject_GetBuffer(idx_obj, &idx, PyBUF_SIMPLE) < 0)
+        goto out;
+    if (n < 0 || (idx.obj != NULL ? idx.len / 4 : nfr) < n) {
+        PyErr_SetString(PyExc_ValueError, "frame_entries: n past the frames");
+        goto out;
+    }
+    out = PyBytes_FromStringAndSize(NULL, n * (Py_ssize_t)sizeof(struct np_frame));
+    if (out == NULL)
+        goto out;
+    struct np_frame *dst = (struct np_frame *)PyBytes_AS_STRING(out);
+    const struct np_frame *src = frames.buf;
+    const uint32_t *ix = idx.obj != NULL ? idx.buf : NULL;
+    for (Py_ssize_t j = 0; j < n; j++) {
+        Py_ssize_t k = ix != NULL ? (Py_ssize_t)ix[j] : j;
+        if (k >= nfr) {
+            Py_CLEAR(out);
+            PyErr_SetString(PyExc_ValueError, "frame_entries: an index past the frames");
+            goto out;
+        }
+        dst[j] = src[k];
+    }
+out:
+    if (idx.obj != NULL)
+        PyBuffer_Release(&idx);
+    PyBuffer_Release(&frames);
+    return out;
+}
+
 /* rx_batch(descs, frames, mem, pool_base, pool_size, pool_count)
  *   -> (cmpls, descs_used, frames_used, delivered, nbytes, too_big, bad_len, bad_buf, bad_flags) */
 static PyObject *rx_batch(PyObject *self, PyObject *args)
@@ -452,6 +490,8 @@ static PyMethodDef methods[] = {
     {"rx_area_batch", rx_area_batch, METH_VARARGS,
      "rx_area_batch(descs, area_mem, gfns, frames, idx, n, mem, pool_base, pool_size, pool_count) -> as "
      "rx_batch, for frames of a switch batch where they lie."},
+    {"frame_entries", frame_entries, METH_VARARGS,
+     "frame_entries(frames, idx, n) -> bytes: struct np_frame entries idx[0..n) of frames, gathered."},
     {"area_bytes", area_bytes, METH_VARARGS,
      "area_bytes(area_mem, gfns, frames, idx, n) -> frames of a switch batch as bytes (one copy each)."},
     {"rx_batch", rx_batch, METH_VARARGS,
