@@ -23,7 +23,10 @@ from pvio.backends.smartnic_dma import (
     STOP_END,
     STOP_FULL,
     STOP_GRANTED,
+    area_bytes,
     area_frames,
+    frame_entries,
+    frame_entries_py,
     place,
     rx_area_batch,
     rx_area_batch_py,
@@ -203,6 +206,25 @@ def test_rx_from_an_area_agrees(seed: int) -> None:
         )
         assert got_c == got_py
         assert mem_c == mem_py
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_frames_copied_out_of_an_area_and_their_entries_agree(seed: int) -> None:
+    """area_bytes and frame_entries (what a receiver keeps of a batch that must wait) against
+    the reference: the same bytes, the same entries, for any index."""
+    rng = random.Random(400 + seed)
+    for _ in range(ROUNDS):
+        area_mem, gfns, frames, nfr = random_area(rng)
+        idx = [rng.randrange(nfr) for _ in range(rng.randrange(0, 2 * nfr))] if nfr else []
+        use_idx = bool(idx) and rng.random() < 0.5
+        n = len(idx) if use_idx else nfr
+        ib = array.array("I", idx).tobytes() if use_idx else None
+        gfn_buf = array.array("Q", gfns).tobytes()
+        want = area_frames(area_mem, gfns, frames, idx if use_idx else None, n)
+        assert area_bytes(area_mem, gfn_buf, bytes(frames), ib, n) == want
+        entries = frame_entries(bytes(frames), ib, n)
+        assert entries == frame_entries_py(frames, idx if use_idx else None, n)
+        assert area_frames(area_mem, gfns, entries, None, n) == want
 
 
 def test_rx_from_an_area_refuses_a_broken_batch() -> None:

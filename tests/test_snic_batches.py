@@ -1,0 +1,165 @@
+"""The smart NIC on the switch's batch path: TX DMA'd into the device's own area and switched as
+one batch (the switch's C decision), RX DMA'd straight from a batch's area into guest buffers.
+
+Frames that find no RX buffer stay where they lie: the receiver borrows the sender's TX area
+(no copy) and the sender DMAs its next batches into spare areas, so they are never overwritten;
+beyond ``MAX_LENT_AREAS`` lent areas, or for an area that is not a smart NIC's (netback's, one
+made by hand), the frames are copied out as ``bytes`` and that copy is counted.  Every count
+below is exact: the paths are synchronous (a doorbell sends on its exit)."""
+
+from __future__ import annotations
+
+import pvio
+from pvio.abi.smartnic import DESC, SNIC_F_GREF, SNIC_OK
+from pvio.abi.xen import DOMID_IO
+from pvio.backends.smartnic import MAX_LENT_AREAS, SmartNic, TxArea, add_smartnic
+from pvio.backends.smartnic_dma import NP_FRAME
+from pvio.backends.switch import Switch
+from pvio.core._native import ffi
+from pvio.core.netpath import Area, FrameBatch
+from tests.guests import Probe, boot
+from tests.test_smartnic import BUF_SIZE, POOL_BUFS, RawDriver, frame_to
+
+
+async def pair(hv: pvio.Hypervisor) -> tuple[RawDriver, SmartNic, RawDriver, SmartNic, Switch]:
+    """Two guests, each driving a smart NIC by hand, on one switch."""
+    switch = Switch(hv.counters)
+    out = []
+    for name in ("a", "b"):
+        g = await boot(hv, Probe(name, memory_pages=96), name=name)
+        nic = add_smartnic(hv, g.domain, switch)
+        d = RawDriver(g)
+        d.enable()
+        out += [d, nic]
+    return out[0], out[1], out[2], out[3], switch
+
+
+def send(d: RawDriver, frames: list[bytes]) -> None:
+    """Frames in pool buffers 0.., one push, one doorbell."""
+    for i, f in enumerate(frames):
+        d.buf(i)[: len(f)] = f
+    d.send(*(DESC.pack(i, 0, len(f), i, 0, 0) for i, f in enumerate(frames)))
+    assert [c[2] for c in d.tx_done()] == [SNIC_OK] * len(frames)
+
+
+def lent(nic: SmartNic) -> int:
+    assert nic._tx_areas is not None
+    return nic._tx_areas.lent
+
+
+def received(d: RawDriver, n: int) -> list[bytes]:
+    """Post buffers 0..n-1 (one RX doorbell) and return what lands in them, in order."""
+    d.post_rx(*(DESC.pack(i, 0, BUF_SIZE, i, 0, 0) for i in range(n)))
+    done = d.rx_done()
+    assert [c[2] for c in done] == [SNIC_OK] * len(done)
+    return [bytes(d.buf(cid)[:length]) for cid, length, _st, _fl in done]
+
+
+async def test_frames_cross_the_switch_as_one_batch_with_one_copy_each_way(hv: pvio.Hypervisor) -> None:
+    da, a, db, b, switch = await pair(hv)
+    db.post_rx(*(DESC.pack(i, 0, BUF_SIZE, i, 0, 0) for i in range(POOL_BUFS)))
+    frames = [frame_to(b.mac, a.mac, 60 + i, fill=i) for i in range(POOL_BUFS)]
+    send(da, frames)
+    assert [bytes(db.buf(c[0])[: c[1]]) for c in db.rx_done()] == frames
+    assert (a.dev["copies"], a.dev["copy_bytes"]) == (POOL_BUFS, sum(map(len, frames)))
+    assert (b.dev["copies"], b.dev["copy_bytes"]) == (POOL_BUFS, sum(map(len, frames)))
+    assert switch.counters["forwarded"] == POOL_BUFS and switch.counters["copies"] == 0
+    assert lent(a) == 0 and not b._rx_queue
+
+
+async def test_frames_without_buffers_borrow_the_senders_area_and_are_never_overwritten(
+    hv: pvio.Hypervisor,
+) -> None:
+    da, a, db, b, _switch = await pair(hv)
+    first = [frame_to(b.mac, a.mac, 64, fill=0x10 + i) for i in range(3)]
+    second = [frame_to(b.mac, a.mac, 100, fill=0x20 + i) for i in range(3)]
+    send(da, first)  # b has no buffers: the frames wait in a's TX area, lent to b
+    assert lent(a) == 1 and len(b._rx_queue) == 3 and b.dev["copies"] == 0
+    send(da, second)  # a DMAs into a spare area: the first batch stays as it was
+    assert lent(a) == 2 and len(b._rx_queue) == 6
+    assert received(db, 6) == first + second
+    assert lent(a) == 0 and not b._rx_queue
+    assert b.dev["copies"] == 6 and b.dev["copy_bytes"] == 3 * 64 + 3 * 100  # the DMA writes, no more
+    assert a._tx_areas is not None and len(a._tx_areas.spare) == 1  # two areas in all, reused from now on
+    third = [frame_to(b.mac, a.mac, 70, fill=0x30)]
+    send(da, third)
+    assert received(db, 1) == third and lent(a) == 0
+
+
+async def test_past_the_lent_areas_waiting_frames_are_copied_out_and_counted(hv: pvio.Hypervisor) -> None:
+    da, a, db, b, _switch = await pair(hv)
+    batches = [[frame_to(b.mac, a.mac, 64 + k, fill=k)] for k in range(MAX_LENT_AREAS + 2)]
+    for frames in batches:
+        send(da, frames)
+    assert lent(a) == MAX_LENT_AREAS
+    copied = 2  # the two batches past the limit: a frame each, copied out as bytes
+    assert b.dev["copies"] == copied and b.dev["copy_bytes"] == sum(len(f[0]) for f in batches[-2:])
+    assert received(db, len(batches)) == [f for frames in batches for f in frames]
+    assert lent(a) == 0
+    assert b.dev["copies"] == copied + len(batches)
+
+
+async def test_a_granted_rx_page_takes_a_frame_from_a_borrowed_area(hv: pvio.Hypervisor) -> None:
+    da, a, db, b, _switch = await pair(hv)
+    frames = [frame_to(b.mac, a.mac, 300, fill=7), frame_to(b.mac, a.mac, 90, fill=8)]
+    send(da, frames)
+    assert lent(a) == 1
+    gfn = db.g.alloc_page()
+    ref = db.g.grant_access(DOMID_IO, gfn)
+    # a granted page too small for the first frame (dropped, the page kept), then the second
+    db.post_rx(DESC.pack(ref, 10, 200, 5, SNIC_F_GREF, 0))
+    assert [c[:3] for c in db.rx_done()] == [(5, 90, SNIC_OK)]
+    assert bytes(db.g.page(gfn)[10:100]) == frames[1]
+    assert b.dev["drops.rx_too_big"] == 1 and b.dev["copies"] == 1
+    assert lent(a) == 0 and not b._rx_queue
+
+
+async def test_a_reset_receiver_returns_the_areas_it_borrowed(hv: pvio.Hypervisor) -> None:
+    da, a, db, b, _switch = await pair(hv)
+    send(da, [frame_to(b.mac, a.mac)] * 3)
+    assert lent(a) == 1
+    db.wr(0x08, 0x2)  # CTRL RESET
+    assert lent(a) == 0 and b.dev["drops.reset"] == 3 and not b._rx_queue
+
+
+async def test_frames_of_another_area_are_copied_when_they_must_wait(hv: pvio.Hypervisor) -> None:
+    """A batch whose area is not a smart NIC's (as netback's): delivered from where it lies when
+    buffers are posted, copied out (counted) when they must wait; pages of the area in any order."""
+    _da, a, db, b, _switch = await pair(hv)
+    mem = bytearray(4 * 4096)
+    area = Area(mem, [3, 1])  # area page 0 is memory page 3, page 1 is page 1
+    frames = [frame_to(b.mac, a.mac, 64, fill=1), frame_to(b.mac, a.mac, 2000, fill=2)]
+    entries = ffi.new("struct np_frame[]", 2)
+    mem[3 * 4096 : 3 * 4096 + 64] = frames[0]
+    mem[1 * 4096 : 1 * 4096 + 2000] = frames[1]  # area page 1 (memory page 1)
+    entries[0].pos, entries[0].len = 0, 64
+    entries[1].pos, entries[1].len = 4096, 2000
+    batch = FrameBatch(area, entries, 2)
+    assert not isinstance(area, TxArea)
+    b.transmit_batch(batch, None, 2)  # no buffers yet: both copied out
+    assert b.dev["copies"] == 2 and b.dev["copy_bytes"] == 64 + 2000
+    mem[:] = bytes(len(mem))  # the producer reuses its area: the queued copies are unaffected
+    assert received(db, 2) == frames
+    db.post_rx(*(DESC.pack(i, 0, BUF_SIZE, i, 0, 0) for i in range(2)))
+    mem[3 * 4096 : 3 * 4096 + 64] = frames[0]
+    idx = ffi.new("uint32_t[]", [0, 0])
+    b.transmit_batch(batch, idx, 2)  # the same frame twice, by index, straight into the buffers
+    assert [bytes(db.buf(c[0])[: c[1]]) for c in db.rx_done()] == [frames[0]] * 2
+    assert b.dev["copies"] == 2 + 2 + 2
+
+
+def test_the_frame_entry_is_the_switch_batchs() -> None:
+    """One layout: struct np_frame as netpath.h defines it is what smartnic_dma packs."""
+    assert ffi.sizeof("struct np_frame") == NP_FRAME.size
+    assert ffi.offsetof("struct np_frame", "pos") == 0 and ffi.offsetof("struct np_frame", "len") == 8
+
+
+async def test_a_disabled_receiver_drops_a_batch_and_keeps_nothing(hv: pvio.Hypervisor) -> None:
+    da, a, _db, b, _switch = await pair(hv)
+    send(da, [frame_to(b.mac, a.mac)] * 2)  # waits in b's queue, a's area lent
+    b.reset()
+    assert lent(a) == 0 and b.dev["drops.reset"] == 2
+    area = a._tx_areas.current if a._tx_areas is not None else None
+    assert area is not None
+    b.transmit_batch(FrameBatch(area, area.frames, 2), None, 2)
+    assert b.dev["drops.rx_disabled"] == 2 and lent(a) == 0 and not b._rx_queue
