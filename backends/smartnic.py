@@ -105,8 +105,20 @@ frame, 0 µs: interrupt at once), at high rates up to 96 frames / 200 µs.  Unde
 MockClock time stands still while tasks are busy, so a busy phase samples as a very high
 rate: the counts are exactly reproducible.  docs/devices.md ("Moderation") has the details.
 
+Data path
+---------
+TX descriptors are served in C (:mod:`pvio.backends.smartnic_dma`): each frame is DMA'd from
+guest memory into a :class:`TxArea` (the monitor's own memory) and the drained ring goes to the
+switch as one :class:`~pvio.core.netpath.FrameBatch` (``Switch.input_batch``: one C decision for
+the MAC-locked port).  As an egress port the device takes batches in place
+(:meth:`SmartNic.transmit_batch`): frames go from the batch's area straight into posted RX
+buffers.  Frames with no buffer yet wait in the RX queue (:class:`RxQueue`) where they lie, the
+receiver borrowing the sender's TX area (the sender moves to a spare); frames of an area that
+cannot be lent (another kind of port's, or past ``MAX_LENT_AREAS``) are copied out, counted.
+
 Counters, owner ``smartnic/<name>`` (``snic<domid>.<devid>``): ``packets.tx``/``.rx``,
-``bytes.*``, ``copies`` (DMA transfers: one per frame each way), ``doorbells``,
+``bytes.*``, ``copies`` / ``copy_bytes`` (DMA transfers: one per frame each way; plus a frame
+copied out of a batch that cannot be lent while it waits for a buffer), ``doorbells``,
 ``irqs.raised`` (``irqs.by_frames`` / ``irqs.by_timer``), ``irqs.unbound``, ``polls``,
 ``drops.<reason>``, ``errors.<reason>`` (``bad_config``, ``bad_buf``, ``bad_grant``,
 ``bad_len``, ``bad_flags``, ``ring_overflow``, ``config_while_enabled``,

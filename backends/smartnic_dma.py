@@ -7,6 +7,14 @@ write its completion.  The C versions (``native/snic_dma.c``, module ``_snic_dma
 ones the device uses; :func:`tx_batch_py` and :func:`rx_batch_py` are the readable reference,
 held equal to them by ``tests/test_smartnic_dma.py`` on random and hostile descriptors.
 
+The switch's batch path has its own pair: :func:`tx_area_batch` DMAs the frames into the
+device's TX area (a :class:`~pvio.core.netpath.FrameBatch` for the switch, frames placed as
+``pvio_np_place`` places them) and :func:`rx_area_batch` writes frames of a batch from where they
+lie in its area; :func:`area_bytes` copies frames of a batch out (a receiver keeping frames it
+cannot lend) and :func:`frame_entries` gathers their ``struct np_frame`` entries.  Their
+references are :func:`tx_area_batch_py`, :func:`rx_area_batch_py`, :func:`area_frames` and
+:func:`frame_entries_py`.
+
 A descriptor naming a granted page (``SNIC_F_GREF``, otherwise well formed) needs the grant
 table, which lives in Python: both loops stop before it and say where, and the device serves
 that descriptor itself and calls again for the rest.

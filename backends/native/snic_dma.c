@@ -9,6 +9,11 @@
  * formed) needs the grant table, which is Python's: the loop stops before it and returns its
  * index, and smartnic.py serves that one descriptor and calls again for the rest.
  *
+ * The switch's batch path: tx_area_batch DMAs frames into the device's TX area as a switch
+ * batch (struct np_frame entries, netpath.h's layout); rx_area_batch writes frames of a batch from
+ * where they lie in its area (every page a frame touches checked against the area's memory);
+ * area_bytes copies frames of a batch out, frame_entries gathers their entries.
+ *
  * Every descriptor is hostile: pool indices, offsets and lengths are range-checked against
  * the pool geometry the device validated at ENABLE *and* against the guest memory buffer
  * itself, so no descriptor reads or writes outside the domain's RAM whatever the registers
