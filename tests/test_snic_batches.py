@@ -15,15 +15,20 @@ from pvio.abi.xen import DOMID_IO
 from pvio.backends.smartnic import MAX_LENT_AREAS, SmartNic, TxArea, add_smartnic
 from pvio.backends.smartnic_dma import NP_FRAME
 from pvio.backends.switch import Switch
+from pvio.core import netpath
 from pvio.core._native import ffi
-from pvio.core.netpath import Area, FrameBatch
+from pvio.core.netpath import Area, CPath, FrameBatch, PythonPath
 from tests.guests import Probe, boot
 from tests.test_smartnic import BUF_SIZE, POOL_BUFS, RawDriver, frame_to
 
 
-async def pair(hv: pvio.Hypervisor) -> tuple[RawDriver, SmartNic, RawDriver, SmartNic, Switch]:
-    """Two guests, each driving a smart NIC by hand, on one switch."""
+async def pair(
+    hv: pvio.Hypervisor, datapath: CPath | PythonPath = netpath.C
+) -> tuple[RawDriver, SmartNic, RawDriver, SmartNic, Switch]:
+    """Two guests, each driving a smart NIC by hand, on one switch (its C decision by default,
+    whatever PVIO_DATAPATH says: that path is what these tests are about)."""
     switch = Switch(hv.counters)
+    switch.datapath = datapath
     out = []
     for name in ("a", "b"):
         g = await boot(hv, Probe(name, memory_pages=96), name=name)
@@ -65,6 +70,19 @@ async def test_frames_cross_the_switch_as_one_batch_with_one_copy_each_way(hv: p
     assert (b.dev["copies"], b.dev["copy_bytes"]) == (POOL_BUFS, sum(map(len, frames)))
     assert switch.counters["forwarded"] == POOL_BUFS and switch.counters["copies"] == 0
     assert lent(a) == 0 and not b._rx_queue
+
+
+async def test_the_switchs_python_decision_takes_the_frames_as_bytes_and_counts_that_copy(
+    hv: pvio.Hypervisor,
+) -> None:
+    """The switch's readable reference (``PVIO_DATAPATH=python``) gets the batch's frames as
+    ``bytes`` (one copy each, the switch's) and hands them to the receiver's ``transmit``."""
+    da, a, db, b, switch = await pair(hv, netpath.PYTHON)
+    db.post_rx(*(DESC.pack(i, 0, BUF_SIZE, i, 0, 0) for i in range(4)))
+    frames = [frame_to(b.mac, a.mac, 64, fill=i) for i in range(4)]
+    send(da, frames)
+    assert [bytes(db.buf(c[0])[: c[1]]) for c in db.rx_done()] == frames
+    assert (switch.counters["copies"], a.dev["copies"], b.dev["copies"]) == (4, 4, 4)
 
 
 async def test_frames_without_buffers_borrow_the_senders_area_and_are_never_overwritten(
