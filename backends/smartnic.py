@@ -316,7 +316,7 @@ class RxSegment:
     or frames where they lie in an area (``entries``: their ``struct np_frame`` entries, from
     ``off``) -- a borrowed TX area, or during :meth:`SmartNic.transmit_batch` the switch batch's."""
 
-    __slots__ = ("area", "entries", "frames", "gfns", "n", "off", "pinned")
+    __slots__ = ("area", "entries", "frames", "gfns", "left", "off", "pinned")
 
     def __init__(self, frames: list[bytes] | None, area: Area | None = None, entries: bytes = b"") -> None:
         self.frames = frames if frames is not None else []
@@ -324,11 +324,8 @@ class RxSegment:
         self.entries = entries
         self.off = 0
         self.pinned = False  # the area is a TX area this segment borrowed (unpinned when it empties)
-        self.n = len(entries) // NP_FRAME.size if area is not None else len(self.frames)
+        self.left = len(entries) // NP_FRAME.size if area is not None else len(self.frames)  # frames waiting
         self.gfns = ffi.buffer(area.c.gfn, area.npages * 8) if area is not None else None
-
-    def __len__(self) -> int:
-        return self.n - self.off if self.area is not None else len(self.frames)
 
     def rest(self) -> memoryview:
         """The entries of the frames still waiting (an area segment)."""
@@ -361,15 +358,16 @@ class RxQueue:
         return self.n > 0
 
     def append(self, seg: RxSegment) -> None:
-        if len(seg):
+        if seg.left:
             self.segs.append(seg)
-            self.n += len(seg)
+            self.n += seg.left
 
     def extend(self, frames: list[bytes]) -> None:
         """Queue ``frames`` (bytes) behind what waits."""
         last = self.segs[-1] if self.segs else None
         if last is not None and last.area is None:
             last.frames.extend(frames)
+            last.left += len(frames)
             self.n += len(frames)
         else:
             self.append(RxSegment(list(frames)))
@@ -380,8 +378,9 @@ class RxQueue:
             del seg.frames[:k]
         else:
             seg.off += k
+        seg.left -= k
         self.n -= k
-        if not len(seg):
+        if not seg.left:
             self.segs.popleft()
             if seg.pinned and isinstance(seg.area, TxArea):
                 seg.pinned = False
@@ -390,7 +389,7 @@ class RxQueue:
     def clear(self) -> None:
         while self.segs:
             seg = self.segs[0]
-            self.consumed(seg, len(seg))
+            self.consumed(seg, seg.left)
 
 
 class SmartNic(SwitchPort):
@@ -700,17 +699,17 @@ class SmartNic(SwitchPort):
         in an area; a granted page served here)."""
         ring = self._rx
         q = self._rx_queue
-        if ring is None or not q:
+        if ring is None or not q.n:
             return 0
         mem = self.dom.mem.view
         base, size, count = self._pool
         held = self._rx_held
         cmpls: list[bytes] = []
         delivered = nbytes = too_big = 0
-        while q:
+        while q.n:
             if not held:
                 try:
-                    held = ring.take_requests(len(q))
+                    held = ring.take_requests(q.n)
                 except RingOverflowError:
                     self._fault("ring_overflow")
                     return 0
@@ -721,7 +720,7 @@ class SmartNic(SwitchPort):
                 result = rx_batch(held, seg.frames, mem, base, size, count)
             else:
                 result = rx_area_batch(
-                    held, seg.area.mem, seg.gfns, seg.rest(), None, len(seg), mem, base, size, count
+                    held, seg.area.mem, seg.gfns, seg.rest(), None, seg.left, mem, base, size, count
                 )
             done, used, taken, dl, nb, tb, *refused = result
             cmpls.append(done)
@@ -729,7 +728,7 @@ class SmartNic(SwitchPort):
             nbytes += nb
             too_big += tb
             self._count_refused(*refused)
-            left = len(seg) - taken
+            left = seg.left - taken
             q.consumed(seg, taken)
             held = held[used * DESC.size :]
             if held and left:  # stopped at a granted page: the grant table is Python's
@@ -894,7 +893,7 @@ class SmartNic(SwitchPort):
             self.dev["drops.rx_disabled"] += n
             return
         q = self._rx_queue
-        room = RX_QUEUE_MAX - len(q)
+        room = RX_QUEUE_MAX - q.n
         if n > room:  # as transmit: the queue holds no more
             self.dev["drops.rx_queue_full"] += n - room
             n = room
@@ -903,18 +902,18 @@ class SmartNic(SwitchPort):
         seg = RxSegment(None, batch.area, frame_entries(frames, ib, n))
         q.append(seg)
         self._rx_work()
-        if len(seg):  # no buffers for these yet: keep them past this call
+        if seg.left:  # no buffers for these yet: keep them past this call
             area = seg.area
             if isinstance(area, TxArea) and area.pin():
                 seg.pinned = True
             else:
                 assert area is not None
-                rest = area_bytes(area.mem, seg.gfns, seg.rest(), None, len(seg))
+                rest = area_bytes(area.mem, seg.gfns, seg.rest(), None, seg.left)
                 seg.frames, seg.area, seg.entries, seg.gfns = rest, None, b"", None
                 self.dev["copies"] += len(rest)
                 self.dev["copy_bytes"] += sum(map(len, rest))
         self._moderate()
-        if q or self._irq_wanted:
+        if q.n or self._irq_wanted:
             self._wake.set()  # the task waits for buffers, or for the moderation deadline
 
     # ------------------------------------------------------------------ lifecycle
