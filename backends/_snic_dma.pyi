@@ -2,9 +2,6 @@
 
 from typing import Any
 
-def tx_batch(
-    descs: bytes, mem: Any, pool_base: int, pool_size: int, pool_count: int, start: int, /
-) -> tuple[list[bytes], bytes, int, int, int, int, int]: ...
 def rx_batch(
     descs: bytes, frames: list[bytes], mem: Any, pool_base: int, pool_size: int, pool_count: int, /
 ) -> tuple[bytes, int, int, int, int, int, int, int, int]: ...

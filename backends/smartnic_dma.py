@@ -1,19 +1,17 @@
 """The smart NIC's DMA loops: one call per batch of descriptors, in C, with the Python reference.
 
 :mod:`pvio.backends.smartnic` takes a batch of descriptors off a ring (each copied out of the
-shared page once, by ring.c) and hands the copy to :func:`tx_batch` or :func:`rx_batch`: for
-each descriptor they check it, move the frame between guest memory and ``bytes`` (the DMA) and
-write its completion.  The C versions (``native/snic_dma.c``, module ``_snic_dma``) are the
-ones the device uses; :func:`tx_batch_py` and :func:`rx_batch_py` are the readable reference,
-held equal to them by ``tests/test_smartnic_dma.py`` on random and hostile descriptors.
-
-The switch's batch path has its own pair: :func:`tx_area_batch` DMAs the frames into the
-device's TX area (a :class:`~pvio.core.netpath.FrameBatch` for the switch, frames placed as
-``pvio_np_place`` places them) and :func:`rx_area_batch` writes frames of a batch from where they
-lie in its area; :func:`area_bytes` copies frames of a batch out (a receiver keeping frames it
-cannot lend) and :func:`frame_entries` gathers their ``struct np_frame`` entries.  Their
-references are :func:`tx_area_batch_py`, :func:`rx_area_batch_py`, :func:`area_frames` and
-:func:`frame_entries_py`.
+shared page once, by ring.c) and hands the copy to one of these: for each descriptor they check
+it, move the frame between guest memory and the device's side (the DMA) and write its
+completion.  :func:`tx_area_batch` DMAs TX frames into the device's TX area, where they form a
+:class:`~pvio.core.netpath.FrameBatch` for the switch (placed as ``pvio_np_place`` places
+them); :func:`rx_area_batch` writes frames of a switch batch from where they lie in its area,
+:func:`rx_batch` frames held as ``bytes``; :func:`area_bytes` copies frames of a batch out (a
+receiver keeping frames it cannot lend) and :func:`frame_entries` gathers their ``struct
+np_frame`` entries.  The C versions (``native/snic_dma.c``, module ``_snic_dma``) are the ones
+the device uses; :func:`tx_area_batch_py`, :func:`rx_area_batch_py`, :func:`rx_batch_py`,
+:func:`area_frames` and :func:`frame_entries_py` are the readable reference, held equal to them
+by ``tests/test_smartnic_dma.py`` on random and hostile input.
 
 A descriptor naming a granted page (``SNIC_F_GREF``, otherwise well formed) needs the grant
 table, which lives in Python: both loops stop before it and say where, and the device serves
@@ -51,8 +49,6 @@ STOP_END, STOP_GRANTED, STOP_FULL = 0, 1, 2  # why tx_area_batch stopped
 #: (completions, end, stop, frame entries, area head, bytes sent, bad_len, bad_buf, bad_flags)
 TxAreaResult = tuple[bytes, int, int, int, int, int, int, int, int]
 
-#: (frames, completions, end, bytes sent, bad_len, bad_buf, bad_flags)
-TxResult = tuple[list[bytes], bytes, int, int, int, int, int]
 #: (completions, descriptors used, frames used, delivered, bytes, too_big, bad_len, bad_buf, bad_flags)
 RxResult = tuple[bytes, int, int, int, int, int, int, int, int]
 
@@ -80,34 +76,6 @@ def _window(buf: int, offset: int, length: int, flags: int, pool: tuple[int, int
     if gpa + length > mem_len:
         return SNIC_E_BAD_BUF
     return gpa
-
-
-def tx_batch_py(
-    descs: bytes, mem: Any, pool_base: int, pool_size: int, pool_count: int, start: int = 0
-) -> TxResult:
-    """Send descriptors ``start``.. of ``descs`` until one names a granted page (the reference)."""
-    pool = (pool_base, pool_size, pool_count)
-    mem_len = len(mem)
-    frames: list[bytes] = []
-    cmpls: list[bytes] = []
-    refused = [0, 0, 0]
-    nbytes = 0
-    items = list(DESC.iter_unpack(descs))
-    end = start
-    while end < len(items):
-        buf, offset, length, desc_id, flags, _rsvd = items[end]
-        at = SNIC_E_BAD_LEN if length < ETH_HEADER_LEN else _window(buf, offset, length, flags, pool, mem_len)
-        if at == GRANTED:
-            break
-        end += 1
-        if at < 0:
-            refused[_STATUS_INDEX[at]] += 1
-            cmpls.append(CMPL.pack(desc_id, 0, at, 0))
-            continue
-        frames.append(bytes(mem[at : at + length]))  # the DMA read: guest memory -> wire
-        nbytes += length
-        cmpls.append(CMPL.pack(desc_id, length, SNIC_OK, 0))
-    return frames, b"".join(cmpls), end, nbytes, refused[0], refused[1], refused[2]
 
 
 def rx_batch_py(
@@ -166,10 +134,11 @@ def tx_area_batch_py(
     nf: int,
     head: int,
 ) -> TxAreaResult:
-    """:func:`tx_batch_py` with each frame DMA'd into ``area`` (contiguous: area page i is bytes
-    ``i*4096..`` of it) at ``head``, placed as :func:`place` places, and entered as ``struct
-    np_frame`` number ``nf`` of the buffer ``frames``: a batch for the switch's C decision.  Stops
-    before a granted page (STOP_GRANTED) or a frame there is no room for (STOP_FULL)."""
+    """Send descriptors ``start``.. of ``descs``: each frame DMA'd into ``area`` (contiguous: area
+    page i is bytes ``i*4096..`` of it) at ``head``, placed as :func:`place` places, and entered
+    as ``struct np_frame`` number ``nf`` of the buffer ``frames``: a batch for the switch's C
+    decision.  Stops before a granted page (STOP_GRANTED) or a frame there is no room for
+    (STOP_FULL).  The reference of ``_snic_dma.tx_area_batch``."""
     pool = (pool_base, pool_size, pool_count)
     mem_len, cap = len(mem), len(frames) // NP_FRAME.size
     cmpls: list[bytes] = []
@@ -236,14 +205,6 @@ def rx_area_batch_py(
     ``_snic_dma.rx_area_batch``, which copies each straight from the area into its buffer)."""
     batch = area_frames(area_mem, gfns, frames, idx, n)
     return rx_batch_py(descs, batch, mem, pool_base, pool_size, pool_count)
-
-
-def tx_batch(
-    descs: bytes, mem: Any, pool_base: int, pool_size: int, pool_count: int, start: int = 0
-) -> TxResult:
-    """:func:`tx_batch_py` in C: one call per batch."""
-    result: TxResult = _snic_dma.tx_batch(descs, mem, pool_base, pool_size, pool_count, start)
-    return result
 
 
 def rx_batch(

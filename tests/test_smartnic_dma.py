@@ -1,5 +1,6 @@
 """The smart NIC's DMA loops: the C versions (``backends/native/snic_dma.c``) against the Python
-reference (``tx_batch_py`` / ``rx_batch_py`` in ``pvio.backends.smartnic_dma``).
+reference (``tx_area_batch_py``, ``rx_batch_py``, ``rx_area_batch_py``, ``area_frames``,
+``frame_entries_py`` in ``pvio.backends.smartnic_dma``).
 
 Random batches of descriptors -- mostly valid, many hostile (pool indices past the pool,
 offsets and lengths past the buffer, zero and runt lengths, unknown flags, granted pages
@@ -34,8 +35,6 @@ from pvio.backends.smartnic_dma import (
     rx_batch_py,
     tx_area_batch,
     tx_area_batch_py,
-    tx_batch,
-    tx_batch_py,
 )
 
 ROUNDS = 3000 if os.environ.get("PVIO_FUZZ") == "1" else 300
@@ -57,19 +56,6 @@ def pool(rng: random.Random) -> tuple[int, int, int]:
         [0, 4096, MEM - size * count, MEM - size * count + rng.randrange(1, 4096)]
     )  # last: past RAM
     return base, size, count
-
-
-@pytest.mark.parametrize("seed", range(4))
-def test_tx_batches_agree(seed: int) -> None:
-    rng = random.Random(seed)
-    for _ in range(ROUNDS):
-        mem = bytearray(rng.randbytes(MEM))
-        base, size, count = pool(rng)
-        descs = b"".join(random_desc(rng, count, size) for _ in range(rng.randrange(0, 40)))
-        start = rng.randrange(0, len(descs) // DESC.size + 1)
-        got_c = tx_batch(descs, memoryview(mem), base, size, count, start)
-        got_py = tx_batch_py(descs, memoryview(mem), base, size, count, start)
-        assert got_c == got_py
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -95,18 +81,28 @@ def test_a_granted_page_stops_the_batch_before_it() -> None:
     descs = (
         DESC.pack(0, 0, 64, 7, 0, 0) + DESC.pack(5, 0, 64, 8, SNIC_F_GREF, 0) + DESC.pack(0, 0, 64, 9, 0, 0)
     )
-    frames, cmpls, end, nbytes, *refused = tx_batch(descs, memoryview(mem), 0, 2048, 4, 0)
+    area, frames = bytearray(PAGE), bytearray(4 * NP_FRAME.size)
+    cmpls, end, stop, nf, head, nbytes, *refused = tx_area_batch(
+        descs, memoryview(mem), 0, 2048, 4, 0, area, frames, 0, 0
+    )
     assert cmpls == CMPL.pack(7, 64, 0, 0)
-    assert (frames, end, nbytes, refused) == ([bytes(range(64))], 1, 64, [0, 0, 0])
-    assert tx_batch(descs, memoryview(mem), 0, 2048, 4, 2)[2] == 3  # resumed after it: to the end
+    assert (end, stop, nf, head, nbytes, refused) == (1, STOP_GRANTED, 1, 64, 64, [0, 0, 0])
+    assert area_frames(area, [0], frames, None, 1) == [bytes(range(64))]
+    resumed = tx_area_batch(descs, memoryview(mem), 0, 2048, 4, 2, area, frames, nf, head)
+    assert resumed[1:5] == (3, STOP_END, 2, 128)  # resumed after it: to the end
 
 
 def test_bad_arguments_raise_instead_of_reading_past_the_batch() -> None:
     mem = memoryview(bytearray(MEM))
+    area, frames = bytearray(PAGE), bytearray(4 * NP_FRAME.size)
     with pytest.raises(ValueError):
-        tx_batch(b"\0" * 15, mem, 0, 2048, 4, 0)
+        tx_area_batch(b"\0" * 15, mem, 0, 2048, 4, 0, area, frames, 0, 0)
     with pytest.raises(ValueError):
-        tx_batch(b"\0" * 16, mem, 0, 2048, 4, 2)  # start past the end
+        tx_area_batch(b"\0" * 16, mem, 0, 2048, 4, 2, area, frames, 0, 0)  # start past the end
+    with pytest.raises(ValueError):
+        tx_area_batch(b"\0" * 16, mem, 0, 2048, 4, 0, area, frames, 5, 0)  # nf past the frame table
+    with pytest.raises(ValueError):
+        tx_area_batch(b"\0" * 16, mem, 0, 2048, 4, 0, area, frames, 0, PAGE + 1)  # head past the area
     with pytest.raises(ValueError):
         rx_batch(b"\0" * 17, [], mem, 0, 2048, 4)
     with pytest.raises(TypeError):

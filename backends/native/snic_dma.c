@@ -3,9 +3,10 @@
  *
  * backends/smartnic.py takes a batch of descriptors from a ring (ring.c copies each out of
  * the shared page once) and hands the copy here: for each descriptor this checks it exactly
- * as the Python reference does (``tx_batch_py`` / ``rx_batch_py`` in smartnic.py, held equal
- * to this by tests/test_smartnic_dma.py), moves the frame between guest memory and Python
- * ``bytes`` and writes the completion.  A descriptor naming a granted page (SNIC_F_GREF, well
+ * as the Python reference does (``tx_area_batch_py``, ``rx_batch_py``, ``rx_area_batch_py`` in
+ * smartnic_dma.py, held equal to this by tests/test_smartnic_dma.py), moves the frame between
+ * guest memory and the device's side (its TX area, Python ``bytes``, or a switch batch's area)
+ * and writes the completion.  A descriptor naming a granted page (SNIC_F_GREF, well
  * formed) needs the grant table, which is Python's: the loop stops before it and returns its
  * index, and smartnic.py serves that one descriptor and calls again for the rest.
  *
@@ -99,64 +100,9 @@ static void count_refusal(int status, long *bad_len, long *bad_buf, long *bad_fl
         (*bad_flags)++;
 }
 
-/* tx_batch(descs, mem, pool_base, pool_size, pool_count, start)
- *   -> (frames, cmpls, end, nbytes, bad_len, bad_buf, bad_flags) */
-static PyObject *tx_batch(PyObject *self, PyObject *args)
-{
-    Py_buffer descs, mem;
-    struct pool pl;
-    Py_ssize_t start;
-    if (!PyArg_ParseTuple(args, "y*y*KKKn", &descs, &mem, &pl.base, &pl.size, &pl.count, &start))
-        return NULL;
-    PyObject *frames = NULL, *cmpls = NULL, *result = NULL;
-    Py_ssize_t n = descs.len / DESC_SIZE;
-    if (descs.len % DESC_SIZE || start < 0 || start > n) {
-        PyErr_SetString(PyExc_ValueError, "tx_batch: descriptors are not whole 16-byte entries");
-        goto out;
-    }
-    frames = PyList_New(0);
-    cmpls = PyBytes_FromStringAndSize(NULL, (n - start) * CMPL_SIZE);
-    if (frames == NULL || cmpls == NULL)
-        goto out;
-    unsigned char *cp = (unsigned char *)PyBytes_AS_STRING(cmpls);
-    const unsigned char *dp = (const unsigned char *)descs.buf;
-    long long nbytes = 0;
-    long bad_len = 0, bad_buf = 0, bad_flags = 0;
-    Py_ssize_t i = start, k = 0;
-    for (; i < n; i++) {
-        struct desc d = get_desc(dp + i * DESC_SIZE);
-        unsigned long long gpa = 0;
-        int status = d.len < ETH_HEADER_LEN ? E_BAD_LEN : window(&d, &pl, mem.len, &gpa);
-        if (status == 1)
-            break; /* a granted page: Python's */
-        if (status < 0) {
-            count_refusal(status, &bad_len, &bad_buf, &bad_flags);
-            put_cmpl(cp + k++ * CMPL_SIZE, d.id, 0, (int16_t)status);
-            continue;
-        }
-        PyObject *frame = PyBytes_FromStringAndSize((const char *)mem.buf + gpa, d.len); /* the DMA read */
-        if (frame == NULL || PyList_Append(frames, frame) < 0) {
-            Py_XDECREF(frame);
-            goto out;
-        }
-        Py_DECREF(frame);
-        nbytes += d.len;
-        put_cmpl(cp + k++ * CMPL_SIZE, d.id, d.len, 0);
-    }
-    if (_PyBytes_Resize(&cmpls, k * CMPL_SIZE) < 0)
-        goto out;
-    result = Py_BuildValue("OOnLlll", frames, cmpls, i, nbytes, bad_len, bad_buf, bad_flags);
-out:
-    Py_XDECREF(frames);
-    Py_XDECREF(cmpls);
-    PyBuffer_Release(&descs);
-    PyBuffer_Release(&mem);
-    return result;
-}
-
 /* tx_area_batch(descs, mem, pool_base, pool_size, pool_count, start, area, frames, nf, head)
  *   -> (cmpls, end, stop, nf, head, nbytes, bad_len, bad_buf, bad_flags)
- * tx_batch's loop, the frames DMA'd into an area instead of into bytes: ``area`` is contiguous
+ * Send descriptors from index start, each frame DMA'd into an area: ``area`` is contiguous
  * (area page i is bytes i*4096.. of it), each frame placed at ``head`` as pvio_np_place places
  * (never across a page when it fits one; a longer one from a page boundary) and entered as the
  * ``struct np_frame`` number nf of ``frames``: what the switch's C decision takes as a batch.
@@ -486,12 +432,9 @@ static PyObject *rx_area_batch(PyObject *self, PyObject *args)
 }
 
 static PyMethodDef methods[] = {
-    {"tx_batch", tx_batch, METH_VARARGS,
-     "tx_batch(descs, mem, pool_base, pool_size, pool_count, start) -> (frames, cmpls, end, nbytes, "
-     "bad_len, bad_buf, bad_flags): send descriptors from index start until a granted page (end)."},
     {"tx_area_batch", tx_area_batch, METH_VARARGS,
      "tx_area_batch(descs, mem, pool_base, pool_size, pool_count, start, area, frames, nf, head) -> (cmpls, "
-     "end, stop, nf, head, nbytes, bad_len, bad_buf, bad_flags): tx_batch into an area (a switch batch)."},
+     "end, stop, nf, head, nbytes, bad_len, bad_buf, bad_flags): send descriptors into an area (a switch batch)."},
     {"rx_area_batch", rx_area_batch, METH_VARARGS,
      "rx_area_batch(descs, area_mem, gfns, frames, idx, n, mem, pool_base, pool_size, pool_count) -> as "
      "rx_batch, for frames of a switch batch where they lie."},
@@ -507,7 +450,7 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "pvio.backends._snic_dma",
-    "The smart NIC's DMA loops in C (backends/smartnic.py holds the Python reference).", -1, methods,
+    "The smart NIC's DMA loops in C (backends/smartnic_dma.py holds the Python reference).", -1, methods,
     NULL, NULL, NULL, NULL,
 };
 
