@@ -646,7 +646,8 @@ class SmartNic(SwitchPort):
             )
             cmpls.append(done)
             nbytes += nb
-            self._count_refused(bad_len, bad_buf, bad_flags)
+            if bad_len or bad_buf or bad_flags:
+                self._count_refused(bad_len, bad_buf, bad_flags)
             if stop == STOP_FULL:  # cannot happen with the area sized at ENABLE; handled all the same
                 self._send_batch(area, nf, head, nbytes)
                 area = self._tx_areas.fresh()
@@ -722,12 +723,13 @@ class SmartNic(SwitchPort):
                 result = rx_area_batch(
                     held, seg.area.mem, seg.gfns, seg.rest(), None, seg.left, mem, base, size, count
                 )
-            done, used, taken, dl, nb, tb, *refused = result
+            done, used, taken, dl, nb, tb, bad_len, bad_buf, bad_flags = result
             cmpls.append(done)
             delivered += dl
             nbytes += nb
             too_big += tb
-            self._count_refused(*refused)
+            if bad_len or bad_buf or bad_flags:
+                self._count_refused(bad_len, bad_buf, bad_flags)
             left = seg.left - taken
             q.consumed(seg, taken)
             held = held[used * DESC.size :]
@@ -829,7 +831,8 @@ class SmartNic(SwitchPort):
         with self.scope:
             idle = 0
             while True:
-                self._wake = trio.Event()
+                if self._wake.is_set():  # a fresh, unset event for this pass (as a new one would be)
+                    self._wake = trio.Event()
                 if not self.enabled:
                     idle = 0
                     await self._wake.wait()

@@ -303,7 +303,8 @@ class SmartNicDriver(GuestNic):
     async def _service(self) -> None:
         idle = 0
         while self.error is None:
-            self._wake = trio.Event()
+            if self._wake.is_set():  # a fresh, unset event for this pass (as a new one would be)
+                self._wake = trio.Event()
             try:
                 work = self._reap_tx() + self._receive()
             except RingOverflowError as e:
