@@ -38,13 +38,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections import deque
 from typing import TYPE_CHECKING, Any
 
 import trio
 
 from pvio.abi import PAGE_SHIFT, PAGE_SIZE
 from pvio.abi.vif import parse_mac
+from pvio.core import _frames
 from pvio.core._native import ffi as _ffi
 from pvio.core._native import lib as _lib
 from pvio.core.counters import Counters
@@ -113,9 +113,16 @@ class _NetfrontPath:
         self.tx_base = _ffi.new("uint64_t[]", [p << PAGE_SHIFT for p in nic.tx_pages])
         self.tx_start = _ffi.new("uint64_t[]", NR_TX)
         self.tx_end = _ffi.new("uint64_t[]", NR_TX)
-        self.mm = nic.guest.domain.mem.mmap  # slices of it are bytes: one copy, no view object
+        self.tx_lens = _ffi.new("uint32_t[]", NR_TX)
+        self.mm = nic.guest.domain.mem.mmap  # guest RAM, which _frames copies frames to and from
         self.repost = _ffi.new("uint16_t[]", NR_RX)
+        self.rx_refs = _ffi.new("uint32_t[]", nic.rx_refs)
+        self.rx_reqs = _ffi.new("uint8_t[]", NR_RX * _RX_REQ.size)
         self.rx_done = _ffi.new("struct nf_rx_done *")
+        # The same arrays as buffers, for pvio.core._frames (which takes any buffer).
+        self.tx_lens_buf = _ffi.buffer(self.tx_lens)
+        self.tx_start_buf, self.tx_end_buf = _ffi.buffer(self.tx_start), _ffi.buffer(self.tx_end)
+        self.rec_start_buf, self.rec_end_buf = _ffi.buffer(self.rec_start), _ffi.buffer(self.rec_end)
 
 
 class Netfront(GuestNic):
@@ -331,38 +338,47 @@ class Netfront(GuestNic):
             done,
         )  # fmt: skip
         nrec = done.nrec
-        repost = _ffi.unpack(st.repost, done.nrepost)
+        nrepost = done.nrepost
         frames = self._rx_frames
-        lens = _ffi.unpack(st.rec_len, nrec)
         simple = not self._partial_rx and _ffi.buffer(st.rec_kind, nrec)[:] == bytes(nrec)
         if simple:  # every record a whole frame (the common case): one copy out of each buffer
-            starts, ends = _ffi.unpack(st.rec_start, nrec), _ffi.unpack(st.rec_end, nrec)
-            got = list(map(st.mm.__getitem__, map(slice, starts, ends)))  # the loop runs in C
-            room = RX_QUEUE_MAX - len(frames)
-            if len(got) > room:
-                self.counters["drops.rx_app_queue_full"] += len(got) - max(room, 0)
-            n = min(len(got), max(room, 0))
-            frames.extend(got[:n])
-            received, received_bytes = len(got), sum(lens)
-            copies = nrec
+            n = min(nrec, max(RX_QUEUE_MAX - len(frames), 0))
+            got, received_bytes = _frames.gather(st.mm, st.rec_start_buf, st.rec_end_buf, n)
+            frames.extend(got)
+            received = nrec
+            if n < nrec:
+                self.counters["drops.rx_app_queue_full"] += nrec - n
+                received_bytes = sum(_ffi.unpack(st.rec_len, nrec))
+            copies = n
         else:
             kinds = _ffi.unpack(st.rec_kind, nrec)
             ids, offs = _ffi.unpack(st.rec_id, nrec), _ffi.unpack(st.rec_off, nrec)
-            n, received, received_bytes = self._assemble(ids, offs, lens, kinds)
+            n, received, received_bytes = self._assemble(ids, offs, _ffi.unpack(st.rec_len, nrec), kinds)
             copies = nrec - kinds.count(_NF_STATUS)
         self.counters["guest_copies"] += copies
         if done.error:
             self._fail(self._rx_error(done))
-            self._repost(repost)
+            self._repost_c(nrepost)
             return n
         if received:
             self.counters["packets.rx"] += received
             self.counters["bytes.rx"] += received_bytes
             self.counters["guest_copy_bytes"] += received_bytes
-        self._repost(repost)
+        self._repost_c(nrepost)
         if n:
             self._rx_ready.set()
-        return n or len(repost)
+        return n or nrepost
+
+    def _repost_c(self, count: int) -> None:
+        """:meth:`_repost` of the ``count`` buffer ids ``pvio_nf_rx`` left in the C state."""
+        if not count or self.error is not None:
+            return
+        st = self._nf
+        if _lib.pvio_nf_rx_repost(st.repost, count, NR_RX, st.posted, st.rx_refs, st.rx_reqs) < 0:
+            self._fail("RX buffer re-posted twice")  # cannot happen: pvio_nf_rx un-posted each id
+            return
+        _, notify = self.rx.send(_ffi.buffer(st.rx_reqs, count * _RX_REQ.size))
+        self._notify(notify)
 
     def _assemble(
         self, ids: list[int], offs: list[int], lens: list[int], kinds: list[int]
@@ -508,19 +524,16 @@ class Netfront(GuestNic):
         k = min(len(pending) - i, len(free))
         if not k:
             return 0
-        batch = pending[i : i + k]
-        lens = list(map(len, batch))
-        if min(lens) == 0 or max(lens) > PAGE_SIZE:  # empty, or a frame of several slots: one at a time
+        st = self._nf
+        simple, total = _frames.lengths(pending, i, k, st.tx_lens_buf, PAGE_SIZE)
+        if simple < k:  # empty, a frame of several slots, or not bytes: one at a time
             return 0
         sids = free[: -k - 1 : -1]  # the ids free.pop() would give, in that order
         del free[-k:]
-        st = self._nf
         _lib.pvio_nf_tx_reqs(
-            sids, lens, k, st.refs, st.outstanding, st.reqs, st.tx_base, st.tx_start, st.tx_end
+            sids, st.tx_lens, k, st.refs, st.outstanding, st.reqs, st.tx_base, st.tx_start, st.tx_end
         )
-        spans = map(slice, _ffi.unpack(st.tx_start, k), _ffi.unpack(st.tx_end, k))
-        deque(map(st.mm.__setitem__, spans, batch), maxlen=0)  # one copy into each pool page, looped in C
-        total = sum(lens)
+        _frames.scatter(st.mm, pending, i, k, st.tx_start_buf, st.tx_end_buf)  # one copy into each pool page
         c = self.counters
         c["packets.tx"] += k
         c["bytes.tx"] += total
