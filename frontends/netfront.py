@@ -81,7 +81,7 @@ _TX_REQ, _TX_RSP, _RX_REQ, _RX_RSP = TX_REQUEST, TX_RESPONSE, RX_REQUEST, RX_RES
 RX_QUEUE_MAX = 4096  # frames received but not yet read by the application
 
 
-_NF_PART, _NF_STATUS = _lib.NF_PART, _lib.NF_STATUS
+_NF_FRAME, _NF_PART, _NF_STATUS = _lib.NF_FRAME, _lib.NF_PART, _lib.NF_STATUS
 _BYTES = {bytes}
 _BUFFERS = (bytes, bytearray, memoryview)
 _NF_ERR_ID, _NF_ERR_EMPTY, _NF_ERR_SLOTS = _lib.NF_ERR_ID, _lib.NF_ERR_EMPTY, _lib.NF_ERR_SLOTS
@@ -343,19 +343,20 @@ class Netfront(GuestNic):
         simple = not self._partial_rx and _ffi.buffer(st.rec_kind, nrec)[:] == bytes(nrec)
         if simple:  # every record a whole frame (the common case): one copy out of each buffer
             n = min(nrec, max(RX_QUEUE_MAX - len(frames), 0))
-            got, received_bytes = _frames.gather(st.mm, st.rec_start_buf, st.rec_end_buf, n)
+            got, copy_bytes = _frames.gather(st.mm, st.rec_start_buf, st.rec_end_buf, n)
             frames.extend(got)
-            received = nrec
+            received, received_bytes, copies = nrec, copy_bytes, n
             if n < nrec:
                 self.counters["drops.rx_app_queue_full"] += nrec - n
                 received_bytes = sum(_ffi.unpack(st.rec_len, nrec))
-            copies = n
         else:
             kinds = _ffi.unpack(st.rec_kind, nrec)
             ids, offs = _ffi.unpack(st.rec_id, nrec), _ffi.unpack(st.rec_off, nrec)
-            n, received, received_bytes = self._assemble(ids, offs, _ffi.unpack(st.rec_len, nrec), kinds)
-            copies = nrec - kinds.count(_NF_STATUS)
+            n, received, received_bytes, copies, copy_bytes = self._assemble(
+                ids, offs, _ffi.unpack(st.rec_len, nrec), kinds
+            )
         self.counters["guest_copies"] += copies
+        self.counters["guest_copy_bytes"] += copy_bytes
         if done.error:
             self._fail(self._rx_error(done))
             self._repost_c(nrepost)
@@ -363,7 +364,6 @@ class Netfront(GuestNic):
         if received:
             self.counters["packets.rx"] += received
             self.counters["bytes.rx"] += received_bytes
-            self.counters["guest_copy_bytes"] += received_bytes
         self._repost_c(nrepost)
         if n:
             self._rx_ready.set()
@@ -382,19 +382,26 @@ class Netfront(GuestNic):
 
     def _assemble(
         self, ids: list[int], offs: list[int], lens: list[int], kinds: list[int]
-    ) -> tuple[int, int, int]:
+    ) -> tuple[int, int, int, int, int]:
         """Frames from RX slot records with parts or error statuses among them: (frames
-        queued, frames received, their bytes)."""
+        queued, frames received, their bytes, slots copied, bytes copied)."""
         views = self.rx_views
         frames = self._rx_frames
         parts = self._partial_rx
-        n = received = received_bytes = 0
+        n = received = received_bytes = copies = copy_bytes = 0
         for rid, off, length, kind in zip(ids, offs, lens, kinds, strict=True):
             if kind == _NF_STATUS:
                 self.counters[f"drops.rx_status_{length}"] += 1
                 parts.clear()
                 continue
+            if kind == _NF_FRAME and len(frames) >= RX_QUEUE_MAX:  # no room: dropped, never copied
+                self.counters["drops.rx_app_queue_full"] += 1
+                received += 1
+                received_bytes += length
+                continue
             parts.append(views[rid][off : off + length].tobytes())  # copy once, then re-post
+            copies += 1
+            copy_bytes += length
             if kind == _NF_PART:
                 continue
             frame = parts[0] if len(parts) == 1 else b"".join(parts)
@@ -406,7 +413,7 @@ class Netfront(GuestNic):
                 n += 1
             received += 1
             received_bytes += len(frame)
-        return n, received, received_bytes
+        return n, received, received_bytes, copies, copy_bytes
 
     @staticmethod
     def _rx_error(done: Any) -> str:
@@ -442,8 +449,14 @@ class Netfront(GuestNic):
                 self._fail(problem)
                 self._repost(repost)
                 return n
+            if not parts and not flags & NETRXF_MORE_DATA and len(frames) >= RX_QUEUE_MAX:
+                self.counters["drops.rx_app_queue_full"] += 1  # a whole frame with no room: never copied
+                received += 1
+                received_bytes += status
+                continue
             parts.append(views[rid][offset : offset + status].tobytes())  # copy once, then re-post
             self.counters["guest_copies"] += 1
+            self.counters["guest_copy_bytes"] += status
             if flags & NETRXF_MORE_DATA:
                 if len(parts) >= RX_PACKET_MAX_SLOTS:
                     self._fail(f"RX packet of more than {RX_PACKET_MAX_SLOTS} slots")
@@ -462,7 +475,6 @@ class Netfront(GuestNic):
         if received:
             self.counters["packets.rx"] += received
             self.counters["bytes.rx"] += received_bytes
-            self.counters["guest_copy_bytes"] += received_bytes
         self._repost(repost)
         if n:
             self._rx_ready.set()
