@@ -231,12 +231,13 @@ def make_frames(
     pad = size - SEQ_OFFSET - SEQ.size
     if pad < 0:
         raise ValueError(f"a scenario frame needs at least {SEQ_OFFSET + SEQ.size} bytes, not {size}")
-    return [
-        udp_packet(
-            src.nic.mac, dst.nic.mac, src.ip, dst.ip, *ports, SEQ.pack(start + i) + bytes(pad), checksum=False
-        )
-        for i in range(count)
-    ]
+    # Without a UDP checksum the frames differ only in the sequence number (the IPv4 header's
+    # checksum does not cover the payload): one frame built, the others patched from it.
+    template = udp_packet(
+        src.nic.mac, dst.nic.mac, src.ip, dst.ip, *ports, SEQ.pack(start) + bytes(pad), checksum=False
+    )
+    head, tail = template[:SEQ_OFFSET], template[SEQ_OFFSET + SEQ.size :]
+    return [head + SEQ.pack(start + i) + tail for i in range(count)]
 
 
 def seq_of(frame: bytes) -> int:
@@ -509,7 +510,7 @@ class Case:
 BENCH_PLAN: tuple[Case, ...] = (
     Case("stream", 1_000, 200),
     Case("stream", 10_000, 1_000),
-    Case("stream", None, 3_000),
+    Case("stream", None, 30_000),
     Case("pingpong", 1_000, 200),
     Case("pingpong", None, 500),
 )
