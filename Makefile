@@ -64,4 +64,4 @@ lint: build
 	cd $(TYPECHECK) && $(CURDIR)/$(VENV)/bin/mypy --config-file $(CURDIR)/pyproject.toml -p pvio
 
 clean:
-	rm -rf $(VENV) build *.egg-info $(EXT_STAMP) ringbuf/_ringbuf*.so ringbuf/_ringfast*.so backends/_snic_dma*.so frontends/_snic_driver*.so ringbuf/_ringbuf.c pvio/core/_native*.so pvio/core/_native.c
+	rm -rf $(VENV) build *.egg-info $(EXT_STAMP) ringbuf/_ringbuf*.so ringbuf/_ringfast*.so backends/_snic_dma*.so frontends/_snic_driver*.so ringbuf/_ringbuf.c pvio/core/_native*.so pvio/core/_frames*.so pvio/core/_native.c

@@ -38,13 +38,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections import deque
 from typing import TYPE_CHECKING, Any
 
 import trio
 
 from pvio.abi import PAGE_SHIFT, PAGE_SIZE
 from pvio.abi.vif import parse_mac
+from pvio.core import _frames
 from pvio.core._native import ffi as _ffi
 from pvio.core._native import lib as _lib
 from pvio.core.counters import Counters
@@ -81,7 +81,7 @@ _TX_REQ, _TX_RSP, _RX_REQ, _RX_RSP = TX_REQUEST, TX_RESPONSE, RX_REQUEST, RX_RES
 RX_QUEUE_MAX = 4096  # frames received but not yet read by the application
 
 
-_NF_PART, _NF_STATUS = _lib.NF_PART, _lib.NF_STATUS
+_NF_FRAME, _NF_PART, _NF_STATUS = _lib.NF_FRAME, _lib.NF_PART, _lib.NF_STATUS
 _BYTES = {bytes}
 _BUFFERS = (bytes, bytearray, memoryview)
 _NF_ERR_ID, _NF_ERR_EMPTY, _NF_ERR_SLOTS = _lib.NF_ERR_ID, _lib.NF_ERR_EMPTY, _lib.NF_ERR_SLOTS
@@ -113,9 +113,16 @@ class _NetfrontPath:
         self.tx_base = _ffi.new("uint64_t[]", [p << PAGE_SHIFT for p in nic.tx_pages])
         self.tx_start = _ffi.new("uint64_t[]", NR_TX)
         self.tx_end = _ffi.new("uint64_t[]", NR_TX)
-        self.mm = nic.guest.domain.mem.mmap  # slices of it are bytes: one copy, no view object
+        self.tx_lens = _ffi.new("uint32_t[]", NR_TX)
+        self.mm = nic.guest.domain.mem.mmap  # guest RAM, which _frames copies frames to and from
         self.repost = _ffi.new("uint16_t[]", NR_RX)
+        self.rx_refs = _ffi.new("uint32_t[]", nic.rx_refs)
+        self.rx_reqs = _ffi.new("uint8_t[]", NR_RX * _RX_REQ.size)
         self.rx_done = _ffi.new("struct nf_rx_done *")
+        # The same arrays as buffers, for pvio.core._frames (which takes any buffer).
+        self.tx_lens_buf = _ffi.buffer(self.tx_lens)
+        self.tx_start_buf, self.tx_end_buf = _ffi.buffer(self.tx_start), _ffi.buffer(self.tx_end)
+        self.rec_start_buf, self.rec_end_buf = _ffi.buffer(self.rec_start), _ffi.buffer(self.rec_end)
 
 
 class Netfront(GuestNic):
@@ -331,54 +338,70 @@ class Netfront(GuestNic):
             done,
         )  # fmt: skip
         nrec = done.nrec
-        repost = _ffi.unpack(st.repost, done.nrepost)
+        nrepost = done.nrepost
         frames = self._rx_frames
-        lens = _ffi.unpack(st.rec_len, nrec)
         simple = not self._partial_rx and _ffi.buffer(st.rec_kind, nrec)[:] == bytes(nrec)
         if simple:  # every record a whole frame (the common case): one copy out of each buffer
-            starts, ends = _ffi.unpack(st.rec_start, nrec), _ffi.unpack(st.rec_end, nrec)
-            got = list(map(st.mm.__getitem__, map(slice, starts, ends)))  # the loop runs in C
-            room = RX_QUEUE_MAX - len(frames)
-            if len(got) > room:
-                self.counters["drops.rx_app_queue_full"] += len(got) - max(room, 0)
-            n = min(len(got), max(room, 0))
-            frames.extend(got[:n])
-            received, received_bytes = len(got), sum(lens)
-            copies = nrec
+            n = min(nrec, max(RX_QUEUE_MAX - len(frames), 0))
+            got, copy_bytes = _frames.gather(st.mm, st.rec_start_buf, st.rec_end_buf, n)
+            frames.extend(got)
+            received, received_bytes, copies = nrec, copy_bytes, n
+            if n < nrec:
+                self.counters["drops.rx_app_queue_full"] += nrec - n
+                received_bytes = sum(_ffi.unpack(st.rec_len, nrec))
         else:
             kinds = _ffi.unpack(st.rec_kind, nrec)
             ids, offs = _ffi.unpack(st.rec_id, nrec), _ffi.unpack(st.rec_off, nrec)
-            n, received, received_bytes = self._assemble(ids, offs, lens, kinds)
-            copies = nrec - kinds.count(_NF_STATUS)
+            n, received, received_bytes, copies, copy_bytes = self._assemble(
+                ids, offs, _ffi.unpack(st.rec_len, nrec), kinds
+            )
         self.counters["guest_copies"] += copies
+        self.counters["guest_copy_bytes"] += copy_bytes
         if done.error:
             self._fail(self._rx_error(done))
-            self._repost(repost)
+            self._repost_c(nrepost)
             return n
         if received:
             self.counters["packets.rx"] += received
             self.counters["bytes.rx"] += received_bytes
-            self.counters["guest_copy_bytes"] += received_bytes
-        self._repost(repost)
+        self._repost_c(nrepost)
         if n:
             self._rx_ready.set()
-        return n or len(repost)
+        return n or nrepost
+
+    def _repost_c(self, count: int) -> None:
+        """:meth:`_repost` of the ``count`` buffer ids ``pvio_nf_rx`` left in the C state."""
+        if not count or self.error is not None:
+            return
+        st = self._nf
+        if _lib.pvio_nf_rx_repost(st.repost, count, NR_RX, st.posted, st.rx_refs, st.rx_reqs) < 0:
+            self._fail("RX buffer re-posted twice")  # cannot happen: pvio_nf_rx un-posted each id
+            return
+        _, notify = self.rx.send(_ffi.buffer(st.rx_reqs, count * _RX_REQ.size))
+        self._notify(notify)
 
     def _assemble(
         self, ids: list[int], offs: list[int], lens: list[int], kinds: list[int]
-    ) -> tuple[int, int, int]:
+    ) -> tuple[int, int, int, int, int]:
         """Frames from RX slot records with parts or error statuses among them: (frames
-        queued, frames received, their bytes)."""
+        queued, frames received, their bytes, slots copied, bytes copied)."""
         views = self.rx_views
         frames = self._rx_frames
         parts = self._partial_rx
-        n = received = received_bytes = 0
+        n = received = received_bytes = copies = copy_bytes = 0
         for rid, off, length, kind in zip(ids, offs, lens, kinds, strict=True):
             if kind == _NF_STATUS:
                 self.counters[f"drops.rx_status_{length}"] += 1
                 parts.clear()
                 continue
+            if kind == _NF_FRAME and len(frames) >= RX_QUEUE_MAX:  # no room: dropped, never copied
+                self.counters["drops.rx_app_queue_full"] += 1
+                received += 1
+                received_bytes += length
+                continue
             parts.append(views[rid][off : off + length].tobytes())  # copy once, then re-post
+            copies += 1
+            copy_bytes += length
             if kind == _NF_PART:
                 continue
             frame = parts[0] if len(parts) == 1 else b"".join(parts)
@@ -390,7 +413,7 @@ class Netfront(GuestNic):
                 n += 1
             received += 1
             received_bytes += len(frame)
-        return n, received, received_bytes
+        return n, received, received_bytes, copies, copy_bytes
 
     @staticmethod
     def _rx_error(done: Any) -> str:
@@ -426,8 +449,14 @@ class Netfront(GuestNic):
                 self._fail(problem)
                 self._repost(repost)
                 return n
+            if not parts and not flags & NETRXF_MORE_DATA and len(frames) >= RX_QUEUE_MAX:
+                self.counters["drops.rx_app_queue_full"] += 1  # a whole frame with no room: never copied
+                received += 1
+                received_bytes += status
+                continue
             parts.append(views[rid][offset : offset + status].tobytes())  # copy once, then re-post
             self.counters["guest_copies"] += 1
+            self.counters["guest_copy_bytes"] += status
             if flags & NETRXF_MORE_DATA:
                 if len(parts) >= RX_PACKET_MAX_SLOTS:
                     self._fail(f"RX packet of more than {RX_PACKET_MAX_SLOTS} slots")
@@ -446,7 +475,6 @@ class Netfront(GuestNic):
         if received:
             self.counters["packets.rx"] += received
             self.counters["bytes.rx"] += received_bytes
-            self.counters["guest_copy_bytes"] += received_bytes
         self._repost(repost)
         if n:
             self._rx_ready.set()
@@ -508,19 +536,16 @@ class Netfront(GuestNic):
         k = min(len(pending) - i, len(free))
         if not k:
             return 0
-        batch = pending[i : i + k]
-        lens = list(map(len, batch))
-        if min(lens) == 0 or max(lens) > PAGE_SIZE:  # empty, or a frame of several slots: one at a time
+        st = self._nf
+        simple, total = _frames.lengths(pending, i, k, st.tx_lens_buf, PAGE_SIZE)
+        if simple < k:  # empty, a frame of several slots, or not bytes: one at a time
             return 0
         sids = free[: -k - 1 : -1]  # the ids free.pop() would give, in that order
         del free[-k:]
-        st = self._nf
         _lib.pvio_nf_tx_reqs(
-            sids, lens, k, st.refs, st.outstanding, st.reqs, st.tx_base, st.tx_start, st.tx_end
+            sids, st.tx_lens, k, st.refs, st.outstanding, st.reqs, st.tx_base, st.tx_start, st.tx_end
         )
-        spans = map(slice, _ffi.unpack(st.tx_start, k), _ffi.unpack(st.tx_end, k))
-        deque(map(st.mm.__setitem__, spans, batch), maxlen=0)  # one copy into each pool page, looped in C
-        total = sum(lens)
+        _frames.scatter(st.mm, pending, i, k, st.tx_start_buf, st.tx_end_buf)  # one copy into each pool page
         c = self.counters
         c["packets.tx"] += k
         c["bytes.tx"] += total

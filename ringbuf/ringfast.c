@@ -9,9 +9,10 @@
  * METH_FASTCALL entry that calls ring.c directly on the ring state cffi allocated: the same
  * C functions, the same struct, the same hostile-index checks (ring.c does them all).
  *
- * Only the common case is handled here: ``bytes`` of whole entries to send, ``None`` or a
- * non-negative int for the take limit, a ring operation that succeeds.  Anything else --
- * another buffer type, a length that is not whole entries, a negative result from ring.c
+ * Only the common case is handled here: ``bytes`` (or another contiguous buffer, such as a
+ * cffi buffer a C batch call filled) of whole entries to send, ``None`` or a non-negative int
+ * for the take limit, a ring operation that succeeds.  Anything else -- an object that is not
+ * a buffer, a length that is not whole entries, a negative result from ring.c
  * (overflow, released, misuse) -- goes to ring.py's Python implementation of the same call
  * (``_send_slow`` / ``_take_slow``), which raises the documented exception.  A failed ring
  * operation changes nothing, so repeating it there is safe.
@@ -100,14 +101,26 @@ static PyObject *do_send(Core *self, PyObject *const *args, Py_ssize_t nargs, se
         return NULL;
     }
     PyObject *data = args[0];
-    if (self->ring == NULL || !PyBytes_CheckExact(data))
+    if (self->ring == NULL)
         return slow(self, str_send_slow, data);
-    Py_ssize_t len = PyBytes_GET_SIZE(data);
+    /* bytes, or any C-contiguous buffer (a cffi buffer of entries a C batch call wrote) */
+    Py_buffer view;
+    int is_bytes = PyBytes_CheckExact(data);
+    if (is_bytes) {
+        view.buf = PyBytes_AS_STRING(data);
+        view.len = PyBytes_GET_SIZE(data);
+    } else if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0) {
+        PyErr_Clear();
+        return slow(self, str_send_slow, data);
+    }
+    Py_ssize_t len = view.len;
     Py_ssize_t n = len / self->send_size;
-    if (n * self->send_size != len || n > 0x7fffffff)
-        return slow(self, str_send_slow, data);
     int notify = 0;
-    int sent = fn(self->ring, PyBytes_AS_STRING(data), (unsigned int)n, &notify);
+    int sent = -1;
+    if (n * self->send_size == len && n <= 0x7fffffff)
+        sent = fn(self->ring, view.buf, (unsigned int)n, &notify);
+    if (!is_bytes)
+        PyBuffer_Release(&view);
     if (sent < 0)
         return slow(self, str_send_slow, data);
     PyObject *count = PyLong_FromLong(sent);

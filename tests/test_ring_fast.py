@@ -1,7 +1,8 @@
 """The fast send/take (``ringbuf/ringfast.c``) against ring.py's Python versions of the same calls.
 
 FrontRing.send / take_responses and BackRing.send / take_requests are C methods that handle
-``bytes`` and plain int limits and hand every other case to ``_send_slow`` / ``_take_slow``.
+``bytes`` (and any other contiguous buffer) and plain int limits and hand every other case to
+``_send_slow`` / ``_take_slow``.
 Two rings on two identical pages, one driven through the fast methods and one through the
 slow ones, must return the same values and leave the same bytes in their pages; the cases the
 fast path hands over (other buffers, odd limits, errors) must behave as documented.
@@ -38,7 +39,7 @@ def test_fast_and_slow_calls_agree_on_random_batches() -> None:
     assert ff.rsp_cons == sf.rsp_cons > 0
 
 
-def test_other_buffers_and_limits_take_the_python_path() -> None:
+def test_other_buffers_count_in_bytes_and_odd_limits_or_arguments_behave_as_documented() -> None:
     page = bytearray(4096)
     front, back = FrontRing(NETIF_TX, page), BackRing(NETIF_TX, page)
     data = bytes(range(REQ * 4))

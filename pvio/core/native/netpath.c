@@ -633,3 +633,22 @@ int pvio_nf_tx_reqs(const uint16_t *sids, const uint32_t *lens, uint32_t n, cons
     }
     return 0;
 }
+
+int pvio_nf_rx_repost(const uint16_t *ids, uint32_t n, uint32_t nr_ents, uint8_t *posted, const uint32_t *refs,
+                      uint8_t *reqs)
+{
+    for (uint32_t k = 0; k < n; k++) {
+        if (ids[k] >= nr_ents || posted[ids[k]]) {  /* undo: nothing changes */
+            while (k--)
+                posted[ids[k]] = 0;
+            return -1;
+        }
+        struct netif_rx_request r;
+        r.id = ids[k];
+        r.pad = 0;
+        r.gref = refs[ids[k]];
+        posted[ids[k]] = 1;
+        memcpy(reqs + (size_t)k * sizeof r, &r, sizeof r);
+    }
+    return (int)n;
+}

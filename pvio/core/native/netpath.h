@@ -250,6 +250,12 @@ int pvio_nf_tx_reap(const uint8_t *rsp, uint32_t n, uint32_t nr_ents, uint8_t *o
 int pvio_nf_tx_reqs(const uint16_t *sids, const uint32_t *lens, uint32_t n, const uint32_t *refs,
                     uint8_t *outstanding, uint8_t *reqs, const uint64_t *base, uint64_t *start, uint64_t *end);
 
+/* The RX requests that give buffers ids[0..n) back to the backend (buffer id i is granted as refs[i]):
+ * each becomes posted again.  -1 (posted[] unchanged) if an id is outside the ring or still posted:
+ * a buffer is re-posted at most once per answer. */
+int pvio_nf_rx_repost(const uint16_t *ids, uint32_t n, uint32_t nr_ents, uint8_t *posted, const uint32_t *refs,
+                      uint8_t *reqs);
+
 /* cffi-cdef-end */
 
 #endif
