@@ -839,7 +839,8 @@ class SmartNic(SwitchPort):
                     continue
                 self.dev["polls"] += 1
                 work = self._tx_work() + self._rx_work()
-                self._moderate(idle=not work)
+                if self._irq_wanted:
+                    self._moderate(idle=not work)
                 if work:
                     idle = 0
                     await trio.lowlevel.checkpoint()

@@ -419,7 +419,8 @@ class SmartNicDriver(GuestNic):
                 _, notify = self.tx.send(descs)
                 if notify:
                     self._doorbell(DB_TX)
-                self._busy_poll()
+                if self._sleeping:  # (the common case, a busy sender, costs no call)
+                    self._busy_poll()
                 continue
             # Every TX buffer is in flight: poll a little, then ask for an interrupt and sleep.
             spins += 1
