@@ -39,9 +39,12 @@ demo: build
 test: build
 	$(PY) -m pytest -q -p no:cacheprovider tests --ignore=tests/bench
 
+# The JSON keeps every benchmark's extra_info (pps, per-packet costs, ratios); the report prints it.
 bench: build
+	mkdir -p build
 	$(PY) -m pytest -q tests/bench --benchmark-enable --benchmark-only -p no:cacheprovider \
-		--benchmark-columns=min,median,mean,ops,rounds --benchmark-sort=name
+		--benchmark-columns=min,median,mean,ops,rounds --benchmark-sort=name --benchmark-json=build/bench.json
+	$(PY) -m pvio.harness.benchreport build/bench.json
 
 # The device-model comparison table (Markdown) and its chart; matplotlib only here, not in the tests.
 chart: build
