@@ -18,6 +18,7 @@ or push to a channel and let a task do the work.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import struct
 from collections.abc import Awaitable, Callable, Sequence
@@ -396,8 +397,18 @@ class PyGuest:
         return self.domain.maptrack[handle]
 
     def grant_unmap(self, mapping: GrantMapping | int) -> None:
-        """Unmap a mapping made by :meth:`grant_map`."""
+        """Unmap a mapping made by :meth:`grant_map`.
+
+        A mapping the hypervisor revoked when its granter was destroyed (while this guest
+        still pointed into the page, e.g. with a ring) is let go of here too: its view is
+        released and the dead granter's RAM unmapped if this was the last view of it; the
+        hypercall then fails with GNTST_bad_handle, as before.
+        """
         handle = mapping if isinstance(mapping, int) else mapping.handle
+        if isinstance(mapping, GrantMapping) and self.domain.maptrack.get(handle) is not mapping:
+            with contextlib.suppress(BufferError):  # still exported: it dies with its holder
+                mapping.view.release()
+            mapping.granter.release_memory()
         gpa = self._args(GNTTAB_UNMAP_GRANT_REF.pack(0, 0, handle, 0))
         self._check(
             self.hypercall(Hypercall.grant_table_op, GnttabOp.unmap_grant_ref, gpa, 1), "unmap_grant_ref"

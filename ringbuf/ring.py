@@ -129,6 +129,7 @@ class _RingEnd:
         if self._r.sring != ffi.NULL:
             self._r.sring = ffi.NULL
             ffi.release(self._cbuf)
+        self._buffer = None  # nor keep the memory alive: its owner may unmap it now
 
 
 class FrontRing(_RingEnd, FrontCore):

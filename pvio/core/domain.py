@@ -156,6 +156,21 @@ class Domain:
         """False once destruction has begun."""
         return self.state not in ("dying", "dead")
 
+    def release_memory(self) -> bool:
+        """Unmap a dead domain's RAM once nothing points into it; True once it is unmapped.
+
+        The hypervisor's own views of the domain (shared_info, vcpu_info) go first.  A view
+        someone else still holds (a backend's ring on a page it had mapped) keeps the RAM;
+        whoever lets go of the last one calls this again (:meth:`pvio.guest.PyGuest.grant_unmap`,
+        :mod:`pvio.remote`).  Harmless to repeat; refused (False) while the domain lives.
+        """
+        if self.alive:
+            return False
+        for view in (self.vcpu_info, self.shared_info):
+            view.release()
+        self.mem.close()
+        return bool(self.mem.mmap.closed)
+
     def next_map_handle(self) -> int:
         """A fresh grant-mapping handle of this domain."""
         h = self._next_handle

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import weakref
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any, ClassVar
@@ -79,6 +80,8 @@ class Hypervisor:
         self.seed = seed
         self.domains: dict[int, Domain] = {}
         self.counters = CounterRegistry()
+        # Dead domains whose RAM is still mapped (a view outlived them): unmapped by reclaim().
+        self._unreleased: weakref.WeakSet[Domain] = weakref.WeakSet()
         self.hypercalls = HypercallTable(self)
         self.iobus = IoBus(self)  # port I/O and MMIO exits to device models (pvio.core.iobus)
         self.store = Store()
@@ -129,6 +132,8 @@ class Hypervisor:
             if exc is not None and len(group.exceptions) == 1 and group.exceptions[0] is exc:
                 raise exc from None
             raise
+        finally:
+            self.reclaim()  # every task has ended: whatever views of dead domains were left are gone
 
     def _require_nursery(self) -> trio.Nursery:
         if self.nursery is None:
@@ -271,9 +276,22 @@ class Hypervisor:
             except Exception:
                 log.exception("dom%d: destroy callback failed", dom.domid)
         dom.state = "dead"
+        self._unreleased.add(dom)  # its RAM is unmapped once nothing points into it (reclaim)
         del self.domains[dom.domid]
         self.native.rebuild(list(self.domains.values()))
         log.info("destroyed dom%d (%s)", dom.domid, reason)
+
+    def reclaim(self) -> int:
+        """Unmap the RAM of every dead domain nothing points into any more; how many are left.
+
+        A destroyed domain's pages can still be in use (a backend's ring on a page it had
+        mapped, until the backend lets go): its RAM stays mapped until then, and goes with
+        the last holder (:meth:`Domain.release_memory`), or here.
+        """
+        for dom in list(self._unreleased):
+            if dom.release_memory():
+                self._unreleased.discard(dom)
+        return len(self._unreleased)
 
     # ------------------------------------------------------------------ services
     def send_virq(self, dom: Domain, virq: int) -> None:

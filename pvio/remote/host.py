@@ -436,6 +436,7 @@ class RemoteGuest:
             self._doorbell_map.close()
             self._doorbell_map = None
         self._close_memfds()
+        self.domain.release_memory()  # the RAM's mapping too, once the domain is dead and nothing maps it
 
     def _close_memfds(self) -> None:
         mem = self.domain.mem

@@ -404,6 +404,13 @@ class RingConnection(XsConnection):
     def _output_queued(self) -> None:
         self.process()
 
+    def close(self) -> None:
+        """Stop serving, and let go of the guest's page (its RAM can be unmapped once nothing
+        else points into it); while a request is being served, at the end of it."""
+        super().close()
+        if not self._busy:
+            self._page.release()
+
     def process(self) -> None:
         """Serve the ring: execute every complete request, write replies and queued watch events,
         and notify the guest once if anything was written or consumed.  Never raises."""
@@ -432,6 +439,8 @@ class RingConnection(XsConnection):
             self._disconnect(XENSTORE_ERROR_COMMS, "internal error (see the traceback above)")
         finally:
             self._busy = False
+            if self._closed:
+                self._page.release()  # see close()
 
     # -- the rings -----------------------------------------------------------------------------
 
