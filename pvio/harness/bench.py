@@ -158,8 +158,17 @@ class ModelEnv:
         return {f"dom{d.domid}": d.name for d in self.hv.domains.values()}
 
 
+#: The most guests :func:`model_env` boots: their addresses are 10.0.0.1 .. 10.0.0.254.
+MAX_GUESTS = 254
+
+
 def _ip(index: int) -> str:
     return f"10.0.0.{index + 1}"
+
+
+def guest_name(index: int) -> str:
+    """Guest ``index``'s name: ``a`` .. ``z``, then ``g26``, ``g27``, ..."""
+    return chr(ord("a") + index) if index < 26 else f"g{index}"
 
 
 @asynccontextmanager
@@ -172,9 +181,11 @@ async def model_env(
     backend: str | None = None,
     backend_options: dict[str, Any] | None = None,
     trace: str | None = None,
+    dom0_pages: int | None = None,
     **options: Any,
 ) -> AsyncIterator[ModelEnv]:
-    """Boot a hypervisor whose ``n_guests`` guests (``a``, ``b``, ...) each have one NIC of ``model``.
+    """Boot a hypervisor whose ``n_guests`` guests (``a``, ``b``, ... :func:`guest_name`; up to
+    :data:`MAX_GUESTS`) each have one NIC of ``model``.
 
     The guests are connected and their MACs learned by the switch (each sends one frame to
     itself, which the switch learns from and drops), and the system is quiet when this
@@ -182,8 +193,13 @@ async def model_env(
     the smart NIC driver, ``use_mmio=True`` for the emulated NIC driver); an option the kind
     does not take is refused (TypeError).  ``backend``/``backend_options`` give the PV vifs
     a custom backend (a ``pvio.backends`` entry point); ``trace`` records the whole run,
-    boot included, as a Perfetto trace file (:mod:`pvio.core.trace`).
+    boot included, as a Perfetto trace file (:mod:`pvio.core.trace`).  ``dom0_pages`` sizes
+    dom0; None sizes it for the PV vifs (:func:`pvio.toolstack.dom0_pages_for`: 512 staging
+    pages each), and a dom0 too small for them is refused in one line
+    (:class:`pvio.toolstack.Dom0TooSmall`).
     """
+    if not 1 <= n_guests <= MAX_GUESTS:
+        raise ValueError(f"n_guests={n_guests}: model_env boots 1..{MAX_GUESTS} guests")
     if model not in MODELS:
         raise ValueError(f"unknown device model {model!r}: choose one of {', '.join(MODELS)}")
     factory = GUEST_KINDS.get(guest)
@@ -196,17 +212,19 @@ async def model_env(
     allowed = GUEST_OPTIONS.get(guest)
     unknown = sorted(set(options) - allowed) if allowed is not None else []
     if allowed is not None and unknown:
-        valid = ", ".join(sorted(allowed | {"backend", "backend_options", "n_guests", "timeout_s", "trace"}))
+        common = {"backend", "backend_options", "dom0_pages", "n_guests", "timeout_s", "trace"}
+        valid = ", ".join(sorted(allowed | common))
         raise TypeError(f"pvio_env({model!r}, guest={guest!r}): unknown option(s) {unknown}; valid: {valid}")
     if (backend is not None or backend_options is not None) and model != "pv":
         raise ValueError(f"a backend serves PV vifs; {model} NICs have none (backend={backend!r})")
     from contextlib import nullcontext
 
-    from pvio.toolstack import start_network
+    from pvio.toolstack import dom0_pages_for, start_network
 
-    async with Hypervisor() as hv:
+    pages = dom0_pages_for(n_guests if model == "pv" else 0) if dom0_pages is None else dom0_pages
+    async with Hypervisor(dom0_pages=pages) as hv:
         with hv.trace(trace) if trace is not None else nullcontext():
-            kernels = [factory(chr(ord("a") + i), model, _ip(i), options) for i in range(n_guests)]
+            kernels = [factory(guest_name(i), model, _ip(i), options) for i in range(n_guests)]
             net = await start_network(
                 hv, kernels, model=model, backend=backend, backend_options=backend_options,
                 settle_s=0.001, timeout_s=timeout_s,
@@ -998,3 +1016,72 @@ def linux_rows(
     except DebianUnavailable as e:
         raise NotImplementedError(f"the linux rows need Debian's packages: {e}") from None
     return results
+
+
+# ---------------------------------------------------------------------- many guests (--guests N)
+#: The scale benchmark's defaults: 64 guests, 32 streams (guest 2k -> 2k+1) of 64-byte frames.
+SCALE_GUESTS = 64
+SCALE_PACKETS = 2_000  # per stream
+
+
+@dataclass
+class StreamsResult:
+    """Concurrent streams on one switch: guest 2k sends ``packets`` frames to guest 2k+1, every
+    pair at once; costs are per frame delivered end to end, ``pps`` the aggregate."""
+
+    n_guests: int
+    streams: int
+    packets: int  # frames per stream
+    frame_size: int
+    delivered: int  # frames delivered end to end, over all streams
+    seconds: float  # wall clock, first send to last frame checked
+    totals: dict[str, int]
+    diff: Snapshot | None = None
+
+    @property
+    def pps(self) -> float:
+        """Aggregate frames delivered per wall-clock second."""
+        return self.delivered / self.seconds if self.seconds > 0 else math.inf
+
+    @property
+    def per_packet(self) -> dict[str, float]:
+        """Each total divided by the frames delivered end to end."""
+        return {k: self.totals[k] / self.delivered for k in COST_KEYS}
+
+
+async def run_streams(
+    env: ModelEnv,
+    *,
+    packets: int = SCALE_PACKETS,
+    frame_size: int = FRAME_SIZE,
+    batch: int = BATCH,
+    timeout_s: float = 120.0,
+) -> StreamsResult:
+    """Every pair of ``env``'s guests streams at once: guest 2k sends ``packets`` UDP frames to
+    guest 2k+1 at saturation (batches of ``batch``), and 2k+1 checks each frame against the one
+    due next (every byte, in order: AssertionError otherwise), as :func:`stream_in_order` does."""
+    low, high = FRAME_LIMITS[env.model]
+    if not low <= frame_size <= high:
+        raise ValueError(f"frame_size={frame_size}: {env.model} NICs carry frames of {low}..{high} bytes")
+    pairs = [(env.guests[i], env.guests[i + 1]) for i in range(0, len(env.guests) - 1, 2)]
+    if not pairs:
+        raise ValueError("concurrent streams need at least 2 guests")
+    plans = [(a, b, make_frames(a, b, packets, frame_size, STREAM_PORTS)) for a, b in pairs]
+    counts = [0] * len(plans)
+
+    async def one(k: int, a: Any, b: Any, frames: list[bytes]) -> None:
+        counts[k] = await stream_in_order(a, b, frames, None, batch)
+
+    await settle()
+    before = env.snapshot()
+    with trio.fail_after(timeout_s):
+        start = time.perf_counter()
+        async with trio.open_nursery() as nursery:
+            for k, (a, b, frames) in enumerate(plans):
+                nursery.start_soon(one, k, a, b, frames)
+        seconds = time.perf_counter() - start
+        await settle()
+    diff = env.snapshot().diff(before)
+    return StreamsResult(
+        len(env.guests), len(plans), packets, frame_size, sum(counts), seconds, costs(diff), diff
+    )
