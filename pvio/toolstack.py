@@ -186,7 +186,7 @@ def check_dom0_fits(hv: Hypervisor, n_vifs: int) -> None:
     if have < need:
         raise Dom0TooSmall(
             f"dom0 has {have} free pages, {n_vifs} PV vifs need {need} ({vif_staging_pages()} each): "
-            f"give dom0_pages >= {hv.dom0.mem.nr_pages - have + need} (or leave it unset: sized from the vifs)"
+            f"give dom0_pages >= {hv.dom0.mem.nr_pages - have + need} (or leave it unset)"
         )
 
 
