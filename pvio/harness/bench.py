@@ -1200,15 +1200,12 @@ async def scale_run(
         boot_s = time.perf_counter() - start
         mem1 = rss_bytes()
         results: list[StreamsResult] = []
-        cpu: list[float] = []
         for _ in range(rounds):
             gc.collect()
-            c0 = time.process_time()
             results.append(
                 await run_streams(env, packets=packets, frame_size=frame_size, timeout_s=timeout_s)
             )
-            cpu.append(time.process_time() - c0)
-    return ScaleRun(n_guests, boot_s, {k: mem1[k] - mem0.get(k, 0) for k in mem1}, results, cpu)
+    return ScaleRun(n_guests, boot_s, {k: mem1[k] - mem0.get(k, 0) for k in mem1}, results)
 
 
 @dataclass
