@@ -84,7 +84,8 @@ async def test_a_dom0_too_small_for_the_vifs_is_refused_in_one_line(autojump_clo
     assert "\n" not in message
     # dom0 keeps 41 pages of its 4096 for itself; 8 vifs need 8 x 512.
     assert message == (
-        "dom0 has 4055 free pages, 8 PV vifs need 4096 (512 each): give dom0_pages >= 4137 (or leave it unset)"
+        "dom0 has 4055 free pages, 8 PV vifs need 4096 (512 each): "
+        "give dom0_pages >= 4137 (or leave it unset)"
     )
 
 
