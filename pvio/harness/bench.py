@@ -730,7 +730,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.processes:
         return processes_bench(args.quick, args.json)
-    if args.guests is not None or args.packets is not None:
+    if args.packets is not None and args.guests is None:
+        parser.error("--packets goes with --guests N (the scale benchmark)")
+    if args.guests is not None:
         return _scale_main(parser, args)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     if not models:
@@ -782,7 +784,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _scale_main(parser: Any, args: Any) -> int:
     """``pvio bench --guests N``: :func:`scale_report`, as a table or JSON."""
-    n = SCALE_GUESTS if args.guests is None else args.guests
+    n = args.guests
     if n < 4 or n % 2 or n > MAX_GUESTS:
         parser.error(f"--guests {n}: an even number of guests, 4 to {MAX_GUESTS - 1}")
     packets = args.packets if args.packets is not None else SCALE_PACKETS // (10 if args.quick else 1)
