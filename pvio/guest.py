@@ -368,6 +368,10 @@ class PyGuest:
         self.page(gfn)[:] = bytes(PAGE_SIZE)
         return gfn
 
+    def free_pages(self) -> int:
+        """How many frames :meth:`alloc_page` can still give (the toolstack sizes dom0 by it)."""
+        return len(self._page_free)
+
     def free_page(self, gfn: int) -> None:
         """Return a frame to the allocator (only once no grant of it is live)."""
         self._page_free.append(gfn)

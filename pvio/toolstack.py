@@ -146,6 +146,49 @@ MODELS: tuple[str, ...] = ("emulated", "pv", "smartnic")
 FRAME_LIMITS: dict[str, tuple[int, int]] = {"pv": (46, 65535), "emulated": (46, 1518), "smartnic": (46, 2048)}
 ANNOUNCE_ETHERTYPE = 0x88B5  # IEEE "local experimental": a frame to self, so the switch learns a MAC
 
+#: dom0's pages besides its vifs' staging areas: its start of day, tables and scratch (41 pages
+#: today), with room to spare for a few hot-plugged vifs' rings and the backends' own pages.
+DOM0_BASE_PAGES = 1024
+
+
+def vif_staging_pages() -> int:
+    """The dom0 pages netback takes for one connected PV vif: one TX and one RX staging page
+    per ring slot (grant-copy targets and sources), 512 with Xen's 256-slot rings."""
+    from pvio.backends.netback import NR_RX, NR_TX
+
+    return NR_TX + NR_RX
+
+
+def dom0_pages_for(n_vifs: int) -> int:
+    """The dom0 size :func:`boot_network` gives a network of ``n_vifs`` PV vifs: the staging
+    areas of every vif on top of :data:`DOM0_BASE_PAGES`, never less than the hypervisor's
+    default (so a small network's dom0, and the counts pinned on it, are what they were)."""
+    from pvio.core.hypervisor import DEFAULT_DOM0_PAGES
+
+    return max(DEFAULT_DOM0_PAGES, DOM0_BASE_PAGES + n_vifs * vif_staging_pages())
+
+
+class Dom0TooSmall(ValueError):
+    """dom0 cannot hold the staging areas of the PV vifs a network asks for (one line)."""
+
+
+def check_dom0_fits(hv: Hypervisor, n_vifs: int) -> None:
+    """Raise :class:`Dom0TooSmall` when dom0's free pages cannot hold ``n_vifs`` more PV vifs'
+    staging areas: what libxl's free-memory check is to a domain, so that booting 64 guests on
+    a too-small dom0 fails at once in one line instead of netback refusing vif after vif."""
+    if n_vifs <= 0 or hv.dom0 is None:
+        return
+    free = getattr(hv.dom0.kernel, "free_pages", None)
+    if free is None:  # a dom0 kernel without the Python allocator: netback reports per vif
+        return
+    need = n_vifs * vif_staging_pages()
+    have = int(free())
+    if have < need:
+        raise Dom0TooSmall(
+            f"dom0 has {have} free pages, {n_vifs} PV vifs need {need} ({vif_staging_pages()} each): "
+            f"give dom0_pages >= {hv.dom0.mem.nr_pages - have + need} (or leave it unset)"
+        )
+
 
 @dataclass(frozen=True)
 class NicConfig:
@@ -247,6 +290,7 @@ async def start_network(
     timeout_s: float = 10.0,
     nics: Sequence[NicConfig | None] | None = None,
     pcap: str | None = None,
+    check_dom0: bool = True,
 ) -> Network:
     """Bring up dom0's switch (and netback for PV vifs) on a running hypervisor, then create
     and boot one domain per guest kernel, each with one NIC of ``model``.
@@ -263,6 +307,10 @@ async def start_network(
     (the smart NIC's moderation) run out first.  ``backend``/``backend_options``/
     ``rx_queue_max`` configure netback; ``before_guests(hv)`` runs once dom0 is up and before
     any guest exists.
+
+    ``check_dom0``: refuse at once (:class:`Dom0TooSmall`, one line) a network whose PV vifs'
+    staging areas do not fit in dom0's free pages; False leaves it to netback, which refuses
+    each vif that does not fit with its reason and serves the others.
     """
     from pvio.backends.emulated_nic import add_emulated_nic
     from pvio.backends.netback import RX_QUEUE_MAX, NetBack
@@ -281,6 +329,8 @@ async def start_network(
             )
     if hv.dom0 is None:
         raise RuntimeError("the hypervisor has no dom0 to run the switch and the backends")
+    if check_dom0:
+        check_dom0_fits(hv, sum(1 for cfg in configs if cfg.model == "pv"))
     switch = Switch(hv.counters)
     net = Network(hv, switch, model, [])
     if pcap is not None:
@@ -344,10 +394,17 @@ async def boot_network(
     guests: Sequence[Any], *, dom0_pages: int | None = None, **options: Any
 ) -> AsyncIterator[Network]:
     """``async with boot_network([a, b]) as net:`` — a hypervisor with dom0 and a network of
-    ``guests`` (:func:`start_network`'s options), torn down on exit."""
-    from pvio.core.hypervisor import DEFAULT_DOM0_PAGES, Hypervisor
+    ``guests`` (:func:`start_network`'s options), torn down on exit.
 
-    async with Hypervisor(dom0_pages=DEFAULT_DOM0_PAGES if dom0_pages is None else dom0_pages) as hv:
+    ``dom0_pages`` sizes dom0; None sizes it for the network's PV vifs (:func:`dom0_pages_for`).
+    """
+    from pvio.core.hypervisor import Hypervisor
+
+    if dom0_pages is None:
+        nics = options.get("nics") or [None] * len(guests)
+        model = options.get("model", "pv")
+        dom0_pages = dom0_pages_for(sum(1 for c in nics if (model if c is None else c.model) == "pv"))
+    async with Hypervisor(dom0_pages=dom0_pages) as hv:
         net = await start_network(hv, guests, **options)
         try:
             yield net

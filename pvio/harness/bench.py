@@ -40,6 +40,7 @@ MockClock the counts are exactly reproducible; with the real clock they vary a l
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import statistics
@@ -158,8 +159,17 @@ class ModelEnv:
         return {f"dom{d.domid}": d.name for d in self.hv.domains.values()}
 
 
+#: The most guests :func:`model_env` boots: their addresses are 10.0.0.1 .. 10.0.0.254.
+MAX_GUESTS = 254
+
+
 def _ip(index: int) -> str:
     return f"10.0.0.{index + 1}"
+
+
+def guest_name(index: int) -> str:
+    """Guest ``index``'s name: ``a`` .. ``z``, then ``g26``, ``g27``, ..."""
+    return chr(ord("a") + index) if index < 26 else f"g{index}"
 
 
 @asynccontextmanager
@@ -172,9 +182,11 @@ async def model_env(
     backend: str | None = None,
     backend_options: dict[str, Any] | None = None,
     trace: str | None = None,
+    dom0_pages: int | None = None,
     **options: Any,
 ) -> AsyncIterator[ModelEnv]:
-    """Boot a hypervisor whose ``n_guests`` guests (``a``, ``b``, ...) each have one NIC of ``model``.
+    """Boot a hypervisor whose ``n_guests`` guests (``a``, ``b``, ... :func:`guest_name`; up to
+    :data:`MAX_GUESTS`) each have one NIC of ``model``.
 
     The guests are connected and their MACs learned by the switch (each sends one frame to
     itself, which the switch learns from and drops), and the system is quiet when this
@@ -182,8 +194,13 @@ async def model_env(
     the smart NIC driver, ``use_mmio=True`` for the emulated NIC driver); an option the kind
     does not take is refused (TypeError).  ``backend``/``backend_options`` give the PV vifs
     a custom backend (a ``pvio.backends`` entry point); ``trace`` records the whole run,
-    boot included, as a Perfetto trace file (:mod:`pvio.core.trace`).
+    boot included, as a Perfetto trace file (:mod:`pvio.core.trace`).  ``dom0_pages`` sizes
+    dom0; None sizes it for the PV vifs (:func:`pvio.toolstack.dom0_pages_for`: 512 staging
+    pages each), and a dom0 too small for them is refused in one line
+    (:class:`pvio.toolstack.Dom0TooSmall`).
     """
+    if not 1 <= n_guests <= MAX_GUESTS:
+        raise ValueError(f"n_guests={n_guests}: model_env boots 1..{MAX_GUESTS} guests")
     if model not in MODELS:
         raise ValueError(f"unknown device model {model!r}: choose one of {', '.join(MODELS)}")
     factory = GUEST_KINDS.get(guest)
@@ -196,17 +213,19 @@ async def model_env(
     allowed = GUEST_OPTIONS.get(guest)
     unknown = sorted(set(options) - allowed) if allowed is not None else []
     if allowed is not None and unknown:
-        valid = ", ".join(sorted(allowed | {"backend", "backend_options", "n_guests", "timeout_s", "trace"}))
+        common = {"backend", "backend_options", "dom0_pages", "n_guests", "timeout_s", "trace"}
+        valid = ", ".join(sorted(allowed | common))
         raise TypeError(f"pvio_env({model!r}, guest={guest!r}): unknown option(s) {unknown}; valid: {valid}")
     if (backend is not None or backend_options is not None) and model != "pv":
         raise ValueError(f"a backend serves PV vifs; {model} NICs have none (backend={backend!r})")
     from contextlib import nullcontext
 
-    from pvio.toolstack import start_network
+    from pvio.toolstack import dom0_pages_for, start_network
 
-    async with Hypervisor() as hv:
+    pages = dom0_pages_for(n_guests if model == "pv" else 0) if dom0_pages is None else dom0_pages
+    async with Hypervisor(dom0_pages=pages) as hv:
         with hv.trace(trace) if trace is not None else nullcontext():
-            kernels = [factory(chr(ord("a") + i), model, _ip(i), options) for i in range(n_guests)]
+            kernels = [factory(guest_name(i), model, _ip(i), options) for i in range(n_guests)]
             net = await start_network(
                 hv, kernels, model=model, backend=backend, backend_options=backend_options,
                 settle_s=0.001, timeout_s=timeout_s,
@@ -697,9 +716,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--processes", action="store_true", help="the PV stream with guests in their own processes instead"
     )
+    parser.add_argument(
+        "--guests",
+        type=int,
+        metavar="N",
+        help="the scale benchmark instead: N PV guests on one switch, N/2 concurrent 64-byte streams "
+        "(guest 2k -> 2k+1), beside 2 guests' one stream measured in the same run",
+    )
+    parser.add_argument(
+        "--packets", type=int, metavar="K", help=f"with --guests: frames per stream (default {SCALE_PACKETS})"
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="with --guests: rounds per network (default 3)")
     args = parser.parse_args(argv)
     if args.processes:
         return processes_bench(args.quick, args.json)
+    if args.packets is not None and args.guests is None:
+        parser.error("--packets goes with --guests N (the scale benchmark)")
+    if args.guests is not None:
+        return _scale_main(parser, args)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     if not models:
         parser.error(f"--models names no model (choose from {', '.join(MODELS)})")
@@ -745,6 +779,24 @@ def main(argv: list[str] | None = None) -> int:
         write_chart(rows, args.chart)
         if not args.json:
             print(f"chart written to {args.chart}", file=sys.stderr)
+    return 0
+
+
+def _scale_main(parser: Any, args: Any) -> int:
+    """``pvio bench --guests N``: :func:`scale_report`, as a table or JSON."""
+    n = args.guests
+    if n < 4 or n % 2 or n > MAX_GUESTS:
+        parser.error(f"--guests {n}: an even number of guests, 4 to {MAX_GUESTS - 1}")
+    packets = args.packets if args.packets is not None else SCALE_PACKETS // (10 if args.quick else 1)
+    if packets < 1 or args.rounds < 1:
+        parser.error(f"--packets ({packets}) and --rounds ({args.rounds}) must be at least 1")
+
+    def progress(what: str) -> None:
+        if not args.json:
+            print(f"  running {what} ...", file=sys.stderr)
+
+    report = scale_report(n, packets, rounds=args.rounds, mock_clock=args.mock_clock, progress=progress)
+    print(json.dumps(report.as_json(), indent=1) if args.json else report.format())
     return 0
 
 
@@ -998,3 +1050,237 @@ def linux_rows(
     except DebianUnavailable as e:
         raise NotImplementedError(f"the linux rows need Debian's packages: {e}") from None
     return results
+
+
+# ---------------------------------------------------------------------- many guests (--guests N)
+#: The scale benchmark's defaults: 64 guests, 32 streams (guest 2k -> 2k+1) of 64-byte frames.
+SCALE_GUESTS = 64
+SCALE_PACKETS = 2_000  # per stream
+
+
+@dataclass
+class StreamsResult:
+    """Concurrent streams on one switch: guest 2k sends ``packets`` frames to guest 2k+1, every
+    pair at once; costs are per frame delivered end to end, ``pps`` the aggregate."""
+
+    n_guests: int
+    streams: int
+    packets: int  # frames per stream
+    frame_size: int
+    delivered: int  # frames delivered end to end, over all streams
+    seconds: float  # wall clock, first send to last frame checked
+    totals: dict[str, int]
+    diff: Snapshot | None = None
+    cpu_seconds: float = 0.0  # this process's CPU time (user + system) over the same span
+
+    @property
+    def cpu_pps(self) -> float:
+        """Frames delivered per CPU second of this process: what a quiet machine would give,
+        whatever else runs on it (every guest and dom0 run in this one process)."""
+        return self.delivered / self.cpu_seconds if self.cpu_seconds > 0 else math.inf
+
+    @property
+    def pps(self) -> float:
+        """Aggregate frames delivered per wall-clock second."""
+        return self.delivered / self.seconds if self.seconds > 0 else math.inf
+
+    @property
+    def per_packet(self) -> dict[str, float]:
+        """Each total divided by the frames delivered end to end."""
+        return {k: self.totals[k] / self.delivered for k in COST_KEYS}
+
+
+async def run_streams(
+    env: ModelEnv,
+    *,
+    packets: int = SCALE_PACKETS,
+    frame_size: int = FRAME_SIZE,
+    batch: int = BATCH,
+    timeout_s: float = 120.0,
+) -> StreamsResult:
+    """Every pair of ``env``'s guests streams at once: guest 2k sends ``packets`` UDP frames to
+    guest 2k+1 at saturation (batches of ``batch``), and 2k+1 checks each frame against the one
+    due next (every byte, in order: AssertionError otherwise), as :func:`stream_in_order` does."""
+    low, high = FRAME_LIMITS[env.model]
+    if not low <= frame_size <= high:
+        raise ValueError(f"frame_size={frame_size}: {env.model} NICs carry frames of {low}..{high} bytes")
+    pairs = [(env.guests[i], env.guests[i + 1]) for i in range(0, len(env.guests) - 1, 2)]
+    if not pairs:
+        raise ValueError("concurrent streams need at least 2 guests")
+    plans = [(a, b, make_frames(a, b, packets, frame_size, STREAM_PORTS)) for a, b in pairs]
+    counts = [0] * len(plans)
+
+    async def one(k: int, a: Any, b: Any, frames: list[bytes]) -> None:
+        counts[k] = await stream_in_order(a, b, frames, None, batch)
+
+    await settle()
+    before = env.snapshot()
+    with trio.fail_after(timeout_s):
+        start, cpu0 = time.perf_counter(), time.process_time()
+        async with trio.open_nursery() as nursery:
+            for k, (a, b, frames) in enumerate(plans):
+                nursery.start_soon(one, k, a, b, frames)
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu0
+        await settle()
+    diff = env.snapshot().diff(before)
+    return StreamsResult(
+        len(env.guests), len(plans), packets, frame_size, sum(counts), seconds, costs(diff), diff, cpu
+    )
+
+
+def rss_bytes() -> dict[str, int]:
+    """This process's resident memory from ``/proc/self/status`` (Linux): ``rss`` (VmRSS) and
+    its parts ``anon`` (the Python heap, anonymous guest RAM) and ``shmem`` (memfd-backed RAM);
+    empty where there is no such file."""
+    keys = {"VmRSS": "rss", "RssAnon": "anon", "RssShmem": "shmem"}
+    out: dict[str, int] = {}
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                name, _, value = line.partition(":")
+                if name in keys:
+                    out[keys[name]] = int(value.split()[0]) * 1024
+    except OSError:
+        pass
+    return out
+
+
+@dataclass
+class ScaleRun:
+    """One network of :func:`scale_run`: its boot and its rounds of concurrent streams."""
+
+    n_guests: int
+    boot_s: float  # wall clock of booting the network (model_env: every guest connected, MACs learned)
+    rss_boot: dict[str, int]  # resident memory the boot added (rss_bytes keys)
+    rounds: list[StreamsResult]
+
+    @property
+    def pps(self) -> float:
+        """The median aggregate pps of the rounds (wall clock)."""
+        return statistics.median(r.pps for r in self.rounds)
+
+    @property
+    def cpu_pps(self) -> float:
+        """The median of the rounds' frames per CPU second (:attr:`StreamsResult.cpu_pps`)."""
+        return statistics.median(r.cpu_pps for r in self.rounds)
+
+    def row(self) -> dict[str, Any]:
+        """The JSON row of ``pvio bench --guests``."""
+        last = self.rounds[-1]
+        return {
+            "guests": self.n_guests,
+            "streams": last.streams,
+            "packets_per_stream": last.packets,
+            "frame_size": last.frame_size,
+            "delivered": last.delivered,
+            "pps": round(self.pps, 1),
+            "pps_rounds": [round(r.pps, 1) for r in self.rounds],
+            "cpu_pps": round(self.cpu_pps, 1),
+            "per_packet": {k: round(v, 5) for k, v in last.per_packet.items()},
+            "boot_s": round(self.boot_s, 3),
+            "rss_boot": self.rss_boot,
+            "rss_per_guest": round(self.rss_boot.get("rss", 0) / self.n_guests),
+        }
+
+
+async def scale_run(
+    n_guests: int, *, packets: int, rounds: int = 3, frame_size: int = FRAME_SIZE, timeout_s: float = 120.0
+) -> ScaleRun:
+    """Boot ``n_guests`` PV guests on one switch (timed; resident memory before and after), then
+    ``rounds`` rounds of :func:`run_streams` with ``packets`` frames per stream.
+
+    Before each round a full garbage collection: the boot leaves the collector enough new
+    objects that its next full pass (tens of ms with 64 guests) would otherwise land in the
+    first round and be charged to the traffic.
+    """
+    import gc
+
+    gc.collect()
+    mem0 = rss_bytes()
+    start = time.perf_counter()
+    async with model_env("pv", n_guests=n_guests, timeout_s=timeout_s) as env:
+        boot_s = time.perf_counter() - start
+        mem1 = rss_bytes()
+        results: list[StreamsResult] = []
+        for _ in range(rounds):
+            gc.collect()
+            results.append(
+                await run_streams(env, packets=packets, frame_size=frame_size, timeout_s=timeout_s)
+            )
+    return ScaleRun(n_guests, boot_s, {k: mem1[k] - mem0.get(k, 0) for k in mem1}, results)
+
+
+@dataclass
+class ScaleReport:
+    """``pvio bench --guests N``: N guests' concurrent streams beside 2 guests' one stream of
+    the same total frames, measured in the same run; ``ratio`` = N's aggregate pps / 2's."""
+
+    base: ScaleRun
+    scale: ScaleRun
+
+    @property
+    def ratio(self) -> float:
+        """The N-guest aggregate over the 2-guest figure (wall clock, medians)."""
+        return self.scale.pps / self.base.pps
+
+    @property
+    def cpu_ratio(self) -> float:
+        """The same ratio from frames per CPU second (robust to other load on the machine)."""
+        return self.scale.cpu_pps / self.base.cpu_pps
+
+    def as_json(self) -> dict[str, Any]:
+        """Both rows and the ratios."""
+        return {
+            "base": self.base.row(),
+            "scale": self.scale.row(),
+            "ratio": round(self.ratio, 3),
+            "cpu_ratio": round(self.cpu_ratio, 3),
+            "memory": "resident set (VmRSS) added by the boot, divided by the guests; dom0's staging "
+            "pages for each guest's vif (512 pages, 2 MiB) included",
+        }
+
+    def format(self) -> str:
+        """The human-readable report."""
+        lines = [f"{'guests':>6}  {'streams':>7}  {'frames':>7}  {'pps':>9}  {'cpu pps':>9}  "
+                 f"{'int/pkt':>7}  {'exits/pkt':>9}  {'hcalls/pkt':>10}  {'copies/pkt':>10}  "
+                 f"{'boot s':>6}  {'RSS/guest':>9}"]  # fmt: skip
+        for run in (self.base, self.scale):
+            last, pp = run.rounds[-1], run.rounds[-1].per_packet
+            mib = run.rss_boot.get("rss", 0) / run.n_guests / 2**20
+            lines.append(
+                f"{run.n_guests:>6}  {last.streams:>7}  {last.delivered:>7}  {run.pps:>9.0f}  "
+                f"{run.cpu_pps:>9.0f}  {_fmt(pp['interrupts']):>7}  {_fmt(pp['exits']):>9}  "
+                f"{_fmt(pp['hypercalls']):>10}  {_fmt(pp['copies']):>10}  {run.boot_s:>6.2f}  "
+                f"{mib:>5.2f} MiB"
+            )
+        lines.append(
+            f"aggregate {self.scale.n_guests} guests / 2 guests: {self.ratio:.2f} (wall clock), "
+            f"{self.cpu_ratio:.2f} (per CPU second); medians of {len(self.scale.rounds)} rounds"
+        )
+        return "\n".join(lines)
+
+
+def scale_report(
+    n_guests: int = SCALE_GUESTS,
+    packets: int = SCALE_PACKETS,
+    *,
+    rounds: int = 3,
+    mock_clock: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> ScaleReport:
+    """The N-guest network first (so its memory figure is not helped by what the 2-guest run
+    freed), then the 2-guest one with one stream of as many frames as all N's streams carry."""
+    if n_guests < 4 or n_guests % 2:
+        raise ValueError(f"--guests {n_guests}: an even number of at least 4 (guest 2k streams to 2k+1)")
+
+    def clock() -> Any:
+        return trio.testing.MockClock(autojump_threshold=0) if mock_clock else None
+
+    if progress is not None:
+        progress(f"{n_guests} guests, {n_guests // 2} streams of {packets} frames")
+    scale = trio.run(functools.partial(scale_run, n_guests, packets=packets, rounds=rounds), clock=clock())
+    if progress is not None:
+        progress(f"2 guests, 1 stream of {packets * (n_guests // 2)} frames")
+    total = packets * (n_guests // 2)
+    base = trio.run(functools.partial(scale_run, 2, packets=total, rounds=rounds), clock=clock())
+    return ScaleReport(base, scale)

@@ -13,10 +13,13 @@ installed gets, in its tests:
             assert result.per_packet["interrupts"] <= 0.005
 
     ``model`` is ``"emulated"``, ``"pv"`` or ``"smartnic"``; ``guest`` is ``"py"`` or
-    ``"x86"`` (pvio's C guest kernel).  ``backend="lossy", backend_options={...}`` puts a
-    custom backend on the PV vifs; an unknown option is refused.  Use pytest-trio's
-    ``autojump_clock`` fixture for exactly reproducible counts.  ``--pvio-trace DIR`` writes
-    one Perfetto trace per environment into DIR.
+    ``"x86"`` (pvio's C guest kernel).  ``n_guests`` (default 2, up to 254) boots that many
+    guests on the switch, dom0 sized for their vifs (``dom0_pages=`` overrides it; too few for
+    the vifs is refused in one line); :func:`pvio.harness.bench.run_streams` runs a stream
+    from each even-numbered guest to the next one, all at once.  ``backend="lossy",
+    backend_options={...}`` puts a custom backend on the PV vifs; an unknown option is
+    refused.  Use pytest-trio's ``autojump_clock`` fixture for exactly reproducible counts.
+    ``--pvio-trace DIR`` writes one Perfetto trace per environment into DIR.
 
 ``run_scenario``
     :func:`pvio.harness.bench.run_scenario` (``"stream"`` or ``"pingpong"``, ``packets=``,
@@ -106,8 +109,8 @@ def extra_info(result: ScenarioResult) -> dict[str, Any]:
 
 @pytest.fixture
 def pvio_env(request: pytest.FixtureRequest) -> Callable[..., Any]:
-    """``async with pvio_env(model, guest="py", n_guests=2, backend=None, **options) as env:``
-    (see the module doc)."""
+    """``async with pvio_env(model, guest="py", n_guests=2, backend=None, dom0_pages=None,
+    **options) as env:`` (see the module doc)."""
     from pvio.harness.bench import model_env
 
     trace_dir = request.config.getoption("pvio_trace")
