@@ -841,8 +841,14 @@ class NetBack:
                     )
                     return
                 async with watch:
-                    async for _event in watch:
-                        await self._scan()
+                    dropped = 0
+                    async for path, _token in watch:
+                        # An event under a vif this netback serves is that vif's own business
+                        # (its watchers follow it); the scan would skip it anyway.  Rescanning
+                        # only for the others keeps a boot of N guests linear, not quadratic.
+                        if watch.dropped != dropped or self._served(path) is None:
+                            dropped = watch.dropped
+                            await self._scan()
         except Exception as exc:  # a bug in netback itself: the driver dies, dom0 does not
             reason = f"netback crashed: {own_error(exc)!r}"
             log.exception("dom%d: %s", self.guest.domain.domid, reason)
@@ -860,6 +866,15 @@ class NetBack:
     def _stop_vifs(self, reason: str) -> None:
         for vif in list(self.vifs.values()):
             vif.stop(reason)
+
+    def _served(self, path: str) -> tuple[int, int] | None:
+        """The served vif (frontend domid, devid) whose backend directory ``path`` is in, if any."""
+        rel = path[len(self.base) :].strip("/").split("/") if path.startswith(self.base) else []
+        if len(rel) >= 2 and rel[0].isdigit() and rel[1].isdigit():
+            key = (int(rel[0]), int(rel[1]))
+            if key in self.vifs:
+                return key
+        return None
 
     async def _scan(self) -> None:
         xb = self.guest.xenbus

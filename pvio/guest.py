@@ -70,6 +70,9 @@ SCRATCH_PAGES = 16  # hypercall argument area: 64 KiB, e.g. 1638 grant-copy elem
 PYGUEST_CALLBACK = 0xFFFF_8000_0000_1000  # the "address" a PyGuest registers: its handler is Python
 
 
+_ZERO_PAGE = bytes(PAGE_SIZE)  # what alloc_page writes: one object, not one per call
+
+
 class XenError(OSError):
     """A hypercall made by a guest kernel service failed with a Xen errno."""
 
@@ -365,7 +368,7 @@ class PyGuest:
         if not self._page_free:
             raise MemoryError(f"dom{self.domain.domid} is out of pages")
         gfn = self._page_free.pop()
-        self.page(gfn)[:] = bytes(PAGE_SIZE)
+        self.page(gfn)[:] = _ZERO_PAGE
         return gfn
 
     def free_pages(self) -> int:

@@ -434,16 +434,20 @@ async def test_rings_let_go_of_guest_memory_when_the_domains_are_destroyed(autoj
     # garbage crashes CPython 3.11's collector (gh-77894), so the drivers release their
     # rings when their domain is destroyed (and netback also at a vif's teardown).  A
     # view with no export left can be released: that is what is checked here.
+    # A released ring also drops its reference, so the page's owner may unmap it.
     a, b = NicGuest("a", ip_of(0)), NicGuest("b", ip_of(1))
     async with net_env(a, b) as env:
-        await b.nic.close()  # B's vif is torn down while the hypervisor runs
         vif_a, vif_b = env.vif(a), env.vif(b)
+        rings = [a.nic.tx, a.nic.rx, b.nic.tx, b.nic.rx, vif_a.tx, vif_a.rx, vif_b.tx, vif_b.rx]
+        buffers = [ring._buffer for ring in rings]
+        await b.nic.close()  # B's vif is torn down while the hypervisor runs
         with pytest.raises(BufferError):
             vif_a.tx._buffer.release()  # connected: still exported
-        vif_b.rx._buffer.release()  # torn down: released already
-    rings = [a.nic.tx, a.nic.rx, b.nic.tx, b.nic.rx, vif_a.tx, vif_a.rx, vif_b.tx]
-    for ring in rings:
-        ring._buffer.release()
+        assert vif_b.rx._buffer is None  # torn down: let go of
+        buffers[-1].release()  # ... and no export is left
+    assert all(ring._buffer is None for ring in rings)
+    for buffer in buffers:
+        buffer.release()
 
 
 DOM0_RESERVED_PAGES = 41  # dom0's pages that are not its allocator's: start of day, tables, scratch
