@@ -332,8 +332,10 @@ class PyGuest:
         return int(EVTCHN_BIND_VIRQ.unpack(out)[2])
 
     def evtchn_send(self, port: int) -> None:
-        """Notify the other end of ``port``."""
-        self._evtchn_op(EvtchnOp.send, EVTCHN_PORT.pack(port), "send")
+        """Notify the other end of ``port`` (EVTCHNOP_send: no out fields to read back)."""
+        gpa = self._scratch_gpa
+        EVTCHN_PORT.pack_into(self.domain.mem.view, gpa, port)
+        self._check(self.hypercall(Hypercall.event_channel_op, EvtchnOp.send, gpa), "send")
 
     def evtchn_close(self, port: int) -> None:
         """Close ``port`` (an interdomain peer goes back to unbound)."""

@@ -80,9 +80,10 @@ MAX_BATCH = 4096  # elements of one grant_table_op call
 CONSOLE_MAX = 4096  # bytes of one console_io write
 XEN_VERSION = (4 << 16) | 17
 
-_EVTCHN_NAMES = {int(op): f"event_channel_op.{op.name}" for op in EvtchnOp}
-_GNTTAB_NAMES = {int(op): f"grant_table_op.{op.name}" for op in GnttabOp}
-_SCHED_NAMES = {int(op): f"sched_op.{op.name.rstrip('_')}" for op in SchedOp}
+# The counter keys of the sub-operations, made once (the hot path only looks them up).
+_EVTCHN_KEYS = {int(op): f"hypercalls.event_channel_op.{op.name}" for op in EvtchnOp}
+_GNTTAB_KEYS = {int(op): f"hypercalls.grant_table_op.{op.name}" for op in GnttabOp}
+_SCHED_KEYS = {int(op): f"hypercalls.sched_op.{op.name.rstrip('_')}" for op in SchedOp}
 _U64 = struct.Struct("<Q")
 
 
@@ -119,6 +120,7 @@ class HypercallTable:
         }
         self._names = {int(h): h.name for h in Hypercall}
         self._names[HYPERCALL_HVM_OP] = "hvm_op"
+        self._keys = {nr: f"hypercalls.{name}" for nr, name in self._names.items()}
 
     def register(self, nr: int, handler: Callable[[Domain, int, int, int, int, int], int]) -> None:
         """Add (or replace) the handler of hypercall ``nr``: a service a vCPU provides (the PV MMU)."""
@@ -132,18 +134,18 @@ class HypercallTable:
         c["exits"] += 1
         c["exits.hypercall"] += 1
         c["hypercalls"] += 1
-        name = self._names.get(nr, "unknown")  # never a key per guest-chosen number
-        c[f"hypercalls.{name}"] += 1
+        c[self._keys.get(nr, "hypercalls.unknown")] += 1  # never a key per guest-chosen number
         handler = self._table.get(nr)
         try:
             if handler is None or not dom.alive:
                 raise _fail(Errno.ENOSYS, f"hypercall {nr} not implemented")
             return handler(dom, a1, a2, a3, a4, a5)
         except HypercallError as e:
-            return self._error(dom, e.errno, f"{name}: {e}")
+            return self._error(dom, e.errno, f"{self._names.get(nr, 'unknown')}: {e}")
         except GuestFault as e:
-            return self._error(dom, Errno.EFAULT, f"{name}: {e}")
+            return self._error(dom, Errno.EFAULT, f"{self._names.get(nr, 'unknown')}: {e}")
         except Exception:  # a hypervisor bug must not take the hypervisor down with the guest
+            name = self._names.get(nr, "unknown")
             log.exception("dom%d: internal error in hypercall %s", dom.domid, name)
             c["hypercall_internal_errors"] += 1
             return self._error(dom, Errno.EINVAL, f"{name}: internal error")
@@ -206,7 +208,7 @@ class HypercallTable:
 
     def sched_op(self, dom: Domain, cmd: int, arg: int, _a3: int, _a4: int, _a5: int) -> int:
         """sched_op: yield, block (re-enables delivery, returns at once if events wait), shutdown."""
-        dom.counters["hypercalls." + _SCHED_NAMES.get(cmd, "sched_op.unknown")] += 1
+        dom.counters[_SCHED_KEYS.get(cmd, "hypercalls.sched_op.unknown")] += 1
         if cmd == SchedOp.yield_:
             return 0
         if cmd == SchedOp.block:
@@ -238,7 +240,7 @@ class HypercallTable:
 
     def event_channel_op(self, dom: Domain, cmd: int, arg: int, _a3: int, _a4: int, _a5: int) -> int:
         """event_channel_op(cmd, arg): the 2-level ABI's channel operations."""
-        dom.counters["hypercalls." + _EVTCHN_NAMES.get(cmd, "event_channel_op.unknown")] += 1
+        dom.counters[_EVTCHN_KEYS.get(cmd, "hypercalls.event_channel_op.unknown")] += 1
         mem = dom.arg_mem
         if cmd == EvtchnOp.send:
             (port,) = EVTCHN_PORT.unpack(mem.read(arg, 4))
@@ -385,7 +387,7 @@ class HypercallTable:
     # ------------------------------------------------------------------ grant tables
     def grant_table_op(self, dom: Domain, cmd: int, arg: int, count: int, _a4: int, _a5: int) -> int:
         """grant_table_op(cmd, args, count): map, unmap, copy (batched, per-element status)."""
-        dom.counters["hypercalls." + _GNTTAB_NAMES.get(cmd, "grant_table_op.unknown")] += 1
+        dom.counters[_GNTTAB_KEYS.get(cmd, "hypercalls.grant_table_op.unknown")] += 1
         if not 0 <= count <= MAX_BATCH:
             raise _fail(Errno.EINVAL, f"grant_table_op count {count}")
         if cmd == GnttabOp.copy:
