@@ -114,13 +114,14 @@ class _NetfrontPath:
         self.tx_start = _ffi.new("uint64_t[]", NR_TX)
         self.tx_end = _ffi.new("uint64_t[]", NR_TX)
         self.tx_lens = _ffi.new("uint32_t[]", NR_TX)
+        self.tx_sids = _ffi.new("uint16_t[]", NR_TX)
         self.mm = nic.guest.domain.mem.mmap  # guest RAM, which _frames copies frames to and from
         self.repost = _ffi.new("uint16_t[]", NR_RX)
         self.rx_refs = _ffi.new("uint32_t[]", nic.rx_refs)
         self.rx_reqs = _ffi.new("uint8_t[]", NR_RX * _RX_REQ.size)
         self.rx_done = _ffi.new("struct nf_rx_done *")
         # The same arrays as buffers, for pvio.core._frames (which takes any buffer).
-        self.tx_lens_buf = _ffi.buffer(self.tx_lens)
+        self.tx_lens_buf, self.tx_sids_buf = _ffi.buffer(self.tx_lens), _ffi.buffer(self.tx_sids)
         self.tx_start_buf, self.tx_end_buf = _ffi.buffer(self.tx_start), _ffi.buffer(self.tx_end)
         self.rec_start_buf, self.rec_end_buf = _ffi.buffer(self.rec_start), _ffi.buffer(self.rec_end)
 
@@ -540,10 +541,9 @@ class Netfront(GuestNic):
         simple, total = _frames.lengths(pending, i, k, st.tx_lens_buf, PAGE_SIZE)
         if simple < k:  # empty, a frame of several slots, or not bytes: one at a time
             return 0
-        sids = free[: -k - 1 : -1]  # the ids free.pop() would give, in that order
-        del free[-k:]
+        _frames.pop_ids(free, k, st.tx_sids_buf)  # the ids free.pop() would give, in that order
         _lib.pvio_nf_tx_reqs(
-            sids, st.tx_lens, k, st.refs, st.outstanding, st.reqs, st.tx_base, st.tx_start, st.tx_end
+            st.tx_sids, st.tx_lens, k, st.refs, st.outstanding, st.reqs, st.tx_base, st.tx_start, st.tx_end
         )
         _frames.scatter(st.mm, pending, i, k, st.tx_start_buf, st.tx_end_buf)  # one copy into each pool page
         c = self.counters

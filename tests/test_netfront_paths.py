@@ -165,3 +165,19 @@ def test_the_batch_calls_refuse_counts_beyond_their_lists_and_buffers() -> None:
         _frames.gather(bytes(10), starts, ends, 1.5)  # type: ignore[arg-type]
     with pytest.raises(BufferError):
         _frames.scatter(bytes(10), [b"a"], 0, 1, starts, ends)  # read-only memory
+
+
+def test_pop_ids_pops_in_list_pop_order_and_refuses_a_bad_stack_whole() -> None:
+    stack = [5, 9, 300, 7]
+    out = array.array("H", [0] * 4)
+    _frames.pop_ids(stack, 3, out)
+    assert (stack, list(out[:3])) == ([5], [7, 300, 9])
+    for bad in ([1, 70000], [1, -1], [1, "2"]):
+        before = list(bad)
+        with pytest.raises((ValueError, TypeError)):
+            _frames.pop_ids(bad, 2, out)
+        assert bad == before  # nothing popped
+    with pytest.raises(ValueError, match="cannot pop 2 ids off a stack of 1"):
+        _frames.pop_ids([1], 2, out)
+    with pytest.raises(ValueError, match="entries need"):
+        _frames.pop_ids(list(range(10)), 5, array.array("H", [0] * 4))

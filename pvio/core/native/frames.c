@@ -14,6 +14,10 @@
  *       must equal its span, and each span must lie inside mem.
  *   gather(mem, starts, ends, count) -> (frames, total)
  *       the list of bytes(mem[starts[j]:ends[j]]) for each j (one copy each).
+ *   pop_ids(stack, count, out)
+ *       pop `count` ints (each 0..65535) off the end of the list `stack` into a uint16 buffer,
+ *       in the order list.pop() would give them: a driver's free slot ids for one batch,
+ *       without a Python int conversion per id on the way into C.
  *
  * Everything is checked before memory is touched (a span outside `mem`, a length that does not
  * match, a count beyond a buffer): a bad call raises ValueError/TypeError and copies nothing.
@@ -218,6 +222,41 @@ done:
     return result;
 }
 
+static PyObject *pop_ids(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3 || !PyList_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "pop_ids(stack: list, count, out)");
+        return NULL;
+    }
+    PyObject *stack = args[0];
+    Py_ssize_t count = PyLong_AsSsize_t(args[1]);
+    if (count == -1 && PyErr_Occurred())
+        return NULL;
+    Py_ssize_t len = PyList_GET_SIZE(stack);
+    if (count < 0 || count > len) {
+        PyErr_Format(PyExc_ValueError, "cannot pop %zd ids off a stack of %zd", count, len);
+        return NULL;
+    }
+    Py_buffer out;
+    if (get_array(args[2], &out, count, sizeof(uint16_t), 1, "out") < 0)
+        return NULL;
+    uint16_t *ids = out.buf;
+    for (Py_ssize_t j = 0; j < count; j++) {  /* every id checked before the stack changes */
+        long v = PyLong_AsLong(PyList_GET_ITEM(stack, len - 1 - j));
+        if ((v == -1 && PyErr_Occurred()) || v < 0 || v > 0xFFFF) {
+            if (!PyErr_Occurred())
+                PyErr_Format(PyExc_ValueError, "id %ld is not a 16-bit slot id", v);
+            PyBuffer_Release(&out);
+            return NULL;
+        }
+        ids[j] = (uint16_t)v;
+    }
+    PyBuffer_Release(&out);
+    if (PyList_SetSlice(stack, len - count, len, NULL) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"lengths", (PyCFunction)(void (*)(void))lengths, METH_FASTCALL,
      "lengths(frames, start, count, out_lens, max_len) -> (k, total): the leading k frames' lengths."},
@@ -225,6 +264,8 @@ static PyMethodDef methods[] = {
      "scatter(mem, frames, start, count, starts, ends) -> total: copy each frame to its span."},
     {"gather", (PyCFunction)(void (*)(void))gather, METH_FASTCALL,
      "gather(mem, starts, ends, count) -> (frames, total): each span of mem as bytes."},
+    {"pop_ids", (PyCFunction)(void (*)(void))pop_ids, METH_FASTCALL,
+     "pop_ids(stack, count, out): pop count 16-bit ids off a list's end into a uint16 buffer."},
     {NULL, NULL, 0, NULL},
 };
 
