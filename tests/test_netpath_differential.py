@@ -13,6 +13,7 @@ held equal the same way.
 
 from __future__ import annotations
 
+import random
 import struct
 from typing import Any
 
@@ -365,3 +366,23 @@ def test_switch_decision_for_a_locked_port_is_identical(data: st.DataObject) -> 
                   for o, c in [(sw.name, sw.counters), *[(p.name, p.counters) for p in ports]]}  # fmt: skip
         results.append((got, counts))
     assert results[0] == results[1]
+
+
+@SETTINGS
+@given(
+    sizes=st.lists(st.integers(1, 3 * 4096), min_size=1, max_size=40),
+    pick=st.lists(st.integers(0, 39), max_size=40),
+)
+def test_materialize_in_two_calls_equals_the_frame_by_frame_copy(sizes: list[int], pick: list[int]) -> None:
+    mem = bytearray(random.Random(len(sizes)).randbytes(PAGES * 4096))
+    area = Area(mem, TX_GFNS)
+    frames = ffi.new("struct np_frame[]", len(sizes))
+    for k, size in enumerate(sizes):
+        frames[k].pos = netpath.place(area.c, size, False)  # as the TX plan lays frames (it wraps)
+        frames[k].len = size
+    batch = FrameBatch(area, frames, len(sizes))
+    by_frame = [area.read(frames[k].pos, frames[k].len) for k in range(len(sizes))]
+    assert batch.materialize() == by_frame
+    chosen = [k for k in pick if k < len(sizes)]
+    idx = ffi.new("uint32_t[]", chosen or [0])
+    assert batch.materialize(idx, len(chosen)) == [by_frame[k] for k in chosen]

@@ -35,6 +35,7 @@ from pvio.abi import (
     GNTCOPY_dest_gref,
     GNTCOPY_source_gref,
 )
+from pvio.core import _frames
 from pvio.core._native import ffi, lib
 from pvio.ringbuf.netif import (
     NETIF_RSP_ERROR,
@@ -78,6 +79,18 @@ SW_FLOOD, SW_RUNT, SW_OVERSIZE, SW_SAME_PORT, SW_SPOOFED, SW_NO_EGRESS = (
 )  # fmt: skip
 MAX_FRAME_LEN = 65535 + 14
 _OP = GNTTAB_COPY.size
+_SPANS = 4096  # frames FrameBatch.materialize locates in one call (more: frame by frame)
+_spans: tuple[Any, Any] | None = None
+
+
+def _span_arrays() -> tuple[Any, Any]:
+    """The start/end scratch arrays of :meth:`FrameBatch.materialize` (one pair, reused)."""
+    global _spans
+    if _spans is None:
+        _spans = (ffi.new("uint64_t[]", _SPANS), ffi.new("uint64_t[]", _SPANS))
+    return _spans
+
+
 _STATUS = struct.Struct("<h")
 
 
@@ -210,7 +223,17 @@ class FrameBatch:
         return self.n
 
     def materialize(self, idx: Any = None, n: int | None = None) -> list[bytes]:
-        """The frames (``idx[0..n)`` of them, or all) as ``bytes``: one copy each."""
+        """The frames (``idx[0..n)`` of them, or all) as ``bytes``: one copy each.
+
+        Frames of up to a page (the common case) are located by ``pvio_np_spans`` and copied
+        out by :func:`pvio.core._frames.gather`, in two calls for the batch; a batch with a
+        longer frame is copied frame by frame (:meth:`Area.read`)."""
+        count = self.n if idx is None else (n or 0)
+        if 0 < count <= _SPANS:
+            starts, ends = _span_arrays()
+            which = ffi.NULL if idx is None else idx
+            if lib.pvio_np_spans(self.area.c, self.frames, which, count, starts, ends) == 0:
+                return _frames.gather(self.area.mem, ffi.buffer(starts), ffi.buffer(ends), count)[0]
         f = self.frames
         read = self.area.read
         if idx is None:

@@ -433,6 +433,19 @@ uint64_t pvio_np_gather(const struct np_area *a, const struct np_frame *frames, 
     return o;
 }
 
+int pvio_np_spans(const struct np_area *a, const struct np_frame *frames, const uint32_t *idx, uint32_t n,
+                  uint64_t *start, uint64_t *end)
+{
+    for (uint32_t k = 0; k < n; k++) {
+        const struct np_frame *f = &frames[idx ? idx[k] : k];
+        if (f->len > NP_PAGE || (f->pos & (NP_PAGE - 1)) + f->len > NP_PAGE)
+            return -1;
+        start[k] = (uint64_t)(page_of(a, f->pos) - a->mem) + (f->pos & (NP_PAGE - 1));
+        end[k] = start[k] + f->len;
+    }
+    return 0;
+}
+
 /* ---------------------------------------------------------------------------- switch */
 
 static inline uint64_t mac_at(const uint8_t *p)

@@ -186,6 +186,12 @@ int pvio_np_rx_load(struct np_rxq *q, const struct np_area *src, const struct np
 uint64_t pvio_np_gather(const struct np_area *a, const struct np_frame *frames, const uint32_t *idx,
                         uint32_t n, uint8_t *out);
 
+/* Where frames idx[0..n) (all when idx is NULL) lie in dom0's RAM: [start[k], end[k]) as offsets
+ * from a->mem.  -1 (nothing written past the frame before) if one is longer than a page (it lies
+ * in several): the caller copies those its own way. */
+int pvio_np_spans(const struct np_area *a, const struct np_frame *frames, const uint32_t *idx, uint32_t n,
+                  uint64_t *start, uint64_t *end);
+
 /* Switch: the forwarding decision for a batch from port `in_port`, whose only source MACs are
  * locked[0..nlocked) (a locked port: it learns nothing).  dest[i] per frame; idx[p * n ..]
  * the frames for port p (flooded ones to every other port), counts[p] how many, bytes_to[p]
