@@ -96,6 +96,7 @@ async def receive_numbers(nic: Any, packets: int, timeout_s: float, idle_s: floa
     with trio.move_on_after(timeout_s):
         while len(got) < packets:
             if got and idle_s is not None:
+                batch = []  # what stays if nothing comes in time
                 with trio.move_on_after(idle_s):
                     batch = await nic.recv_batch(packets - len(got))
                 if not batch:
