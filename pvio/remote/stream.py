@@ -260,7 +260,7 @@ def format_figures(figures: list[StreamFigure]) -> str:
     for f in figures:
         ratio = f"{f.pps / base.pps:.2f}" if base is not None else "-"
         cpu_ratio = f"{f.cpu_bound_pps / base.cpu_bound_pps:.2f}" if base is not None else "-"
-        cpu = " ".join(f"{k}={v:.2f}" for k, v in f.cpu_seconds.items())
+        cpu = " ".join(f"{k}={v:.3f}" for k, v in f.cpu_seconds.items())
         lines.append(
             f"{f.placement:<16} {f.processes:>5} {f.packets:>8} {f.dropped:>8} {f.pps:>10.0f} {ratio:>6} "
             f"{f.cpu_bound_pps:>14.0f} {cpu_ratio:>6}  {cpu}"
