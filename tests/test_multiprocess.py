@@ -25,7 +25,14 @@ from pvio import Hypervisor
 from pvio.abi import EvtchnStat
 from pvio.core.memory import GuestMemory, check_sealed_memfd, sealed_memfd
 from pvio.remote import RemoteGuest, wire
-from pvio.remote.guests import frame_number, numbered_frames
+from pvio.remote.guests import (
+    frame_number,
+    frame_numbers,
+    in_sequence,
+    increasing,
+    numbered_frames,
+    receive_numbers,
+)
 from pvio.remote.wire import Msg, ProtocolError
 from tests.netenv import NicGuest, ip_of, net_env, recv_n, wait_until
 
@@ -165,6 +172,38 @@ def test_descriptors_on_a_refused_message_are_closed() -> None:
         assert closed.value.errno == errno.EBADF
 
 
+def test_frame_numbers_read_a_batch_as_frame_number_does() -> None:
+    frames = numbered_frames(bytes(6), bytes(6), "10.0.0.1", "10.0.0.2", 300, 64, start=7)
+    numbers = frame_numbers(frames)
+    assert list(numbers) == [frame_number(f) for f in frames] == list(range(7, 307))
+    assert in_sequence(numbers, 7) and increasing(numbers)
+    gap = frame_numbers(frames[:10] + frames[11:])  # one frame lost on the way
+    assert not in_sequence(gap, 7) and increasing(gap)
+    assert not increasing(frame_numbers(frames[:10] + frames[9:]))  # one frame twice
+    assert not increasing(frame_numbers(frames[1:2] + frames[:1]))  # two out of order
+    with pytest.raises(ValueError, match="too short"):
+        frame_numbers([frames[0], frames[1][:44]])
+
+
+async def test_a_receiver_short_of_frames_stops_when_none_come_for_its_idle_time(autojump_clock: Any) -> None:
+    a, b = NicGuest("a", ip_of(0)), NicGuest("b", ip_of(1))
+    async with net_env(a, b):
+        assert a.nic is not None and b.nic is not None
+        frames = numbered_frames(a.nic.mac, b.nic.mac, a.ip, b.ip, 100, 64)
+        got: dict[str, Any] = {}
+
+        async def receive() -> None:
+            got.update(await receive_numbers(b.nic, 100, 60.0, 0.5))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(receive)
+            await a.nic.send_batch(frames[:40] + frames[50:80])  # 30 of them never sent
+        got.pop("last_at")
+        assert got == {
+            "received": 70, "seqs_in_order": False, "increasing": True, "first": 0, "last": 79,
+        }  # fmt: skip
+
+
 # ---------------------------------------------------------------------- end to end
 async def test_remote_guest_streams_to_a_local_guest() -> None:
     a, b = remote("a", 0), NicGuest("b", ip_of(1))
@@ -209,7 +248,9 @@ async def test_local_guest_streams_to_a_remote_guest() -> None:
                 # netback's RX path mishandles buffers a frontend in another process posts
                 # at that very moment; see docs/architecture.md, "Processes".)
                 await wait_until(lambda i=i: vif.dev["packets.rx"] >= min(2000, i + 64), 60, "b's vif")
-        assert got == {"received": 2000, "seqs_in_order": True, "first": 0, "last": 1999}
+        last_at = got.pop("last_at")
+        assert isinstance(last_at, float)
+        assert got == {"received": 2000, "seqs_in_order": True, "increasing": True, "first": 0, "last": 1999}
 
 
 async def _extend(out: list[bytes], guest: NicGuest, n: int) -> None:

@@ -333,6 +333,7 @@ class RemoteGuest:
         while True:
             await trio.lowlevel.wait_readable(fd)
             if wire.drain_eventfd(fd):
+                self.domain.counters["remote.kick_wakeups"] += 1
                 self._drain_sends()
 
     def _drain_sends(self) -> None:

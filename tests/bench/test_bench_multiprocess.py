@@ -2,10 +2,12 @@
 
 :func:`pvio.remote.stream.measure_stream` runs the stream A -> B (netfront -> netback ->
 switch -> netback -> netfront, the guests unchanged PyGuests) with A and B in the
-hypervisor's process (``one-process``), or A in its own process, pinned to the CPUs the
-hypervisor's process is not on (``remote-sender``; ``BENCH_PLACEMENTS`` says why B stays).
+hypervisor's process (``one-process``), or A (``remote-sender``) or B (``remote-receiver``)
+in its own process, pinned to the CPUs the hypervisor's process is not on
+(``BENCH_PLACEMENTS`` says why not both).
 Reported in ``extra_info``:
 ``pps`` (frames delivered per wall-clock second, median of the rounds, and ``pps_best``),
+``dropped`` (the most frames netback dropped for B in a round: a receiver that fell behind),
 ``cpu_bound_pps`` (packets over the CPU seconds of the busiest CPU, from each process's
 own CPU time: what a quiet machine would give), the CPU seconds of each process, and, for
 the two-process placement, the ratios to the one-process figures measured in
@@ -40,6 +42,7 @@ def _run(benchmark: Any, placement: str) -> list[StreamFigure]:
     cpu_pps = [f.cpu_bound_pps for f in figures]
     info = benchmark.extra_info
     info.update(placement=placement, processes=figures[0].processes, packets=packets)
+    info["dropped"] = max(f.dropped for f in figures)
     info["pps"] = round(statistics.median(pps), 1)
     info["pps_best"] = round(max(pps), 1)
     info["cpu_bound_pps"] = round(statistics.median(cpu_pps), 1)
@@ -62,4 +65,4 @@ def test_stream_by_placement(benchmark: Any, placement: str) -> None:
     figures = _run(benchmark, placement)
     if placement == "one-process":
         BASELINE[placement] = figures
-    assert all(f.packets == figures[0].packets for f in figures)
+    assert all(f.offered == figures[0].offered and f.packets + f.dropped == f.offered for f in figures)
