@@ -361,19 +361,27 @@ class Switch:
         (``locked_macs``) learns nothing, so the decision for its whole batch is one C call
         (``pvio_np_switch``) over the frames where they lie; each egress port that accepts
         batches takes its frames by index, others get ``bytes`` (one copy each, counted as the
-        switch's ``copies``).  A learning port, a mirror tap, or the Python data path takes
-        :meth:`input` on the frames as ``bytes`` (the readable reference of the decision).
+        switch's ``copies``).  Mirror taps get the batch as ``bytes`` (one counted copy each,
+        shared by the ingress and egress mirrors) while the ports still get it in place.  A
+        learning port or the Python data path takes :meth:`input` on the frames as ``bytes``
+        (the readable reference of the decision).
         """
         n = batch.n
         if not n:
             return
         locked = port.locked_macs
-        if port not in self._ports or locked is None or self._taps or self.datapath is not netpath.C:
+        if port not in self._ports or locked is None or self.datapath is not netpath.C:
             frames = batch.materialize()
             self.counters["copies"] += n
             self.counters["copy_bytes"] += sum(map(len, frames))
             self.input(port, frames)
             return
+        mirror: list[bytes] | None = None
+        if self._taps:  # the taps see bytes (one counted copy each); the ports still get the batch
+            mirror = batch.materialize()
+            self.counters["copies"] += n
+            self.counters["copy_bytes"] += sum(map(len, mirror))
+            self._mirror(port, "ingress", mirror)
         ct = self._ctable
         if ct is None:
             ct = self._ctable = _CTable(self._table, tuple(self._ports))
@@ -408,24 +416,31 @@ class Switch:
         order, counts, idx = ct.order, ct.counts, ct.idx
         for k in range(done.norder):
             p = order[k]
-            self._transmit_batch(plist[p], batch, idx + p * n, counts[p], ct.bytes_to[p], ct.flooded_to[p])
+            sent = self._transmit_batch(
+                plist[p], batch, idx + p * n, counts[p], ct.bytes_to[p], ct.flooded_to[p]
+            )
+            if mirror is not None and sent:  # as _transmit mirrors what a port took
+                self._mirror(plist[p], "egress", [mirror[i] for i in ffi.unpack(idx + p * n, counts[p])])
 
     def _transmit_batch(
         self, port: SwitchPort, batch: FrameBatch, idx: Any, n: int, nbytes: int, n_flooded: int
-    ) -> None:
-        """:meth:`_transmit` for frames of a batch: in place if the port takes batches."""
+    ) -> bool:
+        """:meth:`_transmit` for frames of a batch: in place if the port takes batches.  True if
+        the port took them in place (the caller mirrors them); a port that gets ``bytes`` is
+        mirrored by :meth:`_transmit`, and one that raised is not."""
         if not port.accepts_batches:
             frames = batch.materialize(idx, n)
             self.counters["copies"] += n
             self.counters["copy_bytes"] += nbytes
             self._transmit(port, frames, n_flooded)
-            return
+            return False
         try:
             port.transmit_batch(batch, idx, n)
         except Exception:
             self._port_failed(port, "transmit_batch", n)
-            return
+            return False
         self._port_sent(port, n, nbytes, n_flooded)
+        return True
 
     def _port_failed(self, port: SwitchPort, call: str, n: int) -> None:
         """Count and log (once per port at ERROR, then at DEBUG) a port whose ``call`` raised:

@@ -353,18 +353,24 @@ def test_switch_decision_for_a_locked_port_is_identical(data: st.DataObject) -> 
     frames = [(dst + src + b"\x08\x00" + bytes(60))[:n] for dst, src, n in specs]
     frames = [f + bytes(max(0, n - len(f))) for f, (_, _, n) in zip(frames, specs, strict=True)]
     learned = data.draw(st.sampled_from([None, MACS[3], MACS[4]]))
+    tapped = data.draw(st.booleans())
     results = []
     for path in (netpath.C, netpath.PYTHON):
         sw, ports = build_switch(path)
         if learned is not None:  # the learning port has been heard from
             sw.input(ports[3], [MACS[0] + learned + bytes(52)])
+        mirrored: list[tuple[str, str, list[bytes]]] = []
+        if tapped:  # a capture: what it sees, port by port and in order, is part of the result
+            sw.add_tap(
+                lambda port, direction, fs, seen=mirrored: seen.append((port.name, direction, list(fs)))
+            )
         side = Side(path, bytes(PAGES * 4096))
         src, descs = load_source(side, frames)
         sw.input_batch(ports[0], FrameBatch(src, descs, len(frames)))
         got = [list(p.got) if isinstance(p, BatchPort) else list(p.frames) for p in ports]
         counts = {o: {k: v for k, v in c.items() if v and k not in ("copies", "copy_bytes")}
                   for o, c in [(sw.name, sw.counters), *[(p.name, p.counters) for p in ports]]}  # fmt: skip
-        results.append((got, counts))
+        results.append((got, counts, mirrored))
     assert results[0] == results[1]
 
 
