@@ -371,16 +371,11 @@ class Switch:
             return
         locked = port.locked_macs
         if port not in self._ports or locked is None or self.datapath is not netpath.C:
-            frames = batch.materialize()
-            self.counters["copies"] += n
-            self.counters["copy_bytes"] += sum(map(len, frames))
-            self.input(port, frames)
+            self.input(port, self._copy_out(batch))
             return
         mirror: list[bytes] | None = None
         if self._taps:  # the taps see bytes (one counted copy each); the ports still get the batch
-            mirror = batch.materialize()
-            self.counters["copies"] += n
-            self.counters["copy_bytes"] += sum(map(len, mirror))
+            mirror = self._copy_out(batch)
             self._mirror(port, "ingress", mirror)
         ct = self._ctable
         if ct is None:
@@ -422,6 +417,14 @@ class Switch:
             if mirror is not None and sent:  # as _transmit mirrors what a port took
                 self._mirror(plist[p], "egress", [mirror[i] for i in ffi.unpack(idx + p * n, counts[p])])
 
+    def _copy_out(self, batch: FrameBatch, idx: Any = None, n: int | None = None) -> list[bytes]:
+        """The batch's frames (``idx[0..n)`` of them, or all) as ``bytes``: one copy each, counted
+        as the switch's ``copies`` / ``copy_bytes``."""
+        frames = batch.materialize(idx, n)
+        self.counters["copies"] += len(frames)
+        self.counters["copy_bytes"] += sum(map(len, frames))
+        return frames
+
     def _transmit_batch(
         self, port: SwitchPort, batch: FrameBatch, idx: Any, n: int, nbytes: int, n_flooded: int
     ) -> bool:
@@ -429,10 +432,7 @@ class Switch:
         the port took them in place (the caller mirrors them); a port that gets ``bytes`` is
         mirrored by :meth:`_transmit`, and one that raised is not."""
         if not port.accepts_batches:
-            frames = batch.materialize(idx, n)
-            self.counters["copies"] += n
-            self.counters["copy_bytes"] += nbytes
-            self._transmit(port, frames, n_flooded)
+            self._transmit(port, self._copy_out(batch, idx, n), n_flooded)
             return False
         try:
             port.transmit_batch(batch, idx, n)

@@ -405,16 +405,23 @@ class Netfront(GuestNic):
             copy_bytes += length
             if kind == _NF_PART:
                 continue
-            frame = parts[0] if len(parts) == 1 else b"".join(parts)
-            parts.clear()
-            if len(frames) >= RX_QUEUE_MAX:
-                self.counters["drops.rx_app_queue_full"] += 1
-            else:
-                frames.append(frame)
-                n += 1
+            queued, size = self._complete_frame()
+            n += queued
             received += 1
-            received_bytes += len(frame)
+            received_bytes += size
         return n, received, received_bytes, copies, copy_bytes
+
+    def _complete_frame(self) -> tuple[int, int]:
+        """The frame the slots in ``_partial_rx`` make, to the application's queue unless it is
+        full (then dropped and counted): (1 if queued else 0, its bytes)."""
+        parts = self._partial_rx
+        frame = parts[0] if len(parts) == 1 else b"".join(parts)
+        parts.clear()
+        if len(self._rx_frames) >= RX_QUEUE_MAX:
+            self.counters["drops.rx_app_queue_full"] += 1
+            return 0, len(frame)
+        self._rx_frames.append(frame)
+        return 1, len(frame)
 
     @staticmethod
     def _rx_error(done: Any) -> str:
@@ -464,15 +471,10 @@ class Netfront(GuestNic):
                     self._repost(repost)
                     return n
                 continue
-            frame = parts[0] if len(parts) == 1 else b"".join(parts)
-            parts.clear()
-            if len(frames) >= RX_QUEUE_MAX:
-                self.counters["drops.rx_app_queue_full"] += 1
-            else:
-                frames.append(frame)
-                n += 1
+            queued, size = self._complete_frame()
+            n += queued
             received += 1
-            received_bytes += len(frame)
+            received_bytes += size
         if received:
             self.counters["packets.rx"] += received
             self.counters["bytes.rx"] += received_bytes
