@@ -164,6 +164,8 @@ class BackendVif(SwitchPort):
         self.rx_queue_max = netback.rx_queue_max
         self._rx_queue = RxQueue(max(self.rx_queue_max, RX_QUEUE_MAX))  # in the RX staging pages
         self._wake = trio.Event()
+        self._idle = False  # the service task sleeps until an event: the upcall polls inline
+        self._error_exc: BaseException | None = None  # a bug the upcall met, for the log
         self._tx_carry: bytes | list[Any] = b""  # requests of a packet not yet wholly published
         self._rx_held: bytes | list[Any] = b""  # RX requests taken, waiting for a frame that fits
         #: The per-packet work: netpath.C (native/netpath.c) or netpath.PYTHON (its reference).
@@ -269,7 +271,8 @@ class BackendVif(SwitchPort):
             await self._service()
             nursery.cancel_scope.cancel()
         if self.error is not None:
-            await self._disable(self.error)
+            exc, self._error_exc = self._error_exc, None
+            await self._disable(self.error, exc)
             return False  # a vif disabled for an error stays Closed
         state = await xb.wait_for_state(
             f"{self.frontend}/state", {XenbusState.INITIALISING, XenbusState.UNKNOWN}
@@ -423,7 +426,35 @@ class BackendVif(SwitchPort):
 
     # ------------------------------------------------------------------ service loop
     def _on_event(self, _port: int) -> None:
-        self._wake.set()
+        """Upcall handler.  When the service task sleeps, the rings are polled right here, in
+        dom0's upcall, as Linux's NAPI poll runs in the softirq straight after the interrupt:
+        one round of TX and RX work, then the event indices are re-armed.  Only when work is
+        left (or the service task is busy) is the service task woken to carry on.  A fault of
+        this vif ends its own service (and disables it), never dom0's upcall."""
+        if not self._idle:
+            self._wake.set()
+            return
+        try:
+            self._tx_work()
+            self._rx_work()
+            more = self._arm()
+        except (VifFatal, RingOverflowError) as e:
+            self._fail_later(str(e) if isinstance(e, VifFatal) else self._impossible_req_prod())
+            return
+        except Exception as e:  # a netback bug costs this vif, not dom0's vCPU
+            self.dev["internal_errors"] += 1
+            self._error_exc = e  # logged with its traceback when the vif is disabled
+            self._fail_later(f"internal error: {own_error(e)!r}")
+            return
+        if more or self.error is not None:
+            self._wake.set()
+
+    def _arm(self) -> int:
+        """Re-arm the event indices (the final check): requests that came meanwhile, if any."""
+        more = self.tx.final_check_for_requests(1)
+        if self._rx_queue:  # we want buffers: ask to be told when they come
+            more += self.rx.final_check_for_requests(1)
+        return int(more)
 
     async def _service(self) -> None:
         while self.connected and self.error is None:
@@ -437,15 +468,17 @@ class BackendVif(SwitchPort):
                 await trio.lowlevel.checkpoint()
                 continue
             try:
-                more = self.tx.final_check_for_requests(1)
-                if self._rx_queue:  # we want buffers: ask to be told when they come
-                    more += self.rx.final_check_for_requests(1)
+                more = self._arm()
             except RingOverflowError:
                 self.error = self._impossible_req_prod()
                 return
             if more:
                 continue
-            await self._wake.wait()
+            self._idle = True
+            try:
+                await self._wake.wait()
+            finally:
+                self._idle = False
 
     def _impossible_req_prod(self) -> str:
         """The reason logged when a req_prod of the frontend cannot be right, with the indices."""

@@ -142,6 +142,7 @@ class Netfront(GuestNic):
         self.mac = b"\x00" * 6
         super().__init__()
         self._wake = trio.Event()
+        self._idle = False  # the service task sleeps until an event: the upcall polls inline
         self._partial_rx: list[bytes] = []
         self._closed = False
         self._closing = False  # close() was asked: a backend closing is not a restart
@@ -242,8 +243,28 @@ class Netfront(GuestNic):
 
     # ------------------------------------------------------------------ events
     def _on_event(self, _port: int) -> None:
-        """Upcall handler: never blocks; the service task does the work."""
-        self._wake.set()
+        """Upcall handler.  When the service task sleeps, the rings are polled right here (as
+        Linux's xen-netfront reaps TX responses in its interrupt handler and its NAPI poll
+        follows the interrupt), then the event indices are re-armed; the service task is woken
+        only when work is left or the service task is busy.  Never blocks."""
+        if not self._idle:
+            self._wake.set()
+            return
+        self._poll()
+        if self.error is not None or self._arm():
+            self._wake.set()
+
+    def _arm(self) -> bool:
+        """Re-arm both rings' event indices (the final check): whether responses came meanwhile
+        (or the backend broke the protocol, which the service task then reports)."""
+        try:
+            outstanding = NR_TX - len(self.tx_free)
+            tx_more = self.tx.final_check_for_responses(max(1, outstanding // 2 + 1) if outstanding else 1)
+            rx_more = self.rx.final_check_for_responses(1)
+        except RingOverflowError as e:
+            self._fail(f"impossible response producer index ({e})")
+            return True
+        return bool(tx_more or rx_more)
 
     def _notify(self, notify: bool) -> None:
         if notify:
@@ -265,18 +286,13 @@ class Netfront(GuestNic):
                 await trio.lowlevel.checkpoint()
                 continue
             # Nothing to do: arm the event indices, re-check (closes the race), then sleep.
-            try:
-                outstanding = NR_TX - len(self.tx_free)
-                tx_more = self.tx.final_check_for_responses(
-                    max(1, outstanding // 2 + 1) if outstanding else 1
-                )
-                rx_more = self.rx.final_check_for_responses(1)
-            except RingOverflowError as e:
-                self._fail(f"impossible response producer index ({e})")
-                break
-            if tx_more or rx_more:
+            if self._arm():
                 continue
-            await self._wake.wait()
+            self._idle = True
+            try:
+                await self._wake.wait()
+            finally:
+                self._idle = False
 
     def _poll(self) -> bool:
         try:

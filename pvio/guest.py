@@ -124,13 +124,18 @@ class PyVcpu:
         si[VCPU_UPCALL_MASK] = 0
 
     async def run(self) -> None:
-        """The vCPU loop: deliver while deliverable, else block until kicked."""
+        """The vCPU loop: deliver while deliverable, else block until kicked.
+
+        After an upcall the vCPU blocks at once unless another is already pending (then it
+        yields first, so one busy port cannot starve the others): the handlers did their work
+        in the upcall, and what they woke runs whether or not the vCPU is blocked."""
         while True:
             self._wake = trio.Event()  # before testing, so a kick from here on is not lost
             if self._deliverable():
                 self.deliver()
-                await trio.lowlevel.checkpoint()
-                continue
+                if self._deliverable():  # another upcall at once: let the others run first
+                    await trio.lowlevel.checkpoint()
+                    continue
             self.guest.hypercall(Hypercall.sched_op, SchedOp.block)
             if self._deliverable():
                 continue
