@@ -217,6 +217,7 @@ class SmartNicDriver(GuestNic):
         self.mac = b"\x00" * 6
         super().__init__()
         self._wake = trio.Event()
+        self._sending = False  # a send_batch is running: it reaps the TX completions
         self._sleeping = False  # the service task sleeps with the RX interrupt armed
         self._busy_polls = 0  # polls left of a busy-poll window
 
@@ -306,7 +307,10 @@ class SmartNicDriver(GuestNic):
             if self._wake.is_set():  # a fresh, unset event for this pass (as a new one would be)
                 self._wake = trio.Event()
             try:
-                work = self._reap_tx() + self._receive()
+                # TX completions are the sender's to reap while it is sending (it reaps them
+                # itself when it runs out of buffers): polling for them too would keep this
+                # task spinning for a device that receives nothing.
+                work = (0 if self._sending else self._reap_tx()) + self._receive()
             except RingOverflowError as e:
                 self._fail(f"impossible completion index ({e})")
                 break
@@ -399,6 +403,20 @@ class SmartNicDriver(GuestNic):
             if bad is not None:
                 sizes = f"{ETH_HEADER_LEN}..{size}"
                 raise ValueError(f"{self.name}: cannot send a frame of {bad} bytes ({sizes})")
+        self._sending = True
+        try:
+            await self._send_pending(pending, size)
+        finally:
+            self._sending = False
+
+    async def _send_pending(self, pending: list[Any], size: int) -> None:
+        # A send from idle (the poller sleeps and nothing is in flight) is most likely a
+        # request whose answer comes next: busy-poll for it.  A sender with frames in flight
+        # is streaming: its poller may sleep.
+        from_idle = False
+        if self._sleeping:
+            self._reap_tx()
+            from_idle = len(self.tx_free) == self.nr_tx
         i = 0
         spins = 0
         while i < len(pending):
@@ -419,7 +437,8 @@ class SmartNicDriver(GuestNic):
                 _, notify = self.tx.send(descs)
                 if notify:
                     self._doorbell(DB_TX)
-                if self._sleeping:  # (the common case, a busy sender, costs no call)
+                if from_idle:
+                    from_idle = False
                     self._busy_poll()
                 continue
             # Every TX buffer is in flight: poll a little, then ask for an interrupt and sleep.
