@@ -55,6 +55,8 @@ offset  name           acc  meaning
 0x4C    MOD_USECS      RW   fixed mode: ... or this many µs after the first one
 0x50    ERRORS         R    descriptors refused so far
 0x54    MOD_LEVEL      R    the adaptive moderation level now (0..4)
+0x58    RING_ORDER     RW   each ring spans 2**RING_ORDER contiguous pages (0..2; 0: one
+                            page of 128 slots, 1: 256, 2: 512)
 ======  =============  ===  =========================================================
 
 Configuration registers may only be written while the device is disabled (else ignored,
@@ -62,9 +64,9 @@ counted ``errors.config_while_enabled``).
 
 Rings and descriptors
 ---------------------
-Each ring is one page with Xen's shared-ring header (``io/ring.h``: req_prod, req_event,
-rsp_prod, rsp_event, then 48 bytes of padding) and 128 slots of 16 bytes
-(:data:`SNIC_RING`).  The guest is the front end: it initialises the page, posts
+Each ring is one page (or ``2**RING_ORDER`` contiguous pages) with Xen's shared-ring header
+(``io/ring.h``: req_prod, req_event, rsp_prod, rsp_event, then 48 bytes of padding) and 128
+slots of 16 bytes per page (:data:`SNIC_RING`; 256 in two pages, 512 in four).  The guest is the front end: it initialises the page, posts
 descriptors as requests; the monitor answers each with a completion in the same slot.
 
 ``struct snic_desc`` (16 bytes, written by the guest)::
@@ -156,6 +158,7 @@ from pvio.abi.smartnic import (
     REG_MAC_LO,
     REG_MOD_FRAMES,
     REG_MOD_LEVEL,
+    REG_RING_ORDER,
     REG_MOD_MODE,
     REG_MOD_USECS,
     REG_POOL_BUF_SIZE,
@@ -180,7 +183,9 @@ from pvio.abi.smartnic import (
     SNIC_MMIO_STRIDE,
     SNIC_OK,
     SNIC_RING,
-    SNIC_RING_ENTRIES,
+    snic_ring_entries,
+    SNIC_RING_MAX_ENTRIES,
+    SNIC_RING_ORDER_MAX,
     SNIC_VERSION,
     SNIC_WINDOW,
     ST_ENABLED,
@@ -271,7 +276,7 @@ class TxArea(Area):
         self.buffer = mmap.mmap(-1, npages * PAGE_SIZE)
         super().__init__(self.buffer, range(npages))
         self.lender = lender
-        self.frames = ffi.new("struct np_frame[]", SNIC_RING_ENTRIES)
+        self.frames = ffi.new("struct np_frame[]", SNIC_RING_MAX_ENTRIES)
         self.fbuf = ffi.buffer(self.frames)
         self.pins = 0
 
@@ -420,7 +425,9 @@ class SmartNic(SwitchPort):
         self.regs: dict[int, int] = dict.fromkeys(
             (REG_TX_RING_LO, REG_TX_RING_HI, REG_RX_RING_LO, REG_RX_RING_HI, REG_POOL_LO, REG_POOL_HI), 0
         )
-        self.regs.update({REG_POOL_BUF_SIZE: 0, REG_POOL_COUNT: 0, REG_MOD_FRAMES: 1, REG_MOD_USECS: 0})
+        self.regs.update(
+            {REG_POOL_BUF_SIZE: 0, REG_POOL_COUNT: 0, REG_MOD_FRAMES: 1, REG_MOD_USECS: 0, REG_RING_ORDER: 0}
+        )
         self.mod_mode = MOD_ADAPTIVE
         self.level = 0
         self.enabled = False
@@ -504,12 +511,16 @@ class SmartNic(SwitchPort):
         mem = self.dom.mem
         tx, rx, pool = self._gpa(REG_TX_RING_LO), self._gpa(REG_RX_RING_LO), self._gpa(REG_POOL_LO)
         size, count = self.regs[REG_POOL_BUF_SIZE], self.regs[REG_POOL_COUNT]
+        order = self.regs[REG_RING_ORDER]
+        ring_bytes = PAGE_SIZE << min(order, SNIC_RING_ORDER_MAX)
         problem = None
+        if order > SNIC_RING_ORDER_MAX:
+            problem = f"ring order {order} (at most {SNIC_RING_ORDER_MAX})"
         for what, gpa in (("TX ring", tx), ("RX ring", rx)):
-            if gpa % PAGE_SIZE or gpa + PAGE_SIZE > mem.size:
-                problem = f"{what} at {gpa:#x} is not a page of its RAM"
-        if problem is None and tx == rx:
-            problem = f"TX and RX rings share the page at {tx:#x}"
+            if problem is None and (gpa % PAGE_SIZE or gpa + ring_bytes > mem.size):
+                problem = f"{what} at {gpa:#x} is not {ring_bytes // PAGE_SIZE} page(s) of its RAM"
+        if problem is None and abs(tx - rx) < ring_bytes:
+            problem = f"TX and RX rings overlap (at {tx:#x} and {rx:#x}, {ring_bytes} bytes each)"
         if problem is None and pool:
             if not (POOL_BUF_MIN <= size <= POOL_BUF_MAX and 1 <= count <= POOL_COUNT_MAX):
                 problem = f"buffer pool of {count} x {size} bytes"
@@ -520,10 +531,10 @@ class SmartNic(SwitchPort):
             self.dev["errors.bad_config"] += 1
             self._warn("%s: ENABLE refused: %s", self.name, problem)
             return
-        self._tx = BackRing(SNIC_RING, mem.page(tx >> PAGE_SHIFT))
-        self._rx = BackRing(SNIC_RING, mem.page(rx >> PAGE_SHIFT))
+        self._tx = BackRing(SNIC_RING, mem.view[tx : tx + ring_bytes], size=ring_bytes)
+        self._rx = BackRing(SNIC_RING, mem.view[rx : rx + ring_bytes], size=ring_bytes)
         self._pool = (pool, size, count) if pool else (0, 0, 0)
-        self._tx_area_for(size if pool else PAGE_SIZE)
+        self._tx_area_for(size if pool else PAGE_SIZE, snic_ring_entries(order))
         self.enabled = True
         self.error = False
         self.level = 0
@@ -537,10 +548,10 @@ class SmartNic(SwitchPort):
             "%s enabled (TX ring %#x, RX ring %#x, pool %#x %dx%d)", self.name, tx, rx, pool, count, size
         )
 
-    def _tx_area_for(self, buf_size: int) -> None:
-        """TX areas with room for a full ring of frames of up to ``buf_size`` bytes each (a page
-        at least: a granted page)."""
-        npages = SNIC_RING_ENTRIES * -(-max(buf_size, PAGE_SIZE) // PAGE_SIZE)
+    def _tx_area_for(self, buf_size: int, entries: int) -> None:
+        """TX areas with room for a full ring (``entries`` slots) of frames of up to
+        ``buf_size`` bytes each (a page at least: a granted page)."""
+        npages = entries * -(-max(buf_size, PAGE_SIZE) // PAGE_SIZE)
         if self._tx_areas is None or self._tx_areas.npages < npages:
             self._tx_areas = TxAreas(npages)  # areas lent meanwhile stay alive with their borrowers
 
@@ -686,7 +697,7 @@ class SmartNic(SwitchPort):
         if isinstance(window, str):
             return self._refuse(window, desc_id), area, nf, head, nbytes
         pos = place(head, length)
-        if nf == SNIC_RING_ENTRIES or pos + length > len(area.buffer):  # full: send what is there first
+        if nf == SNIC_RING_MAX_ENTRIES or pos + length > len(area.buffer):  # full: send what is there first
             self._send_batch(area, nf, head, nbytes)
             assert self._tx_areas is not None
             area, nf, pos, nbytes = self._tx_areas.fresh(), 0, 0, 0

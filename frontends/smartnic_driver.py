@@ -58,6 +58,7 @@ from pvio.abi.smartnic import (
     REG_MOD_USECS,
     REG_POOL_BUF_SIZE,
     REG_POOL_COUNT,
+    REG_RING_ORDER,
     REG_POOL_LO,
     REG_RX_RING_LO,
     REG_STATUS,
@@ -67,7 +68,10 @@ from pvio.abi.smartnic import (
     SNIC_MMIO_STRIDE,
     SNIC_OK,
     SNIC_RING,
+    snic_ring_entries,
     SNIC_RING_ENTRIES,
+    SNIC_RING_MAX_ENTRIES,
+    SNIC_RING_ORDER_MAX,
     ST_ENABLED,
 )
 from pvio.core.counters import Counters
@@ -82,6 +86,7 @@ log = logging.getLogger("pvio.smartnic_driver")
 
 ETH_HEADER_LEN = 14  # the shortest frame the device sends
 RX_QUEUE_MAX = 4096  # frames received but not yet read by the application
+DEFAULT_BUFFERS = 2 * SNIC_RING_ENTRIES  # TX buffers and RX buffers, each: 256, as a netif ring (two-page rings)
 POLL_SPINS = 4  # empty polls (scheduler turns) before the driver re-arms the interrupt
 BUSY_POLL = 32  # polls (scheduler turns) spent waiting for an answer after a send from idle
 RX_DISARMED = 1 << 31  # an rsp_event this far ahead of rsp_cons is never crossed: no interrupt
@@ -199,12 +204,16 @@ class SmartNicDriver(GuestNic):
         devid: int = 0,
         *,
         buf_size: int = 2048,
-        nr_tx: int = SNIC_RING_ENTRIES,
-        nr_rx: int = SNIC_RING_ENTRIES,
+        nr_tx: int = DEFAULT_BUFFERS,
+        nr_rx: int = DEFAULT_BUFFERS,
         moderation: tuple[int, int, int] | None = None,
     ) -> None:
-        if not (1 <= nr_tx <= SNIC_RING_ENTRIES and 1 <= nr_rx <= SNIC_RING_ENTRIES):
-            raise ValueError(f"nr_tx and nr_rx must be in 1..{SNIC_RING_ENTRIES}")
+        if not (1 <= nr_tx <= SNIC_RING_MAX_ENTRIES and 1 <= nr_rx <= SNIC_RING_MAX_ENTRIES):
+            raise ValueError(f"nr_tx and nr_rx must be in 1..{SNIC_RING_MAX_ENTRIES}")
+        #: Pages per ring, as a power of two: the smallest ring with a slot for every buffer.
+        self.ring_order = next(
+            o for o in range(SNIC_RING_ORDER_MAX + 1) if snic_ring_entries(o) >= max(nr_tx, nr_rx)
+        )
         self.guest = guest
         self.devid = devid
         self.base = SNIC_MMIO_BASE + SNIC_MMIO_STRIDE * devid
@@ -241,9 +250,15 @@ class SmartNicDriver(GuestNic):
         lo, hi = self._rd(REG_MAC_LO), self._rd(REG_MAC_HI)
         self.mac = lo.to_bytes(4, "little") + (hi & 0xFFFF).to_bytes(2, "little")
         self.grant_domid = self._rd(REG_GRANT_DOMID)
-        self.tx_gfn, self.rx_gfn = g.alloc_page(), g.alloc_page()
-        self.tx = FrontRing(SNIC_RING, g.page(self.tx_gfn))
-        self.rx = FrontRing(SNIC_RING, g.page(self.rx_gfn))
+        npages = 1 << self.ring_order
+        ring_bytes = npages * PAGE_SIZE
+        if npages == 1:
+            self.tx_gfn, self.rx_gfn = g.alloc_page(), g.alloc_page()
+        else:
+            self.tx_gfn, self.rx_gfn = self._alloc_contiguous(npages), self._alloc_contiguous(npages)
+        view = g.domain.mem.view
+        self.tx = FrontRing(SNIC_RING, view[self.tx_gfn << PAGE_SHIFT :][:ring_bytes], size=ring_bytes)
+        self.rx = FrontRing(SNIC_RING, view[self.rx_gfn << PAGE_SHIFT :][:ring_bytes], size=ring_bytes)
         g.domain.on_destroy.append(lambda _dom: self._release_rings())
         nbufs = self.nr_tx + self.nr_rx
         self.pool_gfn = self._alloc_contiguous(-(-nbufs * self.buf_size // PAGE_SIZE))
@@ -257,6 +272,7 @@ class SmartNicDriver(GuestNic):
         self._wr64(REG_POOL_LO, self.pool_gpa)
         self._wr(REG_POOL_BUF_SIZE, size)
         self._wr(REG_POOL_COUNT, nbufs)
+        self._wr(REG_RING_ORDER, self.ring_order)
         if self.moderation is not None:
             mode, frames, usecs = self.moderation
             self._wr(REG_MOD_MODE, mode)

@@ -34,6 +34,7 @@ from pvio.abi.smartnic import (
     REG_POOL_BUF_SIZE,
     REG_POOL_COUNT,
     REG_POOL_LO,
+    REG_RING_ORDER,
     REG_RX_RING_LO,
     REG_STATUS,
     REG_TX_RING_LO,
@@ -48,8 +49,10 @@ from pvio.abi.smartnic import (
     SNIC_OK,
     SNIC_RING,
     SNIC_RING_ENTRIES,
+    SNIC_RING_ORDER_MAX,
     ST_ENABLED,
     ST_ERROR,
+    snic_ring_entries,
 )
 from pvio.abi.xen import DOMID_IO
 from pvio.backends.smartnic import (
@@ -285,6 +288,49 @@ async def test_a_pool_outside_ram_and_shared_rings_are_refused(hv: pvio.Hypervis
     d.configure(tx=d.rx_gfn << PAGE_SHIFT)
     d.wr(REG_CTRL, CTRL_ENABLE)
     assert nic.dev["errors.bad_config"] == 2 and not nic.enabled
+
+
+async def test_a_ring_order_too_large_and_rings_that_overlap_are_refused(hv: pvio.Hypervisor) -> None:
+    """RING_ORDER above the largest, or two-page rings one page apart (the TX ring's second
+    page is the RX ring's first), are refused on ENABLE; nothing is attached."""
+    d, nic, switch, _cap = await snic_guest(hv)
+    d.configure()
+    d.wr(REG_RING_ORDER, SNIC_RING_ORDER_MAX + 1)
+    d.wr(REG_CTRL, CTRL_ENABLE)
+    assert d.rd(REG_STATUS) == ST_ERROR
+    d.wr(REG_RING_ORDER, 1)
+    d.configure(tx=(d.rx_gfn - 1) << PAGE_SHIFT)
+    d.wr(REG_CTRL, CTRL_ENABLE)
+    assert nic.dev["errors.bad_config"] == 2 and not nic.enabled and nic not in switch.ports
+
+
+async def test_a_ring_of_two_pages_holds_256_descriptors(hv: pvio.Hypervisor) -> None:
+    """With RING_ORDER 1 each ring spans two contiguous pages: 256 TX descriptors posted at once
+    (more than one page holds) are all completed, in one pass of the device."""
+    g = await boot(hv, Probe("g", memory_pages=128))
+    switch = Switch(hv.counters)
+    cap = CapturePort("cap", counters=hv.counters)
+    switch.attach(cap)
+    nic = add_smartnic(hv, g.domain, switch)
+    d = RawDriver(g)
+    pages = [g.alloc_page() for _ in range(4)]
+    assert pages == list(range(pages[0], pages[0] + 4))
+    ring_bytes = 2 * PAGE_SIZE
+    d.tx = FrontRing(SNIC_RING, g.mem[pages[0] << PAGE_SHIFT :][:ring_bytes], size=ring_bytes)
+    d.rx = FrontRing(SNIC_RING, g.mem[pages[2] << PAGE_SHIFT :][:ring_bytes], size=ring_bytes)
+    assert d.tx.nr_ents == snic_ring_entries(1) == 256
+    d.configure(tx=pages[0] << PAGE_SHIFT)
+    d.wr(REG_RX_RING_LO, pages[2] << PAGE_SHIFT)
+    d.wr(REG_RING_ORDER, 1)
+    d.wr(REG_CTRL, CTRL_ENABLE)
+    assert d.rd(REG_STATUS) & ST_ENABLED, nic.dev
+    frame = frame_to(PEER_MAC, nic.mac)
+    d.buf(0)[: len(frame)] = frame
+    d.send(*(DESC.pack(0, 0, len(frame), i, 0, 0) for i in range(256)))
+    await settle()
+    done = d.tx_done()
+    assert [c[0] for c in done] == list(range(256)) and {c[2] for c in done} == {SNIC_OK}
+    assert nic.dev["packets.tx"] == 256 and len(cap.frames) == 256
 
 
 async def test_config_writes_while_enabled_and_doorbells_while_disabled_are_ignored(

@@ -43,6 +43,7 @@ REG_MOD_FRAMES = 0x48
 REG_MOD_USECS = 0x4C
 REG_ERRORS = 0x50
 REG_MOD_LEVEL = 0x54
+REG_RING_ORDER = 0x58
 
 CTRL_ENABLE = 0x1
 CTRL_RESET = 0x2
@@ -88,6 +89,15 @@ CMPL = SNIC_CMPL.struct
 #: The descriptor rings: 16-byte descriptors, 8-byte completions, 16-byte slots, 128 per page.
 SNIC_RING = RingLayout.generic("snic", DESC.size, CMPL.size, align=4)
 SNIC_RING_ENTRIES = SNIC_RING.nr_ents()
+#: A ring may span 2**order contiguous pages (REG_RING_ORDER, as Xen's ``ring-page-order``):
+#: 128 slots in one page, 256 in two, 512 in four.
+SNIC_RING_ORDER_MAX = 2
+SNIC_RING_MAX_ENTRIES = SNIC_RING.nr_ents(4096 << SNIC_RING_ORDER_MAX)
+
+
+def snic_ring_entries(order: int) -> int:
+    """The slots of a ring of ``2**order`` pages."""
+    return SNIC_RING.nr_ents(4096 << order)
 
 
 def snic_mac(domid: int, devid: int) -> bytes:
