@@ -181,3 +181,30 @@ def test_pop_ids_pops_in_list_pop_order_and_refuses_a_bad_stack_whole() -> None:
         _frames.pop_ids([1], 2, out)
     with pytest.raises(ValueError, match="entries need"):
         _frames.pop_ids(list(range(10)), 5, array.array("H", [0] * 4))
+
+
+async def test_a_busy_polling_receiver_is_not_notified_while_it_polls(autojump_clock: Any) -> None:
+    """With a busy-poll budget, B's netfront polls on instead of arming its RX event index, so
+    netback pushes a stream's batches without notifying it; once the stream stops and the
+    budget runs out, B arms and sleeps, and the next frame notifies it as usual."""
+    a, b = NicGuest("a", ip_of(0)), NicGuest("b", ip_of(1))
+    async with net_env(a, b) as env:
+        frames = [udp_packet(a.nic.mac, b.nic.mac, a.ip, b.ip, 7000, 7001, bytes(18)) for _ in range(64)]
+        sent = env.count("netback/vif2.0", "notifications.sent")
+        await a.nic.send_batch(frames[:1])  # B sleeps, armed: this one is notified
+        assert len(await b.nic.recv_batch()) == 1
+        assert env.count("netback/vif2.0", "notifications.sent") == sent + 1
+        b.nic.busy_poll = 1_000
+        await a.nic.send_batch(frames[:1])  # notified (B was asleep), then B polls
+        got = len(await b.nic.recv_batch())
+        for i in range(0, 64, 8):
+            await a.nic.send_batch(frames[i : i + 8])
+            got += len(await b.nic.recv_batch())
+        assert got == 65
+        assert env.count("netback/vif2.0", "notifications.sent") == sent + 2  # none while B polled
+        assert env.count("netfront/vif2.0", "busy_poll.empty_polls") > 0
+        await trio.sleep(0.01)  # the budget runs out: B arms and sleeps
+        assert b.nic._idle
+        await a.nic.send_batch(frames[:1])
+        assert len(await b.nic.recv_batch()) == 1
+        assert env.count("netback/vif2.0", "notifications.sent") == sent + 3

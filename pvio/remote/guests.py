@@ -14,7 +14,7 @@
   "seqs_in_order", "increasing", "first", "last", "last_at"}``;
 - ``counters()``: this process's counters (its domain's interrupts, netfront's packets).
 
-The host names it ``"pvio.remote.guests:StreamGuest"`` with ``args={"name": ..., "ip": ...}``.
+The host names it ``"pvio.remote.guests:StreamGuest"`` with ``args={"name": ..., "ip": ...}`` (and ``"busy_poll"``: netfront's budget).
 """
 
 from __future__ import annotations
@@ -118,9 +118,14 @@ async def receive_numbers(nic: Any, packets: int, timeout_s: float, idle_s: floa
 class StreamGuest(NicGuest):
     """A NicGuest whose traffic the host asks for (see the module doc)."""
 
-    def __init__(self, name: str, ip: str) -> None:
+    def __init__(self, name: str, ip: str, busy_poll: int = 0) -> None:
         super().__init__(name, ip)
         self._frames: list[bytes] = []
+        self.busy_poll = busy_poll  # netfront's busy-poll budget (a guest with a CPU of its own)
+
+    async def main(self) -> None:
+        await super().main()
+        self.nic.busy_poll = self.busy_poll
 
     async def remote_call(self, op: str, **params: Any) -> Any:
         """One request from the host."""

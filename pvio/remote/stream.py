@@ -45,6 +45,9 @@ KERNEL = "pvio.remote.guests:StreamGuest"
 #: The receiver stops once nothing came for this long after its first frame (the rest were
 #: dropped on the way, and counted by netback); the clock stops at its last frame.
 IDLE_S = 0.5
+#: A remote guest's netfront busy-poll budget (empty polls before it re-arms and sleeps):
+#: about a batch's interval of polling, so that in a stream the backend need not notify it.
+BUSY_POLL = 64
 
 
 @dataclass
@@ -121,8 +124,8 @@ def _cpu_now(guests: list[tuple[str, Any]]) -> dict[str, float]:
 
 
 def _guest(name: str, ip: str, remote: bool, cpus: set[int] | None) -> Any:
-    if remote:
-        return RemoteGuest(KERNEL, name, args={"name": name, "ip": ip}, cpus=cpus)
+    if remote:  # it has a CPU of its own: it busy-polls instead of asking to be notified
+        return RemoteGuest(KERNEL, name, args={"name": name, "ip": ip, "busy_poll": BUSY_POLL}, cpus=cpus)
     return StreamGuest(name, ip)
 
 
