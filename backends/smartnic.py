@@ -66,8 +66,9 @@ Rings and descriptors
 ---------------------
 Each ring is one page (or ``2**RING_ORDER`` contiguous pages) with Xen's shared-ring header
 (``io/ring.h``: req_prod, req_event, rsp_prod, rsp_event, then 48 bytes of padding) and 128
-slots of 16 bytes per page (:data:`SNIC_RING`; 256 in two pages, 512 in four).  The guest is the front end: it initialises the page, posts
-descriptors as requests; the monitor answers each with a completion in the same slot.
+slots of 16 bytes per page (:data:`SNIC_RING`; 256 in two pages, 512 in four).  The guest is
+the front end: it initialises the ring, posts descriptors as requests; the monitor answers
+each with a completion in the same slot.
 
 ``struct snic_desc`` (16 bytes, written by the guest)::
 
@@ -158,13 +159,13 @@ from pvio.abi.smartnic import (
     REG_MAC_LO,
     REG_MOD_FRAMES,
     REG_MOD_LEVEL,
-    REG_RING_ORDER,
     REG_MOD_MODE,
     REG_MOD_USECS,
     REG_POOL_BUF_SIZE,
     REG_POOL_COUNT,
     REG_POOL_HI,
     REG_POOL_LO,
+    REG_RING_ORDER,
     REG_RX_RING_HI,
     REG_RX_RING_LO,
     REG_STATUS,
@@ -183,7 +184,6 @@ from pvio.abi.smartnic import (
     SNIC_MMIO_STRIDE,
     SNIC_OK,
     SNIC_RING,
-    snic_ring_entries,
     SNIC_RING_MAX_ENTRIES,
     SNIC_RING_ORDER_MAX,
     SNIC_VERSION,
@@ -191,6 +191,7 @@ from pvio.abi.smartnic import (
     ST_ENABLED,
     ST_ERROR,
     snic_mac,
+    snic_ring_entries,
 )
 from pvio.abi.xen import DOMID_IO
 from pvio.backends.smartnic_dma import (

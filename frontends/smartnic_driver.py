@@ -58,8 +58,8 @@ from pvio.abi.smartnic import (
     REG_MOD_USECS,
     REG_POOL_BUF_SIZE,
     REG_POOL_COUNT,
-    REG_RING_ORDER,
     REG_POOL_LO,
+    REG_RING_ORDER,
     REG_RX_RING_LO,
     REG_STATUS,
     REG_TX_RING_LO,
@@ -68,11 +68,11 @@ from pvio.abi.smartnic import (
     SNIC_MMIO_STRIDE,
     SNIC_OK,
     SNIC_RING,
-    snic_ring_entries,
     SNIC_RING_ENTRIES,
     SNIC_RING_MAX_ENTRIES,
     SNIC_RING_ORDER_MAX,
     ST_ENABLED,
+    snic_ring_entries,
 )
 from pvio.core.counters import Counters
 from pvio.frontends import _snic_driver
@@ -86,7 +86,8 @@ log = logging.getLogger("pvio.smartnic_driver")
 
 ETH_HEADER_LEN = 14  # the shortest frame the device sends
 RX_QUEUE_MAX = 4096  # frames received but not yet read by the application
-DEFAULT_BUFFERS = 2 * SNIC_RING_ENTRIES  # TX buffers and RX buffers, each: 256, as a netif ring (two-page rings)
+#: TX buffers and RX buffers, each: 256, as a netif ring (on two-page rings).
+DEFAULT_BUFFERS = 2 * SNIC_RING_ENTRIES
 POLL_SPINS = 4  # empty polls (scheduler turns) before the driver re-arms the interrupt
 BUSY_POLL = 32  # polls (scheduler turns) spent waiting for an answer after a send from idle
 RX_DISARMED = 1 << 31  # an rsp_event this far ahead of rsp_cons is never crossed: no interrupt

@@ -14,7 +14,8 @@
   "seqs_in_order", "increasing", "first", "last", "last_at"}``;
 - ``counters()``: this process's counters (its domain's interrupts, netfront's packets).
 
-The host names it ``"pvio.remote.guests:StreamGuest"`` with ``args={"name": ..., "ip": ...}`` (and ``"busy_poll"``: netfront's budget).
+The host names it ``"pvio.remote.guests:StreamGuest"`` with ``args={"name": ..., "ip": ...}``
+(and ``"busy_poll"``: netfront's busy-poll budget).
 """
 
 from __future__ import annotations
