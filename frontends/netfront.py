@@ -527,18 +527,22 @@ class Netfront(GuestNic):
     # ------------------------------------------------------------------ application API
     async def send_batch(self, frames: list[Any]) -> None:
         """Transmit frames, pushing as many per ring push (and notification) as fit."""
-        if set(map(type, frames)) <= _BYTES:
-            pending = frames
-        else:
-            pending = [f if isinstance(f, _BUFFERS) else bytes(f) for f in frames]
+        pending = frames
+        checked = False  # every frame from pending[i] on is known to be a buffer
         i = 0
         while i < len(pending):
             if self.error is not None or not self.connected:
                 raise NetfrontError(f"{self.name}: not connected ({self.error or 'handshake not done'})")
             fast = self._stage_batch(pending, i) if self.datapath == "c" else 0
-            if fast:
+            if fast:  # (C takes bytes, bytearray and memoryview frames; it stops at anything else)
                 i += fast
                 continue
+            if not checked:
+                checked = True
+                if not set(map(type, pending[i:])) <= _BYTES:  # e.g. a scapy packet: its bytes
+                    rest = [f if isinstance(f, _BUFFERS) else bytes(f) for f in pending[i:]]
+                    pending = [*pending[:i], *rest]
+                    continue
             reqs = []
             while i < len(pending):
                 frame = pending[i]
@@ -556,10 +560,21 @@ class Netfront(GuestNic):
                 _sent, notify = self.tx.send(b"".join(reqs))
                 self._notify(notify)
                 continue
-            # The pool is exhausted: wait for TX responses.
-            self._tx_space = trio.Event()
+            await self._wait_tx_space()
+
+    async def _wait_tx_space(self) -> None:
+        """The pool is exhausted: reap what has come; if nothing has, arm the TX event index (as
+        the service task would before sleeping) and wait for the responses.  The upcall reaps
+        them when they come; a busy service task reaps them itself."""
+        self._tx_space = trio.Event()
+        if self._idle and self.error is None:
+            if self._reap_tx() or self.error is not None or self._arm():
+                self._wake.set()  # something came meanwhile: the service task takes it
+                if self.tx_free:
+                    return
+        else:
             self._wake.set()
-            await self._tx_space.wait()
+        await self._tx_space.wait()
 
     def _stage_batch(self, pending: list[Any], i: int) -> int:
         """Stage the one-slot frames from ``pending[i]`` on, as many as the pool holds, and push

@@ -136,7 +136,7 @@ class PyVcpu:
                 if self._deliverable():  # another upcall at once: let the others run first
                     await trio.lowlevel.checkpoint()
                     continue
-            self.guest.hypercall(Hypercall.sched_op, SchedOp.block)
+            self.guest.block()
             if self._deliverable():
                 continue
             await self._wake.wait()
@@ -163,6 +163,10 @@ class PyGuest:
         self.hv = hv
         self.domain = dom
         self.vcpu = PyVcpu(self)
+        # The hypervisor's direct entries for the two hot hypercalls, where it has them (in the
+        # hypervisor's process; a guest in a process of its own goes through dispatch()).
+        self._send_local = getattr(hv.hypercalls, "evtchn_send_local", None)
+        self._block_local = getattr(hv.hypercalls, "block_local", None)
         dom.vcpu = self.vcpu
 
     @property
@@ -338,9 +342,23 @@ class PyGuest:
 
     def evtchn_send(self, port: int) -> None:
         """Notify the other end of ``port`` (EVTCHNOP_send: no out fields to read back)."""
-        gpa = self._scratch_gpa
-        EVTCHN_PORT.pack_into(self.domain.mem.view, gpa, port)
-        self._check(self.hypercall(Hypercall.event_channel_op, EvtchnOp.send, gpa), "send")
+        local = self._send_local
+        if local is not None:  # in the hypervisor's process: the port goes as it is
+            rc = local(self.domain, port)
+        else:
+            gpa = self._scratch_gpa
+            EVTCHN_PORT.pack_into(self.domain.mem.view, gpa, port)
+            rc = self.hypercall(Hypercall.event_channel_op, EvtchnOp.send, gpa)
+        if rc < 0:
+            raise XenError(-rc, f"dom{self.domain.domid} send")
+
+    def block(self) -> None:
+        """SCHEDOP_block (the vCPU's idle: delivery re-enabled, parked until an event)."""
+        local = self._block_local
+        if local is not None:
+            local(self.domain)
+        else:
+            self.hypercall(Hypercall.sched_op, SchedOp.block)
 
     def evtchn_close(self, port: int) -> None:
         """Close ``port`` (an interdomain peer goes back to unbound)."""
