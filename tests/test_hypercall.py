@@ -370,3 +370,28 @@ async def test_console_is_bounded_in_lines_and_line_length(hv: pvio.Hypervisor, 
         a.console(f"line {i}\n")
     assert len(a.domain.console_lines) == CONSOLE_LINES
     assert a.domain.console_lines[0] == "line 5"
+
+
+async def test_a_pyguests_direct_send_and_block_count_as_the_hypercalls_do(
+    hv: pvio.Hypervisor, a: Probe
+) -> None:
+    """PyGuest.evtchn_send and .block enter their handlers without dispatch(): the counters they
+    bump, their errors and their effect are the hypercalls', key for key."""
+    peer = await boot(hv, Probe(), "peer")
+    port = peer.evtchn_alloc_unbound(a.domain.domid)
+    local = a.evtchn_bind_interdomain(peer.domain.domid, port)
+    await settle()
+    before = hv.snapshot()
+    a.evtchn_send(local)
+    direct = changes(hv, before, a)
+    before = hv.snapshot()
+    struct.pack_into("<I", a.mem, a.arg_gpa(), local)
+    assert a.hypercall(Hypercall.event_channel_op, EvtchnOp.send, a.arg_gpa()) == 0
+    assert direct == changes(hv, before, a) == counted("event_channel_op", "send") | {"evtchn.sends": 1}
+    before = hv.snapshot()
+    with pytest.raises(pvio.XenError):
+        a.evtchn_send(4000)  # no such port
+    assert changes(hv, before, a) == counted("event_channel_op", "send", Errno.EINVAL)
+    before = hv.snapshot()
+    a.block()
+    assert changes(hv, before, a) == counted("sched_op", "block")
