@@ -89,6 +89,15 @@ NR_RX = NET_RX_RING_SIZE
 _TX_REQ, _TX_RSP, _RX_REQ, _RX_RSP = TX_REQUEST, TX_RESPONSE, RX_REQUEST, RX_RESPONSE
 FATAL_SLOTS = 20  # Linux netback's fatal_skb_slots default
 RX_QUEUE_MAX = 1024  # frames waiting for guest buffers, per vif
+RX_QUEUE_BYTES = NR_RX * PAGE_SIZE  # ... and their bytes: the vif's RX staging pages (1 MiB)
+
+
+def rx_stage_pages(rx_queue_bytes: int = RX_QUEUE_BYTES) -> int:
+    """The RX staging pages of a vif whose queue holds ``rx_queue_bytes``: a ring's worth at
+    least (room for the largest frame whatever the bound asks)."""
+    return max(NR_RX, -(-rx_queue_bytes // PAGE_SIZE))
+
+
 ENDED_KEPT = 64  # ended vifs kept for inspection (NetBack.ended)
 
 BACKEND_FEATURES = {
@@ -356,11 +365,12 @@ class BackendVif(SwitchPort):
         # _stage_pages as they come, so that teardown gives every one back; a dom0 out of
         # memory refuses this vif instead of crashing.
         try:
-            for _ in range(NR_TX + NR_RX):
+            need = NR_TX + rx_stage_pages(self.netback.rx_queue_bytes)
+            for _ in range(need):
                 self._stage_pages.append(g.alloc_page())
         except MemoryError:
             raise VifFatal(
-                f"dom0 has {len(self._stage_pages)} of the {NR_TX + NR_RX} staging pages a vif needs"
+                f"dom0 has {len(self._stage_pages)} of the {need} staging pages a vif needs"
             ) from None
         self.tx_stage = self._stage_pages[:NR_TX]
         self.tx_stage_views = [g.page(p) for p in self.tx_stage]
@@ -812,6 +822,7 @@ class NetBack:
         backend: str | type[Backend] | None = None,
         backend_options: dict[str, Any] | None = None,
         rx_queue_max: int = RX_QUEUE_MAX,
+        rx_queue_bytes: int = RX_QUEUE_BYTES,
         lock_macs: bool = True,
     ) -> None:
         self.guest = guest
@@ -826,6 +837,9 @@ class NetBack:
         self.backend_cls = load_backend(backend) if isinstance(backend, str) else backend
         self.backend_options = backend_options or {}
         self.rx_queue_max = rx_queue_max
+        #: The bytes of frames each vif's RX queue holds (its RX staging pages, a ring's worth
+        #: at least): with rx_queue_max, the two bounds of the queue (XSA-392).
+        self.rx_queue_bytes = rx_queue_bytes
         self.backend_overrides: dict[tuple[int, int], tuple[type[Backend], dict[str, Any]]] = {}
         self._scope: trio.CancelScope | None = None
         self._ended: set[tuple[int, int]] = set()  # vifs this netback served that ended

@@ -151,28 +151,30 @@ ANNOUNCE_ETHERTYPE = 0x88B5  # IEEE "local experimental": a frame to self, so th
 DOM0_BASE_PAGES = 1024
 
 
-def vif_staging_pages() -> int:
-    """The dom0 pages netback takes for one connected PV vif: one TX and one RX staging page
-    per ring slot (grant-copy targets and sources), 512 with Xen's 256-slot rings."""
-    from pvio.backends.netback import NR_RX, NR_TX
+def vif_staging_pages(rx_queue_bytes: int | None = None) -> int:
+    """The dom0 pages netback takes for one connected PV vif: one TX staging page per ring
+    slot (grant-copy targets) and the RX queue's pages (``rx_queue_bytes``, a ring's worth at
+    least): 512 with Xen's 256-slot rings and the default queue."""
+    from pvio.backends.netback import NR_TX, RX_QUEUE_BYTES, rx_stage_pages
 
-    return NR_TX + NR_RX
+    return NR_TX + rx_stage_pages(RX_QUEUE_BYTES if rx_queue_bytes is None else rx_queue_bytes)
 
 
-def dom0_pages_for(n_vifs: int) -> int:
+def dom0_pages_for(n_vifs: int, rx_queue_bytes: int | None = None) -> int:
     """The dom0 size :func:`boot_network` gives a network of ``n_vifs`` PV vifs: the staging
-    areas of every vif on top of :data:`DOM0_BASE_PAGES`, never less than the hypervisor's
-    default (so a small network's dom0, and the counts pinned on it, are what they were)."""
+    areas of every vif (:func:`vif_staging_pages`) on top of :data:`DOM0_BASE_PAGES`, never
+    less than the hypervisor's default (so a small network's dom0, and the counts pinned on
+    it, are what they were)."""
     from pvio.core.hypervisor import DEFAULT_DOM0_PAGES
 
-    return max(DEFAULT_DOM0_PAGES, DOM0_BASE_PAGES + n_vifs * vif_staging_pages())
+    return max(DEFAULT_DOM0_PAGES, DOM0_BASE_PAGES + n_vifs * vif_staging_pages(rx_queue_bytes))
 
 
 class Dom0TooSmall(ValueError):
     """dom0 cannot hold the staging areas of the PV vifs a network asks for (one line)."""
 
 
-def check_dom0_fits(hv: Hypervisor, n_vifs: int) -> None:
+def check_dom0_fits(hv: Hypervisor, n_vifs: int, rx_queue_bytes: int | None = None) -> None:
     """Raise :class:`Dom0TooSmall` when dom0's free pages cannot hold ``n_vifs`` more PV vifs'
     staging areas: what libxl's free-memory check is to a domain, so that booting 64 guests on
     a too-small dom0 fails at once in one line instead of netback refusing vif after vif."""
@@ -181,11 +183,12 @@ def check_dom0_fits(hv: Hypervisor, n_vifs: int) -> None:
     free = getattr(hv.dom0.kernel, "free_pages", None)
     if free is None:  # a dom0 kernel without the Python allocator: netback reports per vif
         return
-    need = n_vifs * vif_staging_pages()
+    each = vif_staging_pages(rx_queue_bytes)
+    need = n_vifs * each
     have = int(free())
     if have < need:
         raise Dom0TooSmall(
-            f"dom0 has {have} free pages, {n_vifs} PV vifs need {need} ({vif_staging_pages()} each): "
+            f"dom0 has {have} free pages, {n_vifs} PV vifs need {need} ({each} each): "
             f"give dom0_pages >= {hv.dom0.mem.nr_pages - have + need} (or leave it unset)"
         )
 
@@ -283,6 +286,7 @@ async def start_network(
     backend: str | None = None,
     backend_options: dict[str, Any] | None = None,
     rx_queue_max: int | None = None,
+    rx_queue_bytes: int | None = None,
     before_guests: Callable[[Hypervisor], None] | None = None,
     wait_ready: Sequence[Any] | None = None,
     announce: bool = True,
@@ -305,7 +309,8 @@ async def start_network(
     netback answers the handshake's watch events for a while, and what a caller measures
     from here on should be its own traffic.  ``settle_s`` also lets timers of that length
     (the smart NIC's moderation) run out first.  ``backend``/``backend_options``/
-    ``rx_queue_max`` configure netback; ``before_guests(hv)`` runs once dom0 is up and before
+    ``rx_queue_max``/``rx_queue_bytes`` configure netback (each vif's RX queue bound in frames
+    and in bytes, the latter its RX staging pages); ``before_guests(hv)`` runs once dom0 is up and before
     any guest exists.
 
     ``check_dom0``: refuse at once (:class:`Dom0TooSmall`, one line) a network whose PV vifs'
@@ -313,7 +318,7 @@ async def start_network(
     each vif that does not fit with its reason and serves the others.
     """
     from pvio.backends.emulated_nic import add_emulated_nic
-    from pvio.backends.netback import RX_QUEUE_MAX, NetBack
+    from pvio.backends.netback import RX_QUEUE_BYTES, RX_QUEUE_MAX, NetBack
     from pvio.backends.smartnic import add_smartnic
     from pvio.backends.switch import Switch
 
@@ -330,7 +335,7 @@ async def start_network(
     if hv.dom0 is None:
         raise RuntimeError("the hypervisor has no dom0 to run the switch and the backends")
     if check_dom0:
-        check_dom0_fits(hv, sum(1 for cfg in configs if cfg.model == "pv"))
+        check_dom0_fits(hv, sum(1 for cfg in configs if cfg.model == "pv"), rx_queue_bytes)
     switch = Switch(hv.counters)
     net = Network(hv, switch, model, [])
     if pcap is not None:
@@ -345,6 +350,7 @@ async def start_network(
             backend=backend,
             backend_options=backend_options,
             rx_queue_max=RX_QUEUE_MAX if rx_queue_max is None else rx_queue_max,
+            rx_queue_bytes=RX_QUEUE_BYTES if rx_queue_bytes is None else rx_queue_bytes,
         )
         dom0.spawn(net.netback.run, name="netback")  # type: ignore[attr-defined]
     elif backend is not None or backend_options is not None:
@@ -403,7 +409,8 @@ async def boot_network(
     if dom0_pages is None:
         nics = options.get("nics") or [None] * len(guests)
         model = options.get("model", "pv")
-        dom0_pages = dom0_pages_for(sum(1 for c in nics if (model if c is None else c.model) == "pv"))
+        n_pv = sum(1 for c in nics if (model if c is None else c.model) == "pv")
+        dom0_pages = dom0_pages_for(n_pv, options.get("rx_queue_bytes"))
     async with Hypervisor(dom0_pages=dom0_pages) as hv:
         net = await start_network(hv, guests, **options)
         try:

@@ -256,6 +256,30 @@ async def test_rx_queue_overflow_is_counted_and_nothing_else_is_lost(autojump_cl
         assert sent == delivered + env.count("netback/vif2.0", "drops.rx_queue_full")
 
 
+@pytest.mark.parametrize(("queue_bytes", "queued"), [(None, 512), (4 << 20, 1500)])
+async def test_the_rx_queue_is_bounded_in_bytes_by_its_staging_pages(
+    autojump_clock: Any, queue_bytes: int | None, queued: int
+) -> None:
+    # B is paused with its 256 buffers filled; 1500 full-size frames then queue for it.  Two
+    # fit in a staging page: the default queue (256 pages, 1 MiB) holds 512 of them whatever
+    # rx_queue_max says, and drops the rest; a 4 MiB queue (1024 pages) holds them all.
+    a, b = NicGuest("a", ip_of(0)), NicGuest("b", ip_of(1))
+    async with net_env(a, b, rx_queue_max=2000, rx_queue_bytes=queue_bytes, dom0_pages=None) as env:
+        env.hv.pause(b.domain)
+        await a.nic.send_batch(udp_stream(a, b, 256, size=1514))
+        await trio.testing.wait_all_tasks_blocked()
+        for start in range(256, 256 + 1500, 250):
+            await a.nic.send_batch(udp_stream(a, b, 250, size=1514, start=start))
+            await trio.testing.wait_all_tasks_blocked()
+        vif = env.vif(b)
+        assert len(vif._rx_queue) == queued
+        assert env.count("netback/vif2.0", "drops.rx_queue_full") == 1500 - queued
+        assert len(vif._stage_pages) == 256 + max(256, (queue_bytes or 0) // 4096)
+        env.hv.unpause(b.domain)
+        got = await recv_n(b.nic, 256 + queued)
+        assert [seq_of(f) for f in got] == list(range(256 + queued))
+
+
 class SpinGuard(trio.abc.Instrument):
     """Stop netback's service loop if it runs ``_rx_work`` over and over in one task step.
 

@@ -38,9 +38,10 @@ PLACEMENTS: tuple[str, ...] = ("one-process", "remote-sender", "remote-receiver"
 #: What the benchmark runs: with both guests remote their processes share one CPU and B
 #: falls behind (netback drops what its RX queue cannot hold), a figure of overload.
 BENCH_PLACEMENTS: tuple[str, ...] = ("one-process", "remote-sender", "remote-receiver")
-#: netback's RX queue bound asked for; its RX staging pages (one ring's worth) hold fewer, so
-#: a receiver that falls behind sees drops, which the measurement counts.
+#: netback's RX queue bounds, in frames and bytes (16 MiB of RX staging pages per vif: 256 k
+#: frames of 64 bytes); a receiver that falls further behind sees drops, which are counted.
 QUEUE = 1 << 20
+QUEUE_BYTES = 16 << 20
 KERNEL = "pvio.remote.guests:StreamGuest"
 #: The receiver stops once nothing came for this long after its first frame (the rest were
 #: dropped on the way, and counted by netback); the clock stops at its last frame.
@@ -161,13 +162,13 @@ async def measure_stream(
 async def _measure(
     placement: str, packets: int, batch: int, size: int, guest_cpus: set[int] | None
 ) -> StreamFigure:
-    from pvio.toolstack import start_network
+    from pvio.toolstack import dom0_pages_for, start_network
 
     remote_a = placement in ("remote-sender", "remote-both")
     remote_b = placement in ("remote-receiver", "remote-both")
-    async with Hypervisor() as hv:
+    async with Hypervisor(dom0_pages=dom0_pages_for(2, QUEUE_BYTES)) as hv:
         a, b = _guest("a", "10.0.0.1", remote_a, guest_cpus), _guest("b", "10.0.0.2", remote_b, guest_cpus)
-        await start_network(hv, [a, b], rx_queue_max=QUEUE, timeout_s=60.0)
+        await start_network(hv, [a, b], rx_queue_max=QUEUE, rx_queue_bytes=QUEUE_BYTES, timeout_s=60.0)
         a_mac, b_mac = a.nic.mac, b.nic.mac
         if remote_a:
             await a.call("prepare", dst_mac=b_mac.hex(), dst_ip="10.0.0.2", packets=packets, size=size)
