@@ -444,7 +444,12 @@ class Netfront(GuestNic):
         """The frame the slots in ``_partial_rx`` make, to the application's queue unless it is
         full (then dropped and counted): (1 if queued else 0, its bytes)."""
         parts = self._partial_rx
-        frame = parts[0] if len(parts) == 1 else b"".join(parts)
+        if len(parts) == 1:
+            frame = parts[0]
+        else:  # the slots' copies joined: every byte of the frame copied a second time, counted
+            frame = b"".join(parts)
+            self.counters["guest_copies"] += 1
+            self.counters["guest_copy_bytes"] += len(frame)
         parts.clear()
         if len(self._rx_frames) >= RX_QUEUE_MAX:
             self.counters["drops.rx_app_queue_full"] += 1

@@ -208,3 +208,24 @@ async def test_a_busy_polling_receiver_is_not_notified_while_it_polls(autojump_c
         await a.nic.send_batch(frames[:1])
         assert len(await b.nic.recv_batch()) == 1
         assert env.count("netback/vif2.0", "notifications.sent") == sent + 3
+
+
+@pytest.mark.parametrize("path", ["c", "python"])
+async def test_a_frame_of_several_slots_counts_the_join_as_a_copy(autojump_clock: Any, path: str) -> None:
+    """A 9000-byte frame comes in three RX slots: each slot is copied out once, and joining the
+    copies into the frame copies every byte again; guest_copies counts all four."""
+    a, b = NicGuest("a", ip_of(0)), NicGuest("b", ip_of(1))
+    async with net_env(a, b) as env:
+        b.nic.datapath = path
+        frame = udp_packet(
+            a.nic.mac, b.nic.mac, a.ip, b.ip, 7000, 7001, bytes(range(256)) * 35, checksum=False
+        )
+        assert len(frame) == 8960 + 42
+        before = (
+            env.count("netfront/vif2.0", "guest_copies"),
+            env.count("netfront/vif2.0", "guest_copy_bytes"),
+        )
+        await a.nic.send(frame)
+        assert await b.nic.recv() == frame
+        after = env.count("netfront/vif2.0", "guest_copies"), env.count("netfront/vif2.0", "guest_copy_bytes")
+        assert (after[0] - before[0], after[1] - before[1]) == (4, 2 * len(frame))
