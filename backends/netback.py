@@ -441,7 +441,7 @@ class BackendVif(SwitchPort):
         one round of TX and RX work, then the event indices are re-armed.  Only when work is
         left (or the service task is busy) is the service task woken to carry on.  A fault of
         this vif ends its own service (and disables it), never dom0's upcall."""
-        if not self._idle:
+        if not self._idle or not self.connected:
             self._wake.set()
             return
         try:

@@ -252,7 +252,7 @@ class Netfront(GuestNic):
         Linux's xen-netfront reaps TX responses in its interrupt handler and its NAPI poll
         follows the interrupt), then the event indices are re-armed; the service task is woken
         only when work is left or the service task is busy.  Never blocks."""
-        if not self._idle:
+        if not self._idle or not self.connected:
             self._wake.set()
             return
         self._poll()
