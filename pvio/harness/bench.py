@@ -727,9 +727,23 @@ def main(argv: list[str] | None = None) -> int:
         "--packets", type=int, metavar="K", help=f"with --guests: frames per stream (default {SCALE_PACKETS})"
     )
     parser.add_argument("--rounds", type=int, default=3, help="with --guests: rounds per network (default 3)")
+    parser.add_argument(
+        "--steady",
+        action="store_true",
+        help="the saturation stream of each model (--models; emulated excluded by default) in one "
+        "warmed-up environment: best and median of three rounds of 300 k frames",
+    )
     args = parser.parse_args(argv)
     if args.processes:
         return processes_bench(args.quick, args.json)
+    if args.steady:
+        chosen = [m.strip() for m in args.models.split(",") if m.strip()]
+        if args.models == ",".join(MODELS):
+            chosen = ["pv", "smartnic"]
+        bad = [m for m in chosen if m not in MODELS]
+        if bad or not chosen:
+            parser.error(f"--models {args.models!r}: choose from {', '.join(MODELS)}")
+        return steady_main(chosen, args.quick, args.json)
     if args.packets is not None and args.guests is None:
         parser.error("--packets goes with --guests N (the scale benchmark)")
     if args.guests is not None:
@@ -779,6 +793,70 @@ def main(argv: list[str] | None = None) -> int:
         write_chart(rows, args.chart)
         if not args.json:
             print(f"chart written to {args.chart}", file=sys.stderr)
+    return 0
+
+
+#: ``pvio bench --steady``: frames per timed round, warm-up frames, rounds.
+STEADY_PACKETS, STEADY_WARMUP, STEADY_ROUNDS = 300_000, 100_000, 3
+
+
+@dataclass
+class SteadyStream:
+    """One model's saturation stream in a warmed-up environment (``pvio bench --steady``)."""
+
+    model: str
+    packets: int  # per timed round
+    rates: list[float]  # frames per second, each round
+    per_packet: dict[str, float]  # interrupts, exits, hypercalls, copies per frame (the last round)
+
+    def row(self) -> dict[str, Any]:
+        """A JSON row: the best round's rate, the median's, and the per-frame costs."""
+        return {
+            "model": self.model, "packets": self.packets, "rounds": len(self.rates),
+            "pps": round(max(self.rates), 1), "pps_median": round(statistics.median(self.rates), 1),
+            **{f"{k}_per_pkt": round(v, 5) for k, v in self.per_packet.items()},
+        }  # fmt: skip
+
+
+async def steady_stream(
+    model: str, packets: int = STEADY_PACKETS, warmup: int = STEADY_WARMUP, rounds: int = STEADY_ROUNDS
+) -> SteadyStream:
+    """A's 64-byte saturation stream to B (64 frames per send, B checks every frame) in one
+    environment: ``warmup`` frames first, not timed, so that every buffer, ring and area has
+    been touched once, then ``rounds`` timed streams of ``packets`` frames: the rate of a long
+    experiment, without a fresh environment's start-up (first touches of its memory)."""
+    async with model_env(model) as env:
+        a, b = env.guests[0], env.guests[1]
+        frames = make_frames(a, b, max(packets, warmup), FRAME_SIZE, STREAM_PORTS)
+        if warmup:
+            await stream_in_order(a, b, frames[:warmup], None, BATCH)
+        rates: list[float] = []
+        per: dict[str, float] = {}
+        for _ in range(rounds):
+            before = env.snapshot()
+            start = time.perf_counter()
+            got = await stream_in_order(a, b, frames[:packets], None, BATCH)
+            rates.append(got / (time.perf_counter() - start))
+            per = {k: v / got for k, v in costs(env.snapshot().diff(before)).items()}
+        return SteadyStream(model, packets, rates, per)
+
+
+def steady_main(models: Sequence[str], quick: bool, as_json: bool) -> int:
+    """``pvio bench --steady``: :func:`steady_stream` per model, as a table or JSON rows."""
+    scale = 10 if quick else 1
+    rows = [
+        trio.run(steady_stream, m, STEADY_PACKETS // scale, STEADY_WARMUP // scale, STEADY_ROUNDS).row()
+        for m in models
+    ]
+    if as_json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    print(f"{'model':<10} {'packets':>8} {'pps (best)':>12} {'pps (median)':>13}  per packet")
+    for r in rows:
+        costs_ = " ".join(
+            f"{k[: -len('_per_pkt')]}={_fmt(v)}" for k, v in r.items() if k.endswith("_per_pkt")
+        )
+        print(f"{r['model']:<10} {r['packets']:>8} {r['pps']:>12.0f} {r['pps_median']:>13.0f}  {costs_}")
     return 0
 
 

@@ -85,37 +85,26 @@ def test_smartnic_moderation_curve(benchmark: Any) -> None:
 @pytest.mark.parametrize("model", ("pv", "smartnic"))
 @pytest.mark.benchmark(group="device models: stream, saturation, steady state")
 def test_steady_stream_at_saturation(benchmark: Any, model: str) -> None:
-    """The saturation stream in one environment, warmed up: a first stream of 100 k frames
-    (not recorded) touches every buffer, ring and area once, then each round streams 300 k
-    frames more.  Start-up costs of a fresh environment (first touches of guest memory and of
-    the smart NIC's TX areas: about 8 % of the smart NIC's first 300 k frames) are left out,
-    as a long experiment leaves them out.  ``pps`` is the best round, ``pps_median`` the median."""
-    import statistics
-    import time
+    """``pvio bench --steady``: the saturation stream in one warmed-up environment (100 k frames
+    first, not timed; then the best and median of three rounds of 300 k), run in a fresh
+    interpreter as pyperf runs its workers.  Inside this pytest process the same stream is
+    8-12 % slower (importing hypothesis into a plain script reproduces it; the cause is not
+    known), and a fresh environment's first touches of its memory are left out, as a long
+    experiment leaves them out."""
+    import json
+    import subprocess
+    import sys
 
-    import trio
+    argv = [sys.executable, "-m", "pvio", "bench", "--steady", "--json", "--models", model]
+    if not benchmark.enabled:
+        argv.append("--quick")
+    rows: list[dict[str, Any]] = []
 
-    from pvio.harness.bench import STREAM_PORTS, costs, make_frames, model_env, stream_in_order
+    def run() -> None:
+        out = subprocess.run(argv, check=True, capture_output=True, text=True, timeout=600).stdout
+        rows.extend(json.loads(out))
 
-    packets = 300_000 if benchmark.enabled else 2_000
-    rates: list[float] = []
-    per_packet: dict[str, float] = {}
-
-    async def scenario() -> None:
-        async with model_env(model) as env:
-            a, b = env.guests[0], env.guests[1]
-            frames = make_frames(a, b, packets, 64, STREAM_PORTS)
-            assert await stream_in_order(a, b, frames[: packets // 3], None, 64) == packets // 3
-            for _ in range(3 if benchmark.enabled else 1):
-                before = env.snapshot()
-                start = time.perf_counter()
-                assert await stream_in_order(a, b, frames, None, 64) == packets
-                rates.append(packets / (time.perf_counter() - start))
-                per_packet.update({k: v / packets for k, v in costs(env.snapshot().diff(before)).items()})
-
-    benchmark.pedantic(lambda: trio.run(scenario), rounds=1, iterations=1)
-    benchmark.extra_info.update(
-        model=model, packets=packets, batch=64, pps=round(max(rates), 1),
-        pps_median=round(statistics.median(rates), 1),
-    )  # fmt: skip
-    benchmark.extra_info.update({f"{k}_per_pkt": round(v, 5) for k, v in per_packet.items()})
+    benchmark.pedantic(run, rounds=1, iterations=1)
+    (row,) = rows
+    assert row["model"] == model and row["copies_per_pkt"] == 2.0
+    benchmark.extra_info.update(row)
