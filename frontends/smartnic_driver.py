@@ -14,14 +14,14 @@ Against the register map and descriptor format of :mod:`pvio.backends.smartnic`:
   free polls a few scheduler turns, then arms the TX completion event (half the
   outstanding) and sleeps until the interrupt.
 * RX, NAPI style: the service task reaps RX completions (and TX completions, unless a
-  send is under way: the sender reaps its own) and re-posts the buffers while there is work; after ``POLL_SPINS`` empty polls it re-arms the interrupt (the RX ring's
+  send is under way: the sender reaps its own) and re-posts the buffers while there is
+  work; after ``POLL_SPINS`` empty polls it re-arms the interrupt (the RX ring's
   ``rsp_event``, with the final check that closes the race) and sleeps.  The interrupt
   handler only wakes it.
 * Busy polling for an answer: a send from idle (the service task sleeps and no TX buffer
   is in flight: the first frame after a pause, a request most likely, whose answer comes
-  next) disarms the RX interrupt
-  (``rsp_event`` half the index space ahead, which no push crosses) and wakes the service
-  task for ``BUSY_POLL`` more polls, so the answer is found by polling instead of costing
+  next) disarms the RX interrupt (``rsp_event`` half the index space ahead, which no push
+  crosses) and wakes the service task for ``BUSY_POLL`` more polls, so the answer is found by polling instead of costing
   an interrupt; when the polls run out it re-arms as usual.  Linux's busy polling
   (``SO_BUSY_POLL`` with ``prefer_busy_poll``), with the budget in polls, not µs, so it
   is the same on any host.
