@@ -21,10 +21,10 @@ Against the register map and descriptor format of :mod:`pvio.backends.smartnic`:
 * Busy polling for an answer: a send from idle (the service task sleeps and no TX buffer
   is in flight: the first frame after a pause, a request most likely, whose answer comes
   next) disarms the RX interrupt (``rsp_event`` half the index space ahead, which no push
-  crosses) and wakes the service task for ``BUSY_POLL`` more polls, so the answer is found by polling instead of costing
-  an interrupt; when the polls run out it re-arms as usual.  Linux's busy polling
-  (``SO_BUSY_POLL`` with ``prefer_busy_poll``), with the budget in polls, not µs, so it
-  is the same on any host.
+  crosses) and wakes the service task for ``BUSY_POLL`` more polls, so the answer is found
+  by polling instead of costing an interrupt; when the polls run out it re-arms as usual.
+  Linux's busy polling (``SO_BUSY_POLL`` with ``prefer_busy_poll``), with the budget in
+  polls, not µs, so it is the same on any host.
 
 Hostile device?  The device is the monitor here, but the driver still range-checks every
 completion (id, length, status) and counts what it refuses.
