@@ -349,8 +349,7 @@ class PyGuest:
             gpa = self._scratch_gpa
             EVTCHN_PORT.pack_into(self.domain.mem.view, gpa, port)
             rc = self.hypercall(Hypercall.event_channel_op, EvtchnOp.send, gpa)
-        if rc < 0:
-            raise XenError(-rc, f"dom{self.domain.domid} send")
+        self._check(rc, "send")
 
     def block(self) -> None:
         """SCHEDOP_block (the vCPU's idle: delivery re-enabled, parked until an event)."""

@@ -140,15 +140,20 @@ class HypercallTable:
             if handler is None or not dom.alive:
                 raise _fail(Errno.ENOSYS, f"hypercall {nr} not implemented")
             return handler(dom, a1, a2, a3, a4, a5)
-        except HypercallError as e:
-            return self._error(dom, e.errno, f"{self._names.get(nr, 'unknown')}: {e}")
-        except GuestFault as e:
-            return self._error(dom, Errno.EFAULT, f"{self._names.get(nr, 'unknown')}: {e}")
-        except Exception:  # a hypervisor bug must not take the hypervisor down with the guest
-            name = self._names.get(nr, "unknown")
-            log.exception("dom%d: internal error in hypercall %s", dom.domid, name)
-            c["hypercall_internal_errors"] += 1
-            return self._error(dom, Errno.EINVAL, f"{name}: internal error")
+        except Exception as e:
+            return self._failed(dom, self._names.get(nr, "unknown"), e)
+
+    def _failed(self, dom: Domain, name: str, exc: Exception) -> int:
+        """The negative errno of hypercall ``name`` that raised ``exc`` (called in its except
+        clause): its own errno, EFAULT for a bad guest address, EINVAL for a hypervisor bug,
+        which is logged and counted and must not take the hypervisor down with the guest."""
+        if isinstance(exc, HypercallError):
+            return self._error(dom, exc.errno, f"{name}: {exc}")
+        if isinstance(exc, GuestFault):
+            return self._error(dom, Errno.EFAULT, f"{name}: {exc}")
+        log.exception("dom%d: internal error in hypercall %s", dom.domid, name)
+        dom.counters["hypercall_internal_errors"] += 1
+        return self._error(dom, Errno.EINVAL, f"{name}: internal error")
 
     # ------------------------------------------------------------------ a PyGuest's hot calls
     # A kernel running in this process (a PyGuest) makes two hypercalls on every batch of its
@@ -168,12 +173,8 @@ class HypercallTable:
             c["hypercalls.event_channel_op.send"] += 1
             self.evtchn_send(dom, port)
             return 0
-        except HypercallError as e:
-            return self._error(dom, e.errno, f"event_channel_op: {e}")
-        except Exception:  # as dispatch(): a hypervisor bug must not take the hypervisor down
-            log.exception("dom%d: internal error in hypercall event_channel_op", dom.domid)
-            c["hypercall_internal_errors"] += 1
-            return self._error(dom, Errno.EINVAL, "event_channel_op: internal error")
+        except Exception as e:
+            return self._failed(dom, "event_channel_op", e)
 
     def block_local(self, dom: Domain) -> int:
         """SCHEDOP_block for a kernel in this process: 0 or a negative errno, as dispatch()."""
