@@ -532,8 +532,8 @@ class SmartNic(SwitchPort):
             self.dev["errors.bad_config"] += 1
             self._warn("%s: ENABLE refused: %s", self.name, problem)
             return
-        self._tx = BackRing(SNIC_RING, mem.view[tx : tx + ring_bytes], size=ring_bytes)
-        self._rx = BackRing(SNIC_RING, mem.view[rx : rx + ring_bytes], size=ring_bytes)
+        self._tx = BackRing(SNIC_RING, mem.slice(tx, ring_bytes), size=ring_bytes)
+        self._rx = BackRing(SNIC_RING, mem.slice(rx, ring_bytes), size=ring_bytes)
         self._pool = (pool, size, count) if pool else (0, 0, 0)
         self._tx_area_for(size if pool else PAGE_SIZE, snic_ring_entries(order))
         self.enabled = True

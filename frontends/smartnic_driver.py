@@ -252,15 +252,12 @@ class SmartNicDriver(GuestNic):
         lo, hi = self._rd(REG_MAC_LO), self._rd(REG_MAC_HI)
         self.mac = lo.to_bytes(4, "little") + (hi & 0xFFFF).to_bytes(2, "little")
         self.grant_domid = self._rd(REG_GRANT_DOMID)
-        npages = 1 << self.ring_order
-        ring_bytes = npages * PAGE_SIZE
-        if npages == 1:
-            self.tx_gfn, self.rx_gfn = g.alloc_page(), g.alloc_page()
-        else:
-            self.tx_gfn, self.rx_gfn = self._alloc_contiguous(npages), self._alloc_contiguous(npages)
-        view = g.domain.mem.view
-        self.tx = FrontRing(SNIC_RING, view[self.tx_gfn << PAGE_SHIFT :][:ring_bytes], size=ring_bytes)
-        self.rx = FrontRing(SNIC_RING, view[self.rx_gfn << PAGE_SHIFT :][:ring_bytes], size=ring_bytes)
+        ring_bytes = PAGE_SIZE << self.ring_order
+        self.tx_gfn = self._alloc_contiguous(1 << self.ring_order)
+        self.rx_gfn = self._alloc_contiguous(1 << self.ring_order)
+        mem = g.domain.mem
+        self.tx = FrontRing(SNIC_RING, mem.slice(self.tx_gfn << PAGE_SHIFT, ring_bytes), size=ring_bytes)
+        self.rx = FrontRing(SNIC_RING, mem.slice(self.rx_gfn << PAGE_SHIFT, ring_bytes), size=ring_bytes)
         g.domain.on_destroy.append(lambda _dom: self._release_rings())
         nbufs = self.nr_tx + self.nr_rx
         self.pool_gfn = self._alloc_contiguous(-(-nbufs * self.buf_size // PAGE_SIZE))

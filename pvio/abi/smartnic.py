@@ -9,6 +9,7 @@ register and the descriptor format) and the drivers (:mod:`pvio.frontends.smartn
 from __future__ import annotations
 
 from pvio.abi.cstruct import CStruct
+from pvio.abi.xen import PAGE_SIZE as _PAGE_SIZE
 from pvio.abi.xen import VIRQ_ARCH_0
 from pvio.ringbuf import RingLayout
 
@@ -92,12 +93,14 @@ SNIC_RING_ENTRIES = SNIC_RING.nr_ents()
 #: A ring may span 2**order contiguous pages (REG_RING_ORDER, as Xen's ``ring-page-order``):
 #: 128 slots in one page, 256 in two, 512 in four.
 SNIC_RING_ORDER_MAX = 2
-SNIC_RING_MAX_ENTRIES = SNIC_RING.nr_ents(4096 << SNIC_RING_ORDER_MAX)
 
 
 def snic_ring_entries(order: int) -> int:
     """The slots of a ring of ``2**order`` pages."""
-    return SNIC_RING.nr_ents(4096 << order)
+    return SNIC_RING.nr_ents(_PAGE_SIZE << order)
+
+
+SNIC_RING_MAX_ENTRIES = snic_ring_entries(SNIC_RING_ORDER_MAX)
 
 
 def snic_mac(domid: int, devid: int) -> bytes:
