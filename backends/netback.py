@@ -449,7 +449,7 @@ class BackendVif(SwitchPort):
             self._rx_work()
             more = self._arm()
         except (VifFatal, RingOverflowError) as e:
-            self._fail_later(str(e) if isinstance(e, VifFatal) else self._impossible_req_prod())
+            self._fail_later(self._fatal_reason(e))
             return
         except Exception as e:  # a netback bug costs this vif, not dom0's vCPU
             self.dev["internal_errors"] += 1
@@ -472,7 +472,7 @@ class BackendVif(SwitchPort):
             try:
                 did = self._tx_work() + self._rx_work()
             except (VifFatal, RingOverflowError) as e:
-                self.error = str(e) if isinstance(e, VifFatal) else self._impossible_req_prod()
+                self.error = self._fatal_reason(e)
                 return
             if did:
                 await trio.lowlevel.checkpoint()
@@ -489,6 +489,10 @@ class BackendVif(SwitchPort):
                 await self._wake.wait()
             finally:
                 self._idle = False
+
+    def _fatal_reason(self, exc: VifFatal | RingOverflowError) -> str:
+        """Why the vif must be disabled: the protocol error, or an impossible req_prod."""
+        return str(exc) if isinstance(exc, VifFatal) else self._impossible_req_prod()
 
     def _impossible_req_prod(self) -> str:
         """The reason logged when a req_prod of the frontend cannot be right, with the indices."""
