@@ -26,4 +26,4 @@ def test_pvio_bench_steady_json_and_a_bad_model(capsys: pytest.CaptureFixture[st
     assert row["model"] == "pv" and row["packets"] == bench.STEADY_PACKETS // 10 and row["rounds"] == 3
     with pytest.raises(SystemExit):
         bench.main(["--steady", "--models", "pv,bogus"])
-    assert "--models 'pv,bogus': choose from emulated, pv, smartnic" in capsys.readouterr().err
+    assert "unknown model 'bogus' (choose from emulated, pv, smartnic)" in capsys.readouterr().err
