@@ -42,10 +42,11 @@ ALLOWED: dict[str, set[str]] = {
         "pvio.abi", "pvio.core", "pvio.xenstore", "pvio.backend_api", "pvio.guest",
         "pvio.frontends", "pvio.backends", "pvio.cpu",
     },
-    # guests in their own processes: the host side (core) and the child's runtime (PyGuests)
+    # guests in their own processes: the host side (core) and the child's runtime (PyGuests,
+    # and a driver domain's netback and switch)
     "pvio.remote": {
         "pvio.abi", "pvio.ringbuf", "pvio.core", "pvio.xenstore", "pvio.guest", "pvio.frontends",
-        "pvio.toolstack",
+        "pvio.backend_api", "pvio.backends", "pvio.toolstack",
     },
     "pvio.harness": {
         "pvio", "pvio.abi", "pvio.ringbuf", "pvio.core", "pvio.xenstore", "pvio.backend_api",

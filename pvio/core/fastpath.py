@@ -16,6 +16,7 @@ from pvio.abi import GntSt
 from pvio.core._native import ffi, lib
 
 if TYPE_CHECKING:
+    from pvio.core.counters import Counters
     from pvio.core.domain import Domain
 
 ENABLED = os.environ.get("PVIO_NO_NATIVE", "") != "1"
@@ -67,3 +68,13 @@ class NativeDomains:
             return int(st.copies), int(st.bytes), {}
         errors = {_ERROR_NAMES[k]: int(st.errors[k]) for k in range(1, 16) if st.errors[k]}
         return int(st.copies), int(st.bytes), errors
+
+
+def count_copies(c: Counters, copies: int, nbytes: int, errors: dict[str, int]) -> None:
+    """Count a grant-copy batch on the caller's counters, as the hypercall does in either
+    process (``grant.copies``, ``grant.copy_bytes``, ``hypercall_errors.<GNTST name>``)."""
+    c["grant.copies"] += copies
+    c["grant.copy_bytes"] += nbytes
+    for name, n in errors.items():
+        c["hypercall_errors"] += n
+        c[f"hypercall_errors.{name}"] += n

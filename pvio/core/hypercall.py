@@ -452,12 +452,7 @@ class HypercallTable:
         if fastpath.ENABLED:
             dom.mem.check(arg, count * st.size)
             copies, nbytes, errors = self.hv.native.grant_copy(dom, arg, count)
-            c = dom.counters
-            c["grant.copies"] += copies
-            c["grant.copy_bytes"] += nbytes
-            for name, n in errors.items():
-                c["hypercall_errors"] += n
-                c[f"hypercall_errors.{name}"] += n
+            fastpath.count_copies(dom.counters, copies, nbytes, errors)
             if errors:
                 log.debug("dom%d: grant copy batch of %d: errors %s", dom.domid, count, errors)
             return 0
@@ -494,10 +489,14 @@ class HypercallTable:
                 if not flags & GNTMAP_host_map:
                     raise GrantError(GntSt.general_error, "only host mappings are supported")
                 m = map_grant(self.hv.domains, dom, d, ref, bool(flags & GNTMAP_readonly))
+                if dom.vcpu is not None and hasattr(dom.vcpu, "map_foreign_page"):
+                    try:  # the vCPU (or a backend's process) cannot take it: no mapping is left
+                        dom.vcpu.map_foreign_page(host_addr, m)
+                    except GrantError:
+                        unmap_grant(dom, m.handle)
+                        raise
                 handle = m.handle
                 dom.counters["grant.maps"] += 1
-                if dom.vcpu is not None and hasattr(dom.vcpu, "map_foreign_page"):
-                    dom.vcpu.map_foreign_page(host_addr, m)
                 status = 0
             except GrantError as e:
                 status = self._grant_status(dom, e)

@@ -17,6 +17,14 @@ of a ``Domain`` and a ``Hypervisor``:
   doorbell, so this process is the only writer of its shared_info outside its hypercalls;
 - time is the hypervisor's (its trio clock's offset is in WELCOME).
 
+A backend child (the config's ``foreign_memory``: a driver domain, :mod:`pvio.remote.backend`)
+also holds the RAM of the domains whose grants it maps (``FOREIGN``), keeps a view of each
+mapped frame the host names (``MAPPED``; ``maptrack`` as in one process) and runs
+``GNTTABOP_copy`` here, with the same C code and checks as the hypervisor's fast path, over
+its own RAM and those domains' (:class:`ForeignDomain`); a copy naming a domain it has no
+RAM of fails with ``bad_domain``.  Without the C fast path (``PVIO_NO_NATIVE=1``) copies go
+to the host as any hypercall does.
+
 The host is trusted here; the child exits when the host's socket closes.
 """
 
@@ -33,15 +41,27 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import trio
 
-from pvio.abi import VCPU_INFO_SIZE, VCPU_UPCALL_MASK, VCPU_UPCALL_PENDING, EvtchnOp, Hypercall, SchedOp
-from pvio.core import evtchn
+from pvio.abi import (
+    GNTTAB_COPY,
+    VCPU_INFO_SIZE,
+    VCPU_UPCALL_MASK,
+    VCPU_UPCALL_PENDING,
+    Errno,
+    EvtchnOp,
+    GnttabOp,
+    Hypercall,
+    SchedOp,
+)
+from pvio.core import evtchn, fastpath
 from pvio.core.counters import CounterRegistry, Counters
 from pvio.core.domain import StartInfo
 from pvio.core.evtchn import Channel
+from pvio.core.grant_table import GrantMapping
 from pvio.core.memory import GuestFault, GuestMemory, check_sealed_memfd
 from pvio.remote import wire
 from pvio.remote.wire import Msg, ProtocolError
@@ -121,6 +141,15 @@ class ChildHypercalls:
                 self.child.send_bell.ring(port)
                 wire.signal_eventfd(self.child.kick_fd)
                 return 0
+        native = self.child.native
+        if nr == Hypercall.grant_table_op and a1 == GnttabOp.copy and native is not None:
+            c["hypercalls.local"] += 1
+            try:
+                dom.mem.check(a2, a3 * GNTTAB_COPY.size)
+            except GuestFault:
+                return -int(Errno.EFAULT)
+            fastpath.count_copies(c, *native.grant_copy(dom, a2, a3))  # type: ignore[arg-type]
+            return 0
         c["hypercalls.remote"] += 1
         return self.child.conn.call(nr, (a1, a2, a3, a4, a5))
 
@@ -138,10 +167,45 @@ class ChildHypervisor:
         return int((time.perf_counter() + self._clock_offset) * 1e9)
 
 
+@dataclass(frozen=True)
+class GrantFrames:
+    """Where a domain's grant table lies in its RAM (what the C grant copy reads)."""
+
+    first_gfn: int = 0
+    nr_entries: int = 0
+
+
+class ForeignDomain:
+    """Another domain's RAM in a backend child (``FOREIGN``): its pages and grant table, for
+    mappings' views and local grant copies.  ``alive`` goes False on ``FOREIGN_GONE``; the RAM
+    is unmapped once no view of it is left."""
+
+    def __init__(self, domid: int, mem: GuestMemory, grant_table: GrantFrames) -> None:
+        self.domid = domid
+        self.mem = mem
+        self.grant_table = grant_table
+        self.alive = True
+
+    def release_memory(self) -> bool:
+        """Unmap the RAM once the domain is gone and nothing points into it (True then)."""
+        if self.alive:
+            return False
+        self.mem.close()
+        return bool(self.mem.mmap.closed)
+
+
 class ChildDomain:
     """What a PyGuest and its drivers use of a Domain, in the guest's own process."""
 
-    def __init__(self, hv: ChildHypervisor, domid: int, name: str, mem: GuestMemory, max_ports: int) -> None:
+    def __init__(
+        self,
+        hv: ChildHypervisor,
+        domid: int,
+        name: str,
+        mem: GuestMemory,
+        max_ports: int,
+        grant_table: GrantFrames | None = None,
+    ) -> None:
         self.hv = hv
         self.domid = domid
         self.name = name
@@ -157,7 +221,10 @@ class ChildDomain:
         self.vcpu: Any = None
         self.booted = trio.Event()
         self.on_destroy: list[Any] = []
-        self.maptrack: dict[int, Any] = {}  # foreign mappings live in the hypervisor's process
+        #: Grant mappings: a backend child's views of the frames the host mapped (``MAPPED``);
+        #: for other children they stay empty (their mappings live in the host).
+        self.maptrack: dict[int, GrantMapping] = {}
+        self.grant_table = grant_table or GrantFrames()
         self.ports: dict[int, Channel] = {}
         self.raise_hook = None
 
@@ -197,6 +264,11 @@ class Child:
         self.kick_fd = -1
         self.upcall_fd = -1
         self.kernel: Any = None
+        self.foreign_memory = False
+        self.foreign: dict[int, ForeignDomain] = {}
+        #: The C grant copy over this domain's RAM and the foreign domains' (a backend child
+        #: with the fast path), else None: copies then go to the host.
+        self.native: fastpath.NativeDomains | None = None
 
     def handshake(self) -> dict[str, Any]:
         """HELLO, then WELCOME (or REFUSE: ProtocolError with the host's reason)."""
@@ -211,6 +283,7 @@ class Child:
         config = msg.json()
         ram_fd, doorbell_fd, self.upcall_fd, self.kick_fd = msg.fds
         self.posted_send = bool(config["features"] & wire.FEATURE_POSTED_SEND)
+        self.foreign_memory = bool(config.get("foreign_memory"))
         self.mem = GuestMemory(config["nr_pages"], fd=ram_fd)
         os.close(ram_fd)  # the mapping stays
         self.mem.fd = None
@@ -231,7 +304,13 @@ class Child:
             except (OSError, ValueError) as e:  # a CPU this machine lacks: run anywhere
                 log.warning("cannot pin to CPUs %s: %s", config["cpus"], e)
         self.hv = ChildHypervisor(self, float(config["clock_offset"]))
-        self.dom = dom = ChildDomain(self.hv, config["domid"], config["name"], self.mem, config["max_ports"])
+        frames = GrantFrames(int(config.get("gnttab_gfn", 0)), int(config.get("gnttab_entries", 0)))
+        self.dom = dom = ChildDomain(
+            self.hv, config["domid"], config["name"], self.mem, config["max_ports"], frames
+        )
+        if self.foreign_memory and fastpath.ENABLED:
+            self.native = fastpath.NativeDomains()
+            self._rebuild_native()
         self.kernel = kernel = load_kernel(config["kernel"], config.get("args") or {})
         kernel.attach(self.hv, dom)
         try:
@@ -284,11 +363,75 @@ class Child:
                 conn.on_message(msg)
 
     def _host_message(self, msg: wire.Message, nursery: trio.Nursery) -> None:
+        if msg.kind == Msg.FOREIGN and self.foreign_memory:
+            self._foreign_memory(msg)
+            return
         wire.close_fds(msg.fds)
         if msg.kind == Msg.APP_CALL:
             nursery.start_soon(self._app_call, msg.json())
+        elif msg.kind == Msg.MAPPED and self.foreign_memory:
+            self._mapped(*wire.MAPPED.unpack(_sized(msg, wire.MAPPED.size)))
+        elif msg.kind == Msg.UNMAPPED and self.foreign_memory:
+            (handle,) = wire.UNMAPPED.unpack(_sized(msg, wire.UNMAPPED.size))
+            m = self.dom.maptrack.pop(handle, None)
+            if m is not None:
+                with contextlib.suppress(BufferError):  # sub-views still held die with the RAM
+                    m.view.release()
+        elif msg.kind == Msg.FOREIGN_GONE and self.foreign_memory:
+            (domid,) = wire.FOREIGN_GONE.unpack(_sized(msg, wire.FOREIGN_GONE.size))
+            self._foreign_gone(domid)
         else:
             raise ProtocolError(f"unexpected {msg.kind.name} from the hypervisor")
+
+    # ------------------------------------------------------------------ foreign memory
+    def _foreign_memory(self, msg: wire.Message) -> None:
+        """FOREIGN: map a granter's RAM (its memfd, checked as the guest's own RAM is)."""
+        if len(msg.fds) != 1 or len(msg.payload) != wire.FOREIGN.size:
+            wire.close_fds(msg.fds)
+            raise ProtocolError(f"FOREIGN with {len(msg.fds)} fds and {len(msg.payload)} bytes")
+        domid, nr_pages, gnttab_gfn, nr_entries = wire.FOREIGN.unpack(msg.payload)
+        (fd,) = msg.fds
+        try:
+            mem = GuestMemory(nr_pages, fd=fd)
+        finally:
+            os.close(fd)  # the mapping stays
+        mem.fd = None
+        old = self.foreign.get(domid)
+        if old is not None:  # a domid reused after FOREIGN_GONE was lost: the new one wins
+            self._foreign_gone(domid)
+        self.foreign[domid] = ForeignDomain(domid, mem, GrantFrames(gnttab_gfn, nr_entries))
+        self._rebuild_native()
+
+    def _mapped(self, handle: int, domid: int, ref: int, readonly: int, gfn: int) -> None:
+        """MAPPED: the host pinned ``gfn`` of ``domid`` for ``handle``: keep a view of it."""
+        granter = self.foreign.get(domid)
+        if granter is None:
+            raise ProtocolError(f"MAPPED of dom{domid}, whose RAM was never handed over")
+        try:
+            view = granter.mem.page(gfn)
+        except GuestFault:
+            raise ProtocolError(f"MAPPED of frame {gfn:#x} outside dom{domid}'s RAM") from None
+        self.dom.maptrack[handle] = GrantMapping(
+            handle, self.dom, granter, ref, gfn, bool(readonly),  # type: ignore[arg-type]
+            view.toreadonly() if readonly else view,
+        )  # fmt: skip
+
+    def _foreign_gone(self, domid: int) -> None:
+        """FOREIGN_GONE: the domain was destroyed; its mappings are revoked (a driver that still
+        holds one lets go of it in grant_unmap, as in one process), its RAM goes with the last view."""
+        granter = self.foreign.pop(domid, None)
+        if granter is None:
+            return
+        granter.alive = False
+        for handle, m in list(self.dom.maptrack.items()):
+            if m.granter is granter:
+                del self.dom.maptrack[handle]
+        self._rebuild_native()
+        granter.release_memory()
+
+    def _rebuild_native(self) -> None:
+        if self.native is not None:
+            self.native.rebuild([self.dom, *self.foreign.values()])  # type: ignore[list-item]
 
     async def _app_call(self, request: dict[str, Any]) -> None:
         call_id = request.get("id")
@@ -303,6 +446,11 @@ class Child:
         except Exception as e:  # the guest's own failure: the host gets it as an error
             reply = {"id": call_id, "error": f"{type(e).__name__}: {e}"}
         self.conn.send(wire.encode_json(Msg.APP_REPLY, reply, reply=True))
+
+
+def _sized(msg: wire.Message, size: int) -> bytes:
+    wire.expect_size(msg, size)
+    return msg.payload
 
 
 def child_counters(kernel: Any) -> dict[str, Any]:

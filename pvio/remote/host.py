@@ -15,6 +15,13 @@ and then serves the child until the domain is destroyed:
   ``EVTCHNOP_send`` from the domain, in order with its hypercalls (pending sends are taken
   before every hypercall is dispatched).
 
+A *backend* (``foreign_memory=True``: a driver domain such as :mod:`pvio.remote.backend`)
+also maps other domains' grants and grant-copies in its own process: when it maps a grant
+of a domain for the first time, that domain's RAM memfd goes to it (``FOREIGN``), and each
+mapping's frame (``MAPPED``) before the hypercall's answer.  The pin, the handle and every
+check stay here; the child is trusted with those domains' memory as dom0 and a vhost-user
+back end are (docs/architecture.md, "Processes").
+
 A child that exits, is killed, sends a malformed message or breaks the handshake is a
 crashed domain: the one-line reason is logged, the domain is destroyed (its ports, grants,
 mappings and store presence go; netback tears its vif down as for any dead guest) and
@@ -25,6 +32,7 @@ host never blocks on the child: a child that stops reading only stalls its own t
 from __future__ import annotations
 
 import array
+import collections
 import contextlib
 import itertools
 import logging
@@ -39,6 +47,8 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from pvio.abi import GntSt
+from pvio.core.grant_table import GrantError, GrantMapping
 from pvio.core.hypercall import HypercallError
 from pvio.core.memory import sealed_memfd
 from pvio.remote import wire
@@ -82,6 +92,14 @@ class RemoteVcpu:
     def block(self) -> None:
         """The child blocks in its own process (SCHEDOP_block is handled there)."""
 
+    def map_foreign_page(self, _host_addr: int, mapping: GrantMapping) -> None:
+        """The domain mapped a grant (inside its hypercall): a backend child is told the frame."""
+        self.guest.mapped(mapping)
+
+    def unmap_foreign_page(self, mapping: GrantMapping) -> None:
+        """The domain unmapped a grant: a backend child lets go of its view."""
+        self.guest.unmapped(mapping)
+
 
 class RemoteGuest:
     """A guest kernel run by another process: ``kernel`` is ``"module:factory"`` there, called
@@ -90,7 +108,9 @@ class RemoteGuest:
     ``ready`` is set when the child's guest reports its own ``ready``; :meth:`call` asks the
     guest's application something (``remote_call`` in the child) and returns its JSON answer.
     ``cpus`` pins the child to those CPUs (the hypervisor's process may pin itself elsewhere,
-    so that waking the child never preempts the hypervisor).
+    so that waking the child never preempts the hypervisor).  ``foreign_memory`` makes it a
+    backend that maps and grant-copies other domains' pages in its own process (the module
+    doc); only domains whose RAM is a memfd (a kernel with ``shared_memory``) can be mapped.
     """
 
     shared_memory = True  # the domain's RAM is a memfd (pvio.core.domain)
@@ -107,8 +127,10 @@ class RemoteGuest:
         handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S,
         command: list[str] | None = None,
         cpus: set[int] | None = None,
+        foreign_memory: bool = False,
     ) -> None:
         self.kernel = kernel
+        self.foreign_memory = foreign_memory
         self.name = name
         self.args = dict(args or {})
         self.memory_pages = memory_pages
@@ -134,6 +156,13 @@ class RemoteGuest:
         self._call_ids = itertools.count(1)
         self._booted = False
         self._features = 0
+        # Messages made inside a hypercall (FOREIGN, MAPPED, ...) or by another domain's
+        # destruction (FOREIGN_GONE): (bytes, fds to send and then close).  Sent in order,
+        # under the send lock, before any hypercall's answer.
+        self._outbox: collections.deque[tuple[bytes, list[int]]] = collections.deque()
+        self._outbox_ready = trio.Event()
+        self._send_lock = trio.Lock()
+        self._foreign: set[int] = set()  # domids whose RAM the child has
 
     # ------------------------------------------------------------------ GuestKernel
     def attach(self, hv: Hypervisor, dom: Domain) -> None:
@@ -204,6 +233,8 @@ class RemoteGuest:
             async def messages() -> None:
                 await self._handshake()
                 nursery.start_soon(guard, self._watch_kicks)
+                if self.foreign_memory:
+                    nursery.start_soon(guard, self._post_outbox)
                 while True:
                     await self._handle(await self._recv())
 
@@ -243,10 +274,17 @@ class RemoteGuest:
             "args": self.args,
             "announce_ethertype": ANNOUNCE_ETHERTYPE,
             "cpus": sorted(self.cpus) if self.cpus is not None else None,
+            "foreign_memory": self.foreign_memory,
+            "gnttab_gfn": dom.grant_table.first_gfn,
+            "gnttab_entries": dom.grant_table.nr_entries,
         }
         fds = [dom.mem.fd, self._doorbell_fd, self.upcall_fd, self.kick_fd]
         await self._send_with_fds(wire.encode_json(Msg.WELCOME, config, reply=True), fds)
-        self._close_memfds()  # the child has its own now; the mappings stay
+        if self._doorbell_fd >= 0:  # the child has its own now; the mapping stays
+            os.close(self._doorbell_fd)
+            self._doorbell_fd = -1
+        # The RAM's memfd stays open while the domain lives: a backend in another process
+        # (a driver domain) is handed it when it maps this guest's grants.
         wire.signal_eventfd(self.upcall_fd)  # what was raised before it connected
 
     async def _handle(self, msg: wire.Message) -> None:
@@ -259,7 +297,11 @@ class RemoteGuest:
             dom.counters["remote.hypercalls"] += 1
             rc = self.hv.hypercalls.dispatch(dom, nr, a1, a2, a3, a4, a5)
             if dom.alive:
-                await self._send(wire.encode(Msg.HYPERCALL_REPLY, wire.HYPERCALL_REPLY.pack(rc), reply=True))
+                async with self._send_lock:  # what the hypercall made goes first (MAPPED, ...)
+                    await self._flush_outbox()
+                    await self._send_unlocked(
+                        wire.encode(Msg.HYPERCALL_REPLY, wire.HYPERCALL_REPLY.pack(rc), reply=True)
+                    )
         elif kind == Msg.BOOTED:
             wire.expect_size(msg, 0)
             if self._booted:
@@ -317,6 +359,64 @@ class RemoteGuest:
         if "error" in reply:
             raise RemoteGuestError(f"{self.name}: {op!r} failed: {str(reply['error'])[:200]}")
         return reply.get("result")
+
+    # ------------------------------------------------------------------ foreign memory
+    def mapped(self, m: GrantMapping) -> None:
+        """The child (a backend) mapped grant ``m``: hand it the granter's RAM the first time,
+        then the frame (inside the hypercall; sent before its answer).  A granter whose RAM is
+        not a memfd cannot be handed over: GrantError (the map fails with general_error)."""
+        if not self.foreign_memory:
+            return
+        granter = m.granter
+        if granter.domid not in self._foreign:
+            if granter.mem.fd is None:
+                raise GrantError(
+                    GntSt.general_error,
+                    f"dom{granter.domid}'s RAM is not shared (its kernel has no shared_memory): "
+                    f"a backend in another process cannot map it",
+                )
+            gt = granter.grant_table
+            payload = wire.FOREIGN.pack(granter.domid, granter.mem.nr_pages, gt.first_gfn, gt.nr_entries)
+            self._post(wire.encode(Msg.FOREIGN, payload), [os.dup(granter.mem.fd)])
+            self._foreign.add(granter.domid)
+            granter.on_destroy.append(self._granter_gone)
+        mapped = wire.MAPPED.pack(m.handle, granter.domid, m.ref, m.readonly, m.gfn)
+        self._post(wire.encode(Msg.MAPPED, mapped))
+
+    def unmapped(self, m: GrantMapping) -> None:
+        """The child unmapped ``m`` (inside the hypercall): it lets go of its view."""
+        if self.foreign_memory:
+            self._post(wire.encode(Msg.UNMAPPED, wire.UNMAPPED.pack(m.handle)))
+
+    def _granter_gone(self, granter: Domain) -> None:
+        """A domain the child has the RAM of was destroyed: its grants and mappings are gone."""
+        if granter.domid in self._foreign and self.domain.alive:
+            self._foreign.discard(granter.domid)
+            self._post(wire.encode(Msg.FOREIGN_GONE, wire.FOREIGN_GONE.pack(granter.domid)))
+
+    def _post(self, data: bytes, fds: list[int] | None = None) -> None:
+        self._outbox.append((data, fds or []))
+        self._outbox_ready.set()
+
+    async def _post_outbox(self) -> None:
+        """Send what was posted outside a hypercall (FOREIGN_GONE) as soon as it is."""
+        while True:
+            await self._outbox_ready.wait()
+            self._outbox_ready = trio.Event()
+            async with self._send_lock:
+                await self._flush_outbox()
+
+    async def _flush_outbox(self) -> None:
+        """Send the posted messages in order (the caller holds the send lock)."""
+        while self._outbox:
+            data, fds = self._outbox.popleft()
+            try:
+                if fds:
+                    await self._send_with_fds(data, fds)
+                else:
+                    await self._send_unlocked(data)
+            finally:
+                wire.close_fds(fds)
 
     # ------------------------------------------------------------------ events
     def _raise(self, port: int) -> None:
@@ -384,6 +484,10 @@ class RemoteGuest:
         raise RemoteGuestError(f"the guest's process {self.process.pid} {what}")
 
     async def _send(self, data: bytes) -> None:
+        async with self._send_lock:
+            await self._send_unlocked(data)
+
+    async def _send_unlocked(self, data: bytes) -> None:
         assert self._sock is not None
         try:
             await self._sock.send(data)
@@ -408,6 +512,8 @@ class RemoteGuest:
         for waiter in self._calls.values():
             waiter[0].set()
         self._calls.clear()
+        while self._outbox:  # fds posted and never sent
+            wire.close_fds(self._outbox.popleft()[1])
         proc = self.process
         if self._sock is not None:
             self._sock.close()  # the child's cue to exit

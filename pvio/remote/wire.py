@@ -21,6 +21,21 @@ are guest-physical addresses in the shared RAM, exactly as in one process) answe
 host to the guest's application (``remote_call``) and their answers; ``CRASH`` is the
 child's last word (a utf-8 reason) before it exits.
 
+A *backend* child (a driver domain: its WELCOME config says ``"foreign_memory": true``)
+maps other domains' grants and grant-copies in its own process, as a vhost-user back end
+reads the guest memory it was handed.  The host keeps every check and all the state (the
+pin, the maptrack handle, the destroy-time revocation) and tells the child what it needs,
+each before the answer to the hypercall that caused it::
+
+    host  -> child  FOREIGN       domid, pages, grant-table frame and entries (:data:`FOREIGN`),
+                                  with SCM_RIGHTS: [that domain's RAM memfd]; once per granter,
+                                  before the first MAPPED of its grants
+    host  -> child  MAPPED        handle, granter, ref, readonly, gfn (:data:`MAPPED`): the frame
+                                  the host pinned for that handle (never the child's own reading
+                                  of the grant entry, which the granter can rewrite)
+    host  -> child  UNMAPPED      handle: the host unmapped it
+    host  -> child  FOREIGN_GONE  domid: the granter was destroyed; its grants and mappings are gone
+
 Events never go through the socket.  The *doorbell* memfd has two areas of
 :data:`DOORBELL_AREA` bytes, each a u32 counter per event-channel port and a u32 counter
 per group of 64 ports (:class:`Doorbell`): the host bumps a port's counter in the RAISE
@@ -69,6 +84,10 @@ class Msg(IntEnum):
     APP_CALL = 8
     APP_REPLY = 9
     CRASH = 10
+    FOREIGN = 11
+    FOREIGN_GONE = 12
+    MAPPED = 13
+    UNMAPPED = 14
 
 
 FEATURE_POSTED_SEND = 1 << 0  # EVTCHNOP_send through the doorbell, not a HYPERCALL
@@ -78,6 +97,10 @@ FEATURES = FEATURE_POSTED_SEND | FEATURE_APP
 HELLO = struct.Struct("<Q")  # features
 HYPERCALL = struct.Struct("<6Q")  # nr, a1..a5
 HYPERCALL_REPLY = struct.Struct("<q")  # rc
+FOREIGN = struct.Struct("<IIQI")  # domid, nr_pages, grant-table first gfn, grant entries (+ memfd)
+FOREIGN_GONE = struct.Struct("<I")  # domid
+MAPPED = struct.Struct("<IIIIQ")  # handle, granter domid, ref, readonly, gfn
+UNMAPPED = struct.Struct("<I")  # handle
 U64_MASK = (1 << 64) - 1
 
 #: WELCOME's file descriptors, in order.
