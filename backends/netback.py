@@ -447,7 +447,8 @@ class BackendVif(SwitchPort):
         try:
             self._tx_work()
             self._rx_work()
-            more = self._arm()
+            # A busy-polling netback leaves the indices unarmed: its service task polls on.
+            more = self.netback.busy_poll or self._arm()
         except (VifFatal, RingOverflowError) as e:
             self._fail_later(self._fatal_reason(e))
             return

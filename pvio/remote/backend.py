@@ -14,8 +14,8 @@ hypercall table and the event channels stay with the hypervisor.
 by it (the domain's kernel must have ``shared_memory``: a backend in another process can
 map only RAM that is a memfd).  The host reaches the driver domain's application through
 ``RemoteGuest.call``: ``counters`` (its process's counters: netback's vifs, the switch,
-its domain's grant copies), ``macs`` (what the switch has learnt) and ``vifs`` (each vif's
-state and error).
+its domain's grant copies), ``macs`` (what the switch has learnt), ``mappings`` (the grant
+mappings its process holds) and ``vifs`` (each vif's connection and error).
 
 Its process crashing or being killed is that domain's crash: the hypervisor destroys it
 (its ports, mappings and store presence go), the frontends see their backend vanish, and
@@ -79,6 +79,8 @@ class DriverDomain(PyGuest):
             return dict(self.hv.counters.snapshot().as_dict())
         if op == "macs":
             return sorted(mac.hex() for mac in self.switch.mac_table)
+        if op == "mappings":  # the grant mappings this process holds: [granter domid, ref]
+            return sorted([m.granter.domid, m.ref] for m in self.domain.maptrack.values())
         if op == "vifs":
             return {
                 vif.vif_name: {"connected": vif.connected, "error": vif.error}

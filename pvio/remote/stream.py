@@ -9,6 +9,9 @@ each guest placed by ``placement``:
 ``remote-receiver`` B runs in its own process
 ``remote-both``    A and B each run in their own process; the hypervisor's process
                    keeps netback, the switch and the hypercalls (grant copies)
+``driver-domain``  A and B are PyGuests in the hypervisor's process; their vifs'
+                   backend is a driver domain in its own process
+                   (:mod:`pvio.remote.backend`: netback, the switch, the grant copies)
 =================  ===============================================================
 
 Every guest is the same netfront PyGuest (:class:`~pvio.remote.guests.StreamGuest`), the
@@ -32,12 +35,16 @@ import trio
 
 from pvio.core.hypervisor import Hypervisor
 from pvio.remote.guests import StreamGuest, numbered_frames, receive_numbers
-from pvio.remote.host import RemoteGuest
+from pvio.remote.host import ANNOUNCE_ETHERTYPE, RemoteGuest
 
-PLACEMENTS: tuple[str, ...] = ("one-process", "remote-sender", "remote-receiver", "remote-both")
+ANNOUNCE = ANNOUNCE_ETHERTYPE.to_bytes(2, "big")
+
+PLACEMENTS: tuple[str, ...] = (
+    "one-process", "remote-sender", "remote-receiver", "remote-both", "driver-domain",
+)  # fmt: skip
 #: What the benchmark runs: with both guests remote their processes share one CPU and B
 #: falls behind (netback drops what its RX queue cannot hold), a figure of overload.
-BENCH_PLACEMENTS: tuple[str, ...] = ("one-process", "remote-sender", "remote-receiver")
+BENCH_PLACEMENTS: tuple[str, ...] = ("one-process", "remote-sender", "remote-receiver", "driver-domain")
 #: netback's RX queue bounds, in frames and bytes (16 MiB of RX staging pages per vif: 256 k
 #: frames of 64 bytes); a receiver that falls further behind sees drops, which are counted.
 QUEUE = 1 << 20
@@ -117,6 +124,7 @@ def process_cpu_seconds(pid: int) -> float:
 
 
 def _cpu_now(guests: list[tuple[str, Any]]) -> dict[str, float]:
+    """CPU seconds so far of this process and of each remote guest's (None: absent)."""
     out = {"hypervisor": time.process_time()}
     for name, g in guests:
         if isinstance(g, RemoteGuest) and g.process is not None:
@@ -159,6 +167,30 @@ async def measure_stream(
         os.sched_setaffinity(0, saved)
 
 
+async def _driver_network(hv: Hypervisor, guests: list[StreamGuest], cpus: set[int] | None) -> RemoteGuest:
+    """The driver-domain placement's network: a driver domain (busy-polling: it has a CPU of
+    its own) serving a vif of each guest, every MAC known to its switch."""
+    from pvio.remote.backend import add_driver_vif, start_driver_domain
+
+    driver = await start_driver_domain(
+        hv, vifs=len(guests), rx_queue_max=QUEUE, rx_queue_bytes=QUEUE_BYTES, busy_poll=BUSY_POLL, cpus=cpus
+    )
+    for g in guests:
+        g.shared_memory = True  # type: ignore[attr-defined]  # the driver domain maps its RAM
+        dom = hv.create_domain(g, name=g.name)
+        add_driver_vif(hv, dom, driver)
+        await hv.start(dom)
+    with trio.fail_after(60):
+        for g in guests:
+            await g.ready.wait()
+        for g in guests:  # the toolstack's announce frame, then wait for the switch to learn
+            await g.nic.send(g.nic.mac + g.nic.mac + ANNOUNCE + bytes(46))
+        want = sorted(g.nic.mac.hex() for g in guests)
+        while await driver.call("macs") != want:
+            await trio.sleep(0.005)
+    return driver
+
+
 async def _measure(
     placement: str, packets: int, batch: int, size: int, guest_cpus: set[int] | None
 ) -> StreamFigure:
@@ -166,9 +198,14 @@ async def _measure(
 
     remote_a = placement in ("remote-sender", "remote-both")
     remote_b = placement in ("remote-receiver", "remote-both")
-    async with Hypervisor(dom0_pages=dom0_pages_for(2, QUEUE_BYTES)) as hv:
+    in_driver = placement == "driver-domain"
+    async with Hypervisor(dom0_pages=None if in_driver else dom0_pages_for(2, QUEUE_BYTES)) as hv:
         a, b = _guest("a", "10.0.0.1", remote_a, guest_cpus), _guest("b", "10.0.0.2", remote_b, guest_cpus)
-        await start_network(hv, [a, b], rx_queue_max=QUEUE, rx_queue_bytes=QUEUE_BYTES, timeout_s=60.0)
+        driver: RemoteGuest | None = None
+        if in_driver:
+            driver = await _driver_network(hv, [a, b], guest_cpus)
+        else:
+            await start_network(hv, [a, b], rx_queue_max=QUEUE, rx_queue_bytes=QUEUE_BYTES, timeout_s=60.0)
         a_mac, b_mac = a.nic.mac, b.nic.mac
         if remote_a:
             await a.call("prepare", dst_mac=b_mac.hex(), dst_ip="10.0.0.2", packets=packets, size=size)
@@ -176,8 +213,10 @@ async def _measure(
             frames = numbered_frames(a_mac, b_mac, "10.0.0.1", "10.0.0.2", packets, size)
         remote = [(name, g) for name, g in (("a", a), ("b", b)) if isinstance(g, RemoteGuest)]
         child_before = {name: await _child_counters(g) for name, g in remote}
+        driver_before = await driver.call("counters") if driver is not None else {}
+        processes = [("a", a), ("b", b), ("driver", driver)]
         before = hv.snapshot()
-        cpu_before = _cpu_now([("a", a), ("b", b)])
+        cpu_before = _cpu_now(processes)
         result: dict[str, Any] = {}
         start = 0.0
 
@@ -199,13 +238,15 @@ async def _measure(
                 else:
                     for i in range(0, packets, batch):
                         await a.nic.send_batch(frames[i : i + batch])
-        cpu_after = _cpu_now([("a", a), ("b", b)])
+        cpu_after = _cpu_now(processes)
         delivered = int(result["received"])
         seconds = float(result["last_at"]) - start
         diff = hv.snapshot().diff(before)
+        driver_diff = _diff(await driver.call("counters"), driver_before) if driver is not None else {}
         # Every frame B got came once and in order; every frame it did not get is one netback
         # counted as dropped (its RX queue was full: B in its own process fell behind).
-        dropped = sum(v for o, c in diff.devices().items() if o.startswith("netback/") for k, v in c.items()
+        netback = driver_diff.get("devices", {}) if driver is not None else diff.devices()
+        dropped = sum(v for o, c in netback.items() if o.startswith("netback/") for k, v in c.items()
                       if k.startswith("drops."))  # fmt: skip
         if not result["increasing"] or delivered + dropped != packets or delivered == 0:
             raise AssertionError(
@@ -218,6 +259,16 @@ async def _measure(
             "interrupts.dom0": round(diff["dom0"].get("interrupts", 0) / packets, 5),
             "grant_copies": round(diff.total("grant.copies", "domain") / packets, 5),
         }
+        if driver is not None:  # the backend's counts, from its own process and from the host's
+            own = driver_diff["domains"].get(f"dom{driver.domain.domid}", {})
+            host = diff[f"dom{driver.domain.domid}"]
+            per["grant_copies"] = round(own.get("grant.copies", 0) / packets, 5)
+            per["hypercalls.driver"] = round(own.get("hypercalls", 0) / packets, 5)
+            per["interrupts.driver"] = round(own.get("interrupts", 0) / packets, 5)
+            per["socket_hypercalls.driver"] = round(own.get("hypercalls.remote", 0) / packets, 5)
+            per["posted_sends.driver"] = round(own.get("hypercalls.posted", 0) / packets, 5)
+            per["host_kick_wakeups.driver"] = round(host.get("remote.kick_wakeups", 0) / packets, 5)
+            per["raises.driver"] = round(host.get("remote.raises", 0) / packets, 5)
         for guest, name in ((a, "a"), (b, "b")):
             if isinstance(guest, RemoteGuest):
                 now = await _child_counters(guest)
@@ -238,9 +289,23 @@ async def _measure(
                     diff[f"dom{guest.domain.domid}"].get("interrupts", 0) / packets, 5
                 )
         cpu = {k: cpu_after[k] - cpu_before[k] for k in cpu_after}
-        return StreamFigure(
-            placement, delivered, seconds, 1 + int(remote_a) + int(remote_b), per, cpu, offered=packets
-        )
+        nprocs = 1 + int(remote_a) + int(remote_b) + int(in_driver)
+        return StreamFigure(placement, delivered, seconds, nprocs, per, cpu, offered=packets)
+
+
+def _diff(now: dict[str, Any], before: dict[str, Any]) -> dict[str, dict[str, dict[str, int]]]:
+    """Counter snapshots (``Snapshot.as_dict``, a child's) subtracted, kind by kind."""
+    out: dict[str, dict[str, dict[str, int]]] = {}
+    for kind, owners in now.items():
+        if not isinstance(owners, dict):
+            continue
+        was = before.get(kind, {})
+        out[kind] = {
+            owner: {k: v - was.get(owner, {}).get(k, 0) for k, v in counts.items()}
+            for owner, counts in owners.items()
+            if isinstance(counts, dict)
+        }
+    return out
 
 
 async def _child_counters(guest: RemoteGuest) -> dict[str, int]:

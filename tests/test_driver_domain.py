@@ -1,0 +1,222 @@
+"""A driver domain: netback and its switch in an OS process of their own (pvio.remote.backend).
+
+Real processes and the real clock (a MockClock cannot see another process): the frontends
+are PyGuests in the hypervisor's process, their vifs' backend is the driver domain, whose
+grant copies run in its own process over the RAM the hypervisor handed it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import trio
+
+from pvio import Hypervisor
+from pvio.abi import GTF_reading, GTF_writing
+from pvio.remote.backend import add_driver_vif, start_driver_domain
+from pvio.remote.guests import frame_number, numbered_frames
+from pvio.remote.host import RemoteGuest
+from pvio.toolstack import add_vif
+from tests.netenv import NicGuest, ip_of, net_env, recv_n, wait_until
+
+
+def shared_guest(name: str, index: int) -> NicGuest:
+    guest = NicGuest(name, ip_of(index))
+    guest.shared_memory = True  # type: ignore[attr-defined]  # its RAM a memfd: the driver domain maps it
+    return guest
+
+
+@asynccontextmanager
+async def driver_env(*guests: Any, hv: Hypervisor | None = None) -> AsyncIterator[tuple[Hypervisor, RemoteGuest]]:
+    """A hypervisor (or ``hv``), a driver domain, and ``guests`` each with a vif it serves,
+    connected and announced to its switch."""
+    async with contextlib_hv(hv) as hv:
+        dd = await start_driver_domain(hv, vifs=len(guests))
+        for g in guests:
+            dom = hv.create_domain(g, name=g.name)
+            add_driver_vif(hv, dom, dd)
+            await hv.start(dom)
+        with trio.fail_after(30):
+            for g in guests:
+                await g.ready.wait()
+        for g in guests:  # teach the driver domain's switch every MAC
+            await g.nic.send(g.nic.mac + g.nic.mac + b"\x88\xb5" + bytes(46))
+        want = sorted(g.nic.mac.hex() for g in guests)
+        with trio.fail_after(30):
+            while await dd.call("macs") != want:
+                await trio.sleep(0.01)
+        yield hv, dd
+
+
+@asynccontextmanager
+async def contextlib_hv(hv: Hypervisor | None) -> AsyncIterator[Hypervisor]:
+    if hv is not None:
+        yield hv
+        return
+    async with Hypervisor() as new:
+        yield new
+
+
+async def test_a_stream_through_a_driver_domain_arrives_once_and_in_order() -> None:
+    """3000 frames A -> B: every one arrives once and in order, and the per-frame backend work
+    (both grant copies of each frame) ran in the driver domain's process, not in the
+    hypervisor's: the host dispatched only a handful of its hypercalls."""
+    a, b = shared_guest("a", 0), shared_guest("b", 1)
+    async with driver_env(a, b) as (hv, dd):
+        before = await dd.call("counters")
+        host_before = hv.snapshot()
+        frames = numbered_frames(a.nic.mac, b.nic.mac, a.ip, b.ip, 3000, 64)
+        async with trio.open_nursery() as nursery:
+            got: list[bytes] = []
+
+            async def receive() -> None:
+                got.extend(await recv_n(b.nic, 3000, timeout_s=60))
+
+            nursery.start_soon(receive)
+            for i in range(0, 3000, 64):
+                await a.nic.send_batch(frames[i : i + 64])
+        assert [frame_number(f) for f in got] == list(range(3000))
+        after = await dd.call("counters")
+        ddid = f"dom{dd.domain.domid}"
+        copies = after["domains"][ddid]["grant.copies"] - before["domains"][ddid].get("grant.copies", 0)
+        assert copies == 2 * 3000  # into its TX area, out into B's buffers: one each way
+        assert after["devices"][f"netback/vif{a.domain.domid}.0"]["packets.tx"] == 3001  # and the announce
+        diff = hv.snapshot().diff(host_before)
+        assert diff.total("grant.copies", "domain") == 0  # none in the hypervisor's process
+        # Copies never cross the socket: what the host dispatched is far fewer than the batches.
+        assert diff[ddid].get("remote.hypercalls", 0) <= 3000 // 64 // 4
+
+
+async def test_a_killed_driver_domain_leaves_the_hypervisor_and_its_other_guests_running() -> None:
+    """SIGKILL the driver domain's process mid-stream: its domain is destroyed with the one-line
+    reason, the frontends' pages it had mapped are unpinned (their grants can be revoked),
+    the hypervisor runs on, and a dom0 network of other guests loses nothing."""
+    c, d = NicGuest("c", ip_of(2)), NicGuest("d", ip_of(3))
+    async with net_env(c, d, timeout_s=30) as env:
+        a, b = shared_guest("a", 0), shared_guest("b", 1)
+        async with driver_env(a, b, hv=env.hv) as (hv, dd):
+            assert dd.process is not None
+            assert a.domain.mapped_by_others  # its rings are mapped by the driver domain
+            ddid = dd.domain.domid
+            got_d: list[bytes] = []
+            async with trio.open_nursery() as nursery:
+
+                async def stream_a() -> None:
+                    frames = numbered_frames(a.nic.mac, b.nic.mac, a.ip, b.ip, 64, 64)
+                    with pytest.raises(Exception):  # noqa: B017 - how it stops is netfront's affair
+                        while True:
+                            await a.nic.send_batch(frames)
+
+                nursery.start_soon(stream_a)
+                frames = numbered_frames(c.nic.mac, d.nic.mac, c.ip, d.ip, 2000, 64)
+                for i in range(0, 2000, 64):
+                    await c.nic.send_batch(frames[i : i + 64])
+                    if i == 512:
+                        os.kill(dd.process.pid, signal.SIGKILL)
+                got_d = await recv_n(d.nic, 2000, timeout_s=60)
+                await wait_until(lambda: not dd.domain.alive, 60, "the driver domain to be destroyed")
+                nursery.cancel_scope.cancel()
+            assert [frame_number(f) for f in got_d] == list(range(2000))  # 0 loss for dom0's guests
+            assert dd.domain.crash_reason == (
+                f"kernel raised RemoteGuestError: the guest's process {dd.process.pid} was killed by SIGKILL"
+            )
+            assert ddid not in hv.domains
+            assert a.domain.alive and b.domain.alive
+            for g in (a, b):
+                assert not g.domain.mapped_by_others  # unpinned: the guest can revoke its grants
+                flags = [g.gnttab.flags(ref) for ref in range(8, 64)]
+                assert not any(f & (GTF_reading | GTF_writing) for f in flags)
+            # dom0's network still works.
+            await c.nic.send_batch(numbered_frames(c.nic.mac, d.nic.mac, c.ip, d.ip, 10, 64))
+            assert [frame_number(f) for f in await recv_n(d.nic, 10)] == list(range(10))
+
+
+async def test_a_destroyed_frontend_is_let_go_of_in_the_driver_domain() -> None:
+    """Destroying B: the hypervisor revokes the driver domain's mappings of B's pages and tells
+    its process (FOREIGN_GONE); netback there drops B's vif, and A's vif serves on."""
+    a, b = shared_guest("a", 0), shared_guest("b", 1)
+    async with driver_env(a, b) as (hv, dd):
+        bid = b.domain.domid
+        assert {m[0] for m in await dd.call("mappings")} == {a.domain.domid, bid}
+        hv.destroy(b.domain)
+        with trio.fail_after(30):
+            while True:
+                vifs = await dd.call("vifs")
+                if not vifs[f"vif{bid}.0"]["connected"]:
+                    break
+                await trio.sleep(0.01)
+        assert {m[0] for m in await dd.call("mappings")} == {a.domain.domid}
+        assert vifs[f"vif{a.domain.domid}.0"]["connected"]
+
+
+async def test_a_guest_whose_ram_is_not_shared_cannot_be_mapped_by_a_driver_domain() -> None:
+    """add_driver_vif refuses a guest with anonymous RAM in one line; a vif made by hand for one
+    anyway fails in the driver domain's netback (its ring map answers general_error), and no
+    pin or mapping of that guest is left behind."""
+    a = NicGuest("a", ip_of(0))
+    async with Hypervisor() as hv:
+        dd = await start_driver_domain(hv, vifs=1)
+        dom = hv.create_domain(a, name="a")
+        with pytest.raises(ValueError, match="needs the guest's RAM in a memfd"):
+            add_driver_vif(hv, dom, dd)
+        add_vif(hv, dom, backend=dd.domain)
+        await hv.start(dom)
+        with trio.fail_after(30):
+            while True:
+                vif = (await dd.call("vifs")).get(f"vif{dom.domid}.0")
+                if vif is not None and vif["error"]:
+                    break
+                await trio.sleep(0.01)
+        assert "general_error" in vif["error"]
+        assert dom.mapped_by_others == {}
+        assert dd.domain.maptrack == {}
+        assert await dd.call("mappings") == []
+        assert dd.domain.alive
+
+
+async def test_a_busy_polling_netback_is_not_notified_while_it_polls(autojump_clock: Any) -> None:
+    """With a busy-poll budget (a backend with a CPU of its own), netback's service task polls
+    on instead of arming A's TX event index, so A's netfront pushes a stream's batches without
+    notifying it; once the budget runs out netback arms and sleeps, and the next push notifies."""
+    from pvio.frontends.netstack import udp_packet
+
+    a, b = NicGuest("a", ip_of(0)), NicGuest("b", ip_of(1))
+    async with net_env(a, b) as env:
+        assert env.netback is not None
+        frames = [udp_packet(a.nic.mac, b.nic.mac, a.ip, b.ip, 7000, 7001, bytes(18)) for _ in range(64)]
+        vif, nf = f"netback/vif{a.domain.domid}.0", f"netfront/vif{a.domain.domid}.0"
+        sent = env.count(nf, "notifications.sent")
+        await a.nic.send_batch(frames[:1])  # netback sleeps, armed: notified
+        assert len(await b.nic.recv_batch()) == 1
+        assert env.count(nf, "notifications.sent") == sent + 1
+        env.netback.busy_poll = 1_000
+        await a.nic.send_batch(frames[:1])  # notified (it slept), then netback polls
+        got = len(await b.nic.recv_batch())
+        for i in range(0, 64, 8):
+            await a.nic.send_batch(frames[i : i + 8])
+            got += len(await b.nic.recv_batch())
+        assert got == 65
+        assert env.count(nf, "notifications.sent") == sent + 2  # none while netback polled
+        assert env.count(vif, "busy_poll.empty_polls") > 0
+        await trio.sleep(0.01)  # the budget runs out: netback arms and sleeps
+        await a.nic.send_batch(frames[:1])
+        assert len(await b.nic.recv_batch()) == 1
+        assert env.count(nf, "notifications.sent") == sent + 3
+
+
+async def test_the_driver_domain_placement_reports_the_backends_counts() -> None:
+    """measure_stream's driver-domain placement: every frame arrives; the grant copies (two per
+    frame) are the driver domain's own, counted in its process; its CPU time is reported."""
+    from pvio.remote.stream import measure_stream
+
+    figure = await measure_stream("driver-domain", 640, pin=False)
+    assert (figure.packets, figure.dropped, figure.processes) == (640, 0, 2)
+    assert figure.per_packet["grant_copies"] == 2.0
+    assert figure.per_packet["hypercalls.dom0"] == 0.0  # dom0 has no part in it
+    assert figure.per_packet["socket_hypercalls.driver"] == 0.0  # copies never cross the socket
+    assert set(figure.cpu_seconds) == {"hypervisor", "driver"}
