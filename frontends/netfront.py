@@ -683,6 +683,11 @@ class Netfront(GuestNic):
         xb = self.guest.xenbus
         gone = {XenbusState.CLOSING, XenbusState.CLOSED, XenbusState.UNKNOWN}
         state = await xb.wait_for_state(f"{self.backend}/state", gone)
+        if state == XenbusState.UNKNOWN and not self._closing and self.error is None:
+            # The backend's directory is gone with its domain (a driver domain died): as Linux's
+            # xen-netfront, the device stays until the toolstack removes it; nothing to follow.
+            log.warning("%s: the backend vanished (%s is gone)", self.name, self.backend)
+            self.counters["backend_vanished"] += 1
         if self._closing or self.error is not None or state == XenbusState.UNKNOWN:
             return
         try:

@@ -32,10 +32,12 @@ def shared_guest(name: str, index: int) -> NicGuest:
 
 
 @asynccontextmanager
-async def driver_env(*guests: Any, hv: Hypervisor | None = None) -> AsyncIterator[tuple[Hypervisor, RemoteGuest]]:
+async def driver_env(
+    *guests: Any, hv: Hypervisor | None = None
+) -> AsyncIterator[tuple[Hypervisor, RemoteGuest]]:
     """A hypervisor (or ``hv``), a driver domain, and ``guests`` each with a vif it serves,
     connected and announced to its switch."""
-    async with contextlib_hv(hv) as hv:
+    async with _given_or_new(hv) as hv:
         dd = await start_driver_domain(hv, vifs=len(guests))
         for g in guests:
             dom = hv.create_domain(g, name=g.name)
@@ -54,7 +56,7 @@ async def driver_env(*guests: Any, hv: Hypervisor | None = None) -> AsyncIterato
 
 
 @asynccontextmanager
-async def contextlib_hv(hv: Hypervisor | None) -> AsyncIterator[Hypervisor]:
+async def _given_or_new(hv: Hypervisor | None) -> AsyncIterator[Hypervisor]:
     if hv is not None:
         yield hv
         return
@@ -126,6 +128,13 @@ async def test_a_killed_driver_domain_leaves_the_hypervisor_and_its_other_guests
                 f"kernel raised RemoteGuestError: the guest's process {dd.process.pid} was killed by SIGKILL"
             )
             assert ddid not in hv.domains
+            # The frontends see their backend vanish (its directory went with its domain) and
+            # carry on, as Linux's xen-netfront does: the device stays until it is removed.
+            await wait_until(
+                lambda: all(env.count(f"netfront/vif{g.domain.domid}.0", "backend_vanished") for g in (a, b)),
+                60,
+                "the frontends to see their backend vanish",
+            )
             assert a.domain.alive and b.domain.alive
             for g in (a, b):
                 assert not g.domain.mapped_by_others  # unpinned: the guest can revoke its grants

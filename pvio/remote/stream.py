@@ -33,7 +33,7 @@ from typing import Any
 
 import trio
 
-from pvio.core.hypervisor import Hypervisor
+from pvio.core.hypervisor import DEFAULT_DOM0_PAGES, Hypervisor
 from pvio.remote.guests import StreamGuest, numbered_frames, receive_numbers
 from pvio.remote.host import ANNOUNCE_ETHERTYPE, RemoteGuest
 
@@ -199,7 +199,9 @@ async def _measure(
     remote_a = placement in ("remote-sender", "remote-both")
     remote_b = placement in ("remote-receiver", "remote-both")
     in_driver = placement == "driver-domain"
-    async with Hypervisor(dom0_pages=None if in_driver else dom0_pages_for(2, QUEUE_BYTES)) as hv:
+    # dom0 serves no vif when a driver domain does: its default size.
+    dom0_pages = DEFAULT_DOM0_PAGES if in_driver else dom0_pages_for(2, QUEUE_BYTES)
+    async with Hypervisor(dom0_pages=dom0_pages) as hv:
         a, b = _guest("a", "10.0.0.1", remote_a, guest_cpus), _guest("b", "10.0.0.2", remote_b, guest_cpus)
         driver: RemoteGuest | None = None
         if in_driver:

@@ -316,13 +316,15 @@ class XenbusClient(_Operations):
         await self.retry_transaction(switch)
 
     async def read_state(self, path: str) -> XenbusState:
-        """A device's state (``path`` is its directory or its ``state`` node); missing or garbage
-        values read as UNKNOWN, as Linux's xenbus_read_driver_state."""
+        """A device's state (``path`` is its directory or its ``state`` node); missing, unreadable
+        or garbage values read as UNKNOWN, as Linux's xenbus_read_driver_state.  (A node whose
+        domain's directory is gone reads EACCES, as in C xenstored: the nearest ancestor left
+        is not ours to read.)"""
         try:
             value = await self.read(_state_node(path))
             return XenbusState(int(value))
         except (XenstoreError, ValueError) as err:
-            if isinstance(err, XenstoreError) and err.errno not in ("ENOENT", "EINVAL"):
+            if isinstance(err, XenstoreError) and err.errno not in ("ENOENT", "EINVAL", "EACCES"):
                 raise
             return XenbusState.UNKNOWN
 
