@@ -199,6 +199,7 @@ async def test_a_receiver_short_of_frames_stops_when_none_come_for_its_idle_time
             nursery.start_soon(receive)
             await a.nic.send_batch(frames[:40] + frames[50:80])  # 30 of them never sent
         got.pop("last_at")
+        assert got.pop("check_cpu_s") >= 0.0
         assert got == {
             "received": 70, "seqs_in_order": False, "increasing": True, "first": 0, "last": 79,
         }  # fmt: skip
@@ -241,16 +242,12 @@ async def test_local_guest_streams_to_a_remote_guest() -> None:
             nursery.start_soon(receive)
             await trio.sleep(0.05)  # its receive call is running (it would wait for the frames anyway)
             frames = numbered_frames(a.nic.mac, b.nic.mac, a.ip, ip_of(1), 2000, 64)
-            vif = env.vif(b)
-            for i in range(0, 2000, 64):
+            for i in range(0, 2000, 64):  # unpaced: b reposts buffers while netback fills them
                 await a.nic.send_batch(frames[i : i + 64])
-                # Paced: netback never runs out of b's posted buffers.  (With none posted,
-                # netback's RX path mishandles buffers a frontend in another process posts
-                # at that very moment; see docs/architecture.md, "Processes".)
-                await wait_until(lambda i=i: vif.dev["packets.rx"] >= min(2000, i + 64), 60, "b's vif")
         last_at = got.pop("last_at")
-        assert isinstance(last_at, float)
+        assert isinstance(last_at, float) and got.pop("check_cpu_s") >= 0.0
         assert got == {"received": 2000, "seqs_in_order": True, "increasing": True, "first": 0, "last": 1999}
+        assert env.vif(b).dev["packets.rx"] == 2000  # each once: none dropped, none twice
 
 
 async def _extend(out: list[bytes], guest: NicGuest, n: int) -> None:
