@@ -5,13 +5,18 @@ each guest placed by ``placement``:
 
 =================  ===============================================================
 ``one-process``    A and B are PyGuests in the hypervisor's process (the baseline)
+``one-process-polling``  the same, A's and B's netfront busy-polling (:data:`BUSY_POLL`):
+                   the baseline for placements whose guests in the hypervisor's process poll
 ``remote-sender``  A runs in its own process (:class:`~pvio.remote.RemoteGuest`)
 ``remote-receiver`` B runs in its own process
 ``remote-both``    A and B each run in their own process; the hypervisor's process
                    keeps netback, the switch and the hypercalls (grant copies)
 ``driver-domain``  A and B are PyGuests in the hypervisor's process; their vifs'
                    backend is a driver domain in its own process
-                   (:mod:`pvio.remote.backend`: netback, the switch, the grant copies)
+                   (:mod:`pvio.remote.backend`: netback, the switch, the grant copies).
+                   Their backend has a CPU of its own, so both sides busy-poll (netback,
+                   and A's and B's netfront): a response or a frame is picked up without a
+                   notification, which would cost a wake-up of the other process
 =================  ===============================================================
 
 Every guest is the same netfront PyGuest (:class:`~pvio.remote.guests.StreamGuest`), the
@@ -40,11 +45,14 @@ from pvio.remote.host import ANNOUNCE_ETHERTYPE, RemoteGuest
 ANNOUNCE = ANNOUNCE_ETHERTYPE.to_bytes(2, "big")
 
 PLACEMENTS: tuple[str, ...] = (
-    "one-process", "remote-sender", "remote-receiver", "remote-both", "driver-domain",
+    "one-process", "one-process-polling", "remote-sender", "remote-receiver", "remote-both",
+    "driver-domain",
 )  # fmt: skip
 #: What the benchmark runs: with both guests remote their processes share one CPU and B
 #: falls behind (netback drops what its RX queue cannot hold), a figure of overload.
-BENCH_PLACEMENTS: tuple[str, ...] = ("one-process", "remote-sender", "remote-receiver", "driver-domain")
+BENCH_PLACEMENTS: tuple[str, ...] = (
+    "one-process", "one-process-polling", "remote-sender", "remote-receiver", "driver-domain",
+)  # fmt: skip
 #: netback's RX queue bounds, in frames and bytes (16 MiB of RX staging pages per vif: 256 k
 #: frames of 64 bytes); a receiver that falls further behind sees drops, which are counted.
 QUEUE = 1 << 20
@@ -132,10 +140,10 @@ def _cpu_now(guests: list[tuple[str, Any]]) -> dict[str, float]:
     return out
 
 
-def _guest(name: str, ip: str, remote: bool, cpus: set[int] | None) -> Any:
+def _guest(name: str, ip: str, remote: bool, cpus: set[int] | None, poll: bool = False) -> Any:
     if remote:  # it has a CPU of its own: it busy-polls instead of asking to be notified
         return RemoteGuest(KERNEL, name, args={"name": name, "ip": ip, "busy_poll": BUSY_POLL}, cpus=cpus)
-    return StreamGuest(name, ip)
+    return StreamGuest(name, ip, busy_poll=BUSY_POLL if poll else 0)
 
 
 def cpu_split() -> tuple[set[int], set[int]] | None:
@@ -157,7 +165,7 @@ async def measure_stream(
     waking a guest never preempts the hypervisor; the affinity is restored afterwards."""
     if placement not in PLACEMENTS:
         raise ValueError(f"unknown placement {placement!r}: choose one of {', '.join(PLACEMENTS)}")
-    split = cpu_split() if pin and placement != "one-process" else None
+    split = cpu_split() if pin and not placement.startswith("one-process") else None
     saved = os.sched_getaffinity(0)
     if split is not None:
         os.sched_setaffinity(0, split[0])
@@ -202,7 +210,9 @@ async def _measure(
     # dom0 serves no vif when a driver domain does: its default size.
     dom0_pages = DEFAULT_DOM0_PAGES if in_driver else dom0_pages_for(2, QUEUE_BYTES)
     async with Hypervisor(dom0_pages=dom0_pages) as hv:
-        a, b = _guest("a", "10.0.0.1", remote_a, guest_cpus), _guest("b", "10.0.0.2", remote_b, guest_cpus)
+        poll = placement in ("one-process-polling", "driver-domain")
+        a = _guest("a", "10.0.0.1", remote_a, guest_cpus, poll)
+        b = _guest("b", "10.0.0.2", remote_b, guest_cpus, poll)
         driver: RemoteGuest | None = None
         if in_driver:
             driver = await _driver_network(hv, [a, b], guest_cpus)
@@ -327,17 +337,24 @@ def run_placements(
 
 
 def format_figures(figures: list[StreamFigure]) -> str:
-    """A plain table, with each placement's ratio to the one-process figure of the same run."""
+    """A plain table, with each placement's ratio to the one-process figure of the same run
+    (``x1``) and to the one-process figure with polling guests (``x1p``)."""
     base = next((f for f in figures if f.placement == "one-process"), None)
-    head = f"{'placement':<16} {'procs':>5} {'packets':>8} {'dropped':>8} {'pps':>10} {'x1':>6}"
-    lines = [f"{head} {'cpu-bound pps':>14} {'x1':>6}  cpu s"]
+    polling = next((f for f in figures if f.placement == "one-process-polling"), None)
+
+    def ratio(f: StreamFigure, to: StreamFigure | None, cpu: bool = False) -> str:
+        if to is None:
+            return "-"
+        return f"{f.cpu_bound_pps / to.cpu_bound_pps:.2f}" if cpu else f"{f.pps / to.pps:.2f}"
+
+    head = f"{'placement':<20} {'procs':>5} {'packets':>8} {'dropped':>8} {'pps':>10} {'x1':>5} {'x1p':>5}"
+    lines = [f"{head} {'cpu-bound pps':>14} {'x1':>5}  cpu s"]
     for f in figures:
-        ratio = f"{f.pps / base.pps:.2f}" if base is not None else "-"
-        cpu_ratio = f"{f.cpu_bound_pps / base.cpu_bound_pps:.2f}" if base is not None else "-"
         cpu = " ".join(f"{k}={v:.3f}" for k, v in f.cpu_seconds.items())
         lines.append(
-            f"{f.placement:<16} {f.processes:>5} {f.packets:>8} {f.dropped:>8} {f.pps:>10.0f} {ratio:>6} "
-            f"{f.cpu_bound_pps:>14.0f} {cpu_ratio:>6}  {cpu}"
+            f"{f.placement:<20} {f.processes:>5} {f.packets:>8} {f.dropped:>8} {f.pps:>10.0f} "
+            f"{ratio(f, base):>5} {ratio(f, polling):>5} {f.cpu_bound_pps:>14.0f} "
+            f"{ratio(f, base, True):>5}  {cpu}"
         )
     return "\n".join(lines)
 

@@ -2,16 +2,18 @@
 
 :func:`pvio.remote.stream.measure_stream` runs the stream A -> B (netfront -> netback ->
 switch -> netback -> netfront, the guests unchanged PyGuests) with A and B in the
-hypervisor's process (``one-process``), or A (``remote-sender``) or B (``remote-receiver``)
-in its own process, pinned to the CPUs the hypervisor's process is not on
-(``BENCH_PLACEMENTS`` says why not both).
+hypervisor's process (``one-process``; ``one-process-polling`` with their netfronts
+busy-polling), A (``remote-sender``) or B (``remote-receiver``) in its own process, or
+their vifs' backend in a driver domain (``driver-domain``), the other process pinned to the
+CPUs the hypervisor's process is not on (``BENCH_PLACEMENTS`` says why not both guests).
 Reported in ``extra_info``:
 ``pps`` (frames delivered per wall-clock second, median of the rounds, and ``pps_best``),
 ``dropped`` (the most frames netback dropped for B in a round: a receiver that fell behind),
 ``cpu_bound_pps`` (packets over the CPU seconds of the busiest CPU, from each process's
 own CPU time: what a quiet machine would give), the CPU seconds of each process, and, for
-the two-process placement, the ratios to the one-process figures measured in
-the same run (``speedup`` on wall clock, ``cpu_bound_speedup``).  Target: two processes on
+the two-process placements, the ratios to the one-process figures measured in
+the same run (``speedup`` on wall clock, ``cpu_bound_speedup``; ``speedup_vs_polling`` to
+the polling one-process figure).  Target: two processes on
 two cores >= 1.6x the one-process figure; reported, never asserted (noisy machines).
 With benchmarks disabled each placement runs once, small, as a smoke test that still
 checks every frame arrives once and in order.
@@ -55,6 +57,9 @@ def _run(benchmark: Any, placement: str) -> list[StreamFigure]:
         info["cpu_bound_speedup"] = round(
             info["cpu_bound_pps"] / statistics.median(f.cpu_bound_pps for f in base), 3
         )
+    polling = BASELINE.get("one-process-polling")
+    if polling and not placement.startswith("one-process"):
+        info["speedup_vs_polling"] = round(info["pps"] / statistics.median(f.pps for f in polling), 3)
     return figures
 
 
@@ -63,6 +68,6 @@ def _run(benchmark: Any, placement: str) -> list[StreamFigure]:
 @pytest.mark.parametrize("placement", BENCH_PLACEMENTS)
 def test_stream_by_placement(benchmark: Any, placement: str) -> None:
     figures = _run(benchmark, placement)
-    if placement == "one-process":
+    if placement.startswith("one-process"):
         BASELINE[placement] = figures
     assert all(f.offered == figures[0].offered and f.packets + f.dropped == f.offered for f in figures)
