@@ -714,7 +714,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--quick", action="store_true", help="a tenth of the packets (a smoke run)")
     parser.add_argument(
-        "--processes", action="store_true", help="the PV stream with guests in their own processes instead"
+        "--processes",
+        action="store_true",
+        help="the PV stream with a guest, or the vifs' backend (a driver domain), in a process of its own",
     )
     parser.add_argument(
         "--guests",
