@@ -366,3 +366,31 @@ def test_a_backend_childs_grant_copy_runs_locally_with_the_hypervisors_checks() 
         Errno.EFAULT
     )
     granter.close()
+
+
+async def test_a_custom_backend_runs_in_the_driver_domain() -> None:
+    """The lossy example backend, by its entry-point name, in the driver domain's process: A's
+    every 4th frame is dropped there, counted by the backend in that process."""
+    a, b = shared_guest("a", 0), shared_guest("b", 1)
+    async with Hypervisor() as hv:
+        dd = await start_driver_domain(
+            hv, vifs=2, backend="lossy", backend_options={"drop_every": 4, "direction": "tx"}
+        )
+        for g in (a, b):
+            dom = hv.create_domain(g, name=g.name)
+            add_driver_vif(hv, dom, dd)
+            await hv.start(dom)
+        with trio.fail_after(30):
+            await a.ready.wait()
+            await b.ready.wait()
+        for g in (a, b):  # each one's announce frame: its first frame, not dropped
+            await g.nic.send(g.nic.mac + g.nic.mac + b"\x88\xb5" + bytes(46))
+        with trio.fail_after(30):
+            while len(await dd.call("macs")) < 2:
+                await trio.sleep(0.01)
+        await a.nic.send_batch(numbered_frames(a.nic.mac, b.nic.mac, a.ip, b.ip, 99, 64))
+        got = [frame_number(f) for f in await recv_n(b.nic, 74, timeout_s=30)]
+        # The 4th, 8th, ... frame through A's vif is dropped, its announce frame being the 1st.
+        assert got == [n for n in range(99) if (n + 2) % 4]
+        counters = await dd.call("counters")
+        assert counters["devices"][f"backend/vif{a.domain.domid}.0"]["drops.injected_loss"] == 25

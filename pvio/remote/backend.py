@@ -97,10 +97,16 @@ async def start_driver_domain(
     rx_queue_max: int = RX_QUEUE_MAX,
     rx_queue_bytes: int = RX_QUEUE_BYTES,
     busy_poll: int = 0,
+    backend: str | None = None,
+    backend_options: dict[str, Any] | None = None,
     cpus: set[int] | None = None,
     timeout_s: float = 30.0,
 ) -> RemoteGuest:
-    """Create and boot a driver domain sized for ``vifs`` vifs; returns once its netback runs."""
+    """Create and boot a driver domain sized for ``vifs`` vifs; returns once its netback runs.
+
+    ``backend``/``backend_options``: a custom backend (a ``pvio.backends`` entry-point name)
+    for its vifs, as netback's in dom0 takes them; it runs in the driver domain's process, so
+    a backend that crashes that process stops only the driver domain."""
     guest = RemoteGuest(
         KERNEL,
         name,
@@ -109,6 +115,8 @@ async def start_driver_domain(
             "rx_queue_max": rx_queue_max,
             "rx_queue_bytes": rx_queue_bytes,
             "busy_poll": busy_poll,
+            "backend": backend,
+            "backend_options": backend_options,
         },
         memory_pages=dom0_pages_for(vifs, rx_queue_bytes),
         foreign_memory=True,
