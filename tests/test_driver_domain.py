@@ -394,3 +394,24 @@ async def test_a_custom_backend_runs_in_the_driver_domain() -> None:
         assert got == [n for n in range(99) if (n + 2) % 4]
         counters = await dd.call("counters")
         assert counters["devices"][f"backend/vif{a.domain.domid}.0"]["drops.injected_loss"] == 25
+
+
+async def test_a_hostile_frontend_costs_the_driver_domain_only_its_own_vif() -> None:
+    """A guest moves its TX req_prod 1000 slots ahead: netback in the driver domain's process
+    disables that vif with the reason, and another guest's traffic through it goes on."""
+    import struct
+
+    a, b, c = shared_guest("a", 0), shared_guest("b", 1), shared_guest("c", 2)
+    async with driver_env(a, b, c) as (_hv, dd):
+        page = a.page(a.nic.tx_gfn)
+        (req_prod,) = struct.unpack_from("<I", page, 0)
+        struct.pack_into("<I", page, 0, req_prod + 1000)
+        a.evtchn_send(a.nic.port)
+        vif = f"vif{a.domain.domid}.0"
+        with trio.fail_after(30):
+            while not (await dd.call("vifs"))[vif]["error"]:
+                await trio.sleep(0.01)
+        assert "impossible req_prod from the frontend (TX ring" in (await dd.call("vifs"))[vif]["error"]
+        assert dd.domain.alive
+        await c.nic.send_batch(numbered_frames(c.nic.mac, b.nic.mac, c.ip, b.ip, 64, 64))
+        assert [frame_number(f) for f in await recv_n(b.nic, 64, timeout_s=30)] == list(range(64))
