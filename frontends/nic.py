@@ -91,3 +91,9 @@ class GuestNic:
     def pending(self) -> int:
         """Frames received and not yet read."""
         return len(self._rx_frames)
+
+    def drop_pending(self) -> int:
+        """Discard the frames received and not yet read; how many there were."""
+        n = len(self._rx_frames)
+        self._rx_frames.clear()
+        return n

@@ -17,7 +17,7 @@ cannot write the other side's directory.  Both start in state Initialising; netb
 from __future__ import annotations
 
 import struct
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -202,6 +202,9 @@ class NicConfig:
     backend: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
     mac: str | None = None
+    #: The vif's backend domain when not dom0: a driver domain (a RemoteGuest from
+    #: :func:`pvio.remote.backend.start_driver_domain`); the guest's RAM becomes a memfd.
+    backend_domain: Any = None
 
 
 @dataclass
@@ -217,6 +220,8 @@ class Network:
     devices: list[Any] = field(default_factory=list)
     captures: list[Any] = field(default_factory=list)
     edges: list[Any] = field(default_factory=list)  # TAP, VXLAN ports: the switch's way out
+    #: Guests' domids -> the driver domain serving their vif (not dom0's netback and switch).
+    served_by: dict[int, Any] = field(default_factory=dict)
 
     def close(self) -> None:
         """End the network's captures (their files are complete after this) and close its
@@ -241,8 +246,37 @@ class Network:
         return vif
 
     def snapshot(self) -> Snapshot:
-        """Every domain's and device's counters, frozen."""
+        """Every domain's and device's counters, frozen (those of this process: see
+        :meth:`gather` for a network with driver domains)."""
         return self.hv.snapshot()
+
+    async def gather(self) -> Snapshot:
+        """:meth:`snapshot` with each driver domain's counters, which live in its process:
+        its own domain's (as its process counts them, with the hypervisor's ``remote.*``),
+        and its devices' (netback's vifs, its switch: ``<name>/switch``)."""
+        from pvio.core.counters import Snapshot
+
+        snap = self.hv.snapshot()
+        drivers = {id(d): d for d in self.served_by.values()}
+        if not drivers:
+            return snap
+        owners: dict[str, Mapping[str, int]] = {o: snap[o] for o in snap}
+        kinds = {o: ("domain" if o in snap.domains() else "device") for o in snap}
+        for driver in drivers.values():
+            if not driver.domain.alive:
+                continue
+            theirs = await driver.call("counters")
+            own = f"dom{driver.domain.domid}"
+            for owner, counts in theirs.get("domains", {}).items():
+                if owner == own:  # the process's count, plus what only the hypervisor counts
+                    host = owners.get(own, {})
+                    owners[own] = {**{k: v for k, v in host.items() if k not in counts}, **counts}
+                    kinds[own] = "domain"
+            for owner, counts in theirs.get("devices", {}).items():
+                name = f"{driver.name}/{owner}" if owner in owners else owner
+                owners[name] = dict(counts)
+                kinds[name] = "device"
+        return Snapshot(owners, kinds)
 
     def count(self, owner: str, key: str) -> int:
         """One live counter (0 when absent)."""
@@ -273,9 +307,14 @@ class Network:
                 if not getattr(g, "announces_itself", False):
                     mac = g.nic.mac
                     await g.nic.send(mac + mac + struct.pack("!H", ANNOUNCE_ETHERTYPE) + bytes(46))
-            macs = {g.nic.mac for g in up}
+            served = {g.domain.domid for g in up if g.domain.domid in self.served_by}
+            macs = {g.nic.mac for g in up if g.domain.domid not in served}
             while not macs <= set(self.switch.mac_table):
                 await trio.sleep(0.0005)
+            for driver in {id(d): d for d in self.served_by.values()}.values():  # their switches
+                want = {g.nic.mac.hex() for g in up if self.served_by.get(g.domain.domid) is driver}
+                while not want <= set(await driver.call("macs")):
+                    await trio.sleep(0.005)
 
 
 async def start_network(
@@ -334,15 +373,21 @@ async def start_network(
             )
     if hv.dom0 is None:
         raise RuntimeError("the hypervisor has no dom0 to run the switch and the backends")
+    for cfg in configs:
+        if cfg.backend_domain is not None and (cfg.model != "pv" or cfg.backend is not None):
+            raise ValueError(
+                "a driver domain serves PV vifs, with its own backend (give it to the driver domain)"
+            )
     if check_dom0:
-        check_dom0_fits(hv, sum(1 for cfg in configs if cfg.model == "pv"), rx_queue_bytes)
+        n_dom0 = sum(1 for cfg in configs if cfg.model == "pv" and cfg.backend_domain is None)
+        check_dom0_fits(hv, n_dom0, rx_queue_bytes)
     switch = Switch(hv.counters)
     net = Network(hv, switch, model, [])
     if pcap is not None:
         from pvio.backends.capture import Capture, format_for
 
         net.captures.append(Capture(switch, pcap, counters=hv.counters, format=format_for(pcap)).start())
-    if any(cfg.model == "pv" for cfg in configs):
+    if any(cfg.model == "pv" and cfg.backend_domain is None for cfg in configs):
         dom0 = hv.dom0.kernel
         net.netback = NetBack(
             dom0,  # type: ignore[arg-type]
@@ -358,9 +403,14 @@ async def start_network(
     if before_guests is not None:
         before_guests(hv)
     for guest, cfg in zip(guests, configs, strict=True):
+        if cfg.backend_domain is not None:
+            guest.shared_memory = True  # the driver domain's process maps its pages
         dom = hv.create_domain(guest, name=guest.name)
         mac = None if cfg.mac is None else parse_mac(cfg.mac)
-        if cfg.model == "pv":
+        if cfg.backend_domain is not None:
+            add_vif(hv, dom, mac=cfg.mac, backend=cfg.backend_domain.domain)
+            net.served_by[dom.domid] = cfg.backend_domain
+        elif cfg.model == "pv":
             assert net.netback is not None
             if cfg.backend is not None:
                 net.netback.set_vif_backend(dom.domid, 0, cfg.backend, cfg.options)

@@ -49,6 +49,12 @@ _U16 = struct.Struct("<H")
 MAX_MAPTRACK = 4096  # mappings one domain may hold at once
 
 
+def _store_flags(view: memoryview, gpa: int, flags: int) -> None:
+    """Write an entry's u16 flags in one 16-bit store: the other side may be another process
+    (a driver domain reading the entry), and ``struct.pack_into`` zeroes its target first."""
+    view[gpa : gpa + 2].cast("H")[0] = flags
+
+
 def _entry_gpa(first_gfn: int, ref: int) -> int:
     frame, idx = divmod(ref, GRANT_ENTRIES_PER_FRAME)
     return ((first_gfn + frame) << PAGE_SHIFT) + idx * GRANT_ENTRY_V1.size
@@ -93,7 +99,7 @@ class GrantTable:
     def _set_flag_bits(self, ref: int, bits: int, on: bool) -> None:
         gpa = _entry_gpa(self.first_gfn, ref)
         (flags,) = _U16.unpack_from(self.dom.mem.view, gpa)
-        _U16.pack_into(self.dom.mem.view, gpa, (flags | bits) if on else (flags & ~bits))
+        _store_flags(self.dom.mem.view, gpa, (flags | bits) if on else (flags & ~bits))
 
     def acquire(self, grantee: int, ref: int, write: bool) -> int:
         """Check ``ref`` may be used by ``grantee`` (for writing if ``write``); return its frame.
@@ -235,7 +241,7 @@ class GuestGrantTable:
             ref = self._free.pop()
         gpa = _entry_gpa(self.first_gfn, ref)
         struct.pack_into("<HI", self._view, gpa + 2, domid, gfn)
-        _U16.pack_into(self._view, gpa, GTF_permit_access | (GTF_readonly if readonly else 0))
+        _store_flags(self._view, gpa, GTF_permit_access | (GTF_readonly if readonly else 0))
         return ref
 
     def end_access(self, ref: int) -> bool:
@@ -249,7 +255,7 @@ class GuestGrantTable:
             return False
         if flags & GTF_type_mask == GTF_invalid:  # revoked already: the ref is free, don't free it twice
             return True
-        _U16.pack_into(self._view, gpa, 0)
+        _store_flags(self._view, gpa, 0)
         if ref >= GNTTAB_NR_RESERVED_ENTRIES:
             self._free.append(ref)
         return True

@@ -33,6 +33,7 @@ import trio.testing
 
 from pvio.core.counters import Snapshot
 from pvio.core.hypervisor import Hypervisor
+from pvio.frontends.nic import GuestNic
 from pvio.harness.bench import (
     COST_KEYS,
     PINGPONG_PORTS,
@@ -129,7 +130,22 @@ async def boot(
     for d in sc.domains:
         if d.memory_mib is not None:
             kernels[d.name].memory_pages = d.memory_mib * MIB_PAGES
-    nics = [NicConfig(d.nic.model, d.nic.backend, d.nic.options, d.nic.mac) for d in sc.domains]
+    drivers = {}
+    if sc.drivers:
+        from pvio.remote.backend import start_driver_domain
+
+    for drv in sc.drivers:  # first: the vifs they serve are created with the guests
+        vifs = sum(1 for d in sc.domains if d.nic.backend_domain == drv.name)
+        drivers[drv.name] = await start_driver_domain(
+            hv, name=drv.name, vifs=max(vifs, 1), backend=drv.backend,
+            backend_options=drv.options or None, timeout_s=sc.timeout,
+        )  # fmt: skip
+    nics = [
+        NicConfig(
+            d.nic.model, d.nic.backend, d.nic.options, d.nic.mac, drivers.get(d.nic.backend_domain or "")
+        )
+        for d in sc.domains
+    ]
     net = await start_network(hv, list(kernels.values()), nics=nics, settle_s=0.001, timeout_s=sc.timeout)
     for d in sc.domains:  # an x86 echo guest says so on its console, and announces itself
         if d.kind == "x86" and d.app == "echo":
@@ -190,7 +206,8 @@ async def run_traffic(net: Network, sc: Scenario, t: TrafficSpec, kernels: dict[
     spec = sc.domain(t.src)
     result = TrafficResult(t, spec.nic.model, spec.kind)
     await settle()
-    before = net.snapshot()
+    _drop_stale_frames(kernels)
+    before = await net.gather()
     start = time.perf_counter()
     native = getattr(src, "native_scenario", None)
     if native is not None:  # x86 guests make and check their traffic themselves
@@ -210,9 +227,18 @@ async def run_traffic(net: Network, sc: Scenario, t: TrafficSpec, kernels: dict[
         await _probes(net, src, dst, sc.timeout, result)
     result.seconds = time.perf_counter() - start
     await settle()
-    result.diff = net.snapshot().diff(before)
+    result.diff = (await net.gather()).diff(before)
     result.by_domain = per_domain(result.diff, net.domain_names())
     return result
+
+
+def _drop_stale_frames(kernels: dict[str, Any]) -> None:
+    """Frames a guest received before a traffic item and did not read (the ARP request another
+    domain's probes flooded to it) are not the item's: they would be read as its first frames."""
+    for kernel in kernels.values():
+        nic = getattr(kernel, "nic", None)
+        if isinstance(nic, GuestNic):
+            nic.drop_pending()
 
 
 async def _stream(src: Any, dst: Any, t: TrafficSpec, timeout: float, result: TrafficResult) -> None:

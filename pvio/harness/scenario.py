@@ -22,6 +22,11 @@ Schema (``docs/scenarios.md`` has it with examples)::
     model = "pv"               # pv, emulated or smartnic
     backend = "lossy"          # pv: a backend by entry-point name, for this vif
     options = { every = 10 }   # the backend's options
+    backend_domain = "netdd"   # pv: the vif's backend is this driver domain, not dom0
+
+    [[driver]]                 # a driver domain: netback and a switch in a process of their own
+    name = "netdd"             #   (needs clock = "real"; its vifs' guests share its switch)
+    backend = "lossy"          # optional: a backend for its vifs, and its options
 
     [[port]]                   # more switch ports
     type = "capture"           # capture (file, of = "switch" or a domain), tap (ifname),
@@ -53,9 +58,10 @@ from typing import Any
 
 from pvio.toolstack import FRAME_LIMITS, MODELS
 
-SCENARIO_KEYS = {"name", "seed", "clock", "timeout", "domain", "traffic", "port", "report"}
+SCENARIO_KEYS = {"name", "seed", "clock", "timeout", "domain", "driver", "traffic", "port", "report"}
 DOMAIN_KEYS = {"name", "kind", "ip", "app", "cmdline", "nic", "memory"}
-NIC_KEYS = {"model", "backend", "options", "mac"}
+NIC_KEYS = {"model", "backend", "options", "mac", "backend_domain"}
+DRIVER_KEYS = {"name", "backend", "options"}
 TRAFFIC_KEYS = {"type", "from", "to", "packets", "size", "rate"}
 REPORT_KEYS = {"counters", "by_domain"}
 PORT_KEYS = {
@@ -85,6 +91,16 @@ class NicSpec:
     backend: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
     mac: str | None = None
+    backend_domain: str | None = None  # a [[driver]]'s name: the vif's backend runs there
+
+
+@dataclass
+class DriverSpec:
+    """A driver domain: netback and a switch in a process of their own (pvio.remote.backend)."""
+
+    name: str
+    backend: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -131,6 +147,7 @@ class Scenario:
     clock: str = "mock"
     timeout: float = 60.0
     domains: list[DomainSpec] = field(default_factory=list)
+    drivers: list[DriverSpec] = field(default_factory=list)
     traffic: list[TrafficSpec] = field(default_factory=list)
     ports: list[PortSpec] = field(default_factory=list)
     report_counters: tuple[str, ...] = COUNTERS
@@ -138,6 +155,10 @@ class Scenario:
 
     def domain(self, name: str) -> DomainSpec:
         return next(d for d in self.domains if d.name == name)
+
+    def switch_of(self, name: str) -> str:
+        """Which switch a domain's NIC is on: its driver domain's, or dom0's (``""``)."""
+        return self.domain(name).nic.backend_domain or ""
 
 
 # ---------------------------------------------------------------------- where things are
@@ -250,6 +271,36 @@ def parse(text: str, path: str = "<scenario>") -> Scenario:
         raise chk.fail(("domain",), "a scenario needs at least one [[domain]] table")
     kinds = guest_kinds()
     backends = sorted(available_backends())
+    drivers = data.get("driver", [])
+    if not isinstance(drivers, list):
+        raise chk.fail(("driver",), "must be tables ([[driver]])")
+    for i, d in enumerate(drivers):
+        at = ("driver", i)
+        if not isinstance(d, dict):
+            raise chk.fail(at, "must be a table ([[driver]])")
+        chk.keys(d, DRIVER_KEYS, at)
+        if "name" not in d:
+            raise chk.fail(at, "every driver domain needs a name")
+        name = chk.string(d["name"], (*at, "name"))
+        if not _NAME.match(name):
+            raise chk.fail((*at, "name"), f"{name!r}: use 1-32 letters, digits or '-'")
+        if any(o.name == name for o in sc.drivers) or any(
+            isinstance(o, dict) and o.get("name") == name for o in domains
+        ):
+            raise chk.fail((*at, "name"), f"{name!r} names two domains")
+        if sc.clock != "real":
+            raise chk.fail(at, 'a driver domain runs in a process of its own: it needs clock = "real"')
+        drv = DriverSpec(name)
+        if "backend" in d:
+            drv.backend = chk.choice(d["backend"], backends, (*at, "backend"))
+        options = d.get("options", {})
+        if not isinstance(options, dict):
+            raise chk.fail((*at, "options"), "must be a table of the backend's options")
+        if options and drv.backend is None:
+            raise chk.fail((*at, "options"), "options are the backend's: name a backend too")
+        drv.options = dict(options)
+        sc.drivers.append(drv)
+    driver_names = [d.name for d in sc.drivers]
     used_ips: set[str] = set()
     for i, d in enumerate(domains):
         at = ("domain", i)
@@ -287,6 +338,18 @@ def parse(text: str, path: str = "<scenario>") -> Scenario:
             if spec.nic.model != "pv":
                 raise chk.fail((*at, "nic", "backend"), f"backends serve PV vifs, not {spec.nic.model} NICs")
             spec.nic.backend = chk.choice(nic["backend"], backends, (*at, "nic", "backend"))
+        if "backend_domain" in nic:
+            where = (*at, "nic", "backend_domain")
+            if spec.nic.model != "pv":
+                raise chk.fail(where, f"a driver domain serves PV vifs, not {spec.nic.model} NICs")
+            if not driver_names:
+                raise chk.fail(where, "names no driver domain: add a [[driver]] table")
+            spec.nic.backend_domain = chk.choice(nic["backend_domain"], driver_names, where)
+            if spec.kind != "py":
+                raise chk.fail(where, f"a driver domain serves py guests here, not {spec.kind}")
+            if spec.nic.backend is not None:
+                raise chk.fail((*at, "nic", "backend"), "a vif served by a driver domain takes "
+                               "that domain's backend: name it in its [[driver]] table")  # fmt: skip
         options = nic.get("options", {})
         if not isinstance(options, dict):
             raise chk.fail((*at, "nic", "options"), "must be a table of the backend's options")
@@ -330,6 +393,13 @@ def parse(text: str, path: str = "<scenario>") -> Scenario:
         elif "size" in t or "packets" in t:
             raise chk.fail(at, "probes are a fixed set (ARP, ICMP, UDP): no size or packets")
         _check_pair(chk, at, kind, src, dst)
+        if sc.switch_of(src.name) != sc.switch_of(dst.name):
+            on = {
+                n: f"driver domain {sc.switch_of(n)}'s" if sc.switch_of(n) else "dom0's"
+                for n in (src.name, dst.name)
+            }
+            raise chk.fail(at, f"{src.name} is on {on[src.name]} switch and {dst.name} on {on[dst.name]}: "
+                           "traffic stays on one switch")  # fmt: skip
         sc.traffic.append(spec_t)
     for i, p in enumerate(data.get("port", [])):
         at = ("port", i)
@@ -343,6 +413,9 @@ def parse(text: str, path: str = "<scenario>") -> Scenario:
                 raise chk.fail(at, "a capture needs a file (a .pcap or .pcapng path)")
             port.file = chk.string(p["file"], (*at, "file"))
             port.of = chk.choice(p.get("of", "switch"), ["switch", *names], (*at, "of"))
+            if port.of != "switch" and sc.switch_of(port.of):
+                raise chk.fail((*at, "of"), f"{port.of}'s NIC is on driver domain "
+                               f"{sc.switch_of(port.of)}'s switch: ports are dom0's")  # fmt: skip
         elif kind == "tap":
             port.ifname = chk.string(p.get("ifname", ""), (*at, "ifname"))
             if not 1 <= len(port.ifname.encode()) <= 15 or "/" in port.ifname or " " in port.ifname:

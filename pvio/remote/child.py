@@ -126,6 +126,8 @@ class ChildHypercalls:
     ) -> int:
         """Handle the two hypercalls that are local (see the module doc), send the rest."""
         c = dom.counters
+        c["exits"] += 1  # a trap out of the guest, wherever its handler runs (as in one process)
+        c["exits.hypercall"] += 1
         c["hypercalls"] += 1
         if nr == Hypercall.sched_op and a1 == SchedOp.block:
             c["hypercalls.local"] += 1

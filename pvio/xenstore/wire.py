@@ -100,25 +100,32 @@ def as_page(page: memoryview | bytearray) -> memoryview:
 
 
 class ByteRing:
-    """One direction of the interface: 1024 data bytes at ``data`` and its cons/prod words."""
+    """One direction of the interface: 1024 data bytes at ``data`` and its cons/prod words.
+
+    The words are read and written as single 32-bit loads and stores (a ``cast("I")`` view):
+    the other end may be another process, and ``struct.pack_into`` zeroes its target before
+    writing it, so a reader there could see an index of 0 in between."""
 
     def __init__(self, page: memoryview, data: int, cons: int, prod: int) -> None:
+        if cons % 4 or prod % 4:
+            raise ValueError("ring index words must be 4-byte aligned")
         self._page = page
         self._data = data
-        self._cons = cons
-        self._prod = prod
+        self._words = page[: len(page) - len(page) % 4].cast("I")
+        self._cons = cons // 4
+        self._prod = prod // 4
 
     def load_prod(self) -> int:
-        return int(U32.unpack_from(self._page, self._prod)[0])
+        return int(self._words[self._prod])
 
     def load_cons(self) -> int:
-        return int(U32.unpack_from(self._page, self._cons)[0])
+        return int(self._words[self._cons])
 
     def store_prod(self, idx: int) -> None:
-        U32.pack_into(self._page, self._prod, idx & MASK32)
+        self._words[self._prod] = idx & MASK32
 
     def store_cons(self, idx: int) -> None:
-        U32.pack_into(self._page, self._cons, idx & MASK32)
+        self._words[self._cons] = idx & MASK32
 
     def copy_out(self, idx: int, n: int) -> bytes:
         """``n`` bytes starting at free-running index ``idx`` (may wrap)."""
