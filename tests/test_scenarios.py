@@ -367,3 +367,18 @@ def test_the_driver_domain_example_counts_the_copies_it_makes_in_its_process(tmp
     assert stream["packets"] == 20000 and stream["per_packet"]["copies"] >= 2.0
     assert stream["per_packet"]["exits"] == stream["per_packet"]["hypercalls"]
     assert stream["by_domain"]["netdd"]["hypercalls"] > 0
+
+
+def test_a_frame_flooded_by_an_earlier_item_is_not_read_by_the_next(tmp_path: Path) -> None:
+    """a's probes flood an ARP request to c as well; c's stream afterwards gets its own frames,
+    every one (before, the stale 42-byte ARP request was read as the stream's first frame)."""
+    path = tmp_path / "flood.toml"
+    path.write_text(
+        '[[domain]]\nname = "a"\n[[domain]]\nname = "b"\napp = "echo"\n[[domain]]\nname = "c"\n'
+        '[[traffic]]\ntype = "probes"\nfrom = "a"\nto = "b"\n'
+        '[[traffic]]\ntype = "stream"\nfrom = "a"\nto = "c"\npackets = 500\n'
+    )
+    done = pvio("run", "--json", str(path))
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(done.stdout)["rows"]
+    assert [(r["scenario"], r["lost"], r["ok"]) for r in rows] == [("probes", 0, True), ("stream", 0, True)]
