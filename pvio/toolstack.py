@@ -261,7 +261,8 @@ class Network:
         if not drivers:
             return snap
         owners: dict[str, Mapping[str, int]] = {o: snap[o] for o in snap}
-        kinds = {o: ("domain" if o in snap.domains() else "device") for o in snap}
+        domains = snap.domains()
+        kinds = {o: ("domain" if o in domains else "device") for o in snap}
         for driver in drivers.values():
             if not driver.domain.alive:
                 continue
