@@ -409,7 +409,7 @@ class RingConnection(XsConnection):
         else points into it); while a request is being served, at the end of it."""
         super().close()
         if not self._busy:
-            self._page.release()
+            self._release_page()
 
     def process(self) -> None:
         """Serve the ring: execute every complete request, write replies and queued watch events,
@@ -440,7 +440,12 @@ class RingConnection(XsConnection):
         finally:
             self._busy = False
             if self._closed:
-                self._page.release()  # see close()
+                self._release_page()  # see close()
+
+    def _release_page(self) -> None:
+        self._req.release()
+        self._rsp.release()
+        self._page.release()
 
     # -- the rings -----------------------------------------------------------------------------
 

@@ -127,6 +127,10 @@ class ByteRing:
     def store_cons(self, idx: int) -> None:
         self._words[self._cons] = idx & MASK32
 
+    def release(self) -> None:
+        """Let go of the view of the index words (before the page's view is released)."""
+        self._words.release()
+
     def copy_out(self, idx: int, n: int) -> bytes:
         """``n`` bytes starting at free-running index ``idx`` (may wrap)."""
         start = idx & (XENSTORE_RING_SIZE - 1)
