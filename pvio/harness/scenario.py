@@ -243,6 +243,24 @@ class _Checker:
             raise self.fail(where, f"{value!r} must be a string")
         return value
 
+    def name(self, table: dict[str, Any], at: tuple[Any, ...], what: str) -> str:
+        """A table's required ``name``: 1-32 letters, digits or '-'."""
+        if "name" not in table:
+            raise self.fail(at, f"every {what} needs a name")
+        name = self.string(table["name"], (*at, "name"))
+        if not _NAME.match(name):
+            raise self.fail((*at, "name"), f"{name!r}: use 1-32 letters, digits or '-'")
+        return name
+
+    def options(self, table: dict[str, Any], at: tuple[Any, ...], backend: str | None) -> dict[str, Any]:
+        """A table's ``options``: a table, and only beside the backend they are for."""
+        options = table.get("options", {})
+        if not isinstance(options, dict):
+            raise self.fail((*at, "options"), "must be a table of the backend's options")
+        if options and backend is None:
+            raise self.fail((*at, "options"), "options are the backend's: name a backend too")
+        return dict(options)
+
 
 def guest_kinds() -> list[str]:
     """The guest kinds a scenario may name (those registered with the bench)."""
@@ -279,11 +297,7 @@ def parse(text: str, path: str = "<scenario>") -> Scenario:
         if not isinstance(d, dict):
             raise chk.fail(at, "must be a table ([[driver]])")
         chk.keys(d, DRIVER_KEYS, at)
-        if "name" not in d:
-            raise chk.fail(at, "every driver domain needs a name")
-        name = chk.string(d["name"], (*at, "name"))
-        if not _NAME.match(name):
-            raise chk.fail((*at, "name"), f"{name!r}: use 1-32 letters, digits or '-'")
+        name = chk.name(d, at, "driver domain")
         if any(o.name == name for o in sc.drivers) or any(
             isinstance(o, dict) and o.get("name") == name for o in domains
         ):
@@ -293,12 +307,7 @@ def parse(text: str, path: str = "<scenario>") -> Scenario:
         drv = DriverSpec(name)
         if "backend" in d:
             drv.backend = chk.choice(d["backend"], backends, (*at, "backend"))
-        options = d.get("options", {})
-        if not isinstance(options, dict):
-            raise chk.fail((*at, "options"), "must be a table of the backend's options")
-        if options and drv.backend is None:
-            raise chk.fail((*at, "options"), "options are the backend's: name a backend too")
-        drv.options = dict(options)
+        drv.options = chk.options(d, at, drv.backend)
         sc.drivers.append(drv)
     driver_names = [d.name for d in sc.drivers]
     used_ips: set[str] = set()
@@ -307,11 +316,7 @@ def parse(text: str, path: str = "<scenario>") -> Scenario:
         if not isinstance(d, dict):
             raise chk.fail(at, "must be a table ([[domain]])")
         chk.keys(d, DOMAIN_KEYS, at)
-        if "name" not in d:
-            raise chk.fail(at, "every domain needs a name")
-        name = chk.string(d["name"], (*at, "name"))
-        if not _NAME.match(name):
-            raise chk.fail((*at, "name"), f"{name!r}: use 1-32 letters, digits or '-'")
+        name = chk.name(d, at, "domain")
         if any(o.name == name for o in sc.domains):
             raise chk.fail((*at, "name"), f"{name!r} names two domains")
         spec = DomainSpec(name)
@@ -350,12 +355,7 @@ def parse(text: str, path: str = "<scenario>") -> Scenario:
             if spec.nic.backend is not None:
                 raise chk.fail((*at, "nic", "backend"), "a vif served by a driver domain takes "
                                "that domain's backend: name it in its [[driver]] table")  # fmt: skip
-        options = nic.get("options", {})
-        if not isinstance(options, dict):
-            raise chk.fail((*at, "nic", "options"), "must be a table of the backend's options")
-        if options and spec.nic.backend is None:
-            raise chk.fail((*at, "nic", "options"), "options are the backend's: name a backend too")
-        spec.nic.options = dict(options)
+        spec.nic.options = chk.options(nic, (*at, "nic"), spec.nic.backend)
         if "mac" in nic:
             from pvio.abi.vif import parse_mac
 
