@@ -21,37 +21,19 @@ from pvio.abi import GTF_reading, GTF_writing
 from pvio.remote.backend import add_driver_vif, start_driver_domain
 from pvio.remote.guests import frame_number, numbered_frames
 from pvio.remote.host import RemoteGuest
-from pvio.toolstack import add_vif
+from pvio.toolstack import NicConfig, add_vif, start_network
 from tests.netenv import NicGuest, ip_of, net_env, recv_n, wait_until
-
-
-def shared_guest(name: str, index: int) -> NicGuest:
-    guest = NicGuest(name, ip_of(index))
-    guest.shared_memory = True  # type: ignore[attr-defined]  # its RAM a memfd: the driver domain maps it
-    return guest
 
 
 @asynccontextmanager
 async def driver_env(
-    *guests: Any, hv: Hypervisor | None = None
+    *guests: Any, hv: Hypervisor | None = None, **driver: Any
 ) -> AsyncIterator[tuple[Hypervisor, RemoteGuest]]:
-    """A hypervisor (or ``hv``), a driver domain, and ``guests`` each with a vif it serves,
-    connected and announced to its switch."""
+    """A hypervisor (or ``hv``), a driver domain (``driver``: start_driver_domain's options),
+    and ``guests`` each with a vif it serves, connected and announced to its switch."""
     async with _given_or_new(hv) as hv:
-        dd = await start_driver_domain(hv, vifs=len(guests))
-        for g in guests:
-            dom = hv.create_domain(g, name=g.name)
-            add_driver_vif(hv, dom, dd)
-            await hv.start(dom)
-        with trio.fail_after(30):
-            for g in guests:
-                await g.ready.wait()
-        for g in guests:  # teach the driver domain's switch every MAC
-            await g.nic.send(g.nic.mac + g.nic.mac + b"\x88\xb5" + bytes(46))
-        want = sorted(g.nic.mac.hex() for g in guests)
-        with trio.fail_after(30):
-            while await dd.call("macs") != want:
-                await trio.sleep(0.01)
+        dd = await start_driver_domain(hv, vifs=len(guests), **driver)
+        await start_network(hv, guests, nics=[NicConfig(backend_domain=dd)] * len(guests), timeout_s=30)
         yield hv, dd
 
 
@@ -68,7 +50,7 @@ async def test_a_stream_through_a_driver_domain_arrives_once_and_in_order() -> N
     """3000 frames A -> B: every one arrives once and in order, and the per-frame backend work
     (both grant copies of each frame) ran in the driver domain's process, not in the
     hypervisor's: the host dispatched none of its hypercalls."""
-    a, b = shared_guest("a", 0), shared_guest("b", 1)
+    a, b = NicGuest("a", ip_of(0)), NicGuest("b", ip_of(1))
     async with driver_env(a, b) as (hv, dd):
         before = await dd.call("counters")
         host_before = hv.snapshot()
@@ -100,7 +82,7 @@ async def test_a_killed_driver_domain_leaves_the_hypervisor_and_its_other_guests
     the hypervisor runs on, and a dom0 network of other guests loses nothing."""
     c, d = NicGuest("c", ip_of(2)), NicGuest("d", ip_of(3))
     async with net_env(c, d, timeout_s=30) as env:
-        a, b = shared_guest("a", 0), shared_guest("b", 1)
+        a, b = NicGuest("a", ip_of(0)), NicGuest("b", ip_of(1))
         async with driver_env(a, b, hv=env.hv) as (hv, dd):
             assert dd.process is not None
             assert a.domain.mapped_by_others  # its rings are mapped by the driver domain
@@ -148,7 +130,7 @@ async def test_a_killed_driver_domain_leaves_the_hypervisor_and_its_other_guests
 async def test_a_destroyed_frontend_is_let_go_of_in_the_driver_domain() -> None:
     """Destroying B: the hypervisor revokes the driver domain's mappings of B's pages and tells
     its process (FOREIGN_GONE); netback there drops B's vif, and A's vif serves on."""
-    a, b = shared_guest("a", 0), shared_guest("b", 1)
+    a, b = NicGuest("a", ip_of(0)), NicGuest("b", ip_of(1))
     async with driver_env(a, b) as (hv, dd):
         bid = b.domain.domid
         assert {m[0] for m in await dd.call("mappings")} == {a.domain.domid, bid}
@@ -371,23 +353,9 @@ def test_a_backend_childs_grant_copy_runs_locally_with_the_hypervisors_checks() 
 async def test_a_custom_backend_runs_in_the_driver_domain() -> None:
     """The lossy example backend, by its entry-point name, in the driver domain's process: A's
     every 4th frame is dropped there, counted by the backend in that process."""
-    a, b = shared_guest("a", 0), shared_guest("b", 1)
-    async with Hypervisor() as hv:
-        dd = await start_driver_domain(
-            hv, vifs=2, backend="lossy", backend_options={"drop_every": 4, "direction": "tx"}
-        )
-        for g in (a, b):
-            dom = hv.create_domain(g, name=g.name)
-            add_driver_vif(hv, dom, dd)
-            await hv.start(dom)
-        with trio.fail_after(30):
-            await a.ready.wait()
-            await b.ready.wait()
-        for g in (a, b):  # each one's announce frame: its first frame, not dropped
-            await g.nic.send(g.nic.mac + g.nic.mac + b"\x88\xb5" + bytes(46))
-        with trio.fail_after(30):
-            while len(await dd.call("macs")) < 2:
-                await trio.sleep(0.01)
+    a, b = NicGuest("a", ip_of(0)), NicGuest("b", ip_of(1))
+    options = {"drop_every": 4, "direction": "tx"}
+    async with driver_env(a, b, backend="lossy", backend_options=options) as (_hv, dd):
         await a.nic.send_batch(numbered_frames(a.nic.mac, b.nic.mac, a.ip, b.ip, 99, 64))
         got = [frame_number(f) for f in await recv_n(b.nic, 74, timeout_s=30)]
         # The 4th, 8th, ... frame through A's vif is dropped, its announce frame being the 1st.
@@ -401,7 +369,7 @@ async def test_a_hostile_frontend_costs_the_driver_domain_only_its_own_vif() -> 
     disables that vif with the reason, and another guest's traffic through it goes on."""
     import struct
 
-    a, b, c = shared_guest("a", 0), shared_guest("b", 1), shared_guest("c", 2)
+    a, b, c = NicGuest("a", ip_of(0)), NicGuest("b", ip_of(1)), NicGuest("c", ip_of(2))
     async with driver_env(a, b, c) as (_hv, dd):
         page = a.page(a.nic.tx_gfn)
         (req_prod,) = struct.unpack_from("<I", page, 0)

@@ -40,9 +40,7 @@ import trio
 
 from pvio.core.hypervisor import DEFAULT_DOM0_PAGES, Hypervisor
 from pvio.remote.guests import StreamGuest, numbered_frames, receive_numbers
-from pvio.remote.host import ANNOUNCE_ETHERTYPE, RemoteGuest
-
-ANNOUNCE = ANNOUNCE_ETHERTYPE.to_bytes(2, "big")
+from pvio.remote.host import RemoteGuest
 
 PLACEMENTS: tuple[str, ...] = (
     "one-process", "one-process-polling", "remote-sender", "remote-receiver", "remote-both",
@@ -178,24 +176,13 @@ async def measure_stream(
 async def _driver_network(hv: Hypervisor, guests: list[StreamGuest], cpus: set[int] | None) -> RemoteGuest:
     """The driver-domain placement's network: a driver domain (busy-polling: it has a CPU of
     its own) serving a vif of each guest, every MAC known to its switch."""
-    from pvio.remote.backend import add_driver_vif, start_driver_domain
+    from pvio.remote.backend import start_driver_domain
+    from pvio.toolstack import NicConfig, start_network
 
     driver = await start_driver_domain(
         hv, vifs=len(guests), rx_queue_max=QUEUE, rx_queue_bytes=QUEUE_BYTES, busy_poll=BUSY_POLL, cpus=cpus
     )
-    for g in guests:
-        g.shared_memory = True  # type: ignore[attr-defined]  # the driver domain maps its RAM
-        dom = hv.create_domain(g, name=g.name)
-        add_driver_vif(hv, dom, driver)
-        await hv.start(dom)
-    with trio.fail_after(60):
-        for g in guests:
-            await g.ready.wait()
-        for g in guests:  # the toolstack's announce frame, then wait for the switch to learn
-            await g.nic.send(g.nic.mac + g.nic.mac + ANNOUNCE + bytes(46))
-        want = sorted(g.nic.mac.hex() for g in guests)
-        while await driver.call("macs") != want:
-            await trio.sleep(0.005)
+    await start_network(hv, guests, nics=[NicConfig(backend_domain=driver)] * len(guests), timeout_s=60.0)
     return driver
 
 
