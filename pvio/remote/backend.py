@@ -33,6 +33,7 @@ from pvio.backends.switch import Switch
 from pvio.core.domain import Domain
 from pvio.core.hypervisor import Hypervisor
 from pvio.guest import PyGuest
+from pvio.remote.child import child_counters
 from pvio.remote.host import RemoteGuest
 from pvio.toolstack import VifConfig, add_vif, dom0_pages_for
 
@@ -76,7 +77,7 @@ class DriverDomain(PyGuest):
     async def remote_call(self, op: str, **params: Any) -> Any:
         """One request from the host (see the module doc)."""
         if op == "counters":
-            return dict(self.hv.counters.snapshot().as_dict())
+            return child_counters(self)
         if op == "macs":
             return sorted(mac.hex() for mac in self.switch.mac_table)
         if op == "mappings":  # the grant mappings this process holds: [granter domid, ref]

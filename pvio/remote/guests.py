@@ -31,6 +31,7 @@ import trio
 
 from pvio.frontends.guests import NicGuest
 from pvio.frontends.netstack import udp_packet
+from pvio.remote.child import child_counters
 
 SEQ = struct.Struct("!I")
 UDP_PAYLOAD_OFFSET = 14 + 20 + 8  # Ethernet + IPv4 + UDP: where the sequence number is
@@ -144,7 +145,7 @@ class StreamGuest(NicGuest):
         if op == "receive":
             return await self._receive(**params)
         if op == "counters":
-            return dict(self.hv.counters.snapshot().as_dict())
+            return child_counters(self)
         raise ValueError(f"unknown call {op!r}")
 
     def _prepare(self, dst_mac: str, dst_ip: str, packets: int, size: int = 64, start: int = 0) -> int:
