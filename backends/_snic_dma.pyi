@@ -5,19 +5,22 @@ from typing import Any
 def rx_batch(
     descs: bytes, frames: list[bytes], mem: Any, pool_base: int, pool_size: int, pool_count: int, /
 ) -> tuple[bytes, int, int, int, int, int, int, int, int]: ...
-def tx_area_batch(
+
+HDR_STRIDE: int
+
+def tx_guest_batch(
     descs: bytes,
     mem: Any,
     pool_base: int,
     pool_size: int,
     pool_count: int,
     start: int,
-    area: Any,
     frames: Any,
+    heads: Any,
+    hdrs: Any,
     nf: int,
-    head: int,
     /,
-) -> tuple[bytes, int, int, int, int, int, int, int, int]: ...
+) -> tuple[bytes, int, int, int, int, int, int, int]: ...
 def rx_area_batch(
     descs: bytes,
     area_mem: Any,
@@ -29,7 +32,22 @@ def rx_area_batch(
     pool_base: int,
     pool_size: int,
     pool_count: int,
+    hdrs: Any = None,
     /,
 ) -> tuple[bytes, int, int, int, int, int, int, int, int]: ...
-def area_bytes(area_mem: Any, gfns: Any, frames: Any, idx: Any, n: int, /) -> list[bytes]: ...
+def area_bytes(
+    area_mem: Any, gfns: Any, frames: Any, idx: Any, n: int, hdrs: Any = None, /
+) -> list[bytes]: ...
+def area_copy(
+    area_mem: Any,
+    gfns: Any,
+    frames: Any,
+    idx: Any,
+    n: int,
+    hdrs: Any,
+    dst: Any,
+    dst_frames: Any,
+    head: int,
+    /,
+) -> tuple[int, int, int]: ...
 def frame_entries(frames: Any, idx: Any, n: int, /) -> bytes: ...

@@ -195,15 +195,18 @@ from pvio.abi.smartnic import (
 )
 from pvio.abi.xen import DOMID_IO
 from pvio.backends.smartnic_dma import (
+    ETH_HEADER_LEN,
+    HDR_STRIDE,
     NP_FRAME,
     STOP_FULL,
     STOP_GRANTED,
     area_bytes,
+    area_copy,
     frame_entries,
     place,
     rx_area_batch,
     rx_batch,
-    tx_area_batch,
+    tx_guest_batch,
 )
 from pvio.backends.switch import Switch, SwitchPort
 from pvio.core._native import ffi
@@ -317,6 +320,47 @@ class TxAreas:
             self.spare.append(area)
 
 
+class GuestFrameBatch(FrameBatch):
+    """A smart NIC's TX batch whose frames still lie in the sender's guest memory (no DMA yet).
+
+    As a :class:`FrameBatch` it is the frames' *headers*: ``area``/``frames`` are the snapshot
+    ``tx_guest_batch`` took of each frame's first 14 bytes (frame k at ``HDR_STRIDE * k`` of the
+    device's header area, with its real length), so the switch's decision reads bytes the
+    guest can no longer change.  The frames themselves are ``gframes`` (``struct np_frame``
+    entries whose position is the guest-physical address, in ``mem``, the sender's RAM), valid
+    during the switch's call: the sender completes their descriptors after it returns.
+
+    A smart NIC egress port copies each frame once, straight from ``mem`` into a posted RX
+    buffer, with the snapshot over its header (``rx_area_batch`` with ``hdrs``).  Every other
+    use copies it first: :meth:`materialize` into ``bytes`` (counted by the caller), or
+    :meth:`settled` into one of the sender's TX areas (once per batch, counted by the sender).
+    """
+
+    __slots__ = ("_settled", "gfbuf", "hdrs", "mem", "nic")
+
+    def __init__(
+        self, nic: SmartNic, mem: Any, gfbuf: Any, hdrs: Any, heads_area: Area, heads: Any, n: int
+    ) -> None:
+        super().__init__(heads_area, heads, n)
+        self.nic = nic
+        self.mem = mem
+        self.gfbuf = gfbuf
+        self.hdrs = hdrs
+        self._settled: FrameBatch | None = None
+
+    def settled(self) -> FrameBatch:
+        """The frames copied into the sender's TX area, once (counted as the sender's copies)."""
+        if self._settled is None:
+            self._settled = self.nic.settle(self)
+        return self._settled
+
+    def materialize(self, idx: Any = None, n: int | None = None) -> list[bytes]:
+        """The frames (``idx[0..n)``, or all) as ``bytes`` with their checked headers: one copy each."""
+        count = self.n if idx is None else (n or 0)
+        ib = ffi.buffer(idx, count * 4) if idx is not None else None
+        return area_bytes(self.mem, None, self.gfbuf, ib, count, self.hdrs)
+
+
 class RxSegment:
     """Frames waiting in a smart NIC's RX queue, oldest first: a list of ``bytes`` (``area`` None),
     or frames where they lie in an area (``entries``: their ``struct np_frame`` entries, from
@@ -402,6 +446,7 @@ class SmartNic(SwitchPort):
     """One smart NIC of one domain: its register window, its DMA engine and a switch port."""
 
     accepts_batches = True  # frames of a switch batch are DMA'd from where they lie (transmit_batch)
+    accepts_guest_batches = True  # ... even from another smart NIC's guest memory (GuestFrameBatch)
 
     def __init__(
         self, hv: Hypervisor, dom: Domain, switch: Switch, *, devid: int = 0, mac: bytes | None = None
@@ -442,6 +487,14 @@ class SmartNic(SwitchPort):
         # TX: frames are DMA'd into an area (the monitor's own memory, not dom0's), one switch
         # batch (FrameBatch) per ring drain: the switch decides in C and hands them on in place.
         self._tx_areas: TxAreas | None = None
+        # A TX batch left in guest memory (GuestFrameBatch): where its frames lie, and the
+        # snapshot of their headers the switch decides on (frame k's at HDR_STRIDE * k).
+        self._gframes = ffi.new("struct np_frame[]", SNIC_RING_MAX_ENTRIES)
+        self._gfbuf = ffi.buffer(self._gframes)
+        self._hdrs = bytearray(-(-SNIC_RING_MAX_ENTRIES * HDR_STRIDE // PAGE_SIZE) * PAGE_SIZE)
+        self._heads_area = Area(self._hdrs, range(len(self._hdrs) // PAGE_SIZE))
+        self._heads = ffi.new("struct np_frame[]", SNIC_RING_MAX_ENTRIES)
+        self._hbuf = ffi.buffer(self._heads)
         self._wake = trio.Event()
         self._irq_wanted = False
         self._wanted_since = 0.0
@@ -632,9 +685,13 @@ class SmartNic(SwitchPort):
                 self.dev[f"errors.{reason}"] += n
 
     def _tx_work(self) -> int:
-        """Send every posted TX descriptor: DMA from guest memory into the TX area
-        (``tx_area_batch``, in C, one call per batch; a granted page served here), then the frames
-        to the switch as one batch (its decision in C, each egress port taking them in place)."""
+        """Send every posted TX descriptor.  Pool buffers (``tx_guest_batch``, in C, one call per
+        batch) go to the switch as one :class:`GuestFrameBatch`: their frames stay in guest
+        memory, the switch decides on a snapshot of their headers, and each egress port copies
+        them from there (one DMA per frame and receiver).  A granted page is served here, DMA'd
+        into a TX area and sent as a batch of its own, in order.  The completions are written
+        once every frame has been switched: the guest gets no buffer back the device may still
+        read."""
         ring = self._tx
         if ring is None or self._tx_areas is None:
             return 0
@@ -646,37 +703,72 @@ class SmartNic(SwitchPort):
         if not data:
             return 0
         mem = self.dom.mem.view
-        area = self._tx_areas.fresh()
-        amem, fbuf = area.buffer, area.fbuf
         base, size, count = self._pool
         n = len(data) // DESC.size
         cmpls: list[bytes] = []
-        start = nf = head = nbytes = 0
+        start = nf = nbytes = 0
+        granted: tuple[TxArea, int, int, int] | None = None  # a TX area batch of granted pages
         while start < n:
-            done, start, stop, nf, head, nb, bad_len, bad_buf, bad_flags = tx_area_batch(
-                data, mem, base, size, count, start, amem, fbuf, nf, head
+            done, start, stop, nf, nb, bad_len, bad_buf, bad_flags = tx_guest_batch(
+                data, mem, base, size, count, start, self._gfbuf, self._hbuf, self._hdrs, nf
             )
             cmpls.append(done)
             nbytes += nb
             if bad_len or bad_buf or bad_flags:
                 self._count_refused(bad_len, bad_buf, bad_flags)
-            if stop == STOP_FULL:  # cannot happen with the area sized at ENABLE; handled all the same
-                self._send_batch(area, nf, head, nbytes)
-                area = self._tx_areas.fresh()
-                amem, fbuf = area.buffer, area.fbuf
-                nf = head = nbytes = 0
-            elif stop == STOP_GRANTED:  # a granted page: the grant table is Python's
-                done, area, nf, head, nbytes = self._tx_granted(data, start, area, nf, head, nbytes)
-                amem, fbuf = area.buffer, area.fbuf
+            if stop != STOP_GRANTED and stop != STOP_FULL:
+                break
+            if nf:  # what is entered goes now (STOP_FULL cannot happen: a drain is at most a ring)
+                if granted is not None:  # after the granted pages before it
+                    self._send_batch(*granted)
+                    granted = None
+                self._send_guest_batch(nf, nbytes)
+                nf = nbytes = 0
+            if stop == STOP_GRANTED:  # a granted page: the grant table is Python's
+                if granted is None:
+                    granted = (self._tx_areas.fresh(), 0, 0, 0)
+                done, area, anf, ahead, abytes = self._tx_granted(data, start, *granted)
+                granted = (area, anf, ahead, abytes)
                 cmpls.append(done)
                 start += 1
+        if granted is not None:
+            self._send_batch(*granted)
+        self._send_guest_batch(nf, nbytes)
         self._complete(ring, b"".join(cmpls))
-        self._send_batch(area, nf, head, nbytes)
         return n
 
+    def _send_guest_batch(self, nf: int, nbytes: int) -> None:
+        """Hand the ``nf`` frames ``tx_guest_batch`` entered to the switch as one
+        :class:`GuestFrameBatch` (valid during the call)."""
+        if not nf:
+            return
+        dev = self.dev
+        dev["packets.tx"] += nf
+        dev["bytes.tx"] += nbytes
+        dev["header_bytes"] += nf * ETH_HEADER_LEN  # the header snapshots the decision reads
+        batch = GuestFrameBatch(
+            self, self.dom.mem.view, self._gfbuf, self._hdrs, self._heads_area, self._heads, nf
+        )
+        self.switch.input_batch(self, batch)
+
+    def settle(self, batch: GuestFrameBatch) -> FrameBatch:
+        """Copy the frames of ``batch`` (this device's, still in guest memory) with their checked
+        headers into a TX area: the batch a port that keeps frames, or reads them from an area,
+        is handed (:meth:`GuestFrameBatch.settled`).  Counted as this device's DMA reads."""
+        assert self._tx_areas is not None
+        area = self._tx_areas.fresh()
+        copied, head, nbytes = area_copy(
+            batch.mem, None, batch.gfbuf, None, batch.n, batch.hdrs, area.buffer, area.fbuf, 0
+        )  # the area holds a full ring of the largest frames ENABLE allows: every frame fits
+        self.dev["copies"] += copied  # the DMA reads: guest memory -> the TX area
+        self.dev["copy_bytes"] += nbytes
+        area.c.head = head
+        area.c.tail = 0
+        return FrameBatch(area, area.frames, copied)
+
     def _send_batch(self, area: TxArea, nf: int, head: int, nbytes: int) -> None:
-        """Hand the ``nf`` frames in ``area`` to the switch (one batch; valid during the call, or
-        while a receiver borrows the area)."""
+        """Hand the ``nf`` frames DMA'd into ``area`` to the switch (one batch; valid during the
+        call, or while a receiver borrows the area)."""
         if not nf:
             return
         dev = self.dev
@@ -764,17 +856,22 @@ class SmartNic(SwitchPort):
                 delivered += 1
                 nbytes += flen
         self._rx_held = held
-        if too_big:
-            self.dev["drops.rx_too_big"] += too_big
         done_all = b"".join(cmpls)
-        self._complete(ring, done_all)
+        self._rx_done(done_all, delivered, nbytes, too_big)
+        return len(done_all) // CMPL.size
+
+    def _rx_done(self, cmpls: bytes, delivered: int, nbytes: int, too_big: int) -> None:
+        """Publish an RX pass's completions and count what it delivered and dropped."""
+        dev = self.dev
+        if too_big:
+            dev["drops.rx_too_big"] += too_big
+        if self._rx is not None:
+            self._complete(self._rx, cmpls)
         if delivered:
-            dev = self.dev
             dev["copies"] += delivered  # the DMA writes: into guest memory
             dev["copy_bytes"] += nbytes
             dev["packets.rx"] += delivered
             dev["bytes.rx"] += nbytes
-        return len(done_all) // CMPL.size
 
     def _complete(self, ring: BackRing, cmpls: bytes) -> None:
         """Publish packed completions; note whether the guest asked to be interrupted by them."""
@@ -901,10 +998,15 @@ class SmartNic(SwitchPort):
 
     def transmit_batch(self, batch: FrameBatch, idx: Any, n: int) -> None:
         """Frames ``idx[0..n)`` of a switch batch (``idx`` None: the first ``n``), valid during this
-        call: queued where they lie (behind what waits) and DMA'd from there into the buffers the
-        guest posted (``rx_area_batch``, in C).  Those left without a buffer borrow the area when
-        it is a smart NIC's TX area (no copy); otherwise, or when too many areas are lent, they are
-        copied out as ``bytes`` (``area_bytes``, one counted copy each)."""
+        call, DMA'd into the buffers the guest posted (``rx_area_batch``, in C).
+
+        Frames of a :class:`GuestFrameBatch` go straight from the sender's guest memory into
+        the buffers, each with its checked header (one copy), while nothing waits before them.
+        The rest queue where they lie (behind what waits; a guest batch settled first into the
+        sender's TX area) and are DMA'd from there; those still without a buffer when the call
+        ends borrow the area when it is a smart NIC's TX area (no copy); otherwise, or when too
+        many areas are lent, they are copied out as ``bytes`` (``area_bytes``, one counted copy
+        each)."""
         if not self.enabled:
             self.dev["drops.rx_disabled"] += n
             return
@@ -913,24 +1015,72 @@ class SmartNic(SwitchPort):
         if n > room:  # as transmit: the queue holds no more
             self.dev["drops.rx_queue_full"] += n - room
             n = room
-        frames = ffi.buffer(batch.frames, batch.n * NP_FRAME.size)
         ib = ffi.buffer(idx, n * 4) if idx is not None else None
-        seg = RxSegment(None, batch.area, frame_entries(frames, ib, n))
-        q.append(seg)
-        self._rx_work()
-        if seg.left:  # no buffers for these yet: keep them past this call
-            area = seg.area
-            if isinstance(area, TxArea) and area.pin():
-                seg.pinned = True
-            else:
-                assert area is not None
-                rest = area_bytes(area.mem, seg.gfns, seg.rest(), None, seg.left)
-                seg.frames, seg.area, seg.entries, seg.gfns = rest, None, b"", None
-                self.dev["copies"] += len(rest)
-                self.dev["copy_bytes"] += sum(map(len, rest))
+        taken = 0
+        if isinstance(batch, GuestFrameBatch) and not q.n:
+            taken = self._rx_direct(batch, ib, n)
+        if taken < n and self.enabled:
+            src = batch.settled()
+            frames = ffi.buffer(src.frames, src.n * NP_FRAME.size)
+            seg = RxSegment(None, src.area, frame_entries(frames, ib, n)[taken * NP_FRAME.size :])
+            q.append(seg)
+            self._rx_work()
+            if seg.left:  # no buffers for these yet: keep them past this call
+                area = seg.area
+                if isinstance(area, TxArea) and area.pin():
+                    seg.pinned = True
+                else:
+                    assert area is not None
+                    rest = area_bytes(area.mem, seg.gfns, seg.rest(), None, seg.left)
+                    seg.frames, seg.area, seg.entries, seg.gfns = rest, None, b"", None
+                    self.dev["copies"] += len(rest)
+                    self.dev["copy_bytes"] += sum(map(len, rest))
         self._moderate()
         if q.n or self._irq_wanted:
             self._wake.set()  # the task waits for buffers, or for the moderation deadline
+
+    def _rx_direct(self, batch: GuestFrameBatch, ib: Any, n: int) -> int:
+        """DMA frames ``ib[0..n)`` of a guest batch (``ib`` None: the first ``n``) from the
+        sender's memory into the buffers posted here, with their checked headers, until the
+        buffers run out or one names a granted page (left to the queue's path): frames taken."""
+        ring = self._rx
+        if ring is None:
+            return 0
+        mem = self.dom.mem.view
+        base, size, count = self._pool
+        held = self._rx_held
+        cmpls: list[bytes] = []
+        taken = delivered = nbytes = too_big = 0
+        while taken < n:
+            if not held:
+                try:
+                    held = ring.take_requests(n - taken)
+                except RingOverflowError:
+                    self._fault("ring_overflow")
+                    return 0
+                if not held:
+                    break  # starved: the rest wait for buffers
+            if ib is not None:  # the rest of the index, or the rest of the frames and their headers
+                fr, ix, hd = batch.gfbuf, memoryview(ib)[taken * 4 :], batch.hdrs
+            else:
+                fr, ix = memoryview(batch.gfbuf)[taken * NP_FRAME.size :], None
+                hd = memoryview(batch.hdrs)[taken * HDR_STRIDE :]
+            done, used, took, dl, nb, tb, bad_len, bad_buf, bad_flags = rx_area_batch(
+                held, batch.mem, None, fr, ix, n - taken, mem, base, size, count, hd
+            )
+            cmpls.append(done)
+            taken += took
+            delivered += dl
+            nbytes += nb
+            too_big += tb
+            if bad_len or bad_buf or bad_flags:
+                self._count_refused(bad_len, bad_buf, bad_flags)
+            held = held[used * DESC.size :]
+            if held:
+                break  # stopped at a granted page: the queue's path serves it
+        self._rx_held = held
+        self._rx_done(b"".join(cmpls), delivered, nbytes, too_big)
+        return taken
 
     # ------------------------------------------------------------------ lifecycle
     def detach(self) -> None:

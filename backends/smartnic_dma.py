@@ -3,15 +3,18 @@
 :mod:`pvio.backends.smartnic` takes a batch of descriptors off a ring (each copied out of the
 shared page once, by ring.c) and hands the copy to one of these: for each descriptor they check
 it, move the frame between guest memory and the device's side (the DMA) and write its
-completion.  :func:`tx_area_batch` DMAs TX frames into the device's TX area, where they form a
-:class:`~pvio.core.netpath.FrameBatch` for the switch (placed as ``pvio_np_place`` places
-them); :func:`rx_area_batch` writes frames of a switch batch from where they lie in its area,
-:func:`rx_batch` frames held as ``bytes``; :func:`area_bytes` copies frames of a batch out (a
-receiver keeping frames it cannot lend) and :func:`frame_entries` gathers their ``struct
-np_frame`` entries.  The C versions (``native/snic_dma.c``, module ``_snic_dma``) are the ones
-the device uses; :func:`tx_area_batch_py`, :func:`rx_area_batch_py`, :func:`rx_batch_py`,
-:func:`area_frames` and :func:`frame_entries_py` are the readable reference, held equal to them
-by ``tests/test_smartnic_dma.py`` on random and hostile input.
+completion.  :func:`tx_guest_batch` sends TX frames as a switch batch that stays in guest
+memory (positions are guest addresses) with a snapshot of each frame's 14-byte header, which
+the switch decides on; :func:`rx_area_batch` writes frames of a switch batch from where they
+lie (the sender's memory, with those checked headers over them, or an area) into posted
+buffers, :func:`rx_batch` frames held as ``bytes``; :func:`area_copy` copies frames of a batch
+into an area of the device's own (a frame that must wait, or goes to another kind of port),
+:func:`area_bytes` copies them out as ``bytes``, and :func:`frame_entries` gathers their
+``struct np_frame`` entries.  The C versions (``native/snic_dma.c``, module ``_snic_dma``) are
+the ones the device uses; :func:`tx_guest_batch_py`, :func:`rx_area_batch_py`,
+:func:`rx_batch_py`, :func:`area_copy_py`, :func:`area_frames` and :func:`frame_entries_py`
+are the readable reference, held equal to them by ``tests/test_smartnic_dma.py`` on random and
+hostile input.
 
 A descriptor naming a granted page (``SNIC_F_GREF``, otherwise well formed) needs the grant
 table, which lives in Python: both loops stop before it and say where, and the device serves
@@ -44,10 +47,12 @@ ETH_HEADER_LEN = 14
 PAGE = 4096
 #: ``struct np_frame`` (pvio/core/native/netpath.h): a frame of a switch batch, where it lies in its area.
 NP_FRAME = struct.Struct("<QII")
-STOP_END, STOP_GRANTED, STOP_FULL = 0, 1, 2  # why tx_area_batch stopped
+STOP_END, STOP_GRANTED, STOP_FULL = 0, 1, 2  # why tx_guest_batch stopped
+#: Frame k's checked header (its first 14 bytes) lies at ``HDR_STRIDE * k`` of a header buffer.
+HDR_STRIDE: int = _snic_dma.HDR_STRIDE
 
-#: (completions, end, stop, frame entries, area head, bytes sent, bad_len, bad_buf, bad_flags)
-TxAreaResult = tuple[bytes, int, int, int, int, int, int, int, int]
+#: (completions, end, stop, frame entries, bytes sent, bad_len, bad_buf, bad_flags)
+TxGuestResult = tuple[bytes, int, int, int, int, int, int, int]
 
 #: (completions, descriptors used, frames used, delivered, bytes, too_big, bad_len, bad_buf, bad_flags)
 RxResult = tuple[bytes, int, int, int, int, int, int, int, int]
@@ -122,25 +127,63 @@ def place(head: int, length: int) -> int:
     return head
 
 
-def tx_area_batch_py(
+def area_frames(
+    area_mem: Any, gfns: list[int] | None, frames: Any, idx: list[int] | None, n: int, hdrs: Any = None
+) -> list[bytes]:
+    """Frames ``idx[0..n)`` (or ``0..n-1``) of a switch batch as ``bytes``, read where they lie:
+    area position p is byte ``p % 4096`` of page ``gfns[(p >> 12) % len(gfns)]`` of ``area_mem``
+    (``gfns`` None: position p is byte p of ``area_mem``, guest memory as the area).  With
+    ``hdrs``, frame k's checked header (``hdrs[HDR_STRIDE * k:]``) replaces its first 14 bytes."""
+    out = []
+    for j in range(n):
+        k = idx[j] if idx is not None else j
+        if (k + 1) * NP_FRAME.size > len(frames) or (hdrs is not None and (k + 1) * HDR_STRIDE > len(hdrs)):
+            raise ValueError("rx_batch: a batch frame outside its area")
+        pos, length, _pad = NP_FRAME.unpack_from(frames, k * NP_FRAME.size)
+        chunks, done = [], 0
+        while done < length:
+            p = pos + done
+            off = p & (PAGE - 1)
+            chunk = min(length - done, PAGE - off)
+            page = gfns[(p >> 12) % len(gfns)] if gfns is not None else p >> 12
+            at = page * PAGE + off
+            if at + chunk > len(area_mem):
+                raise ValueError("rx_batch: a batch frame outside its area")
+            chunks.append(bytes(area_mem[at : at + chunk]))
+            done += chunk
+        frame = b"".join(chunks)
+        if hdrs is not None:
+            cut = min(length, ETH_HEADER_LEN)
+            frame = bytes(hdrs[k * HDR_STRIDE : k * HDR_STRIDE + cut]) + frame[cut:]
+        out.append(frame)
+    return out
+
+
+def tx_guest_batch_py(
     descs: bytes,
     mem: Any,
     pool_base: int,
     pool_size: int,
     pool_count: int,
     start: int,
-    area: Any,
     frames: Any,
+    heads: Any,
+    hdrs: Any,
     nf: int,
-    head: int,
-) -> TxAreaResult:
-    """Send descriptors ``start``.. of ``descs``: each frame DMA'd into ``area`` (contiguous: area
-    page i is bytes ``i*4096..`` of it) at ``head``, placed as :func:`place` places, and entered
-    as ``struct np_frame`` number ``nf`` of the buffer ``frames``: a batch for the switch's C
-    decision.  Stops before a granted page (STOP_GRANTED) or a frame there is no room for
-    (STOP_FULL).  The reference of ``_snic_dma.tx_area_batch``."""
+) -> TxGuestResult:
+    """Send descriptors ``start``.. of ``descs`` as a batch left in guest memory: no DMA yet.
+    Each good frame is entered as ``struct np_frame`` number ``nf`` of ``frames`` at its guest
+    address (guest memory is the batch's area, with no page table: ``area_frames(mem, None, ..)``),
+    and its first 14 bytes are snapshotted into ``hdrs`` at ``HDR_STRIDE * nf`` and entered in
+    ``heads`` there: the switch decides on the snapshot, which the guest can no longer change,
+    and every later copy of the frame puts the snapshot over the header it reads.  Stops
+    before a granted page (STOP_GRANTED) or when a table is full (STOP_FULL).  The reference
+    of ``_snic_dma.tx_guest_batch``."""
     pool = (pool_base, pool_size, pool_count)
-    mem_len, cap = len(mem), len(frames) // NP_FRAME.size
+    mem_len = len(mem)
+    cap = min(len(frames) // NP_FRAME.size, len(heads) // NP_FRAME.size, len(hdrs) // HDR_STRIDE)
+    if len(descs) % DESC.size or not 0 <= start <= len(descs) // DESC.size or not 0 <= nf <= cap:
+        raise ValueError("tx_guest_batch: partial descriptors, or start/nf out of range")
     cmpls: list[bytes] = []
     refused = [0, 0, 0]
     nbytes = 0
@@ -157,36 +200,50 @@ def tx_area_batch_py(
             refused[_STATUS_INDEX[at]] += 1
             cmpls.append(CMPL.pack(desc_id, 0, at, 0))
             continue
-        pos = place(head, length)
-        if nf == cap or pos + length > len(area):
+        if nf == cap:
             stop = STOP_FULL
             break
         end += 1
-        area[pos : pos + length] = mem[at : at + length]  # the DMA read: guest memory -> the area
-        NP_FRAME.pack_into(frames, nf * NP_FRAME.size, pos, length, 0)
+        h = nf * HDR_STRIDE
+        hdrs[h : h + HDR_STRIDE] = bytes(mem[at : at + ETH_HEADER_LEN]) + bytes(HDR_STRIDE - ETH_HEADER_LEN)
+        NP_FRAME.pack_into(frames, nf * NP_FRAME.size, at, length, 0)
+        NP_FRAME.pack_into(heads, nf * NP_FRAME.size, h, length, 0)
         nf += 1
-        head = pos + length
         nbytes += length
         cmpls.append(CMPL.pack(desc_id, length, SNIC_OK, 0))
-    return b"".join(cmpls), end, stop, nf, head, nbytes, refused[0], refused[1], refused[2]
+    return b"".join(cmpls), end, stop, nf, nbytes, refused[0], refused[1], refused[2]
 
 
-def area_frames(area_mem: Any, gfns: list[int], frames: Any, idx: list[int] | None, n: int) -> list[bytes]:
-    """Frames ``idx[0..n)`` (or ``0..n-1``) of a switch batch as ``bytes``, read where they lie:
-    area position p is byte ``p % 4096`` of page ``gfns[(p >> 12) % len(gfns)]`` of ``area_mem``."""
-    out = []
-    for j in range(n):
-        pos, length, _pad = NP_FRAME.unpack_from(frames, (idx[j] if idx is not None else j) * NP_FRAME.size)
-        chunks, done = [], 0
-        while done < length:
-            p = pos + done
-            off = p & (PAGE - 1)
-            chunk = min(length - done, PAGE - off)
-            at = gfns[(p >> 12) % len(gfns)] * PAGE + off
-            chunks.append(bytes(area_mem[at : at + chunk]))
-            done += chunk
-        out.append(b"".join(chunks))
-    return out
+def area_copy_py(
+    area_mem: Any,
+    gfns: list[int] | None,
+    frames: Any,
+    idx: list[int] | None,
+    n: int,
+    hdrs: Any,
+    dst: Any,
+    dst_frames: Any,
+    head: int,
+) -> tuple[int, int, int]:
+    """Copy frames ``idx[0..n)`` of a switch batch (read as :func:`area_frames` reads them, with
+    their checked headers) into the contiguous area ``dst`` at ``head``, placed as :func:`place`
+    places, frame j entered as ``struct np_frame`` j of ``dst_frames``; stops when either is
+    full.  (copied, head, bytes).  The reference of ``_snic_dma.area_copy``."""
+    if head > len(dst):
+        raise ValueError("area_copy: head past the area")
+    batch = area_frames(area_mem, gfns, frames, idx, n, hdrs)
+    cap = len(dst_frames) // NP_FRAME.size
+    copied = nbytes = 0
+    for frame in batch[:cap]:
+        pos = place(head, len(frame))
+        if pos + len(frame) > len(dst):
+            break
+        dst[pos : pos + len(frame)] = frame
+        NP_FRAME.pack_into(dst_frames, copied * NP_FRAME.size, pos, len(frame), 0)
+        head = pos + len(frame)
+        copied += 1
+        nbytes += len(frame)
+    return copied, head, nbytes
 
 
 def rx_area_batch_py(
@@ -200,10 +257,12 @@ def rx_area_batch_py(
     pool_base: int,
     pool_size: int,
     pool_count: int,
+    hdrs: Any = None,
 ) -> RxResult:
-    """:func:`rx_batch_py` on frames of a switch batch where they lie (the reference of
-    ``_snic_dma.rx_area_batch``, which copies each straight from the area into its buffer)."""
-    batch = area_frames(area_mem, gfns, frames, idx, n)
+    """:func:`rx_batch_py` on frames of a switch batch where they lie, with their checked headers
+    when ``hdrs`` is given (the reference of ``_snic_dma.rx_area_batch``, which copies each
+    straight from the area into its buffer)."""
+    batch = area_frames(area_mem, gfns, frames, idx, n, hdrs)
     return rx_batch_py(descs, batch, mem, pool_base, pool_size, pool_count)
 
 
@@ -212,25 +271,6 @@ def rx_batch(
 ) -> RxResult:
     """:func:`rx_batch_py` in C: one call per batch."""
     result: RxResult = _snic_dma.rx_batch(descs, frames, mem, pool_base, pool_size, pool_count)
-    return result
-
-
-def tx_area_batch(
-    descs: bytes,
-    mem: Any,
-    pool_base: int,
-    pool_size: int,
-    pool_count: int,
-    start: int,
-    area: Any,
-    frames: Any,
-    nf: int,
-    head: int,
-) -> TxAreaResult:
-    """:func:`tx_area_batch_py` in C: one call per batch."""
-    result: TxAreaResult = _snic_dma.tx_area_batch(
-        descs, mem, pool_base, pool_size, pool_count, start, area, frames, nf, head
-    )
     return result
 
 
@@ -245,17 +285,49 @@ def rx_area_batch(
     pool_base: int,
     pool_size: int,
     pool_count: int,
+    hdrs: Any = None,
 ) -> RxResult:
-    """:func:`rx_area_batch_py` in C (``gfns``: the pages as uint64; ``idx``: uint32 indices or None)."""
+    """:func:`rx_area_batch_py` in C (``gfns``: the pages as uint64, or None; ``idx``: uint32
+    indices or None)."""
     result: RxResult = _snic_dma.rx_area_batch(
-        descs, area_mem, gfns, frames, idx, n, mem, pool_base, pool_size, pool_count
+        descs, area_mem, gfns, frames, idx, n, mem, pool_base, pool_size, pool_count, hdrs
     )
     return result
 
 
-def area_bytes(area_mem: Any, gfns: Any, frames: Any, idx: Any, n: int) -> list[bytes]:
-    """:func:`area_frames` in C (``gfns``: the pages as uint64; ``idx``: uint32 indices or None)."""
-    result: list[bytes] = _snic_dma.area_bytes(area_mem, gfns, frames, idx, n)
+def area_bytes(area_mem: Any, gfns: Any, frames: Any, idx: Any, n: int, hdrs: Any = None) -> list[bytes]:
+    """:func:`area_frames` in C (``gfns``: the pages as uint64, or None; ``idx``: uint32 indices
+    or None)."""
+    result: list[bytes] = _snic_dma.area_bytes(area_mem, gfns, frames, idx, n, hdrs)
+    return result
+
+
+def tx_guest_batch(
+    descs: bytes,
+    mem: Any,
+    pool_base: int,
+    pool_size: int,
+    pool_count: int,
+    start: int,
+    frames: Any,
+    heads: Any,
+    hdrs: Any,
+    nf: int,
+) -> TxGuestResult:
+    """:func:`tx_guest_batch_py` in C: one call per batch."""
+    result: TxGuestResult = _snic_dma.tx_guest_batch(
+        descs, mem, pool_base, pool_size, pool_count, start, frames, heads, hdrs, nf
+    )
+    return result
+
+
+def area_copy(
+    area_mem: Any, gfns: Any, frames: Any, idx: Any, n: int, hdrs: Any, dst: Any, dst_frames: Any, head: int
+) -> tuple[int, int, int]:
+    """:func:`area_copy_py` in C (``gfns``, ``idx``, ``hdrs`` as :func:`area_bytes` takes them)."""
+    result: tuple[int, int, int] = _snic_dma.area_copy(
+        area_mem, gfns, frames, idx, n, hdrs, dst, dst_frames, head
+    )
     return result
 
 

@@ -123,6 +123,10 @@ class SwitchPort:
     #: The port takes frames of a :class:`~pvio.core.netpath.FrameBatch` in place (it implements
     #: ``transmit_batch``); otherwise the switch hands it ``bytes`` (one counted copy each).
     accepts_batches: bool = False
+    #: The port's ``transmit_batch`` also takes batches whose frames still lie in the sender's
+    #: guest memory (``pvio.backends.smartnic.GuestFrameBatch``: the smart NIC's), copying each
+    #: once with its checked header; any other port gets such a batch settled (one counted copy).
+    accepts_guest_batches: bool = False
 
     def __init__(self, name: str, counters: CounterRegistry | None = None) -> None:
         if not name:
@@ -435,7 +439,7 @@ class Switch:
             self._transmit(port, self._copy_out(batch, idx, n), n_flooded)
             return False
         try:
-            port.transmit_batch(batch, idx, n)
+            port.transmit_batch(batch if port.accepts_guest_batches else batch.settled(), idx, n)
         except Exception:
             self._port_failed(port, "transmit_batch", n)
             return False

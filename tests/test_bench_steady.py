@@ -15,9 +15,12 @@ def test_a_steady_stream_times_its_rounds_after_the_warm_up(model: str) -> None:
     run = trio.run(bench.steady_stream, model, 2000, 500, 2)
     assert run.model == model and run.packets == 2000 and len(run.rates) == 2
     assert all(r > 0 for r in run.rates)
-    assert run.per_packet["copies"] == 2.0  # two copies outside the guests per frame, every round
+    # PV: two copies outside the guests per frame (the grant copies); the smart NIC: one DMA per
+    # frame, two for a frame that waited for an RX buffer (how many did depends on the host)
+    copies = run.per_packet["copies"]
+    assert copies == 2.0 if model == "pv" else 1.0 <= copies <= 2.0
     row = run.row()
-    assert row["pps"] == round(max(run.rates), 1) and row["rounds"] == 2 and row["copies_per_pkt"] == 2.0
+    assert row["pps"] == round(max(run.rates), 1) and row["rounds"] == 2 and row["copies_per_pkt"] == copies
 
 
 def test_pvio_bench_steady_json_and_a_bad_model(capsys: pytest.CaptureFixture[str]) -> None:

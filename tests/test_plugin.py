@@ -17,7 +17,8 @@ import pytest
 async def test_stream(pvio_env, run_scenario, autojump_clock, model):
     async with pvio_env(model, guest="py") as env:
         result = await run_scenario(env, "stream", packets=40, offered_load=1000)
-    assert result.packets == 40 and result.per_packet["copies"] == 2
+    # one copy each way, but the smart NIC DMAs from the sender's memory to the receiver's
+    assert result.packets == 40 and result.per_packet["copies"] == (1 if model == "smartnic" else 2)
 
 async def test_pingpong(pvio_env, run_scenario, autojump_clock):
     async with pvio_env("smartnic") as env:
@@ -55,7 +56,10 @@ import pytest
 async def test_stream(pvio_env, run_scenario, model):
     async with pvio_env(model, guest="py") as env:
         result = await run_scenario(env, "stream", packets=40)
-    assert result.packets == 40 and result.per_packet["copies"] == 2
+    # a smart NIC frame that finds no RX buffer waits in the sender's TX area: one more copy,
+    # and how many wait depends on the interleaving
+    low, high = (1, 2) if model == "smartnic" else (2, 2)
+    assert result.packets == 40 and low <= result.per_packet["copies"] <= high
 """
 
 
@@ -118,5 +122,5 @@ def test_pvio_bench_puts_the_per_packet_counters_into_extra_info(project: pytest
     info = report["benchmarks"][0]["extra_info"]
     assert info["model"] == "smartnic" and info["scenario"] == "stream" and info["packets"] == 64
     assert {"interrupts_per_pkt", "exits_per_pkt", "hypercalls_per_pkt", "copies_per_pkt", "pps"} <= set(info)
-    assert info["copies_per_pkt"] == 2.0
+    assert 1.0 <= info["copies_per_pkt"] <= 2.0  # one DMA per frame, two if it waited for a buffer
     result.stdout.fnmatch_lines(["*pvio device models*", "smartnic*py*stream*saturation*64*"])

@@ -46,6 +46,7 @@ from pvio.abi.smartnic import (
     SNIC_ID,
     SNIC_IRQ_BASE,
     SNIC_MMIO_BASE,
+    SNIC_MMIO_STRIDE,
     SNIC_OK,
     SNIC_RING,
     SNIC_RING_ENTRIES,
@@ -81,22 +82,26 @@ def frame_to(dst: bytes, src: bytes, n: int = 64, fill: int = 0x5A) -> bytes:
 class RawDriver:
     """A guest driving the smart NIC by hand: rings, a pool of 8 x 2048 bytes, raw descriptors."""
 
-    def __init__(self, g: Probe) -> None:
+    def __init__(self, g: Probe, devid: int = 0, pool: int | None = None) -> None:
+        """Drive smart NIC ``devid`` of ``g``, with a pool of its own or at ``pool`` (shared)."""
         self.g = g
+        self.base = BASE + devid * SNIC_MMIO_STRIDE
         self.tx_gfn, self.rx_gfn = g.alloc_page(), g.alloc_page()
         self.tx = FrontRing(SNIC_RING, g.page(self.tx_gfn))
         self.rx = FrontRing(SNIC_RING, g.page(self.rx_gfn))
         g.domain.on_destroy.append(lambda _d: (self.tx.release(), self.rx.release()))
-        pages = [g.alloc_page() for _ in range(POOL_BUFS * BUF_SIZE // PAGE_SIZE)]
-        assert pages == list(range(pages[0], pages[0] + len(pages)))
-        self.pool = pages[0] << PAGE_SHIFT
-        self.port = g.listen(g.evtchn_bind_virq(SNIC_IRQ_BASE))
+        if pool is None:
+            pages = [g.alloc_page() for _ in range(POOL_BUFS * BUF_SIZE // PAGE_SIZE)]
+            assert pages == list(range(pages[0], pages[0] + len(pages)))
+            pool = pages[0] << PAGE_SHIFT
+        self.pool = pool
+        self.port = g.listen(g.evtchn_bind_virq(SNIC_IRQ_BASE + devid))
 
     def wr(self, reg: int, value: int) -> None:
-        self.g.mmio_write(BASE + reg, 4, value)
+        self.g.mmio_write(self.base + reg, 4, value)
 
     def rd(self, reg: int) -> int:
-        return self.g.mmio_read(BASE + reg, 4)
+        return self.g.mmio_read(self.base + reg, 4)
 
     def configure(self, *, tx: int | None = None, mod: tuple[int, int, int] | None = None) -> None:
         self.wr(REG_TX_RING_LO, (self.tx_gfn << PAGE_SHIFT) if tx is None else tx)
@@ -155,7 +160,7 @@ def test_moderation_levels_follow_the_rate_bands() -> None:
 
 
 async def test_a_pool_buffer_is_sent_by_dma_and_completed_in_shared_memory(hv: pvio.Hypervisor) -> None:
-    d, nic, _switch, cap = await snic_guest(hv)
+    d, nic, switch, cap = await snic_guest(hv)
     assert d.rd(REG_ID) == SNIC_ID
     d.enable()
     assert d.rd(REG_STATUS) == ST_ENABLED
@@ -166,7 +171,10 @@ async def test_a_pool_buffer_is_sent_by_dma_and_completed_in_shared_memory(hv: p
     assert d.g.domain.counters["exits"] - exits == 1  # the doorbell: the send happens on that exit
     assert list(cap.frames) == [frame]
     assert d.tx_done() == [(77, 100, SNIC_OK, 0)]
-    assert nic.dev["copies"] == 1 and nic.dev["doorbells"] == 1
+    # the frame stayed in guest memory until the capture port copied it out (the switch's copy);
+    # the device took only the snapshot of its header
+    assert (nic.dev["copies"], switch.counters["copies"]) == (0, 1) and nic.dev["doorbells"] == 1
+    assert nic.dev["header_bytes"] == 14
 
 
 async def test_a_granted_page_is_sent_and_received_into(hv: pvio.Hypervisor) -> None:
@@ -396,7 +404,8 @@ def test_saturation_counts_on_the_real_clock_are_within_2x_of_mockclock() -> Non
 
     mock = trio.run(stream, clock=trio.testing.MockClock(autojump_threshold=0))
     real = trio.run(stream)
-    assert mock["copies"] == real["copies"] == 4000
+    # one DMA per frame, one more for each frame that found no RX buffer (the interleaving's)
+    assert mock["copies"] == 2256 and 2000 <= real["copies"] <= 4000
     for key in ("interrupts", "exits", "hypercalls"):
         assert real[key] <= 2 * max(1, mock[key]), (key, mock, real)
 

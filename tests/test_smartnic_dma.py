@@ -1,6 +1,6 @@
 """The smart NIC's DMA loops: the C versions (``backends/native/snic_dma.c``) against the Python
-reference (``tx_area_batch_py``, ``rx_batch_py``, ``rx_area_batch_py``, ``area_frames``,
-``frame_entries_py`` in ``pvio.backends.smartnic_dma``).
+reference (``tx_guest_batch_py``, ``rx_batch_py``, ``rx_area_batch_py``,
+``area_frames``, ``area_copy_py``, ``frame_entries_py`` in ``pvio.backends.smartnic_dma``).
 
 Random batches of descriptors -- mostly valid, many hostile (pool indices past the pool,
 offsets and lengths past the buffer, zero and runt lengths, unknown flags, granted pages
@@ -19,12 +19,16 @@ import pytest
 
 from pvio.abi.smartnic import CMPL, DESC, SNIC_F_GREF
 from pvio.backends.smartnic_dma import (
+    ETH_HEADER_LEN,
+    HDR_STRIDE,
     NP_FRAME,
     PAGE,
     STOP_END,
     STOP_FULL,
     STOP_GRANTED,
     area_bytes,
+    area_copy,
+    area_copy_py,
     area_frames,
     frame_entries,
     frame_entries_py,
@@ -33,8 +37,8 @@ from pvio.backends.smartnic_dma import (
     rx_area_batch_py,
     rx_batch,
     rx_batch_py,
-    tx_area_batch,
-    tx_area_batch_py,
+    tx_guest_batch,
+    tx_guest_batch_py,
 )
 
 ROUNDS = 3000 if os.environ.get("PVIO_FUZZ") == "1" else 300
@@ -75,34 +79,38 @@ def test_rx_batches_agree(seed: int) -> None:
         assert mem_c == mem_py
 
 
+def guest_tables(cap: int) -> tuple[bytearray, bytearray, bytearray]:
+    """Empty frame, header-entry and header tables for ``cap`` frames of a guest batch."""
+    return bytearray(cap * NP_FRAME.size), bytearray(cap * NP_FRAME.size), bytearray(cap * HDR_STRIDE)
+
+
 def test_a_granted_page_stops_the_batch_before_it() -> None:
     mem = bytearray(MEM)
     mem[0:64] = bytes(range(64))
     descs = (
-        DESC.pack(0, 0, 64, 7, 0, 0) + DESC.pack(5, 0, 64, 8, SNIC_F_GREF, 0) + DESC.pack(0, 0, 64, 9, 0, 0)
+        DESC.pack(0, 0, 64, 7, 0, 0) + DESC.pack(5, 0, 64, 8, SNIC_F_GREF, 0) + DESC.pack(1, 0, 64, 9, 0, 0)
     )
-    area, frames = bytearray(PAGE), bytearray(4 * NP_FRAME.size)
-    cmpls, end, stop, nf, head, nbytes, *refused = tx_area_batch(
-        descs, memoryview(mem), 0, 2048, 4, 0, area, frames, 0, 0
-    )
+    tables = guest_tables(4)
+    cmpls, end, stop, nf, nbytes, *refused = tx_guest_batch(descs, memoryview(mem), 0, 2048, 4, 0, *tables, 0)
     assert cmpls == CMPL.pack(7, 64, 0, 0)
-    assert (end, stop, nf, head, nbytes, refused) == (1, STOP_GRANTED, 1, 64, 64, [0, 0, 0])
-    assert area_frames(area, [0], frames, None, 1) == [bytes(range(64))]
-    resumed = tx_area_batch(descs, memoryview(mem), 0, 2048, 4, 2, area, frames, nf, head)
-    assert resumed[1:5] == (3, STOP_END, 2, 128)  # resumed after it: to the end
+    assert (end, stop, nf, nbytes, refused) == (1, STOP_GRANTED, 1, 64, [0, 0, 0])
+    assert area_frames(mem, None, tables[0], None, 1, tables[2]) == [bytes(range(64))]
+    resumed = tx_guest_batch(descs, memoryview(mem), 0, 2048, 4, 2, *tables, nf)
+    assert resumed[1:5] == (3, STOP_END, 2, 64)  # resumed after it: to the end
+    assert NP_FRAME.unpack_from(tables[0], 16) == (2048, 64, 0)  # buffer 1, where it lies
 
 
 def test_bad_arguments_raise_instead_of_reading_past_the_batch() -> None:
     mem = memoryview(bytearray(MEM))
-    area, frames = bytearray(PAGE), bytearray(4 * NP_FRAME.size)
+    tables = guest_tables(4)
     with pytest.raises(ValueError):
-        tx_area_batch(b"\0" * 15, mem, 0, 2048, 4, 0, area, frames, 0, 0)
+        tx_guest_batch(b"\0" * 15, mem, 0, 2048, 4, 0, *tables, 0)
     with pytest.raises(ValueError):
-        tx_area_batch(b"\0" * 16, mem, 0, 2048, 4, 2, area, frames, 0, 0)  # start past the end
+        tx_guest_batch(b"\0" * 16, mem, 0, 2048, 4, 2, *tables, 0)  # start past the end
     with pytest.raises(ValueError):
-        tx_area_batch(b"\0" * 16, mem, 0, 2048, 4, 0, area, frames, 5, 0)  # nf past the frame table
-    with pytest.raises(ValueError):
-        tx_area_batch(b"\0" * 16, mem, 0, 2048, 4, 0, area, frames, 0, PAGE + 1)  # head past the area
+        tx_guest_batch(b"\0" * 16, mem, 0, 2048, 4, 0, *tables, 5)  # nf past the frame tables
+    with pytest.raises(ValueError):  # a header table shorter than the frame tables bounds them
+        tx_guest_batch(b"\0" * 16, mem, 0, 2048, 4, 0, tables[0], tables[1], bytearray(HDR_STRIDE), 2)
     with pytest.raises(ValueError):
         rx_batch(b"\0" * 17, [], mem, 0, 2048, 4)
     with pytest.raises(TypeError):
@@ -111,48 +119,28 @@ def test_bad_arguments_raise_instead_of_reading_past_the_batch() -> None:
         rx_batch(b"", [], memoryview(bytes(MEM)), 0, 2048, 4)  # RX needs writable memory
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_tx_into_an_area_agrees(seed: int) -> None:
-    """tx_area_batch: the same completions, counts, frame entries and area bytes as the reference,
-    with areas and frame tables small enough to fill up (STOP_FULL) and granted pages (STOP_GRANTED)."""
-    rng = random.Random(200 + seed)
-    stops = set()
-    for _ in range(ROUNDS):
-        mem = bytearray(rng.randbytes(MEM))
-        base, size, count = pool(rng)
-        descs = b"".join(random_desc(rng, count, size) for _ in range(rng.randrange(0, 40)))
-        start = rng.randrange(0, len(descs) // DESC.size + 1)
-        area_len = rng.choice([PAGE, 3 * PAGE, 40 * PAGE])
-        cap = rng.choice([1, 8, 64])
-        nf = rng.randrange(0, cap + 1)
-        head = rng.randrange(0, area_len + 1)
-        fill_area, fill_frames = rng.randbytes(area_len), rng.randbytes(cap * NP_FRAME.size)
-        area_c, area_py = bytearray(fill_area), bytearray(fill_area)
-        fr_c, fr_py = bytearray(fill_frames), bytearray(fill_frames)
-        got_c = tx_area_batch(descs, memoryview(mem), base, size, count, start, area_c, fr_c, nf, head)
-        got_py = tx_area_batch_py(descs, memoryview(mem), base, size, count, start, area_py, fr_py, nf, head)
-        assert got_c == got_py
-        assert (area_c, fr_c) == (area_py, fr_py)
-        stops.add(got_c[2])
-    assert stops == {STOP_END, STOP_GRANTED, STOP_FULL}  # every way out was taken
-
-
-def test_tx_into_an_area_places_frames_as_the_switch_expects() -> None:
+def test_frames_copied_into_an_area_are_placed_as_the_switch_expects() -> None:
     mem = bytearray(MEM)
     for k in range(4):
         mem[k * 2048 : k * 2048 + 2000] = bytes([k + 1]) * 2000
     descs = b"".join(DESC.pack(k, 0, 2000, k, 0, 0) for k in range(4))
+    tables = guest_tables(8)
+    cmpls, end, stop, nf, nbytes, *refused = tx_guest_batch(descs, memoryview(mem), 0, 2048, 4, 0, *tables, 0)
+    assert cmpls == b"".join(CMPL.pack(k, 2000, 0, 0) for k in range(4))
+    assert (end, stop, nf, nbytes, refused) == (4, STOP_END, 4, 8000, [0, 0, 0])
     area, frames = bytearray(4 * PAGE), bytearray(8 * NP_FRAME.size)
-    cmpls, end, stop, nf, head, nbytes, *refused = tx_area_batch(
-        descs, memoryview(mem), 0, 2048, 4, 0, area, frames, 0, 0
+    assert area_copy(mem, None, bytes(tables[0]), None, nf, bytes(tables[2]), area, frames, 0) == (
+        4,
+        8096,
+        8000,
     )
     # two frames of 2000 bytes share a page; the third does not fit its rest and starts the next
     assert [NP_FRAME.unpack_from(frames, k * 16)[:2] for k in range(nf)] == [
         (0, 2000), (2000, 2000), (4096, 2000), (6096, 2000)
     ]  # fmt: skip
-    assert cmpls == b"".join(CMPL.pack(k, 2000, 0, 0) for k in range(4))
-    assert (end, stop, nf, head, nbytes, refused) == (4, STOP_END, 4, 8096, 8000, [0, 0, 0])
     assert area_frames(area, list(range(4)), frames, None, 4) == [bytes([k + 1]) * 2000 for k in range(4)]
+    small = bytearray(PAGE)  # room for two: area_copy stops at the third
+    assert area_copy(mem, None, bytes(tables[0]), None, nf, bytes(tables[2]), small, frames, 0)[0] == 2
 
 
 def random_area(rng: random.Random) -> tuple[bytearray, list[int], bytearray, int]:
@@ -244,3 +232,124 @@ def test_rx_from_an_area_refuses_a_broken_batch() -> None:
             continue
         with pytest.raises(ValueError):
             rx_area_batch(desc, area_mem, gfns, frames, idx, n, mem, 0, 2048, 4)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_tx_as_a_guest_batch_agrees(seed: int) -> None:
+    """tx_guest_batch: the same completions, counts, frame entries (guest addresses), header
+    entries and header snapshots as the reference, with tables small enough to fill up; the
+    batch it leaves reads back as the frames in guest memory."""
+    rng = random.Random(500 + seed)
+    stops = set()
+    for _ in range(ROUNDS):
+        mem = bytearray(rng.randbytes(MEM))
+        base, size, count = pool(rng)
+        descs = b"".join(random_desc(rng, count, size) for _ in range(rng.randrange(0, 40)))
+        start = rng.randrange(0, len(descs) // DESC.size + 1)
+        cap = rng.choice([1, 8, 64])
+        nf = rng.randrange(0, cap + 1)
+        fills = [
+            rng.randbytes(cap * NP_FRAME.size),
+            rng.randbytes(cap * NP_FRAME.size),
+            rng.randbytes(cap * HDR_STRIDE),
+        ]
+        bufs_c = [bytearray(f) for f in fills]
+        bufs_py = [bytearray(f) for f in fills]
+        got_c = tx_guest_batch(descs, memoryview(mem), base, size, count, start, *bufs_c, nf)
+        got_py = tx_guest_batch_py(descs, memoryview(mem), base, size, count, start, *bufs_py, nf)
+        assert got_c == got_py
+        assert bufs_c == bufs_py
+        stops.add(got_c[2])
+        frames, heads, hdrs = bufs_c
+        for k in range(nf, got_c[3]):  # the frames it entered: where they lie, and their headers
+            pos, length, _ = NP_FRAME.unpack_from(frames, k * NP_FRAME.size)
+            assert NP_FRAME.unpack_from(heads, k * NP_FRAME.size) == (k * HDR_STRIDE, length, 0)
+            assert hdrs[k * HDR_STRIDE : k * HDR_STRIDE + ETH_HEADER_LEN] == mem[pos : pos + ETH_HEADER_LEN]
+        got = area_frames(mem, None, frames, list(range(nf, got_c[3])), got_c[3] - nf, hdrs)
+        assert got == [
+            bytes(mem[p : p + n]) for p, n, _ in NP_FRAME.iter_unpack(frames[nf * 16 : got_c[3] * 16])
+        ]
+    assert stops == {STOP_END, STOP_GRANTED, STOP_FULL}
+
+
+def random_guest_batch(rng: random.Random) -> tuple[bytearray, bytearray, bytearray, int]:
+    """Guest memory, frames lying anywhere in it (across pages, overlapping, up to its last
+    byte) and random checked headers for them: a batch tx_guest_batch could have left."""
+    mem = bytearray(rng.randbytes(MEM))
+    entries = []
+    for _ in range(rng.randrange(0, 30)):
+        length = rng.choice([14, 64, rng.randrange(14, 3000), PAGE + 1, 2 * PAGE + 7])
+        pos = rng.choice([rng.randrange(0, MEM - length + 1), MEM - length, PAGE - 10])
+        entries.append(NP_FRAME.pack(pos, length, 0))
+    hdrs = bytearray(rng.randbytes(len(entries) * HDR_STRIDE))
+    return mem, bytearray(b"".join(entries)), hdrs, len(entries)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_rx_from_guest_memory_with_checked_headers_agrees(seed: int) -> None:
+    """rx_area_batch, area_bytes and area_copy on a batch left in guest memory (no page table:
+    ``gfns`` None) with its checked headers: the same as the reference, and every frame
+    delivered, copied out or copied into an area is its bytes in memory under its header."""
+    rng = random.Random(600 + seed)
+    for _ in range(ROUNDS):
+        src, frames, hdrs, nfr = random_guest_batch(rng)
+        idx = [rng.randrange(nfr) for _ in range(rng.randrange(0, 2 * nfr))] if nfr else []
+        use_idx = bool(idx) and rng.random() < 0.5
+        n = len(idx) if use_idx else nfr
+        ib = array.array("I", idx).tobytes() if use_idx else None
+        which = idx if use_idx else None
+        want = area_frames(src, None, frames, which, n, hdrs)
+        for j, frame in enumerate(want):
+            pos, length, _ = NP_FRAME.unpack_from(frames, (which[j] if which else j) * NP_FRAME.size)
+            k = which[j] if which else j
+            cut = min(length, ETH_HEADER_LEN)
+            assert frame == bytes(hdrs[k * HDR_STRIDE : k * HDR_STRIDE + cut]) + bytes(
+                src[pos + cut : pos + length]
+            )
+        assert area_bytes(src, None, bytes(frames), ib, n, bytes(hdrs)) == want
+        fill = rng.randbytes(MEM)
+        mem_c, mem_py = bytearray(fill), bytearray(fill)
+        base, size, count = pool(rng)
+        descs = b"".join(random_desc(rng, count, size) for _ in range(rng.randrange(0, 40)))
+        got_c = rx_area_batch(
+            descs, src, None, bytes(frames), ib, n, memoryview(mem_c), base, size, count, hdrs
+        )
+        got_py = rx_area_batch_py(
+            descs, src, None, frames, which, n, memoryview(mem_py), base, size, count, hdrs
+        )
+        assert got_c == got_py
+        assert mem_c == mem_py
+        dst_len = rng.choice([PAGE, 8 * PAGE, 40 * PAGE])
+        cap = rng.choice([1, 8, 64])
+        head = rng.randrange(0, dst_len + 1)
+        fill_dst, fill_fr = rng.randbytes(dst_len), rng.randbytes(cap * NP_FRAME.size)
+        dst_c, dst_py = bytearray(fill_dst), bytearray(fill_dst)
+        dfr_c, dfr_py = bytearray(fill_fr), bytearray(fill_fr)
+        copied = area_copy(src, None, bytes(frames), ib, n, bytes(hdrs), dst_c, dfr_c, head)
+        assert copied == area_copy_py(src, None, frames, which, n, hdrs, dst_py, dfr_py, head)
+        assert (dst_c, dfr_c) == (dst_py, dfr_py)
+        assert area_frames(dst_c, list(range(dst_len // PAGE)), dfr_c, None, copied[0]) == want[: copied[0]]
+
+
+def test_a_guest_batch_frame_outside_guest_memory_is_refused() -> None:
+    """A frame entry reaching past guest memory (it cannot come from tx_guest_batch, which checks
+    every window) is an error in every reader, never a read past the memory."""
+    src = bytes(2 * PAGE)
+    frames = NP_FRAME.pack(2 * PAGE - 10, 64, 0)
+    hdrs = bytes(HDR_STRIDE)
+    mem = memoryview(bytearray(MEM))
+    with pytest.raises(ValueError):
+        area_bytes(src, None, frames, None, 1, hdrs)
+    with pytest.raises(ValueError):
+        rx_area_batch(DESC.pack(0, 0, 2048, 1, 0, 0), src, None, frames, None, 1, mem, 0, 2048, 4, hdrs)
+    with pytest.raises(ValueError):
+        area_copy(src, None, frames, None, 1, hdrs, bytearray(PAGE), bytearray(16), 0)
+    with pytest.raises(ValueError):
+        area_frames(src, None, frames, None, 1, hdrs)
+    for read in (area_bytes, area_frames):  # a header missing for frame 1
+        with pytest.raises(ValueError):
+            read(src, None, NP_FRAME.pack(0, 64, 0) * 2, None, 2, hdrs)
+    with pytest.raises(ValueError):  # nf past the tables
+        tx_guest_batch(
+            b"", memoryview(bytearray(MEM)), 0, 2048, 4, 0, bytearray(16), bytearray(16), bytearray(16), 2
+        )

@@ -1,20 +1,24 @@
-"""The smart NIC on the switch's batch path: TX DMA'd into the device's own area and switched as
-one batch (the switch's C decision), RX DMA'd straight from a batch's area into guest buffers.
+"""The smart NIC on the switch's batch path: TX frames left in the sender's memory and switched
+as one batch (the switch's C decision, on a snapshot of their headers), RX DMA'd straight from
+there into the receiver's buffers: one copy per frame.
 
-Frames that find no RX buffer stay where they lie: the receiver borrows the sender's TX area
-(no copy) and the sender DMAs its next batches into spare areas, so they are never overwritten;
-beyond ``MAX_LENT_AREAS`` lent areas, or for an area that is not a smart NIC's (netback's, one
-made by hand), the frames are copied out as ``bytes`` and that copy is counted.  Every count
-below is exact: the paths are synchronous (a doorbell sends on its exit)."""
+A frame that finds no RX buffer, or goes to a port that is not a smart NIC, is first DMA'd into
+the sender's TX area (counted as the sender's copy); a waiting receiver borrows that area (no
+further copy) and the sender uses spare areas meanwhile, so queued frames are never
+overwritten; beyond ``MAX_LENT_AREAS`` lent areas, or for an area that is not a smart NIC's
+(netback's, one made by hand), the frames are copied out as ``bytes`` and that copy is counted.
+Every count below is exact: the paths are synchronous (a doorbell sends on its exit)."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import pvio
 from pvio.abi.smartnic import DESC, SNIC_F_GREF, SNIC_OK
 from pvio.abi.xen import DOMID_IO
-from pvio.backends.smartnic import MAX_LENT_AREAS, SmartNic, TxArea, add_smartnic
+from pvio.backends.smartnic import MAX_LENT_AREAS, GuestFrameBatch, SmartNic, TxArea, add_smartnic
 from pvio.backends.smartnic_dma import NP_FRAME
-from pvio.backends.switch import Switch
+from pvio.backends.switch import Switch, SwitchPort
 from pvio.core import netpath
 from pvio.core._native import ffi
 from pvio.core.netpath import Area, CPath, FrameBatch, PythonPath
@@ -60,13 +64,15 @@ def received(d: RawDriver, n: int) -> list[bytes]:
     return [bytes(d.buf(cid)[:length]) for cid, length, _st, _fl in done]
 
 
-async def test_frames_cross_the_switch_as_one_batch_with_one_copy_each_way(hv: pvio.Hypervisor) -> None:
+async def test_frames_cross_the_switch_as_one_batch_with_one_copy_each(hv: pvio.Hypervisor) -> None:
+    """The sender's frames stay in its memory (the switch decides on a snapshot of their headers)
+    and the receiver's DMA copies each from there into a posted buffer: one copy per frame."""
     da, a, db, b, switch = await pair(hv)
     db.post_rx(*(DESC.pack(i, 0, BUF_SIZE, i, 0, 0) for i in range(POOL_BUFS)))
     frames = [frame_to(b.mac, a.mac, 60 + i, fill=i) for i in range(POOL_BUFS)]
     send(da, frames)
     assert [bytes(db.buf(c[0])[: c[1]]) for c in db.rx_done()] == frames
-    assert (a.dev["copies"], a.dev["copy_bytes"]) == (POOL_BUFS, sum(map(len, frames)))
+    assert (a.dev["copies"], a.dev["header_bytes"]) == (0, 14 * POOL_BUFS)
     assert (b.dev["copies"], b.dev["copy_bytes"]) == (POOL_BUFS, sum(map(len, frames)))
     assert switch.counters["forwarded"] == POOL_BUFS and switch.counters["copies"] == 0
     assert lent(a) == 0 and not b._rx_queue
@@ -82,7 +88,7 @@ async def test_the_switchs_python_decision_takes_the_frames_as_bytes_and_counts_
     frames = [frame_to(b.mac, a.mac, 64, fill=i) for i in range(4)]
     send(da, frames)
     assert [bytes(db.buf(c[0])[: c[1]]) for c in db.rx_done()] == frames
-    assert (switch.counters["copies"], a.dev["copies"], b.dev["copies"]) == (4, 4, 4)
+    assert (switch.counters["copies"], a.dev["copies"], b.dev["copies"]) == (4, 0, 4)
 
 
 async def test_frames_without_buffers_borrow_the_senders_area_and_are_never_overwritten(
@@ -91,8 +97,8 @@ async def test_frames_without_buffers_borrow_the_senders_area_and_are_never_over
     da, a, db, b, _switch = await pair(hv)
     first = [frame_to(b.mac, a.mac, 64, fill=0x10 + i) for i in range(3)]
     second = [frame_to(b.mac, a.mac, 100, fill=0x20 + i) for i in range(3)]
-    send(da, first)  # b has no buffers: the frames wait in a's TX area, lent to b
-    assert lent(a) == 1 and len(b._rx_queue) == 3 and b.dev["copies"] == 0
+    send(da, first)  # b has no buffers: the frames are DMA'd into a's TX area, lent to b
+    assert lent(a) == 1 and len(b._rx_queue) == 3 and (a.dev["copies"], b.dev["copies"]) == (3, 0)
     send(da, second)  # a DMAs into a spare area: the first batch stays as it was
     assert lent(a) == 2 and len(b._rx_queue) == 6
     assert received(db, 6) == first + second
@@ -181,3 +187,102 @@ async def test_a_disabled_receiver_drops_a_batch_and_keeps_nothing(hv: pvio.Hype
     assert area is not None
     b.transmit_batch(FrameBatch(area, area.frames, 2), None, 2)
     assert b.dev["drops.rx_disabled"] == 2 and lent(a) == 0 and not b._rx_queue
+
+
+BROADCAST = b"\xff" * 6
+
+
+class Meddler(SwitchPort):
+    """A port that, when a batch reaches it, records what it was handed and then rewrites the
+    sender's buffer 0 -- as a guest on another core could while the switch works: a spoofed
+    source MAC and new payload bytes."""
+
+    accepts_batches = True
+
+    def __init__(self, sender: RawDriver) -> None:
+        super().__init__("meddler")
+        self.sender = sender
+        self.seen: list[tuple[bool, list[bytes], list[Any]]] = []
+
+    def transmit(self, frames: list[bytes]) -> None:
+        raise AssertionError("batches only")
+
+    def transmit_batch(self, batch: FrameBatch, idx: Any, n: int) -> None:
+        self.seen.append(
+            (isinstance(batch, GuestFrameBatch), batch.materialize(idx, n), self.sender.tx_done())
+        )
+        self.sender.buf(0)[6:12] = b"\x02\xee\xee\xee\xee\xee"
+        self.sender.buf(0)[20:24] = b"late"
+
+
+async def test_receivers_get_the_header_the_switch_checked_whatever_the_sender_writes_later(
+    hv: pvio.Hypervisor,
+) -> None:
+    """The decision reads a snapshot of each header; a smart NIC receiver copies the frame from
+    the sender's memory as it is when the copy is made, with that snapshot over its header, so
+    a source MAC rewritten after the check never leaves the switch.  A port that is not a smart
+    NIC gets the frames settled into the sender's TX area first, and the sender completes its
+    descriptors only once the switch has handed every frame on."""
+    da, a, db, b, switch = await pair(hv)
+    meddler = Meddler(da)
+    switch.detach(b)
+    switch.attach(meddler)
+    switch.attach(b)  # flooded frames reach the meddler first, then b
+    db.post_rx(DESC.pack(0, 0, BUF_SIZE, 3, 0, 0))
+    frame = frame_to(BROADCAST, a.mac, 64, fill=5)
+    da.buf(0)[:64] = frame
+    da.send(DESC.pack(0, 0, 64, 9, 0, 0))
+    ((guest_batch, handed, done_then),) = meddler.seen
+    assert not guest_batch and handed == [frame]  # settled: a copy made before it meddled
+    assert done_then == []  # no completion while the switch still works on the frame
+    assert da.tx_done() == [(9, 64, SNIC_OK, 0)]
+    assert db.rx_done() == [(3, 64, SNIC_OK, 0)]
+    got = bytes(db.buf(0)[:64])
+    assert got[:14] == frame[:14] and got[20:24] == b"late"  # the checked header, the live payload
+    assert switch.counters["drops.spoofed_mac"] == 0 and switch.counters["flooded"] == 1
+    assert (a.dev["copies"], b.dev["copies"]) == (1, 1)  # the settling DMA, b's DMA
+
+
+async def test_granted_pages_between_pool_buffers_are_sent_in_order(hv: pvio.Hypervisor) -> None:
+    da, a, db, b, _switch = await pair(hv)
+    gfn = da.g.alloc_page()
+    ref = da.g.grant_access(DOMID_IO, gfn)
+    frames = [frame_to(b.mac, a.mac, 64 + k, fill=k) for k in range(5)]
+    for k in (0, 3, 4):
+        da.buf(k)[: len(frames[k])] = frames[k]
+    da.g.page(gfn)[0:65] = frames[1]
+    da.g.page(gfn)[1000:1066] = frames[2]
+    db.post_rx(*(DESC.pack(i, 0, BUF_SIZE, i, 0, 0) for i in range(5)))
+    da.send(
+        DESC.pack(0, 0, 64, 0, 0, 0),
+        DESC.pack(ref, 0, 65, 1, SNIC_F_GREF, 0),
+        DESC.pack(ref, 1000, 66, 2, SNIC_F_GREF, 0),
+        DESC.pack(3, 0, 67, 3, 0, 0),
+        DESC.pack(4, 0, 68, 4, 0, 0),
+    )
+    assert [c[:3] for c in da.tx_done()] == [(k, 64 + k, SNIC_OK) for k in range(5)]
+    assert [bytes(db.buf(c[0])[: c[1]]) for c in db.rx_done()] == frames
+    # the granted pages were DMA'd into a's TX area; the pool buffers went straight to b
+    assert a.dev["copies"] == 2 and b.dev["copies"] == 5 and a.dev["header_bytes"] == 14 * 3
+
+
+async def test_a_frame_sent_to_another_smart_nic_of_the_same_guest_into_its_own_buffer(
+    hv: pvio.Hypervisor,
+) -> None:
+    """A hostile guest posts the very buffer it sends from as the RX buffer of its second smart
+    NIC: the copy overlaps itself and the frame lands with its checked header, nothing raises."""
+    switch = Switch(hv.counters)
+    g = await boot(hv, Probe("g", memory_pages=96), name="g")
+    nic0 = add_smartnic(hv, g.domain, switch, devid=0)
+    nic1 = add_smartnic(hv, g.domain, switch, devid=1)
+    d0 = RawDriver(g)
+    d0.enable()
+    d1 = RawDriver(g, devid=1, pool=d0.pool)
+    d1.enable()
+    frame = frame_to(nic1.mac, nic0.mac, 300, fill=9)
+    d0.buf(0)[2:302] = frame
+    d1.post_rx(DESC.pack(0, 0, BUF_SIZE, 7, 0, 0))  # buffer 0: the frame lies in it, 2 bytes in
+    d0.send(DESC.pack(0, 2, 300, 1, 0, 0))
+    assert d1.rx_done() == [(7, 300, SNIC_OK, 0)]
+    assert bytes(d0.buf(0)[:300]) == frame
+    assert d0.tx_done() == [(1, 300, SNIC_OK, 0)]

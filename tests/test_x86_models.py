@@ -50,7 +50,7 @@ PINNED: dict[tuple[str, int], dict[str, tuple[dict[str, int], dict[str, tuple[in
             {"dom0": (1, 5, 5), "a": (2, 5, 5), "b": (1, 2, 2)},
         ),
         "smartnic": (
-            {"interrupts": 2, "exits": 5, "hypercalls": 4, "copies": 120},
+            {"interrupts": 2, "exits": 5, "hypercalls": 4, "copies": 60},
             {"dom0": (0, 0, 0), "a": (1, 3, 2), "b": (1, 2, 2)},
         ),
     },
@@ -64,7 +64,7 @@ PINNED: dict[tuple[str, int], dict[str, tuple[dict[str, int], dict[str, tuple[in
             {"dom0": (40, 200, 200), "a": (41, 100, 100), "b": (40, 99, 99)},
         ),
         "smartnic": (
-            {"interrupts": 2, "exits": 6, "hypercalls": 4, "copies": 80},
+            {"interrupts": 2, "exits": 6, "hypercalls": 4, "copies": 40},
             {"dom0": (0, 0, 0), "a": (1, 3, 2), "b": (1, 3, 2)},
         ),
     },
@@ -89,7 +89,9 @@ async def test_x86_scenarios_take_exact_counts(
     result = await _run(pvio_env, run_scenario, model, scenario, packets)
     assert result.guest == "x86"
     assert result.packets == (packets if scenario == "stream" else 2 * packets)
-    assert result.totals["copies"] == 2 * result.packets  # two per frame in every model
+    # two per frame (one each way), but one on the smart NIC: its DMA goes from the sender's
+    # memory straight into the receiver's buffer
+    assert result.totals["copies"] == (1 if model == "smartnic" else 2) * result.packets
     assert _observed(result) == PINNED[(scenario, packets)][model], _observed(result)
 
 
@@ -132,7 +134,7 @@ PINNED_PACED: dict[
             19,
         ),
         "smartnic": (
-            {"interrupts": 40, "exits": 119, "hypercalls": 99, "copies": 40},
+            {"interrupts": 40, "exits": 119, "hypercalls": 99, "copies": 20},
             {"dom0": (0, 0, 0), "a": (20, 79, 59), "b": (20, 40, 40)},
             19,
         ),
@@ -149,7 +151,7 @@ PINNED_PACED: dict[
             9,
         ),
         "smartnic": (  # A busy-polls for each answer: its interrupts are the timer's and the kick
-            {"interrupts": 20, "exits": 69, "hypercalls": 49, "copies": 40},
+            {"interrupts": 20, "exits": 69, "hypercalls": 49, "copies": 20},
             {"dom0": (0, 0, 0), "a": (10, 39, 29), "b": (10, 30, 20)},
             9,
         ),
@@ -254,6 +256,9 @@ def test_x86_smartnic_saturation_counts_on_the_real_clock_are_within_2x_of_mockc
 
     mock = trio.run(stream, clock=trio.testing.MockClock(autojump_threshold=0))
     real = trio.run(stream)
-    assert mock["copies"] == real["copies"] == 2000
+    # One DMA per frame, plus one for each frame that found no RX buffer and waited in the
+    # sender's TX area: how many did depends on how the two vCPUs interleave, so a bound.
+    assert mock["copies"] == 1128
+    assert 1000 <= real["copies"] <= 2000
     for key in ("interrupts", "exits", "hypercalls"):
         assert real[key] <= 2 * max(1, mock[key]), (key, mock, real)

@@ -3,17 +3,20 @@
  *
  * backends/smartnic.py takes a batch of descriptors from a ring (ring.c copies each out of
  * the shared page once) and hands the copy here: for each descriptor this checks it exactly
- * as the Python reference does (``tx_area_batch_py``, ``rx_batch_py``, ``rx_area_batch_py`` in
- * smartnic_dma.py, held equal to this by tests/test_smartnic_dma.py), moves the frame between
- * guest memory and the device's side (its TX area, Python ``bytes``, or a switch batch's area)
- * and writes the completion.  A descriptor naming a granted page (SNIC_F_GREF, well
- * formed) needs the grant table, which is Python's: the loop stops before it and returns its
- * index, and smartnic.py serves that one descriptor and calls again for the rest.
+ * as the Python reference does (``tx_guest_batch_py``, ``rx_batch_py``, ``rx_area_batch_py``,
+ * ``area_copy_py`` in smartnic_dma.py, held equal to this by tests/test_smartnic_dma.py), moves
+ * the frame between guest memory and the device's side and writes the completion.  A
+ * descriptor naming a granted page (SNIC_F_GREF, well formed) needs the grant table, which is
+ * Python's: the loop stops before it and returns its index, and smartnic.py serves that one
+ * descriptor and calls again for the rest.
  *
- * The switch's batch path: tx_area_batch DMAs frames into the device's TX area as a switch
- * batch (struct np_frame entries, netpath.h's layout); rx_area_batch writes frames of a batch from
- * where they lie in its area (every page a frame touches checked against the area's memory);
- * area_bytes copies frames of a batch out, frame_entries gathers their entries.
+ * The switch's batch path: tx_guest_batch leaves TX frames in guest memory as a switch batch
+ * (struct np_frame entries, netpath.h's layout, positions = guest addresses) and snapshots
+ * their headers, which the switch decides on; rx_area_batch writes frames of a batch from
+ * where they lie (the sender's memory, or an area: every page a frame touches is checked)
+ * into the buffers a guest posted, the checked headers over them; area_copy copies frames of
+ * a batch into an area of the device's own, area_bytes copies them out as bytes,
+ * frame_entries gathers their entries.
  *
  * Every descriptor is hostile: pool indices, offsets and lengths are range-checked against
  * the pool geometry the device validated at ENABLE *and* against the guest memory buffer
@@ -38,6 +41,9 @@
 #define STOP_END 0     /* every descriptor done */
 #define STOP_GRANTED 1 /* stopped before a granted page (Python's) */
 #define STOP_FULL 2    /* stopped: the area or the frame table is full (send what is there, go on) */
+/* A frame's checked header: its first ETH_HEADER_LEN bytes, snapshotted by tx_guest_batch, at
+ * HDR_STRIDE * k in a header buffer for frame k (the module exports it: one definition). */
+#define HDR_STRIDE 16
 
 struct desc {
     uint32_t buf;
@@ -100,36 +106,41 @@ static void count_refusal(int status, long *bad_len, long *bad_buf, long *bad_fl
         (*bad_flags)++;
 }
 
-/* tx_area_batch(descs, mem, pool_base, pool_size, pool_count, start, area, frames, nf, head)
- *   -> (cmpls, end, stop, nf, head, nbytes, bad_len, bad_buf, bad_flags)
- * Send descriptors from index start, each frame DMA'd into an area: ``area`` is contiguous
- * (area page i is bytes i*4096.. of it), each frame placed at ``head`` as pvio_np_place places
- * (never across a page when it fits one; a longer one from a page boundary) and entered as the
- * ``struct np_frame`` number nf of ``frames``: what the switch's C decision takes as a batch.
- * ``stop`` says why it ended: STOP_END, STOP_GRANTED (before descriptor ``end``), STOP_FULL
- * (the area or the frame table has no room for descriptor ``end``'s frame). */
-static PyObject *tx_area_batch(PyObject *self, PyObject *args)
+/* tx_guest_batch(descs, mem, pool_base, pool_size, pool_count, start, frames, heads, hdrs, nf)
+ *   -> (cmpls, end, stop, nf, nbytes, bad_len, bad_buf, bad_flags)
+ * Send descriptors from index start as a switch batch that stays in guest memory: each good
+ * frame is entered as ``struct np_frame`` number nf of ``frames`` with its guest-physical address
+ * as position (guest memory is the batch's area, page i at bytes i*4096..), and its header -- the
+ * first 14 bytes, the only ones the switch's decision reads -- is copied into ``hdrs`` at
+ * HDR_STRIDE * nf and entered in ``heads`` at that position: the decision runs on this snapshot,
+ * which the guest cannot change, and every copy of the frame made later writes it over the
+ * header it reads from guest memory.  The descriptors' checks are window()'s (a length below the
+ * Ethernet header: bad_len); stop is
+ * STOP_END, STOP_GRANTED or STOP_FULL (the frame tables are full). */
+static PyObject *tx_guest_batch(PyObject *self, PyObject *args)
 {
-    Py_buffer descs, mem, area, frames;
+    Py_buffer descs, mem, frames, heads, hdrs;
     struct pool pl;
     Py_ssize_t start, nf;
-    unsigned long long head;
-    if (!PyArg_ParseTuple(args, "y*y*KKKnw*w*nK", &descs, &mem, &pl.base, &pl.size, &pl.count, &start, &area,
-                          &frames, &nf, &head))
+    if (!PyArg_ParseTuple(args, "y*y*KKKnw*w*w*n", &descs, &mem, &pl.base, &pl.size, &pl.count, &start, &frames,
+                          &heads, &hdrs, &nf))
         return NULL;
     PyObject *cmpls = NULL, *result = NULL;
     Py_ssize_t n = descs.len / DESC_SIZE, cap = frames.len / (Py_ssize_t)sizeof(struct np_frame);
-    if (descs.len % DESC_SIZE || start < 0 || start > n || nf < 0 || nf > cap ||
-        head > (unsigned long long)area.len) {
-        PyErr_SetString(PyExc_ValueError, "tx_area_batch: partial descriptors, or start/nf/head out of range");
+    if (heads.len / (Py_ssize_t)sizeof(struct np_frame) < cap)
+        cap = heads.len / (Py_ssize_t)sizeof(struct np_frame);
+    if (hdrs.len / HDR_STRIDE < cap)
+        cap = hdrs.len / HDR_STRIDE;
+    if (descs.len % DESC_SIZE || start < 0 || start > n || nf < 0 || nf > cap) {
+        PyErr_SetString(PyExc_ValueError, "tx_guest_batch: partial descriptors, or start/nf out of range");
         goto out;
     }
     cmpls = PyBytes_FromStringAndSize(NULL, (n - start) * CMPL_SIZE);
     if (cmpls == NULL)
         goto out;
-    unsigned char *cp = (unsigned char *)PyBytes_AS_STRING(cmpls);
+    unsigned char *cp = (unsigned char *)PyBytes_AS_STRING(cmpls), *hp = hdrs.buf;
     const unsigned char *dp = (const unsigned char *)descs.buf;
-    struct np_frame *fr = frames.buf;
+    struct np_frame *fr = frames.buf, *hd = heads.buf;
     long long nbytes = 0;
     long bad_len = 0, bad_buf = 0, bad_flags = 0;
     int stop = STOP_END;
@@ -139,7 +150,7 @@ static PyObject *tx_area_batch(PyObject *self, PyObject *args)
         unsigned long long gpa = 0;
         int status = d.len < ETH_HEADER_LEN ? E_BAD_LEN : window(&d, &pl, mem.len, &gpa);
         if (status == 1) {
-            stop = STOP_GRANTED; /* a granted page: Python's */
+            stop = STOP_GRANTED;
             break;
         }
         if (status < 0) {
@@ -147,29 +158,29 @@ static PyObject *tx_area_batch(PyObject *self, PyObject *args)
             put_cmpl(cp + k++ * CMPL_SIZE, d.id, 0, (int16_t)status);
             continue;
         }
-        unsigned long long p = head, off = p & (PAGE - 1);
-        if (off && (d.len > PAGE || off + d.len > PAGE))
-            p = (p + PAGE - 1) & ~(unsigned long long)(PAGE - 1);
-        if (nf == cap || p + d.len > (unsigned long long)area.len) {
+        if (nf == cap) {
             stop = STOP_FULL;
             break;
         }
-        memcpy((char *)area.buf + p, (const char *)mem.buf + gpa, d.len); /* the DMA read */
-        fr[nf].pos = p, fr[nf].len = d.len, fr[nf].pad = 0;
+        unsigned char *h = hp + nf * HDR_STRIDE;
+        memcpy(h, (const char *)mem.buf + gpa, ETH_HEADER_LEN); /* the header snapshot */
+        memset(h + ETH_HEADER_LEN, 0, HDR_STRIDE - ETH_HEADER_LEN);
+        fr[nf].pos = gpa, fr[nf].len = d.len, fr[nf].pad = 0;
+        hd[nf].pos = (uint64_t)nf * HDR_STRIDE, hd[nf].len = d.len, hd[nf].pad = 0;
         nf++;
-        head = p + d.len;
         nbytes += d.len;
         put_cmpl(cp + k++ * CMPL_SIZE, d.id, d.len, 0);
     }
     if (_PyBytes_Resize(&cmpls, k * CMPL_SIZE) < 0)
         goto out;
-    result = Py_BuildValue("OninKLlll", cmpls, i, stop, nf, head, nbytes, bad_len, bad_buf, bad_flags);
+    result = Py_BuildValue("OninLlll", cmpls, i, stop, nf, nbytes, bad_len, bad_buf, bad_flags);
 out:
     Py_XDECREF(cmpls);
     PyBuffer_Release(&descs);
     PyBuffer_Release(&mem);
-    PyBuffer_Release(&area);
     PyBuffer_Release(&frames);
+    PyBuffer_Release(&heads);
+    PyBuffer_Release(&hdrs);
     return result;
 }
 
@@ -179,8 +190,10 @@ struct source {
     PyObject *list;           /* list of bytes, or NULL */
     const uint8_t *amem;      /* the area's memory */
     Py_ssize_t amem_len;
-    const uint64_t *gfn;      /* the area's pages */
+    const uint64_t *gfn;      /* the area's pages, or NULL: the area is amem itself (guest memory) */
     Py_ssize_t npages;
+    const uint8_t *hdr;       /* checked headers (HDR_STRIDE apart, by frame number), or NULL */
+    Py_ssize_t nhdr;
     const struct np_frame *fr; /* the batch's frames */
     Py_ssize_t nfr;
     const uint32_t *idx;      /* which of them, or NULL: all in order */
@@ -201,13 +214,13 @@ static Py_ssize_t source_len(const struct source *s, Py_ssize_t j, const struct 
         return PyBytes_GET_SIZE(f);
     }
     Py_ssize_t k = s->idx != NULL ? (Py_ssize_t)s->idx[j] : j;
-    if (k >= s->nfr || s->npages <= 0)
+    if (k >= s->nfr || (s->gfn != NULL && s->npages <= 0) || (s->hdr != NULL && k >= s->nhdr))
         goto bad;
     const struct np_frame *f = &s->fr[k];
     for (uint64_t done = 0; done < f->len;) {
         uint64_t pos = f->pos + done, off = pos & (PAGE - 1);
         uint64_t chunk = f->len - done < PAGE - off ? f->len - done : PAGE - off;
-        uint64_t page = s->gfn[(pos >> 12) % (uint64_t)s->npages];
+        uint64_t page = s->gfn != NULL ? s->gfn[(pos >> 12) % (uint64_t)s->npages] : pos >> 12;
         if (page > ((uint64_t)s->amem_len >> 12) || (page << 12) + off + chunk > (uint64_t)s->amem_len)
             goto bad;
         done += chunk;
@@ -219,7 +232,8 @@ bad:
     return -1;
 }
 
-/* Copy frame j (its length checked by source_len) to dst. */
+/* Copy frame j (its length checked by source_len) to dst, its checked header over the first
+ * bytes when the source has headers. */
 static void source_copy(const struct source *s, Py_ssize_t j, const struct np_frame *f, char *dst)
 {
     if (s->list != NULL) {
@@ -230,9 +244,13 @@ static void source_copy(const struct source *s, Py_ssize_t j, const struct np_fr
     for (uint64_t done = 0; done < f->len;) {
         uint64_t pos = f->pos + done, off = pos & (PAGE - 1);
         uint64_t chunk = f->len - done < PAGE - off ? f->len - done : PAGE - off;
-        uint64_t page = s->gfn[(pos >> 12) % (uint64_t)s->npages];
-        memcpy(dst + done, s->amem + (page << 12) + off, (size_t)chunk);
+        uint64_t page = s->gfn != NULL ? s->gfn[(pos >> 12) % (uint64_t)s->npages] : pos >> 12;
+        memmove(dst + done, s->amem + (page << 12) + off, (size_t)chunk); /* may overlap: same guest */
         done += chunk;
+    }
+    if (s->hdr != NULL) {
+        Py_ssize_t k = s->idx != NULL ? (Py_ssize_t)s->idx[j] : j;
+        memcpy(dst, s->hdr + k * HDR_STRIDE, f->len < ETH_HEADER_LEN ? f->len : ETH_HEADER_LEN);
     }
 }
 
@@ -289,28 +307,43 @@ out:
     return result;
 }
 
-/* The buffers of a switch batch, as rx_area_batch and area_bytes take them. */
+/* The buffers of a switch batch, as rx_area_batch and area_bytes take them: the area's memory,
+ * its page numbers (optional: None for an area that is the memory itself), the frame entries,
+ * an index array (optional) and the checked headers (optional). */
 struct batch_args {
-    Py_buffer amem, gfns, frames, idx;
+    Py_buffer amem, gfns, frames, idx, hdrs;
 };
+
+static int opt_buffer(PyObject *obj, Py_buffer *view)
+{
+    memset(view, 0, sizeof *view);
+    return obj == Py_None ? 0 : PyObject_GetBuffer(obj, view, PyBUF_SIMPLE);
+}
 
 static void release_batch(struct batch_args *b)
 {
     PyBuffer_Release(&b->amem);
-    PyBuffer_Release(&b->gfns);
     PyBuffer_Release(&b->frames);
+    if (b->gfns.obj != NULL)
+        PyBuffer_Release(&b->gfns);
     if (b->idx.obj != NULL)
         PyBuffer_Release(&b->idx);
+    if (b->hdrs.obj != NULL)
+        PyBuffer_Release(&b->hdrs);
 }
 
-/* Fill src from the buffers (idx_obj None: frames 0..n-1); 0, or -1 with ValueError. */
-static int batch_source(struct batch_args *b, PyObject *idx_obj, Py_ssize_t n, struct source *src)
+/* Fill src from the buffers (idx_obj None: frames 0..n-1); 0, or -1 with an exception set.  The
+ * optional buffers are taken here: release_batch lets go of whatever was taken, on any path. */
+static int batch_source(struct batch_args *b, PyObject *gfns_obj, PyObject *idx_obj, PyObject *hdrs_obj,
+                        Py_ssize_t n, struct source *src)
 {
-    b->idx.obj = NULL;
-    if (idx_obj != Py_None && PyObject_GetBuffer(idx_obj, &b->idx, PyBUF_SIMPLE) < 0)
+    memset(&b->gfns, 0, sizeof b->gfns), memset(&b->idx, 0, sizeof b->idx), memset(&b->hdrs, 0, sizeof b->hdrs);
+    if (opt_buffer(gfns_obj, &b->gfns) < 0 || opt_buffer(idx_obj, &b->idx) < 0 || opt_buffer(hdrs_obj, &b->hdrs) < 0)
         return -1;
     *src = (struct source){
-        .amem = b->amem.buf, .amem_len = b->amem.len, .gfn = b->gfns.buf, .npages = b->gfns.len / 8,
+        .amem = b->amem.buf, .amem_len = b->amem.len,
+        .gfn = b->gfns.obj != NULL ? b->gfns.buf : NULL, .npages = b->gfns.len / 8,
+        .hdr = b->hdrs.obj != NULL ? b->hdrs.buf : NULL, .nhdr = b->hdrs.len / HDR_STRIDE,
         .fr = b->frames.buf, .nfr = b->frames.len / (Py_ssize_t)sizeof(struct np_frame),
         .idx = b->idx.obj != NULL ? b->idx.buf : NULL, .n = n,
     };
@@ -322,17 +355,18 @@ static int batch_source(struct batch_args *b, PyObject *idx_obj, Py_ssize_t n, s
     return 0;
 }
 
-/* area_bytes(area_mem, gfns, frames, idx, n) -> list of bytes: frames of a switch batch copied
- * out (one copy each), for the RX queue when the guest has no buffers for them yet. */
+/* area_bytes(area_mem, gfns, frames, idx, n, hdrs=None) -> list of bytes: frames of a switch
+ * batch copied out (one copy each, the checked header over each when given), for a port that
+ * needs bytes or the RX queue when the guest has no buffers for them yet. */
 static PyObject *area_bytes(PyObject *self, PyObject *args)
 {
     struct batch_args b;
-    PyObject *idx_obj, *out = NULL;
+    PyObject *gfns_obj, *idx_obj, *hdrs_obj = Py_None, *out = NULL;
     Py_ssize_t n;
     struct source src;
-    if (!PyArg_ParseTuple(args, "y*y*y*On", &b.amem, &b.gfns, &b.frames, &idx_obj, &n))
+    if (!PyArg_ParseTuple(args, "y*Oy*On|O", &b.amem, &gfns_obj, &b.frames, &idx_obj, &n, &hdrs_obj))
         return NULL;
-    if (batch_source(&b, idx_obj, n, &src) < 0)
+    if (batch_source(&b, gfns_obj, idx_obj, hdrs_obj, n, &src) < 0)
         goto out;
     out = PyList_New(n);
     if (out == NULL)
@@ -351,6 +385,54 @@ static PyObject *area_bytes(PyObject *self, PyObject *args)
 out:
     release_batch(&b);
     return out;
+}
+
+/* area_copy(area_mem, gfns, frames, idx, n, hdrs, dst, dst_frames, head) -> (copied, head, nbytes)
+ * Copy frames idx[0..n) of a switch batch (the checked header over each when hdrs is given)
+ * into the contiguous area dst at head, placed as pvio_np_place places, frame j entered as
+ * ``struct np_frame`` j of dst_frames: a batch left in guest memory made the device's own, for
+ * a port that keeps frames past the call.  Stops early when dst or dst_frames is full. */
+static PyObject *area_copy(PyObject *self, PyObject *args)
+{
+    struct batch_args b;
+    Py_buffer dst, dfr;
+    PyObject *gfns_obj, *idx_obj, *hdrs_obj, *result = NULL;
+    Py_ssize_t n;
+    unsigned long long head;
+    struct source src;
+    if (!PyArg_ParseTuple(args, "y*Oy*OnOw*w*K", &b.amem, &gfns_obj, &b.frames, &idx_obj, &n, &hdrs_obj, &dst,
+                          &dfr, &head))
+        return NULL;
+    if (batch_source(&b, gfns_obj, idx_obj, hdrs_obj, n, &src) < 0)
+        goto out;
+    if (head > (unsigned long long)dst.len) {
+        PyErr_SetString(PyExc_ValueError, "area_copy: head past the area");
+        goto out;
+    }
+    struct np_frame *dfo = dfr.buf;
+    Py_ssize_t cap = dfr.len / (Py_ssize_t)sizeof(struct np_frame), j = 0;
+    long long nbytes = 0;
+    for (; j < n && j < cap; j++) {
+        const struct np_frame *f = NULL;
+        Py_ssize_t len = source_len(&src, j, &f);
+        if (len < 0)
+            goto out;
+        unsigned long long p = head, off = p & (PAGE - 1);
+        if (off && ((unsigned long long)len > PAGE || off + (unsigned long long)len > PAGE))
+            p = (p + PAGE - 1) & ~(unsigned long long)(PAGE - 1);
+        if (p + (unsigned long long)len > (unsigned long long)dst.len)
+            break;
+        source_copy(&src, j, f, (char *)dst.buf + p);
+        dfo[j].pos = p, dfo[j].len = (uint32_t)len, dfo[j].pad = 0;
+        head = p + (unsigned long long)len;
+        nbytes += len;
+    }
+    result = Py_BuildValue("nKL", j, head, nbytes);
+out:
+    release_batch(&b);
+    PyBuffer_Release(&dst);
+    PyBuffer_Release(&dfr);
+    return result;
 }
 
 /* frame_entries(frames, idx, n) -> bytes: the ``struct np_frame`` entries idx[0..n) of frames (idx
@@ -408,22 +490,25 @@ static PyObject *rx_batch(PyObject *self, PyObject *args)
     return result;
 }
 
-/* rx_area_batch(descs, area_mem, gfns, frames, idx, n, mem, pool_base, pool_size, pool_count)
+/* rx_area_batch(descs, area_mem, gfns, frames, idx, n, mem, pool_base, pool_size, pool_count,
+ *               hdrs=None)
  *   -> as rx_batch: frames of a switch batch (``struct np_frame`` entries in the buffer frames, the
- *   area's page numbers as uint64 in gfns, idx: uint32 indices into frames, or None for 0..n-1)
- *   written straight from the area into the guest's buffers. */
+ *   area's page numbers as uint64 in gfns or None when the area is area_mem itself, idx: uint32
+ *   indices into frames, or None for 0..n-1) written straight from the area into the guest's
+ *   buffers, each with its checked header (hdrs, HDR_STRIDE apart by frame number) over its
+ *   first bytes when given: the one copy of a frame from a sender's memory to a receiver's. */
 static PyObject *rx_area_batch(PyObject *self, PyObject *args)
 {
     struct batch_args b;
     Py_buffer descs, mem;
-    PyObject *idx_obj, *result = NULL;
+    PyObject *gfns_obj, *idx_obj, *hdrs_obj = Py_None, *result = NULL;
     Py_ssize_t n;
     struct pool pl;
     struct source src;
-    if (!PyArg_ParseTuple(args, "y*y*y*y*Onw*KKK", &descs, &b.amem, &b.gfns, &b.frames, &idx_obj, &n, &mem,
-                          &pl.base, &pl.size, &pl.count))
+    if (!PyArg_ParseTuple(args, "y*y*Oy*Onw*KKK|O", &descs, &b.amem, &gfns_obj, &b.frames, &idx_obj, &n, &mem,
+                          &pl.base, &pl.size, &pl.count, &hdrs_obj))
         return NULL;
-    if (batch_source(&b, idx_obj, n, &src) == 0)
+    if (batch_source(&b, gfns_obj, idx_obj, hdrs_obj, n, &src) == 0)
         result = rx_loop(descs.buf, descs.len, &src, &mem, &pl);
     release_batch(&b);
     PyBuffer_Release(&descs);
@@ -432,16 +517,19 @@ static PyObject *rx_area_batch(PyObject *self, PyObject *args)
 }
 
 static PyMethodDef methods[] = {
-    {"tx_area_batch", tx_area_batch, METH_VARARGS,
-     "tx_area_batch(descs, mem, pool_base, pool_size, pool_count, start, area, frames, nf, head) -> (cmpls, "
-     "end, stop, nf, head, nbytes, bad_len, bad_buf, bad_flags): send descriptors into an area (a switch batch)."},
+    {"tx_guest_batch", tx_guest_batch, METH_VARARGS,
+     "tx_guest_batch(descs, mem, pool_base, pool_size, pool_count, start, frames, heads, hdrs, nf) -> (cmpls, "
+     "end, stop, nf, nbytes, bad_len, bad_buf, bad_flags): send descriptors as a batch left in guest memory."},
     {"rx_area_batch", rx_area_batch, METH_VARARGS,
-     "rx_area_batch(descs, area_mem, gfns, frames, idx, n, mem, pool_base, pool_size, pool_count) -> as "
+     "rx_area_batch(descs, area_mem, gfns, frames, idx, n, mem, pool_base, pool_size, pool_count, hdrs=None) -> as "
      "rx_batch, for frames of a switch batch where they lie."},
+    {"area_copy", area_copy, METH_VARARGS,
+     "area_copy(area_mem, gfns, frames, idx, n, hdrs, dst, dst_frames, head) -> (copied, head, nbytes): frames "
+     "of a switch batch copied into a contiguous area."},
     {"frame_entries", frame_entries, METH_VARARGS,
      "frame_entries(frames, idx, n) -> bytes: struct np_frame entries idx[0..n) of frames, gathered."},
     {"area_bytes", area_bytes, METH_VARARGS,
-     "area_bytes(area_mem, gfns, frames, idx, n) -> frames of a switch batch as bytes (one copy each)."},
+     "area_bytes(area_mem, gfns, frames, idx, n, hdrs=None) -> frames of a switch batch as bytes (one copy each)."},
     {"rx_batch", rx_batch, METH_VARARGS,
      "rx_batch(descs, frames, mem, pool_base, pool_size, pool_count) -> (cmpls, descs_used, frames_used, "
      "delivered, nbytes, too_big, bad_len, bad_buf, bad_flags): write frames into posted buffers."},
@@ -454,4 +542,10 @@ static struct PyModuleDef module = {
     NULL, NULL, NULL, NULL,
 };
 
-PyMODINIT_FUNC PyInit__snic_dma(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__snic_dma(void)
+{
+    PyObject *m = PyModule_Create(&module);
+    if (m != NULL && PyModule_AddIntConstant(m, "HDR_STRIDE", HDR_STRIDE) < 0)
+        Py_CLEAR(m);
+    return m;
+}

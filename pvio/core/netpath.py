@@ -222,6 +222,14 @@ class FrameBatch:
     def __len__(self) -> int:
         return self.n
 
+    def settled(self) -> FrameBatch:
+        """This batch with its frames in an :class:`Area` of the producer's own memory, where
+        ``area``/``frames`` say: itself.  A batch whose frames still lie in a guest's memory
+        (the smart NIC's, ``pvio.backends.smartnic.GuestFrameBatch``) answers with a copy, made
+        once and counted by its producer: what the switch hands a port that reads frames from
+        ``area`` or keeps them past the call."""
+        return self
+
     def materialize(self, idx: Any = None, n: int | None = None) -> list[bytes]:
         """The frames (``idx[0..n)`` of them, or all) as ``bytes``: one copy each.
 
