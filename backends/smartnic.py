@@ -1019,7 +1019,9 @@ class SmartNic(SwitchPort):
         taken = 0
         if isinstance(batch, GuestFrameBatch) and not q.n:
             taken = self._rx_direct(batch, ib, n)
-        if taken < n and self.enabled:
+        if taken < n and not self.enabled:  # the guest broke its RX ring meanwhile (stopped)
+            self.dev["drops.rx_disabled"] += n - taken
+        elif taken < n:
             src = batch.settled()
             frames = ffi.buffer(src.frames, src.n * NP_FRAME.size)
             seg = RxSegment(None, src.area, frame_entries(frames, ib, n)[taken * NP_FRAME.size :])

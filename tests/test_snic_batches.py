@@ -11,6 +11,7 @@ Every count below is exact: the paths are synchronous (a doorbell sends on its e
 
 from __future__ import annotations
 
+import struct
 from typing import Any
 
 import pvio
@@ -286,3 +287,17 @@ async def test_a_frame_sent_to_another_smart_nic_of_the_same_guest_into_its_own_
     assert d1.rx_done() == [(7, 300, SNIC_OK, 0)]
     assert bytes(d0.buf(0)[:300]) == frame
     assert d0.tx_done() == [(1, 300, SNIC_OK, 0)]
+
+
+async def test_a_receiver_breaking_its_rx_ring_mid_batch_stops_alone_and_counts_the_frames(
+    hv: pvio.Hypervisor,
+) -> None:
+    """b's RX ring names an impossible index when a's frames arrive: b stops (ERROR) and counts
+    them as dropped; a's descriptors complete, and nothing raises."""
+    da, a, db, b, switch = await pair(hv)
+    struct.pack_into("<I", db.g.page(db.rx_gfn), 0, 100_000)  # req_prod far beyond the ring
+    frames = [frame_to(b.mac, a.mac, 64, fill=k) for k in range(3)]
+    send(da, frames)
+    assert b.error and not b.enabled and b.dev["errors.ring_overflow"] == 1
+    assert b.dev["drops.rx_disabled"] == 3 and b.dev["copies"] == 0
+    assert a.enabled and a.dev["packets.tx"] == 3 and b not in switch.ports

@@ -106,5 +106,7 @@ def test_steady_stream_at_saturation(benchmark: Any, model: str) -> None:
 
     benchmark.pedantic(run, rounds=1, iterations=1)
     (row,) = rows
-    assert row["model"] == model and row["copies_per_pkt"] == 2.0
+    # PV: the two grant copies; the smart NIC: one DMA, two for a frame that waited for a buffer
+    low = 2.0 if model == "pv" else 1.0
+    assert row["model"] == model and low <= row["copies_per_pkt"] <= 2.0
     benchmark.extra_info.update(row)
