@@ -1017,8 +1017,11 @@ class SmartNic(SwitchPort):
             n = room
         ib = ffi.buffer(idx, n * 4) if idx is not None else None
         taken = 0
-        if isinstance(batch, GuestFrameBatch) and not q.n:
-            taken = self._rx_direct(batch, ib, n)
+        if isinstance(batch, GuestFrameBatch):
+            if q.n:  # frames waiting go first, into buffers posted since: then maybe none waits
+                self._rx_work()
+            if not q.n and self.enabled:
+                taken = self._rx_direct(batch, ib, n)
         if taken < n and not self.enabled:  # the guest broke its RX ring meanwhile (stopped)
             self.dev["drops.rx_disabled"] += n - taken
         elif taken < n:

@@ -87,8 +87,12 @@ log = logging.getLogger("pvio.smartnic_driver")
 
 ETH_HEADER_LEN = 14  # the shortest frame the device sends
 RX_QUEUE_MAX = 4096  # frames received but not yet read by the application
-#: TX buffers and RX buffers, each: 256, as a netif ring (on two-page rings).
+#: TX buffers: 256, as a netif ring (on two-page rings).
 DEFAULT_BUFFERS = 2 * SNIC_RING_ENTRIES
+#: RX buffers: twice the TX burst (512, four-page rings), so a receiver still holding one full
+#: burst has buffers for the next: its frames then go from the sender's memory straight into
+#: them (one copy) instead of waiting in the sender's TX area (two).
+DEFAULT_RX_BUFFERS = 2 * DEFAULT_BUFFERS
 POLL_SPINS = 4  # empty polls (scheduler turns) before the driver re-arms the interrupt
 BUSY_POLL = 32  # polls (scheduler turns) spent waiting for an answer after a send from idle
 RX_DISARMED = 1 << 31  # an rsp_event this far ahead of rsp_cons is never crossed: no interrupt
@@ -207,7 +211,7 @@ class SmartNicDriver(GuestNic):
         *,
         buf_size: int = 2048,
         nr_tx: int = DEFAULT_BUFFERS,
-        nr_rx: int = DEFAULT_BUFFERS,
+        nr_rx: int = DEFAULT_RX_BUFFERS,
         moderation: tuple[int, int, int] | None = None,
     ) -> None:
         if not (1 <= nr_tx <= SNIC_RING_MAX_ENTRIES and 1 <= nr_rx <= SNIC_RING_MAX_ENTRIES):
