@@ -110,18 +110,22 @@ rate: the counts are exactly reproducible.  docs/devices.md ("Moderation") has t
 
 Data path
 ---------
-TX descriptors are served in C (:mod:`pvio.backends.smartnic_dma`): each frame is DMA'd from
-guest memory into a :class:`TxArea` (the monitor's own memory) and the drained ring goes to the
-switch as one :class:`~pvio.core.netpath.FrameBatch` (``Switch.input_batch``: one C decision for
-the MAC-locked port).  As an egress port the device takes batches in place
-(:meth:`SmartNic.transmit_batch`): frames go from the batch's area straight into posted RX
-buffers.  Frames with no buffer yet wait in the RX queue (:class:`RxQueue`) where they lie, the
-receiver borrowing the sender's TX area (the sender moves to a spare); frames of an area that
-cannot be lent (another kind of port's, or past ``MAX_LENT_AREAS``) are copied out, counted.
+TX descriptors are served in C (:mod:`pvio.backends.smartnic_dma`): ``tx_guest_batch`` checks
+each one and snapshots only the frame's 14-byte header; the drained ring goes to the switch as
+one :class:`GuestFrameBatch` (``Switch.input_batch``: one C decision for the MAC-locked port,
+made on the snapshots) whose frames stay in guest memory.  As an egress port the device takes
+batches in place (:meth:`SmartNic.transmit_batch`): frames go from where they lie -- the
+sender's memory, under their checked headers -- straight into posted RX buffers, one DMA each.
+A frame that must wait for a buffer, or goes to another kind of port, is first DMA'd into the
+sender's :class:`TxArea` (the monitor's own memory; :meth:`GuestFrameBatch.settled`), where a
+waiting receiver borrows it (the sender moves to a spare area); frames of an area that cannot be
+lent (another kind of port's, or past ``MAX_LENT_AREAS``) are copied out, counted.  TX
+completions are written once the switch has handed every frame on.
 
 Counters, owner ``smartnic/<name>`` (``snic<domid>.<devid>``): ``packets.tx``/``.rx``,
-``bytes.*``, ``copies`` / ``copy_bytes`` (DMA transfers: one per frame each way; plus a frame
-copied out of a batch that cannot be lent while it waits for a buffer), ``doorbells``,
+``bytes.*``, ``copies`` / ``copy_bytes`` (DMA transfers: one per frame into an RX buffer; one
+per frame settled into a TX area; plus a frame copied out of a batch that cannot be lent while
+it waits for a buffer), ``header_bytes`` (the header snapshots), ``doorbells``,
 ``irqs.raised`` (``irqs.by_frames`` / ``irqs.by_timer``), ``irqs.unbound``, ``polls``,
 ``drops.<reason>``, ``errors.<reason>`` (``bad_config``, ``bad_buf``, ``bad_grant``,
 ``bad_len``, ``bad_flags``, ``ring_overflow``, ``config_while_enabled``,
