@@ -192,6 +192,15 @@ def test_rx_from_an_area_agrees(seed: int) -> None:
         assert mem_c == mem_py
 
 
+def random_index(rng: random.Random, nfr: int) -> tuple[list[int] | None, int, bytes | None]:
+    """Half the time an index into ``nfr`` frames (repeats allowed), else None (all in order):
+    (the index, how many frames it names, the index as uint32 for C)."""
+    idx = [rng.randrange(nfr) for _ in range(rng.randrange(0, 2 * nfr))] if nfr else []
+    if idx and rng.random() < 0.5:
+        return idx, len(idx), array.array("I", idx).tobytes()
+    return None, nfr, None
+
+
 @pytest.mark.parametrize("seed", range(2))
 def test_frames_copied_out_of_an_area_and_their_entries_agree(seed: int) -> None:
     """area_bytes and frame_entries (what a receiver keeps of a batch that must wait) against
@@ -199,15 +208,12 @@ def test_frames_copied_out_of_an_area_and_their_entries_agree(seed: int) -> None
     rng = random.Random(400 + seed)
     for _ in range(ROUNDS):
         area_mem, gfns, frames, nfr = random_area(rng)
-        idx = [rng.randrange(nfr) for _ in range(rng.randrange(0, 2 * nfr))] if nfr else []
-        use_idx = bool(idx) and rng.random() < 0.5
-        n = len(idx) if use_idx else nfr
-        ib = array.array("I", idx).tobytes() if use_idx else None
+        which, n, ib = random_index(rng, nfr)
         gfn_buf = array.array("Q", gfns).tobytes()
-        want = area_frames(area_mem, gfns, frames, idx if use_idx else None, n)
+        want = area_frames(area_mem, gfns, frames, which, n)
         assert area_bytes(area_mem, gfn_buf, bytes(frames), ib, n) == want
         entries = frame_entries(bytes(frames), ib, n)
-        assert entries == frame_entries_py(frames, idx if use_idx else None, n)
+        assert entries == frame_entries_py(frames, which, n)
         assert area_frames(area_mem, gfns, entries, None, n) == want
 
 
@@ -293,11 +299,7 @@ def test_rx_from_guest_memory_with_checked_headers_agrees(seed: int) -> None:
     rng = random.Random(600 + seed)
     for _ in range(ROUNDS):
         src, frames, hdrs, nfr = random_guest_batch(rng)
-        idx = [rng.randrange(nfr) for _ in range(rng.randrange(0, 2 * nfr))] if nfr else []
-        use_idx = bool(idx) and rng.random() < 0.5
-        n = len(idx) if use_idx else nfr
-        ib = array.array("I", idx).tobytes() if use_idx else None
-        which = idx if use_idx else None
+        which, n, ib = random_index(rng, nfr)
         want = area_frames(src, None, frames, which, n, hdrs)
         for j, frame in enumerate(want):
             pos, length, _ = NP_FRAME.unpack_from(frames, (which[j] if which else j) * NP_FRAME.size)
