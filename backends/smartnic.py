@@ -342,14 +342,13 @@ class GuestFrameBatch(FrameBatch):
 
     __slots__ = ("_settled", "gfbuf", "hdrs", "mem", "nic")
 
-    def __init__(
-        self, nic: SmartNic, mem: Any, gfbuf: Any, hdrs: Any, heads_area: Area, heads: Any, n: int
-    ) -> None:
-        super().__init__(heads_area, heads, n)
+    def __init__(self, nic: SmartNic, n: int) -> None:
+        """The first ``n`` frames ``tx_guest_batch`` entered in ``nic``'s tables."""
+        super().__init__(nic._heads_area, nic._heads, n)
         self.nic = nic
-        self.mem = mem
-        self.gfbuf = gfbuf
-        self.hdrs = hdrs
+        self.mem = nic.dom.mem.view
+        self.gfbuf = nic._gfbuf
+        self.hdrs = nic._hdrs
         self._settled: FrameBatch | None = None
 
     def settled(self) -> FrameBatch:
@@ -750,10 +749,7 @@ class SmartNic(SwitchPort):
         dev["packets.tx"] += nf
         dev["bytes.tx"] += nbytes
         dev["header_bytes"] += nf * ETH_HEADER_LEN  # the header snapshots the decision reads
-        batch = GuestFrameBatch(
-            self, self.dom.mem.view, self._gfbuf, self._hdrs, self._heads_area, self._heads, nf
-        )
-        self.switch.input_batch(self, batch)
+        self.switch.input_batch(self, GuestFrameBatch(self, nf))
 
     def settle(self, batch: GuestFrameBatch) -> FrameBatch:
         """Copy the frames of ``batch`` (this device's, still in guest memory) with their checked
@@ -1070,7 +1066,7 @@ class SmartNic(SwitchPort):
                 if not held:
                     break  # starved: the rest wait for buffers
             if ib is not None:  # the rest of the index, or the rest of the frames and their headers
-                fr, ix, hd = batch.gfbuf, memoryview(ib)[taken * 4 :], batch.hdrs
+                fr, ix, hd = batch.gfbuf, memoryview(ib)[taken * 4 :], memoryview(batch.hdrs)
             else:
                 fr, ix = memoryview(batch.gfbuf)[taken * NP_FRAME.size :], None
                 hd = memoryview(batch.hdrs)[taken * HDR_STRIDE :]
