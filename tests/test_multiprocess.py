@@ -191,13 +191,20 @@ async def test_a_receiver_short_of_frames_stops_when_none_come_for_its_idle_time
         assert a.nic is not None and b.nic is not None
         frames = numbered_frames(a.nic.mac, b.nic.mac, a.ip, b.ip, 100, 64)
         got: dict[str, Any] = {}
+        ended = last_sent = 0.0
 
         async def receive() -> None:
+            nonlocal ended
             got.update(await receive_numbers(b.nic, 100, 60.0, 0.5))
+            ended = trio.current_time()
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(receive)
-            await a.nic.send_batch(frames[:40] + frames[50:80])  # 30 of them never sent
+            await a.nic.send_batch(frames[:40])
+            await trio.sleep(0.4)  # a pause shorter than the idle time: the receiver waits on
+            await a.nic.send_batch(frames[50:80])  # (30 of them never sent)
+            last_sent = trio.current_time()
+        assert ended - last_sent == pytest.approx(0.5)  # it gave up an idle time after the last
         got.pop("last_at")
         assert got.pop("check_cpu_s") >= 0.0
         assert got == {
