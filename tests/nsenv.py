@@ -41,6 +41,10 @@ def netns_skip_reason(*, tun: bool = False) -> str | None:
     return None
 
 
+#: Why the host's ``ping`` cannot be run here (None: it can), for the tests that run it.
+PING_MISSING = None if shutil.which("ping") else "needs the host's ping (Debian package iputils-ping)"
+
+
 def ip(*args: str, ns: str | None = None) -> None:
     """Run ``ip ARGS`` (in namespace ``ns``), raising with ip's message if it fails."""
     cmd = ["ip", *(["-n", ns] if ns else []), *args]

@@ -24,13 +24,14 @@ from pvio.backends.tap import TapError, TapPort, _reason, open_tap
 from pvio.cpu.guest import X86Guest
 from pvio.harness.demo import wait_x86_ready
 from tests.netenv import EchoGuest, net_env
-from tests.nsenv import in_ns, ip, netns, netns_skip_reason, unique_name
+from tests.nsenv import PING_MISSING, in_ns, ip, netns, netns_skip_reason, unique_name
 
 NS_IP = "10.0.0.254"
 IP_PY, IP_X86 = "10.0.0.1", "10.0.0.2"
 
 SKIP = netns_skip_reason(tun=True)
 needs_netns = pytest.mark.skipif(SKIP is not None, reason=f"TAP tests skipped: {SKIP}")
+needs_ping = pytest.mark.skipif(PING_MISSING is not None, reason=f"ping test skipped: {PING_MISSING}")
 
 
 @asynccontextmanager
@@ -99,6 +100,7 @@ def test_a_busy_device_is_refused_and_the_switch_runs_on() -> None:
 
 
 @needs_netns
+@needs_ping
 async def test_the_namespace_pings_a_pyguest_and_an_x86_guest() -> None:
     py = EchoGuest("py", IP_PY)
     x86 = X86Guest(name="x86-echo", cmdline=f"mode=echo ip={IP_X86}")
@@ -154,6 +156,7 @@ LINUX_SERVICES = (
 
 
 @needs_netns
+@needs_ping
 @pytest.mark.slow
 async def test_the_namespace_pings_linux_and_reaches_its_tcp_services() -> None:
     """Debian's Linux behind its own xen-netfront: the host's ping, curl (BusyBox httpd in

@@ -25,7 +25,7 @@ from pvio.backends.switch import Switch, SwitchPort
 from pvio.backends.vxlan import VXLAN_OVERHEAD, VxlanError, VxlanPort, vxlan_header
 from pvio.frontends.netstack import arp_request, icmp_echo
 from tests.netenv import EchoGuest, NicGuest, net_env, recv_n
-from tests.nsenv import in_ns, ip, netns, netns_skip_reason, udp_socket_in, unique_name
+from tests.nsenv import PING_MISSING, in_ns, ip, netns, netns_skip_reason, udp_socket_in, unique_name
 
 ROOT = Path(__file__).resolve().parent.parent
 VNI = 42
@@ -214,6 +214,7 @@ def kernel_mac(ns: str, dev: str) -> bytes:
 
 
 @needs_netns
+@pytest.mark.skipif(PING_MISSING is not None, reason=f"Linux vxlan ping skipped: {PING_MISSING}")
 async def test_the_linux_vxlan_device_in_a_namespace_pings_a_pvio_guest() -> None:
     with netns("pvvxk") as kernel_ns, netns("pvvxp") as pvio_ns:
         veth_k, veth_p = unique_name("pvk"), unique_name("pvq")
