@@ -33,6 +33,7 @@ from pvio.remote.guests import (
     numbered_frames,
     receive_numbers,
 )
+from pvio.remote.stream import StreamFigure, format_figures
 from pvio.remote.wire import Msg, ProtocolError
 from tests.netenv import NicGuest, ip_of, net_env, recv_n, wait_until
 
@@ -210,6 +211,29 @@ async def test_a_receiver_short_of_frames_stops_when_none_come_for_its_idle_time
         assert got == {
             "received": 70, "seqs_in_order": False, "increasing": True, "first": 0, "last": 79,
         }  # fmt: skip
+
+
+def test_the_placement_table_compares_each_round_with_its_own_baselines() -> None:
+    def fig(placement: str, seconds: float, procs: int = 1) -> StreamFigure:
+        return StreamFigure(placement, 1000, seconds, procs, cpu_seconds={"hypervisor": seconds})
+
+    # The machine's speed drifts between the rounds: the driver domain is 1.6x, 2.5x and 0.5x
+    # the one-process stream of its own round, median 1.6x; the ratio of the two medians
+    # (2000 frames/s each) would say 1.0x.
+    rounds = [
+        [fig("one-process", 1.0), fig("one-process-polling", 0.8), fig("driver-domain", 0.625, 2)],
+        [fig("one-process", 0.5), fig("one-process-polling", 0.4), fig("driver-domain", 0.2, 2)],
+        [fig("one-process", 0.25), fig("one-process-polling", 0.2), fig("driver-domain", 0.5, 2)],
+    ]
+    table = format_figures(rounds).splitlines()
+    rows = {line.split()[0]: line.split() for line in table[1:4]}
+    # placement procs packets dropped pps x1 x1p cpu-bound-pps x1 cpu-s
+    assert rows["driver-domain"][4:9] == ["2000", "1.60", "1.28", "2000", "1.60"]
+    assert rows["one-process-polling"][4:7] == ["2500", "1.25", "1.00"]
+    assert rows["one-process"][4:7] == ["2000", "1.00", "0.80"]
+    assert table[-1] == "medians of 3 rounds; each ratio is to the baseline of the same round"
+    single = format_figures(rounds[:1]).splitlines()
+    assert len(single) == 4 and single[3].split()[4:7] == ["1600", "1.60", "1.28"]
 
 
 # ---------------------------------------------------------------------- end to end

@@ -728,7 +728,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--packets", type=int, metavar="K", help=f"with --guests: frames per stream (default {SCALE_PACKETS})"
     )
-    parser.add_argument("--rounds", type=int, default=3, help="with --guests: rounds per network (default 3)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="with --guests: rounds per network; with --processes: rounds of every placement, each "
+        "compared with the baselines of its own round (default 3)",
+    )
     parser.add_argument(
         "--steady",
         action="store_true",
@@ -737,7 +743,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.processes:
-        return processes_bench(args.quick, args.json)
+        if args.rounds < 1:
+            parser.error(f"--rounds ({args.rounds}) must be at least 1")
+        return processes_bench(args.quick, args.json, args.rounds)
     default = ("pv", "smartnic") if args.steady else MODELS  # the emulated NIC takes seconds for 20 k
     chosen = ",".join(default) if args.models is None else args.models
     models = [m.strip() for m in chosen.split(",") if m.strip()]
@@ -876,12 +884,13 @@ def _scale_main(parser: Any, args: Any) -> int:
     return 0
 
 
-def processes_bench(quick: bool, as_json: bool) -> int:
+def processes_bench(quick: bool, as_json: bool, rounds: int = 1) -> int:
     """``pvio bench --processes``: one 64-byte PV stream per placement of its guests (in the
-    hypervisor's process or their own: :mod:`pvio.remote.stream`), each against one process."""
+    hypervisor's process or their own: :mod:`pvio.remote.stream`), ``rounds`` times, each
+    placement against the one-process figures of its own round."""
     from pvio.remote.stream import bench_main
 
-    return bench_main(quick=quick, as_json=as_json)
+    return bench_main(quick=quick, as_json=as_json, rounds=rounds)
 
 
 # ---------------------------------------------------------------------- Linux rows (--guest linux)

@@ -32,6 +32,7 @@ after the stream.
 from __future__ import annotations
 
 import os
+import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -317,39 +318,62 @@ async def _child_counters(guest: RemoteGuest) -> dict[str, int]:
 
 
 def run_placements(
-    placements: tuple[str, ...] = BENCH_PLACEMENTS, packets: int = 50_000
-) -> list[StreamFigure]:
-    """Each placement once, each in its own ``trio.run``."""
-    return [trio.run(measure_stream, p, packets) for p in placements]
+    placements: tuple[str, ...] = BENCH_PLACEMENTS, packets: int = 50_000, rounds: int = 1
+) -> list[list[StreamFigure]]:
+    """``rounds`` rounds, each running every placement once (each in its own ``trio.run``),
+    in order: one list of figures per round.  A placement's figures are compared with the
+    baselines of the same round (:func:`format_figures`), seconds apart rather than minutes."""
+    return [[trio.run(measure_stream, p, packets) for p in placements] for _ in range(rounds)]
 
 
-def format_figures(figures: list[StreamFigure]) -> str:
-    """A plain table, with each placement's ratio to the one-process figure of the same run
-    (``x1``) and to the one-process figure with polling guests (``x1p``)."""
-    base = next((f for f in figures if f.placement == "one-process"), None)
-    polling = next((f for f in figures if f.placement == "one-process-polling"), None)
+def _paired(rounds: list[list[StreamFigure]], placement: str, to: str, cpu: bool = False) -> float | None:
+    """The median over the rounds of ``placement``'s rate over ``to``'s in the same round."""
+    ratios = []
+    for figures in rounds:
+        by = {f.placement: f for f in figures}
+        if placement in by and to in by:
+            f, base = by[placement], by[to]
+            ratios.append(f.cpu_bound_pps / base.cpu_bound_pps if cpu else f.pps / base.pps)
+    return statistics.median(ratios) if ratios else None
 
-    def ratio(f: StreamFigure, to: StreamFigure | None, cpu: bool = False) -> str:
-        if to is None:
-            return "-"
-        return f"{f.cpu_bound_pps / to.cpu_bound_pps:.2f}" if cpu else f"{f.pps / to.pps:.2f}"
+
+def format_figures(rounds: list[list[StreamFigure]]) -> str:
+    """A plain table: per placement the median over the rounds of its rate, and of its
+    ratio to the one-process figure (``x1``) and to the one-process figure with polling
+    guests (``x1p``) of the same round (the ``x1`` after ``cpu-bound pps``: the ratio of
+    the CPU-bound rates); the CPU seconds are the last round's."""
+
+    def ratio(placement: str, to: str, cpu: bool = False) -> str:
+        r = _paired(rounds, placement, to, cpu)
+        return "-" if r is None else f"{r:.2f}"
 
     head = f"{'placement':<20} {'procs':>5} {'packets':>8} {'dropped':>8} {'pps':>10} {'x1':>5} {'x1p':>5}"
     lines = [f"{head} {'cpu-bound pps':>14} {'x1':>5}  cpu s"]
-    for f in figures:
+    for f in rounds[-1]:
+        same = [g for figures in rounds for g in figures if g.placement == f.placement]
+        pps = statistics.median(g.pps for g in same)
+        cpu_pps = statistics.median(g.cpu_bound_pps for g in same)
+        dropped = max(g.dropped for g in same)
         cpu = " ".join(f"{k}={v:.3f}" for k, v in f.cpu_seconds.items())
         lines.append(
-            f"{f.placement:<20} {f.processes:>5} {f.packets:>8} {f.dropped:>8} {f.pps:>10.0f} "
-            f"{ratio(f, base):>5} {ratio(f, polling):>5} {f.cpu_bound_pps:>14.0f} "
-            f"{ratio(f, base, True):>5}  {cpu}"
+            f"{f.placement:<20} {f.processes:>5} {f.packets:>8} {dropped:>8} {pps:>10.0f} "
+            f"{ratio(f.placement, 'one-process'):>5} {ratio(f.placement, 'one-process-polling'):>5} "
+            f"{cpu_pps:>14.0f} {ratio(f.placement, 'one-process', True):>5}  {cpu}"
         )
+    if len(rounds) > 1:
+        lines.append(f"medians of {len(rounds)} rounds; each ratio is to the baseline of the same round")
     return "\n".join(lines)
 
 
-def bench_main(quick: bool = False, as_json: bool = False) -> int:
-    """``pvio bench --processes``: every placement once; a table (or JSON rows)."""
+def bench_main(quick: bool = False, as_json: bool = False, rounds: int = 1) -> int:
+    """``pvio bench --processes``: ``rounds`` rounds of every placement; a table (or JSON
+    rows: one per placement and round, with its ``round``)."""
     import json
 
-    figures = run_placements(packets=5_000 if quick else 50_000)
-    print(json.dumps([f.row() for f in figures], indent=1) if as_json else format_figures(figures))
+    figures = run_placements(packets=5_000 if quick else 50_000, rounds=rounds)
+    if as_json:
+        rows = [{"round": k, **f.row()} for k, fs in enumerate(figures) for f in fs]
+        print(json.dumps(rows, indent=1))
+    else:
+        print(format_figures(figures))
     return 0
