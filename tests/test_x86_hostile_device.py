@@ -77,10 +77,10 @@ SNIC_CASES: dict[str, tuple[str, Callable[..., tuple[int, ...]], dict[str, int],
     "tx id out of range": ("_tx", lambda i, n, s, f: (0xFFFF, n, s, f), TX | {"bad_completions": 1}, 0),
     # a TX completion naming a TX buffer that is not in flight (the pool's last one)
     "tx id not outstanding": ("_tx", lambda i, n, s, f: (127, n, s, f), TX | {"bad_completions": 1}, 0),
-    # an RX completion naming a TX buffer (RX buffers are 128..255): refused, nothing re-posted
+    # an RX completion naming a TX buffer (RX buffers are 128..383): refused, nothing re-posted
     "rx id of the other ring": ("_rx", lambda i, n, s, f: (5, n, s, f), RX | {"bad_completions": 1}, 0),
-    # an RX completion naming no buffer of the pool at all (256 buffers)
-    "rx id past the pool": ("_rx", lambda i, n, s, f: (256, n, s, f), RX | {"bad_completions": 1}, 0),
+    # an RX completion naming no buffer of the pool at all (384 buffers: 128 TX, 256 RX)
+    "rx id past the pool": ("_rx", lambda i, n, s, f: (384, n, s, f), RX | {"bad_completions": 1}, 0),
     # an RX completion longer than the 2048-byte buffer: refused, the buffer re-posted
     "rx length beyond the buffer": ("_rx", lambda i, n, s, f: (i, 4000, s, f), RX | {"rx_errors": 1}, 1),
     "rx length below a header": ("_rx", lambda i, n, s, f: (i, 13, s, f), RX | {"rx_errors": 1}, 1),
@@ -153,7 +153,7 @@ async def test_smartnic_driver_refuses_an_rx_id_repeated_in_one_batch(
 async def test_smartnic_driver_stops_on_an_impossible_completion_index(
     pvio_env: Any, run_scenario: Any, autojump_clock: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """rsp_prod 1000 entries past the 128 RX buffers posted: the driver stops (a console line,
+    """rsp_prod 1000 entries past the 256 RX buffers posted: the driver stops (a console line,
     its NIC reports not connected), refuses nothing else; the guest and the others go on."""
     async with pvio_env("smartnic", guest="x86", n_guests=3) as env:
         a, _b, c = env.guests

@@ -256,9 +256,11 @@ def test_x86_smartnic_saturation_counts_on_the_real_clock_are_within_2x_of_mockc
 
     mock = trio.run(stream, clock=trio.testing.MockClock(autojump_threshold=0))
     real = trio.run(stream)
-    # One DMA per frame, plus one for each frame that found no RX buffer and waited in the
-    # sender's TX area: how many did depends on how the two vCPUs interleave, so a bound.
-    assert mock["copies"] == 1128
+    # One DMA per frame: the driver posts twice as many RX buffers as TX buffers, so under
+    # MockClock no frame finds the receiver without one.  On the real clock one that does waits
+    # in the sender's TX area and costs a second copy; how many depends on how the two vCPUs
+    # interleave, so a bound.
+    assert mock["copies"] == 1000
     assert 1000 <= real["copies"] <= 2000
     for key in ("interrupts", "exits", "hypercalls"):
         assert real[key] <= 2 * max(1, mock[key]), (key, mock, real)

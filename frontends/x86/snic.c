@@ -1,9 +1,12 @@
 /* The smart NIC driver (docs/devices.md, "Smart NIC"): descriptor rings in guest memory,
  * buffers from a pre-registered pool, the monitor does the DMA.
  *
- *   init: check ID; read MAC, IRQ, GRANT_DOMID; two ring pages (pvio_front_init); a pool
- *         of NR_TX + NR_RX buffers of BUF_SIZE bytes in contiguous frames (indices < NR_TX
- *         for TX); post every RX buffer; program the rings and pool (and moderation if the
+ *   init: check ID; read MAC, IRQ, GRANT_DOMID; two rings of 2**RING_ORDER contiguous pages
+ *         (pvio_front_init); a pool of NR_TX + NR_RX buffers of BUF_SIZE bytes in contiguous
+ *         frames (indices < NR_TX for TX), twice as many RX buffers as TX buffers, so that a
+ *         receiver still holding one burst has buffers posted for the next (a frame that finds
+ *         none waits in the monitor and costs a second copy); post every RX buffer; program
+ *         the rings, their order and the pool (and moderation if the
  *         cmd_line asks: mod=adaptive|fixed|off, mod_frames=, mod_usecs=); bind the VIRQ;
  *         CTRL=ENABLE; STATUS must say ENABLED.
  *   TX:   copy into a free TX buffer, write a descriptor, push; DOORBELL=TX only when the
@@ -38,8 +41,10 @@
  * the copy is used. */
 #include "pvio.h"
 
+#define RING_ORDER 1                                  /* two pages per ring */
+#define RING_ENTRIES (SNIC_RING_ENTRIES << RING_ORDER) /* 256 slots: the RX ring holds NR_RX */
 #define NR_TX SNIC_RING_ENTRIES
-#define NR_RX SNIC_RING_ENTRIES
+#define NR_RX (2 * NR_TX)
 #define NR_BUFS (NR_TX + NR_RX)
 #define BUF_SIZE 2048
 #define SPIN 256 /* poll rounds; each one yields to the monitor (hlt ends the vCPU's slice) */
@@ -54,7 +59,7 @@ static u32 tx_nfree;
 static u8 tx_out[NR_TX], rx_posted[NR_BUFS];
 static u16 repost[NR_RX];
 /* Completions copied out of each ring (two: the RX handler may transmit, which may reap). */
-static struct snic_cmpl tx_cmpl[SNIC_RING_ENTRIES], rx_cmpl[SNIC_RING_ENTRIES];
+static struct snic_cmpl tx_cmpl[RING_ENTRIES], rx_cmpl[RING_ENTRIES];
 static u8 frame[BUF_SIZE];
 static u8 mac[6];
 static u32 port, grant_domid;
@@ -114,9 +119,13 @@ static void push_ring(struct pvio_front_ring *r, u32 bell)
 
 static void init_ring(struct pvio_front_ring *r)
 {
-    if (pvio_front_init(r, (void *)alloc_page(), PAGE_SIZE, sizeof(struct snic_desc), sizeof(struct snic_desc),
-                        sizeof(struct snic_cmpl)) || r->nr_ents != SNIC_RING_ENTRIES)
-        panic("snic: cannot initialise a ring page");
+    u64 base = alloc_page();
+    for (u32 i = 1; i < 1u << RING_ORDER; i++)
+        if (alloc_page() != base + i * PAGE_SIZE)
+            panic("snic: no contiguous pages for a ring");
+    if (pvio_front_init(r, (void *)base, PAGE_SIZE << RING_ORDER, sizeof(struct snic_desc),
+                        sizeof(struct snic_desc), sizeof(struct snic_cmpl)) || r->nr_ents != RING_ENTRIES)
+        panic("snic: cannot initialise a ring");
 }
 
 static int snic_init(unsigned domid, netfront_rx_t rx, const char *mode)
@@ -156,6 +165,7 @@ static int snic_init(unsigned domid, netfront_rx_t rx, const char *mode)
     wr64(SNIC_REG_POOL_LO, pool);
     wr(SNIC_REG_POOL_BUF_SIZE, BUF_SIZE);
     wr(SNIC_REG_POOL_COUNT, NR_BUFS);
+    wr(SNIC_REG_RING_ORDER, RING_ORDER);
     if (cmdline_get("mod", buf, sizeof buf)) {
         u64 frames = 1, usecs = 0;
         u32 m = !strcmp(buf, "fixed") ? 1 : !strcmp(buf, "off") ? 2 : 0;
@@ -186,7 +196,7 @@ static int snic_init(unsigned domid, netfront_rx_t rx, const char *mode)
 
 static int reap_tx(void)
 {
-    int taken = pvio_front_take_responses(&tx_ring, (char *)tx_cmpl, SNIC_RING_ENTRIES);
+    int taken = pvio_front_take_responses(&tx_ring, (char *)tx_cmpl, RING_ENTRIES);
     if (taken < 0) {
         fail("impossible TX completion index");
         return 0;
@@ -209,7 +219,7 @@ static int reap_tx(void)
 
 static int receive(void)
 {
-    int taken = pvio_front_take_responses(&rx_ring, (char *)rx_cmpl, SNIC_RING_ENTRIES);
+    int taken = pvio_front_take_responses(&rx_ring, (char *)rx_cmpl, RING_ENTRIES);
     if (taken < 0) {
         fail("impossible RX completion index");
         return 0;
