@@ -117,12 +117,22 @@ static void push_ring(struct pvio_front_ring *r, u32 bell)
     }
 }
 
+/* npages consecutive frames from the page allocator, the first at *base; -1 if they are not
+ * consecutive (the device takes a ring and the pool as one guest-physical range each). */
+static int alloc_contiguous(u64 npages, u64 *base)
+{
+    *base = alloc_page();
+    for (u64 i = 1; i < npages; i++)
+        if (alloc_page() != *base + i * PAGE_SIZE)
+            return -1;
+    return 0;
+}
+
 static void init_ring(struct pvio_front_ring *r)
 {
-    u64 base = alloc_page();
-    for (u32 i = 1; i < 1u << RING_ORDER; i++)
-        if (alloc_page() != base + i * PAGE_SIZE)
-            panic("snic: no contiguous pages for a ring");
+    u64 base;
+    if (alloc_contiguous(1u << RING_ORDER, &base))
+        panic("snic: no contiguous pages for a ring");
     if (pvio_front_init(r, (void *)base, PAGE_SIZE << RING_ORDER, sizeof(struct snic_desc),
                         sizeof(struct snic_desc), sizeof(struct snic_cmpl)) || r->nr_ents != RING_ENTRIES)
         panic("snic: cannot initialise a ring");
@@ -147,13 +157,9 @@ static int snic_init(unsigned domid, netfront_rx_t rx, const char *mode)
     grant_domid = rd(SNIC_REG_GRANT_DOMID); /* buffers come from the pool: no grants needed */
     init_ring(&tx_ring);
     init_ring(&rx_ring);
-    u64 npages = (u64)NR_BUFS * BUF_SIZE / PAGE_SIZE;
-    pool = alloc_page();
-    for (u64 i = 1; i < npages; i++) {
-        if (alloc_page() != pool + i * PAGE_SIZE) {
-            error = "no contiguous pages for the buffer pool";
-            return -ENOSPC;
-        }
+    if (alloc_contiguous((u64)NR_BUFS * BUF_SIZE / PAGE_SIZE, &pool)) {
+        error = "no contiguous pages for the buffer pool";
+        return -ENOSPC;
     }
     for (u32 i = 0; i < NR_TX; i++)
         tx_free[tx_nfree++] = (u16)(NR_TX - 1 - i);
